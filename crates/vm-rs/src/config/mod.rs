@@ -1,0 +1,423 @@
+//! VM configuration: the data types a caller fills in ([`VmConfig`] and its parts) and the
+//! builder. Validation lives in [`validate`], apart from the data.
+//!
+//! A `VmConfig` is what the caller *asks for*; the manager persists it as `config.json` in the VM's
+//! directory so a later process can show and restart the VM.
+
+mod network;
+mod validate;
+
+pub use network::{NetworkAttachment, PortForward, Protocol};
+pub use validate::{host_memory_mib, validate_name, ConfigError, MAX_NAME_LEN};
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Which hypervisor backend runs a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// Pick the best backend available on this host (see [`crate::driver::detect`]).
+    #[default]
+    Auto,
+    /// QEMU, driven over QMP.
+    Qemu,
+    /// Cloud Hypervisor, driven over its REST API.
+    CloudHypervisor,
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendKind::Auto => "auto",
+            BackendKind::Qemu => "qemu",
+            BackendKind::CloudHypervisor => "cloud-hypervisor",
+        })
+    }
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "qemu" => Ok(Self::Qemu),
+            "cloud-hypervisor" | "ch" => Ok(Self::CloudHypervisor),
+            other => Err(ConfigError::UnknownValue {
+                field: "backend",
+                value: other.to_string(),
+                expected: "auto, qemu, cloud-hypervisor",
+            }),
+        }
+    }
+}
+
+/// CPU acceleration for the QEMU backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Probe KVM and use it when it is usable, else fall back to TCG (logged with the reason).
+    #[default]
+    Auto,
+    /// Hardware virtualization through `/dev/kvm`; fails if KVM is not usable.
+    Kvm,
+    /// QEMU's software emulation; slow but works everywhere.
+    Tcg,
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Accel::Auto => "auto",
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        })
+    }
+}
+
+impl std::str::FromStr for Accel {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "kvm" => Ok(Self::Kvm),
+            "tcg" => Ok(Self::Tcg),
+            other => Err(ConfigError::UnknownValue {
+                field: "accel",
+                value: other.to_string(),
+                expected: "auto, kvm, tcg",
+            }),
+        }
+    }
+}
+
+/// On-disk format of a disk image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// A plain image, byte for byte the block device.
+    #[default]
+    Raw,
+    /// QEMU copy-on-write format (may have a backing file).
+    Qcow2,
+}
+
+impl std::fmt::Display for DiskFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        })
+    }
+}
+
+/// Host page-cache behaviour for a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Host page cache used, guest flushes honoured (QEMU `writeback`).
+    #[default]
+    Writeback,
+    /// Bypass the host page cache (`O_DIRECT`).
+    None,
+    /// Ignore guest flushes: fastest, unsafe on host crash.
+    Unsafe,
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CacheMode::Writeback => "writeback",
+            CacheMode::None => "none",
+            CacheMode::Unsafe => "unsafe",
+        })
+    }
+}
+
+/// A block device attached to the VM as virtio-blk (`/dev/vda`, `/dev/vdb`, ... in order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    /// Image file on the host.
+    pub path: PathBuf,
+    /// Attach read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Image format (default raw).
+    #[serde(default)]
+    pub format: DiskFormat,
+    /// Host cache mode (default writeback).
+    #[serde(default)]
+    pub cache: CacheMode,
+}
+
+impl DiskConfig {
+    /// A writable raw disk.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            read_only: false,
+            format: DiskFormat::Raw,
+            cache: CacheMode::Writeback,
+        }
+    }
+
+    /// Parse the CLI form `PATH[,ro][,format=raw|qcow2][,cache=writeback|none|unsafe]`.
+    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+        let mut parts = spec.split(',');
+        let path = parts.next().unwrap_or_default();
+        if path.is_empty() {
+            return Err(ConfigError::InvalidDiskSpec {
+                spec: spec.to_string(),
+                reason: "empty path".into(),
+            });
+        }
+        let mut disk = DiskConfig::new(path);
+        for opt in parts {
+            match opt.split_once('=') {
+                None if opt == "ro" || opt == "readonly" => disk.read_only = true,
+                None if opt == "rw" => disk.read_only = false,
+                Some(("format", v)) => {
+                    disk.format = match v {
+                        "raw" => DiskFormat::Raw,
+                        "qcow2" => DiskFormat::Qcow2,
+                        _ => {
+                            return Err(ConfigError::InvalidDiskSpec {
+                                spec: spec.to_string(),
+                                reason: format!("unknown format {v:?} (expected raw or qcow2)"),
+                            })
+                        }
+                    }
+                }
+                Some(("cache", v)) => {
+                    disk.cache = match v {
+                        "writeback" => CacheMode::Writeback,
+                        "none" => CacheMode::None,
+                        "unsafe" => CacheMode::Unsafe,
+                        _ => {
+                            return Err(ConfigError::InvalidDiskSpec {
+                                spec: spec.to_string(),
+                                reason: format!(
+                                    "unknown cache mode {v:?} (expected writeback, none or unsafe)"
+                                ),
+                            })
+                        }
+                    }
+                }
+                _ => {
+                    return Err(ConfigError::InvalidDiskSpec {
+                        spec: spec.to_string(),
+                        reason: format!("unknown option {opt:?}"),
+                    })
+                }
+            }
+        }
+        Ok(disk)
+    }
+}
+
+/// A host directory shared into the guest over virtio-fs (mounted by tag).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedDir {
+    /// Directory on the host.
+    pub host_path: PathBuf,
+    /// virtio-fs tag the guest mounts (`mount -t virtiofs TAG /mnt`).
+    pub tag: String,
+    /// Share read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Everything needed to boot one VM.
+///
+/// Fields are public; [`VmConfig::builder`] reads better for most callers. Defaults: 1 vCPU,
+/// 256 MiB, no disks, no network, backend and acceleration chosen automatically.
+///
+/// ```
+/// use vm_rs::VmConfig;
+/// let cfg = VmConfig::builder("web-1")
+///     .kernel("/var/lib/vmrs/assets/vmlinuz")
+///     .initramfs("/var/lib/vmrs/assets/initramfs.img")
+///     .cpus(2)
+///     .memory_mib(512)
+///     .build_unchecked();
+/// assert_eq!(cfg.cpus, 2);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Unique name: 1-63 characters of `[A-Za-z0-9_.-]`, not starting with `-` or `.`.
+    pub name: String,
+    /// Number of vCPUs (default 1).
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    /// Guest memory in MiB (default 256).
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    /// Kernel image (bzImage for QEMU; see the Cloud Hypervisor backend for vmlinux).
+    pub kernel: PathBuf,
+    /// Initial ramdisk (newc cpio, optionally compressed).
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    /// Extra kernel command line, appended to the backend's console arguments.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Block devices, in guest order.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// Network attachments, in guest order (`eth0`, `eth1`, ...).
+    #[serde(default)]
+    pub networks: Vec<NetworkAttachment>,
+    /// Shared directories (virtio-fs).
+    #[serde(default)]
+    pub shared_dirs: Vec<SharedDir>,
+    /// Where the serial console is written; default `serial.log` in the VM directory.
+    #[serde(default)]
+    pub serial_log: Option<PathBuf>,
+    /// Backend to use (default auto).
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// Acceleration for QEMU (default auto; `VMRS_ACCEL` overrides auto).
+    #[serde(default)]
+    pub accel: Accel,
+}
+
+fn default_cpus() -> u32 {
+    1
+}
+fn default_memory() -> u64 {
+    256
+}
+
+impl VmConfig {
+    /// Start a builder for a VM called `name`.
+    pub fn builder(name: impl Into<String>) -> VmConfigBuilder {
+        VmConfigBuilder {
+            config: VmConfig {
+                name: name.into(),
+                cpus: default_cpus(),
+                memory_mib: default_memory(),
+                kernel: PathBuf::new(),
+                initramfs: None,
+                cmdline: String::new(),
+                disks: Vec::new(),
+                networks: Vec::new(),
+                shared_dirs: Vec::new(),
+                serial_log: None,
+                backend: BackendKind::Auto,
+                accel: Accel::Auto,
+            },
+        }
+    }
+
+    /// Check the configuration against the rules in [`validate`] and the host (files exist,
+    /// memory fits).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate::validate(self)
+    }
+}
+
+/// Builder for [`VmConfig`]; [`build`](Self::build) validates.
+#[derive(Debug, Clone)]
+pub struct VmConfigBuilder {
+    config: VmConfig,
+}
+
+impl VmConfigBuilder {
+    /// Number of vCPUs.
+    pub fn cpus(mut self, cpus: u32) -> Self {
+        self.config.cpus = cpus;
+        self
+    }
+    /// Guest memory in MiB.
+    pub fn memory_mib(mut self, mib: u64) -> Self {
+        self.config.memory_mib = mib;
+        self
+    }
+    /// Kernel image.
+    pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.kernel = path.into();
+        self
+    }
+    /// Initial ramdisk.
+    pub fn initramfs(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.initramfs = Some(path.into());
+        self
+    }
+    /// Extra kernel command line.
+    pub fn cmdline(mut self, cmdline: impl Into<String>) -> Self {
+        self.config.cmdline = cmdline.into();
+        self
+    }
+    /// Add a disk.
+    pub fn disk(mut self, disk: DiskConfig) -> Self {
+        self.config.disks.push(disk);
+        self
+    }
+    /// Add a network attachment.
+    pub fn network(mut self, net: NetworkAttachment) -> Self {
+        self.config.networks.push(net);
+        self
+    }
+    /// Add a shared directory.
+    pub fn shared_dir(mut self, dir: SharedDir) -> Self {
+        self.config.shared_dirs.push(dir);
+        self
+    }
+    /// Serial console log path.
+    pub fn serial_log(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.serial_log = Some(path.into());
+        self
+    }
+    /// Backend.
+    pub fn backend(mut self, backend: BackendKind) -> Self {
+        self.config.backend = backend;
+        self
+    }
+    /// Acceleration.
+    pub fn accel(mut self, accel: Accel) -> Self {
+        self.config.accel = accel;
+        self
+    }
+    /// Validate and return the configuration.
+    pub fn build(self) -> Result<VmConfig, ConfigError> {
+        self.config.validate()?;
+        Ok(self.config)
+    }
+    /// Return the configuration without validating (the manager validates again on start).
+    pub fn build_unchecked(self) -> VmConfig {
+        self.config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_spec_parses_options() {
+        let d = DiskConfig::parse("/tmp/a.img,ro,format=qcow2,cache=none").expect("parse");
+        assert_eq!(d.path, PathBuf::from("/tmp/a.img"));
+        assert!(d.read_only);
+        assert_eq!(d.format, DiskFormat::Qcow2);
+        assert_eq!(d.cache, CacheMode::None);
+        assert!(DiskConfig::parse("").is_err());
+        assert!(DiskConfig::parse("/a,format=vmdk").is_err());
+        assert!(DiskConfig::parse("/a,bogus").is_err());
+    }
+
+    #[test]
+    fn config_json_rejects_unknown_keys() {
+        let err = serde_json::from_str::<VmConfig>(r#"{"name":"a","kernel":"/k","cpuz":2}"#);
+        assert!(err.is_err());
+        let ok: VmConfig = serde_json::from_str(r#"{"name":"a","kernel":"/k"}"#).expect("parse");
+        assert_eq!(ok.cpus, 1);
+        assert_eq!(ok.memory_mib, 256);
+    }
+
+    #[test]
+    fn enums_parse_from_cli_strings() {
+        assert_eq!("tcg".parse::<Accel>().ok(), Some(Accel::Tcg));
+        assert!("hvf".parse::<Accel>().is_err());
+        assert_eq!("qemu".parse::<BackendKind>().ok(), Some(BackendKind::Qemu));
+    }
+}

@@ -1,0 +1,229 @@
+//! The guest serial console: readiness detection and following the log.
+//!
+//! The VMM writes the guest's serial console straight to `serial.log` in the VM directory, so the
+//! log survives the managing process. Readiness is the guest printing a line
+//!
+//! ```text
+//! VMRS_READY <ip>
+//! ```
+//!
+//! on the console. [`ReadinessParser`] finds that line in an arbitrary byte stream: input may
+//! arrive in pieces of any size (a marker split across reads is found), may hold garbage or
+//! invalid UTF-8, and a marker that is not at the start of its own line does not count. Lines
+//! longer than [`MAX_LINE`] are skipped without buffering them.
+//!
+//! [`LogFollower`] tails the log with inotify (no sleep-polling) and yields bytes as they are
+//! appended; the manager feeds them to the parser.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+/// The readiness marker the guest prints, followed by a space and its address.
+pub const READY_MARKER: &str = "VMRS_READY";
+
+/// Longest console line the parser buffers; longer lines are discarded (they cannot be a marker).
+pub const MAX_LINE: usize = 256;
+
+/// Incremental scanner for the readiness line.
+#[derive(Debug, Default, Clone)]
+pub struct ReadinessParser {
+    line: Vec<u8>,
+    /// The current line exceeded [`MAX_LINE`]; skip until the next newline.
+    overflow: bool,
+}
+
+impl ReadinessParser {
+    /// A parser at the start of a line.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feed bytes; returns the address from the first complete marker line among them.
+    /// Later bytes after a marker are kept for subsequent calls.
+    pub fn feed(&mut self, bytes: &[u8]) -> Option<IpAddr> {
+        let mut found = None;
+        for &b in bytes {
+            if b == b'\n' {
+                if !self.overflow && found.is_none() {
+                    found = parse_marker_line(&self.line);
+                }
+                self.line.clear();
+                self.overflow = false;
+            } else if !self.overflow {
+                if self.line.len() >= MAX_LINE {
+                    self.overflow = true;
+                    self.line.clear();
+                } else {
+                    self.line.push(b);
+                }
+            }
+        }
+        found
+    }
+}
+
+/// Parse one console line (without its `\n`) as a readiness marker.
+pub fn parse_marker_line(line: &[u8]) -> Option<IpAddr> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let rest = line.strip_prefix(READY_MARKER.as_bytes())?;
+    let rest = rest.strip_prefix(b" ")?;
+    let text = std::str::from_utf8(rest).ok()?;
+    let text = text.trim_end_matches([' ', '\r']);
+    text.parse::<IpAddr>().ok()
+}
+
+/// Scan a whole log file for a marker (used when reattaching to a VM that may already be ready).
+pub fn scan_log(path: &Path) -> std::io::Result<Option<IpAddr>> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let mut p = ReadinessParser::new();
+            Ok(p.feed(&bytes))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Follows a growing file with inotify and yields appended bytes.
+#[derive(Debug)]
+pub struct LogFollower {
+    path: PathBuf,
+    file: tokio::fs::File,
+    events: inotify::EventStream<Vec<u8>>,
+}
+
+impl LogFollower {
+    /// Start following `path` from `offset` (0 = from the beginning). The file must exist.
+    pub async fn open(path: &Path, offset: u64) -> std::io::Result<Self> {
+        use tokio::io::AsyncSeekExt;
+        let inotify = inotify::Inotify::init()?;
+        inotify.watches().add(
+            path,
+            inotify::WatchMask::MODIFY | inotify::WatchMask::CLOSE_WRITE | inotify::WatchMask::DELETE_SELF,
+        )?;
+        let mut file = tokio::fs::File::open(path).await?;
+        file.seek(std::io::SeekFrom::Start(offset)).await?;
+        let events = inotify.into_event_stream(vec![0u8; 4096])?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            events,
+        })
+    }
+
+    /// Path being followed.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Next chunk of appended bytes; waits (event-driven) until there is some. Returns `None`
+    /// when the file is deleted.
+    pub async fn next_chunk(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        use futures::StreamExt;
+        use tokio::io::AsyncReadExt;
+        loop {
+            let n = self.file.read(buf).await?;
+            if n > 0 {
+                return Ok(Some(n));
+            }
+            match self.events.next().await {
+                Some(Ok(ev)) if ev.mask.contains(inotify::EventMask::DELETE_SELF) => return Ok(None),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn whole_marker() {
+        let mut p = ReadinessParser::new();
+        assert_eq!(p.feed(b"boot...\nVMRS_READY 10.0.2.15\n"), Some(ip("10.0.2.15")));
+    }
+
+    #[test]
+    fn crlf_and_ipv6() {
+        let mut p = ReadinessParser::new();
+        assert_eq!(p.feed(b"VMRS_READY fd00::2\r\n"), Some(ip("fd00::2")));
+    }
+
+    #[test]
+    fn partial_line_waits_for_newline() {
+        let mut p = ReadinessParser::new();
+        assert_eq!(p.feed(b"VMRS_READY 127.0.0.1"), None);
+        assert_eq!(p.feed(b"\n"), Some(ip("127.0.0.1")));
+    }
+
+    #[test]
+    fn marker_inside_line_does_not_count() {
+        let mut p = ReadinessParser::new();
+        assert_eq!(p.feed(b"echo VMRS_READY 1.2.3.4\n"), None);
+        assert_eq!(p.feed(b"[    1.0] VMRS_READY 1.2.3.4\n"), None);
+        assert_eq!(p.feed(b"VMRS_READY 1.2.3.4 extra\n"), None);
+        assert_eq!(p.feed(b"VMRS_READY not-an-ip\n"), None);
+        assert_eq!(p.feed(b"VMRS_READY\n"), None);
+        assert_eq!(p.feed(b"VMRS_READYX 1.2.3.4\n"), None);
+    }
+
+    #[test]
+    fn garbage_and_long_lines() {
+        let mut p = ReadinessParser::new();
+        assert_eq!(p.feed(&[0xff, 0xfe, 0x00, b'\n']), None);
+        let mut long = vec![b'x'; 10 * MAX_LINE];
+        long.extend_from_slice(b"VMRS_READY 9.9.9.9\n");
+        assert_eq!(
+            p.feed(&long),
+            None,
+            "marker at the end of an overlong line must not count"
+        );
+        assert_eq!(p.feed(b"VMRS_READY 9.9.9.9\n"), Some(ip("9.9.9.9")));
+    }
+
+    proptest! {
+        #[test]
+        fn split_anywhere_finds_marker(prefix in proptest::collection::vec(any::<u8>(), 0..300),
+                                       a in 0u8..=255, b in 0u8..=255, cut in 0usize..400) {
+            let addr = format!("10.{a}.{b}.7");
+            let mut stream = prefix.clone();
+            stream.push(b'\n');
+            stream.extend_from_slice(format!("VMRS_READY {addr}\n").as_bytes());
+            let cut = cut.min(stream.len());
+            let mut p = ReadinessParser::new();
+            let first = p.feed(&stream[..cut]);
+            let second = p.feed(&stream[cut..]);
+            prop_assert_eq!(first.or(second), Some(addr.parse::<IpAddr>().unwrap()));
+        }
+
+        #[test]
+        fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let mut p = ReadinessParser::new();
+            let _ = p.feed(&data);
+            prop_assert!(p.line.len() <= MAX_LINE);
+        }
+
+        #[test]
+        fn chunking_does_not_change_result(data in proptest::collection::vec(prop_oneof![Just(b'\n'), Just(b'V'), any::<u8>()], 0..500),
+                                            chunk in 1usize..17) {
+            let mut whole = ReadinessParser::new();
+            let mut full = data.clone();
+            full.extend_from_slice(b"\nVMRS_READY 1.1.1.1\n");
+            let expected = whole.feed(&full);
+            let mut p = ReadinessParser::new();
+            let mut got = None;
+            for c in full.chunks(chunk) {
+                if let Some(x) = p.feed(c) { got.get_or_insert(x); }
+            }
+            prop_assert_eq!(got, expected);
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! # vm-rs
+//!
+//! Create, boot, watch, pause, snapshot, stop and orchestrate lightweight Linux virtual machines
+//! from one async API, on whichever hypervisor the host has.
+//!
+//! ## Architecture
+//!
+//! ```text
+//!  VmManager ──────────────┬──────────────► VmDriver (trait)
+//!   │ one directory per VM │                  ├─ driver::qemu   (QMP over a Unix socket)
+//!   │ (config.json,        │                  └─ ...            (Cloud Hypervisor, ...)
+//!   │  state.json,         │
+//!   │  serial.log, vmm.log)├──► process  : pid + start time + pidfd, own session
+//!   │                      ├──► console  : serial log follower + VMRS_READY parser
+//!   │                      └──► state    : VmState + the one transition table
+//!   │
+//!   └─ config : VmConfig (+ builder, validation)
+//!      guest  : guest assets (Debian kernel, busybox, vmrs-init) and the initramfs builder
+//! ```
+//!
+//! * [`config`] — what the caller asks for: [`VmConfig`], disks, networks, shared dirs.
+//! * [`state`] — the lifecycle state machine ([`VmState`]).
+//! * [`driver`] — the [`VmDriver`] trait and backends; [`driver::detect`] picks one.
+//! * [`process`] — VMM process identity and signalling (never signals a reused pid).
+//! * [`console`] — serial console following and readiness detection ([`READY_MARKER`]).
+//! * [`manager`] — [`VmManager`], the verbs users call; persistence and reattach.
+//! * [`paths`] — where data lives (`VMRS_HOME`).
+//!
+//! Every VM has a directory under the data dir (`$VMRS_HOME/vms/<name>`), so a new
+//! [`VmManager`] in a new process reattaches to running VMs: the VMM runs in its own session and
+//! outlives the process that started it.
+//!
+//! ## Example
+//!
+//! ```no_run
+//! use vm_rs::{VmConfig, VmManager};
+//! use std::time::Duration;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let manager = VmManager::new().await?;
+//! let config = VmConfig::builder("demo")
+//!     .kernel("/path/to/vmlinuz")
+//!     .initramfs("/path/to/initramfs.img")
+//!     .memory_mib(256)
+//!     .build()?;
+//! manager.start(config).await?;
+//! let ip = manager.wait_ready("demo", Duration::from_secs(60)).await?;
+//! println!("guest is up at {ip}");
+//! manager.stop("demo", Duration::from_secs(10)).await?;
+//! manager.remove("demo", false).await?;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod console;
+pub mod driver;
+pub mod manager;
+pub mod paths;
+pub mod process;
+pub mod state;
+
+pub use config::{Accel, BackendKind, DiskConfig, NetworkAttachment, SharedDir, VmConfig};
+pub use console::READY_MARKER;
+pub use driver::{VmDriver, VmHandle};
+pub use manager::{ManagerError, VmInfo, VmManager};
+pub use state::VmState;

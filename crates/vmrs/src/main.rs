@@ -1,0 +1,2 @@
+//! `vmrs`: the command-line interface to vm-rs (placeholder).
+fn main() {}
