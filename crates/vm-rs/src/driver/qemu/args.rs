@@ -201,7 +201,11 @@ mod tests {
             .cpus(2)
             .memory_mib(300)
             .cmdline("foo=bar")
-            .disk(DiskConfig { read_only: true, format: DiskFormat::Qcow2, ..DiskConfig::new("/d/a,b.img") })
+            .disk(DiskConfig {
+                read_only: true,
+                format: DiskFormat::Qcow2,
+                ..DiskConfig::new("/d/a,b.img")
+            })
             .build_unchecked();
         let paths = QemuPaths::in_dir(Path::new("/vms/t1"), "/vms/t1/serial.log".into());
         let args: Vec<String> = build(&input_for(&cfg, &paths, Accel::Tcg))
