@@ -1,0 +1,5 @@
+//! Shared helpers for integration tests (one module per area).
+#![allow(dead_code)]
+
+pub mod guest;
+pub mod qemu;

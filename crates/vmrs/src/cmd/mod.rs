@@ -1,0 +1,3 @@
+//! Subcommand implementations, one module per area.
+
+pub mod setup;
