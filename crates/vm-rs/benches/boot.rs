@@ -69,7 +69,9 @@ async fn vmrs_boot(mgr: &VmManager, cfg: VmConfig) -> Duration {
     let name = cfg.name.clone();
     let t0 = Instant::now();
     mgr.start(cfg).await.expect("start");
-    mgr.wait_ready(&name, Duration::from_secs(120)).await.expect("ready");
+    mgr.wait_ready(&name, Duration::from_secs(120))
+        .await
+        .expect("ready");
     let t = t0.elapsed();
     mgr.kill(&name).await.expect("kill");
     mgr.remove(&name, true).await.expect("rm");
@@ -99,13 +101,22 @@ fn spin_observer(path: PathBuf) -> std::thread::JoinHandle<Instant> {
 }
 
 fn main() {
-    let n: usize = std::env::var("BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let assets = vm_rs::paths::assets_dir();
     if !assets.join("initramfs.img").is_file() {
-        eprintln!("boot bench: no guest assets in {} (run `vmrs setup`)", assets.display());
+        eprintln!(
+            "boot bench: no guest assets in {} (run `vmrs setup`)",
+            assets.display()
+        );
         std::process::exit(1);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async {
         let home = tempfile::Builder::new().prefix("vmrs-b").tempdir_in("/tmp").expect("tmp");
         let mgr = VmManager::with_home(home.path()).await.expect("manager");

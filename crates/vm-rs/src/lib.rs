@@ -24,6 +24,7 @@
 //! * [`process`] — VMM process identity and signalling (never signals a reused pid).
 //! * [`console`] — serial console following and readiness detection ([`READY_MARKER`]).
 //! * [`manager`] — [`VmManager`], the verbs users call; persistence and reattach.
+//! * [`guest`] — guest assets: kernel, modules, busybox, vmrs-init, and the initramfs builder.
 //! * [`paths`] — where data lives (`VMRS_HOME`).
 //!
 //! Every VM has a directory under the data dir (`$VMRS_HOME/vms/<name>`), so a new
@@ -56,6 +57,7 @@
 pub mod config;
 pub mod console;
 pub mod driver;
+pub mod guest;
 pub mod manager;
 pub mod paths;
 pub mod process;
