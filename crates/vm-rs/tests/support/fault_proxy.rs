@@ -3,7 +3,7 @@
 //! 500. Each connection carries one request (`Connection: close` is forced), so every
 //! request can be steered. The listener thread stops when the guard is dropped.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

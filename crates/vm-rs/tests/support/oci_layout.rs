@@ -1,7 +1,7 @@
 //! Builds OCI image layouts offline (layers written with the `tar` crate), to push to the
 //! test registry with skopeo or to feed the unpacker directly.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::Write;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! 127.0.0.1:<free port> with its own config and storage in a temp dir. The guard kills it
 //! on drop, also when the test fails.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
