@@ -71,4 +71,38 @@ async fn basic_auth_wrong_password_is_a_clear_error_right_one_pulls() {
         .await
         .unwrap();
     assert_eq!(std::fs::read(root.path().join("hello")).unwrap(), b"world");
+
+    // Credentials from a `credHelpers` helper program on PATH (docker-credential-<name> get).
+    let bin = tempfile::tempdir().unwrap();
+    let helper = bin.path().join("docker-credential-vmrstest");
+    std::fs::write(
+        &helper,
+        "#!/bin/sh\nread server\necho \"{\\\"ServerURL\\\":\\\"$server\\\",\\\"Username\\\":\\\"alice\\\",\\\"Secret\\\":\\\"s3cret-pass\\\"}\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    // Only test in this binary; nothing else reads PATH concurrently.
+    std::env::set_var("PATH", path);
+    std::fs::write(
+        docker.path().join("config.json"),
+        serde_json::json!({"credHelpers": {(reg.host()): "vmrstest"}}).to_string(),
+    )
+    .unwrap();
+    let store3 = ImageStore::open(home.path().join("third")).await.unwrap();
+    store3.pull(&reference, &base).await.unwrap();
+    // A helper that knows nothing: anonymous, so unauthorized.
+    std::fs::write(
+        &helper,
+        "#!/bin/sh\necho 'credentials not found in native keychain'\nexit 1\n",
+    )
+    .unwrap();
+    let store4 = ImageStore::open(home.path().join("fourth")).await.unwrap();
+    let err = store4.pull(&reference, &base).await.unwrap_err();
+    assert!(matches!(err, PullError::Unauthorized { .. }), "{err:?}");
 }

@@ -391,3 +391,23 @@ fn garbage_is_an_archive_error_not_a_panic() {
 }
 
 use std::io::Read as _;
+
+#[test]
+fn symlink_replaced_by_directory_is_followed_no_further() {
+    // `a -> elsewhere` is used as a parent, then replaced by a real directory: later entries
+    // under `a/` must land in the new directory, not where the symlink pointed.
+    let tar = LayerBuilder::new()
+        .dir("elsewhere", 0o755)
+        .symlink("a", "elsewhere")
+        .file("a/first", b"1", 0o644)
+        .dir("a", 0o755)
+        .file("a/second", b"2", 0o644)
+        .tar();
+    let (sb, res) = run(tar, &UnpackOptions::default());
+    res.unwrap();
+    let r = sb.root();
+    assert!(r.join("elsewhere/first").is_file());
+    assert!(std::fs::symlink_metadata(r.join("a")).unwrap().is_dir());
+    assert!(r.join("a/second").is_file());
+    assert!(!r.join("elsewhere/second").exists());
+}

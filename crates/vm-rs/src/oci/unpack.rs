@@ -533,6 +533,8 @@ impl<'a> Unpacker<'a> {
                     if existing == FileType::Directory {
                         self.remove_all(&parent, name, &rel)?;
                     } else {
+                        // A cached parent may have been reached through this (symlink) name.
+                        self.parent_cache = None;
                         rustix::fs::unlinkat(&parent, cname, AtFlags::empty())
                             .map_err(io_at("remove", &rel))?;
                     }
