@@ -226,20 +226,6 @@ fn ts(secs: u64) -> Timestamps {
     }
 }
 
-/// Reader that hashes what passes through and counts it.
-struct HashingReader<R> {
-    inner: R,
-    hasher: Hasher,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-}
-
 /// Applies layers to one root; keeps totals and deferred directory mtimes across layers.
 struct Unpacker<'a> {
     root: OwnedFd,
@@ -728,33 +714,133 @@ pub fn decompress<'a, R: Read + 'a>(reader: R) -> std::io::Result<Box<dyn Read +
     }
 }
 
+/// Reads what a decoder thread sends; a closed channel is the end of the stream.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.buf.len() {
+            match self.rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.buf = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Decompresses and hashes a layer on its own thread (like `tar` piping from `gzip -d`), so
+/// decoding overlaps with writing files. The thread reads to the end of the stream even after
+/// the tar reader stopped (the diff_id covers every byte), at most `cap` bytes, and stops early
+/// when `abort` is set.
+fn spawn_decoder<R: Read + Send + 'static>(
+    reader: R,
+    cap: u64,
+    abort: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<(ChannelReader, std::thread::JoinHandle<std::io::Result<Digest>>)> {
+    use std::sync::atomic::Ordering;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(16);
+    let handle = std::thread::Builder::new()
+        .name("vmrs-layer-decode".to_owned())
+        .spawn(move || {
+            let mut hasher = Hasher::new();
+            let mut inner = match decompress(reader) {
+                Ok(r) => r,
+                Err(e) => {
+                    let kind = e.kind();
+                    let _ = tx.send(Err(e));
+                    return Err(kind.into());
+                }
+            };
+            let mut receiver_alive = true;
+            loop {
+                if abort.load(Ordering::Relaxed) {
+                    return Err(std::io::ErrorKind::Interrupted.into());
+                }
+                let mut chunk = vec![0u8; 256 << 10];
+                let n = match inner.read(&mut chunk) {
+                    Ok(0) => return Ok(hasher.finish()),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        let kind = e.kind();
+                        let msg = e.to_string();
+                        let _ = tx.send(Err(e));
+                        return Err(std::io::Error::new(kind, msg));
+                    }
+                };
+                chunk.truncate(n);
+                hasher.update(&chunk);
+                if hasher.len() > cap {
+                    let e = std::io::Error::other("uncompressed layer exceeds the size limit");
+                    let _ = tx.send(Err(std::io::Error::other(
+                        "uncompressed layer exceeds the size limit",
+                    )));
+                    return Err(e);
+                }
+                if receiver_alive && tx.send(Ok(chunk)).is_err() {
+                    receiver_alive = false;
+                }
+            }
+        })?;
+    Ok((
+        ChannelReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        },
+        handle,
+    ))
+}
+
 /// Applies `layers` (each a possibly compressed tar stream) to `root`, bottom first, with the
 /// confinement rules of this module. Blocking: call it from `spawn_blocking`.
 ///
 /// `expected_diff_ids`, when given, must have one digest per layer; each uncompressed stream
 /// must hash to it.
-pub fn apply_layers<R: Read>(
+pub fn apply_layers<R: Read + Send + 'static>(
     root: &Path,
     layers: impl IntoIterator<Item = (String, R)>,
     expected_diff_ids: Option<&[Digest]>,
     opts: &UnpackOptions,
 ) -> Result<UnpackReport, UnpackError> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
     let mut u = Unpacker::new(root, opts)?;
+    // Uncompressed bytes of one layer: file content plus headers and padding.
+    let cap = opts
+        .max_bytes
+        .saturating_add(opts.max_entries.saturating_mul(1536))
+        .saturating_add(1 << 20);
     for (i, (name, reader)) in layers.into_iter().enumerate() {
         let archive_err = |source: std::io::Error| UnpackError::Archive {
             layer: name.clone(),
             source,
         };
-        let mut hr = HashingReader {
-            inner: decompress(reader).map_err(archive_err)?,
-            hasher: Hasher::new(),
-        };
-        u.apply_layer(&mut hr, &name)?;
+        let abort = Arc::new(AtomicBool::new(false));
+        let (mut rd, decoder) = spawn_decoder(reader, cap, abort.clone()).map_err(archive_err)?;
+        let applied = u.apply_layer(&mut rd, &name);
+        if applied.is_err() {
+            abort.store(true, Ordering::Relaxed);
+        }
+        drop(rd);
+        let digest = decoder
+            .join()
+            .map_err(|_| archive_err(std::io::Error::other("layer decoder thread panicked")));
+        applied?;
+        let actual = digest?.map_err(archive_err)?;
         if let Some(expected) = expected_diff_ids.and_then(|d| d.get(i)) {
-            // Hash the trailing padding too (bounded), then compare.
-            let cap = opts.max_bytes.saturating_sub(u.report.bytes).max(1 << 20);
-            std::io::copy(&mut (&mut hr).take(cap), &mut std::io::sink()).map_err(archive_err)?;
-            let actual = hr.hasher.clone().finish();
             if &actual != expected {
                 return Err(UnpackError::DiffIdMismatch {
                     layer: Digest::parse(&name).unwrap_or_else(|_| Digest::of(name.as_bytes())),
