@@ -2,7 +2,7 @@
 //!
 //! This module owns everything about images on the host side:
 //!
-//! * [`reference`] — parsing and normalising image references ([`ImageReference`]).
+//! * [`reference`](mod@reference) — parsing and normalising image references ([`ImageReference`]).
 //! * [`pull`] — the registry client side ([`ImageStore::pull`], [`PullOptions`]): manifest and
 //!   index resolution, per-platform selection, concurrent digest-verified blob downloads with
 //!   resume, credentials ([`auth`]).

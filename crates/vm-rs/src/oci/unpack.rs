@@ -855,7 +855,7 @@ pub fn apply_layers<R: Read + Send + 'static>(
 
 impl ImageStore {
     /// Unpacks a stored image into `target` (created if missing): its layers applied in order
-    /// with OCI whiteouts, confined to `target` (see [the module docs](self::super::unpack)).
+    /// with OCI whiteouts, confined to `target` (see the [`unpack`](super::unpack) module docs).
     ///
     /// `target` is usually empty; unpacking onto an existing tree applies the layers on top.
     /// Runs on a blocking thread; holds the store lock shared so gc cannot remove the blobs.
