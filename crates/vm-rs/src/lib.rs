@@ -25,6 +25,7 @@
 //! * [`console`] — serial console following and readiness detection ([`READY_MARKER`]).
 //! * [`manager`] — [`VmManager`], the verbs users call; persistence and reattach.
 //! * [`guest`] — guest assets: kernel, modules, busybox, vmrs-init, and the initramfs builder.
+//! * [`oci`] — OCI images: pull into a content-addressed store ([`ImageStore`]), unpack safely.
 //! * [`paths`] — where data lives (`VMRS_HOME`).
 //!
 //! Every VM has a directory under the data dir (`$VMRS_HOME/vms/<name>`), so a new
@@ -59,6 +60,7 @@ pub mod console;
 pub mod driver;
 pub mod guest;
 pub mod manager;
+pub mod oci;
 pub mod paths;
 pub mod process;
 pub mod state;
@@ -67,4 +69,5 @@ pub use config::{Accel, BackendKind, DiskConfig, NetworkAttachment, SharedDir, V
 pub use console::READY_MARKER;
 pub use driver::{VmDriver, VmHandle};
 pub use manager::{ManagerError, VmInfo, VmManager};
+pub use oci::ImageStore;
 pub use state::VmState;
