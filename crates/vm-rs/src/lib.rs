@@ -25,6 +25,7 @@
 //! * [`console`] — serial console following and readiness detection ([`READY_MARKER`]).
 //! * [`manager`] — [`VmManager`], the verbs users call; persistence and reattach.
 //! * [`paths`] — where data lives (`VMRS_HOME`).
+//! * [`storage`] — disks, copy-on-write clones, cloud-init seeds, SSH keys, verified downloads.
 //!
 //! Every VM has a directory under the data dir (`$VMRS_HOME/vms/<name>`), so a new
 //! [`VmManager`] in a new process reattaches to running VMs: the VMM runs in its own session and
@@ -60,6 +61,7 @@ pub mod manager;
 pub mod paths;
 pub mod process;
 pub mod state;
+pub mod storage;
 
 pub use config::{Accel, BackendKind, DiskConfig, NetworkAttachment, SharedDir, VmConfig};
 pub use console::READY_MARKER;

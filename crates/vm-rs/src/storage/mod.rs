@@ -1,0 +1,20 @@
+//! Storage: everything that ends up as a block device in a guest.
+//!
+//! * [`disk`] — empty raw (sparse) and qcow2 disks, qcow2 overlays on a backing file,
+//!   `qemu-img info` probing.
+//! * [`clone`] — copy-on-write clones of a base image: reflink (`FICLONE`) where the
+//!   filesystem supports it, a hole-preserving `copy_file_range` copy elsewhere.
+//! * [`parse_size`] — `10G`, `512M`.
+//!
+//! Disks are attached through [`crate::config::DiskConfig`]; this module only makes the files.
+//! Every file is written under a temp name beside its destination, fsynced and renamed into
+//! place, and existing files are never overwritten.
+
+pub mod clone;
+pub mod disk;
+mod fsutil;
+mod size;
+
+pub use clone::{clone_disk, clone_disk_with, CloneError, CloneMethod, ClonePolicy};
+pub use disk::{create_disk, create_overlay, image_info, probe_disk, DiskError, ImageInfo};
+pub use size::{format_size, parse_size, SizeError};
