@@ -4,6 +4,8 @@
 //!   `qemu-img info` probing.
 //! * [`clone`] — copy-on-write clones of a base image: reflink (`FICLONE`) where the
 //!   filesystem supports it, a hole-preserving `copy_file_range` copy elsewhere.
+//! * [`seed`] — cloud-init NoCloud seed images (`cidata` FAT image, pure Rust).
+//! * [`ssh`] — ed25519 SSH key pairs in OpenSSH format.
 //! * [`parse_size`] — `10G`, `512M`.
 //!
 //! Disks are attached through [`crate::config::DiskConfig`]; this module only makes the files.
@@ -13,8 +15,13 @@
 pub mod clone;
 pub mod disk;
 mod fsutil;
+pub mod seed;
 mod size;
+pub mod ssh;
+mod yaml;
 
 pub use clone::{clone_disk, clone_disk_with, CloneError, CloneMethod, ClonePolicy};
 pub use disk::{create_disk, create_overlay, image_info, probe_disk, DiskError, ImageInfo};
+pub use seed::{write_seed_image, SeedConfig, SeedError, SeedFile, SeedFiles, SeedMount, SeedNic, SeedUser};
 pub use size::{format_size, parse_size, SizeError};
+pub use ssh::{ensure_key_pair, generate_key_pair, SshKeyError, SshKeyPair};
