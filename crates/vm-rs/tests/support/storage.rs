@@ -148,3 +148,177 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// A tiny HTTP/1.1 file server on 127.0.0.1 for download tests. One request per connection
+/// (`Connection: close`); supports `Range: bytes=N-`, and can be told to fail with a status,
+/// to cut the body of the next responses short, or to ignore ranges. Stops when dropped.
+pub mod http {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// What the server does next.
+    #[derive(Debug, Default, Clone)]
+    pub struct Behaviour {
+        /// Answer every request with this status and an empty body.
+        pub status: Option<u16>,
+        /// Cut this many upcoming bodies short...
+        pub cut_next: u32,
+        /// ...after this many body bytes.
+        pub cut_at: usize,
+        /// Answer range requests with the full file (200).
+        pub ignore_range: bool,
+    }
+
+    /// One request the server saw.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Seen {
+        pub path: String,
+        pub range: Option<String>,
+    }
+
+    #[derive(Default)]
+    struct State {
+        files: HashMap<String, Vec<u8>>,
+        behaviour: Behaviour,
+        seen: Vec<Seen>,
+    }
+
+    pub struct TestServer {
+        addr: SocketAddr,
+        state: Arc<Mutex<State>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl TestServer {
+        pub async fn start() -> TestServer {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let state = Arc::new(Mutex::new(State::default()));
+            let st = state.clone();
+            let task = tokio::spawn(async move {
+                while let Ok((sock, _)) = listener.accept().await {
+                    let st = st.clone();
+                    tokio::spawn(async move {
+                        let _ = serve(sock, st).await;
+                    });
+                }
+            });
+            TestServer { addr, state, task }
+        }
+
+        pub fn url(&self, path: &str) -> String {
+            format!("http://{}{}", self.addr, path)
+        }
+
+        pub fn put(&self, path: &str, data: Vec<u8>) {
+            self.state
+                .lock()
+                .expect("lock")
+                .files
+                .insert(path.to_string(), data);
+        }
+
+        pub fn set(&self, b: Behaviour) {
+            self.state.lock().expect("lock").behaviour = b;
+        }
+
+        pub fn seen(&self) -> Vec<Seen> {
+            self.state.lock().expect("lock").seen.clone()
+        }
+    }
+
+    impl Drop for TestServer {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result<()> {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = sock.read(&mut buf).await?;
+            if n == 0 || head.len() > 16 << 10 {
+                return Ok(());
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&head).into_owned();
+        let mut lines = text.split("\r\n");
+        let path = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("/")
+            .to_string();
+        let range = lines
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.eq_ignore_ascii_case("range"))
+            .map(|(_, v)| v.trim().to_string());
+
+        let (status, headers, body, cut) = {
+            let mut st = state.lock().expect("lock");
+            st.seen.push(super::http::Seen {
+                path: path.clone(),
+                range: range.clone(),
+            });
+            let b = st.behaviour.clone();
+            if let Some(code) = b.status {
+                (code, String::new(), Vec::new(), None)
+            } else if let Some(data) = st.files.get(&path).cloned() {
+                let len = data.len();
+                let start = range
+                    .as_deref()
+                    .filter(|_| !b.ignore_range)
+                    .and_then(|r| r.strip_prefix("bytes="))
+                    .and_then(|r| r.strip_suffix('-'))
+                    .and_then(|n| n.parse::<usize>().ok());
+                let cut = if b.cut_next > 0 {
+                    st.behaviour.cut_next -= 1;
+                    Some(b.cut_at)
+                } else {
+                    None
+                };
+                match start {
+                    Some(s) if s >= len => {
+                        (416, format!("Content-Range: bytes */{len}\r\n"), Vec::new(), None)
+                    }
+                    Some(s) => (
+                        206,
+                        format!("Content-Range: bytes {s}-{}/{len}\r\n", len - 1),
+                        data[s..].to_vec(),
+                        cut,
+                    ),
+                    None => (200, String::new(), data, cut),
+                }
+            } else {
+                (404, String::new(), Vec::new(), None)
+            }
+        };
+        let reason = match status {
+            200 => "OK",
+            206 => "Partial Content",
+            404 => "Not Found",
+            416 => "Range Not Satisfiable",
+            500 => "Internal Server Error",
+            _ => "Status",
+        };
+        let head = format!(
+            "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\n{headers}Connection: close\r\n\r\n",
+            body.len()
+        );
+        sock.write_all(head.as_bytes()).await?;
+        match cut {
+            Some(n) if n < body.len() => {
+                sock.write_all(&body[..n]).await?;
+                sock.flush().await?;
+                // Drop the connection mid-body.
+                return Ok(());
+            }
+            _ => sock.write_all(&body).await?,
+        }
+        sock.shutdown().await
+    }
+}
