@@ -25,6 +25,7 @@
 //! * [`console`] — serial console following and readiness detection ([`READY_MARKER`]).
 //! * [`manager`] — [`VmManager`], the verbs users call; persistence and reattach.
 //! * [`paths`] — where data lives (`VMRS_HOME`).
+//! * [`setup`] — one-call helpers: seed image, SSH key, catalog image → per-VM disk.
 //! * [`storage`] — disks, copy-on-write clones, cloud-init seeds, SSH keys, verified downloads.
 //!
 //! Every VM has a directory under the data dir (`$VMRS_HOME/vms/<name>`), so a new
@@ -60,6 +61,7 @@ pub mod driver;
 pub mod manager;
 pub mod paths;
 pub mod process;
+pub mod setup;
 pub mod state;
 pub mod storage;
 

@@ -81,6 +81,16 @@ pub enum DiskError {
         /// The format `qemu-img` reported.
         format: String,
     },
+    /// A resize would shrink the disk (and lose data).
+    #[error("{path} is {current} bytes; refusing to shrink it to {requested}")]
+    Shrink {
+        /// The image.
+        path: PathBuf,
+        /// Its current virtual size.
+        current: u64,
+        /// The requested size.
+        requested: u64,
+    },
     /// A blocking task panicked or was cancelled.
     #[error("disk task did not complete")]
     Join(#[source] tokio::task::JoinError),
@@ -260,6 +270,52 @@ pub async fn create_overlay(
     let mut disk = DiskConfig::new(target);
     disk.format = DiskFormat::Qcow2;
     Ok(disk)
+}
+
+/// Grow the disk at `path` to `size` bytes: `set_len` for raw, `qemu-img resize` for qcow2.
+/// Shrinking is refused ([`DiskError::Shrink`]); the same size is a no-op.
+pub async fn grow_disk(path: &Path, format: DiskFormat, size: u64) -> Result<(), DiskError> {
+    let current = match format {
+        DiskFormat::Raw => tokio::fs::metadata(path)
+            .await
+            .map_err(io_err("stat", path))?
+            .len(),
+        DiskFormat::Qcow2 => image_info(path).await?.virtual_size,
+    };
+    if size < current {
+        return Err(DiskError::Shrink {
+            path: path.to_path_buf(),
+            current,
+            requested: size,
+        });
+    }
+    if size == current {
+        return Ok(());
+    }
+    match format {
+        DiskFormat::Raw => {
+            let f = tokio::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .await
+                .map_err(io_err("open", path))?;
+            f.set_len(size).await.map_err(io_err("resize", path))?;
+            f.sync_all().await.map_err(io_err("sync", path))?;
+        }
+        DiskFormat::Qcow2 => {
+            let size_arg = size.to_string();
+            qemu_img(&[
+                "resize".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                path.as_os_str(),
+                size_arg.as_ref(),
+            ])
+            .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Read an image's format, virtual size and backing file with `qemu-img info` (with
