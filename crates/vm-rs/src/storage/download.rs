@@ -23,6 +23,9 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
+/// The HTTP client downloads use (re-exported so callers need no `reqwest` dependency).
+pub type HttpClient = reqwest::Client;
+
 /// Errors from a verified download.
 #[derive(Debug, Error)]
 #[non_exhaustive]

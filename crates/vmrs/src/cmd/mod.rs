@@ -1,0 +1,3 @@
+//! Subcommand implementations, one file per area.
+
+pub mod disk;
