@@ -182,3 +182,71 @@ async fn empty_qcow2_and_raw_disks() {
     assert_eq!(info.virtual_size, 1 << 30);
     assert!(allocated(&r) < 1 << 20);
 }
+
+/// QEMU itself accepts `qemu_disk_args` — for a path full of QEMU option syntax, a read-only
+/// raw disk and a writable qcow2 overlay — and reports the format, mode and cache we asked for.
+#[tokio::test]
+async fn qemu_accepts_disk_args_even_for_hostile_paths() {
+    use std::io::Write;
+    use vm_rs::config::{CacheMode, DiskConfig};
+    use vm_rs::storage::qemu_disk_args;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("a,file.driver=nbd json:{}.img");
+    create_disk(&base, 4 << 20, DiskFormat::Raw)
+        .await
+        .expect("create");
+    let overlay = dir.path().join("vm.qcow2");
+    let mut ov = create_overlay(&base, DiskFormat::Raw, &overlay)
+        .await
+        .expect("overlay");
+    ov.cache = CacheMode::Unsafe;
+    let mut ro = DiskConfig::new(&base);
+    ro.read_only = true;
+
+    let mut args: Vec<String> = [
+        "-machine",
+        "pc",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-S",
+        "-monitor",
+        "stdio",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(qemu_disk_args(&ro, 0).expect("args"));
+    args.extend(qemu_disk_args(&ov, 1).expect("args"));
+    let mut child = std::process::Command::new("qemu-system-x86_64")
+        .args(&args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-system-x86_64");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"info block\nquit\n")
+        .expect("monitor");
+    let out = child.wait_with_output().expect("wait");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    let line0 = text
+        .lines()
+        .find(|l| l.starts_with("vmrs-disk0:"))
+        .unwrap_or_else(|| panic!("no disk0 in {text}"));
+    assert!(line0.contains(base.to_str().expect("utf8")), "{line0}");
+    assert!(line0.contains("(raw, read-only)"), "{line0}");
+    let line1 = text
+        .lines()
+        .find(|l| l.starts_with("vmrs-disk1:"))
+        .unwrap_or_else(|| panic!("no disk1 in {text}"));
+    assert!(line1.contains("(qcow2)"), "{line1}");
+    assert!(
+        text.contains("Cache mode:       writeback, ignore flushes"),
+        "{text}"
+    );
+    assert!(text.contains("Backing file:"), "{text}");
+}
