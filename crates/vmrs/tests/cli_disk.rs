@@ -49,12 +49,12 @@ fn disk_create_clone_info_resize() {
     vmrs(dir.path())
         .args(["disk", "create", base.to_str().expect("utf8"), "--size", "1M"])
         .assert()
-        .failure()
+        .code(4)
         .stderr(predicate::str::contains("already exists"));
     vmrs(dir.path())
         .args(["disk", "create", "x.img", "--size", "ten"])
         .assert()
-        .failure()
+        .code(5)
         .stderr(predicate::str::contains("invalid size"));
 
     let copy = dir.path().join("copy.raw");
@@ -90,7 +90,7 @@ fn disk_create_clone_info_resize() {
     vmrs(dir.path())
         .args(["disk", "resize", ov.to_str().expect("utf8"), "--size", "1M"])
         .assert()
-        .failure()
+        .code(5)
         .stderr(predicate::str::contains("refusing to shrink"));
 }
 
@@ -153,7 +153,7 @@ fn seed_create_and_keygen() {
             "x\nruncmd: [reboot]",
         ])
         .assert()
-        .failure()
+        .code(5)
         .stderr(predicate::str::contains("invalid hostname"));
     assert!(!bad.exists());
     vmrs(dir.path())
@@ -190,7 +190,7 @@ fn catalog_lists_builtins() {
     vmrs(dir.path())
         .args(["disk", "catalog"])
         .assert()
-        .failure()
+        .code(5)
         .stderr(predicate::str::contains("unknown field"));
 }
 
