@@ -248,3 +248,93 @@ async fn generated_keys_are_accepted_by_openssh() {
     let mode = std::fs::metadata(&p).expect("stat").permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 }
+
+/// Property: any string without control characters — YAML indicators, keywords (`yes`, `null`,
+/// `~`), quotes, backslashes, document markers, any Unicode — comes back from PyYAML exactly as
+/// given; any string with one is rejected. 300 generated argv lists plus hand-picked nasties,
+/// parsed by PyYAML in one go.
+#[tokio::test]
+async fn any_string_survives_yaml_exactly_or_is_rejected() {
+    use proptest::prelude::any;
+    use proptest::strategy::{Strategy, ValueTree};
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    use proptest::prop_oneof;
+    // Arbitrary Unicode, and strings dense in YAML/shell syntax and control characters.
+    let dense = "[-:#&*!%@`|>'\"\\{}\\[\\], ?a-z0-9\u{2028}\u{85}\x00-\x1f\x7f]{0,20}";
+    let strat = proptest::collection::vec(prop_oneof![any::<String>(), dense], 1..4);
+    let mut cfg = SeedConfig::new("prop");
+    let nasty = [
+        "",
+        ":",
+        "- x",
+        "# c",
+        "&a",
+        "*a",
+        "!tag",
+        "%YAML 1.1",
+        "---",
+        "...",
+        "'",
+        "\"",
+        "\\",
+        "null",
+        "~",
+        "yes",
+        "No",
+        "0x10",
+        "1e3",
+        "0o7",
+        "=",
+        "<<",
+        "{a: b}",
+        "[x]",
+        "|",
+        ">",
+        "@",
+        "`",
+        "\u{2028}",
+        "\u{feff}",
+        "\u{1f600}",
+        "a\u{a0}b",
+        "\\u0041",
+        "\\n",
+    ];
+    cfg.runcmd.push(
+        std::iter::once("x".to_string())
+            .chain(nasty.iter().map(|s| s.to_string()))
+            .collect(),
+    );
+    let mut with_controls = Vec::new();
+    for _ in 0..300 {
+        let v = strat.new_tree(&mut runner).expect("tree").current();
+        if v.iter().any(|s| s.chars().any(char::is_control)) {
+            with_controls.push(v.clone());
+        }
+        let clean: Vec<String> = v
+            .into_iter()
+            .map(|s| s.chars().filter(|c| !c.is_control()).collect())
+            .collect();
+        if !clean[0].is_empty() {
+            cfg.runcmd.push(clean);
+        }
+    }
+    let files = cfg.render().expect("render");
+    let parsed = pyyaml(&files.user_data);
+    assert_eq!(parsed["runcmd"], json!(cfg.runcmd));
+
+    assert!(
+        !with_controls.is_empty(),
+        "generator produced no control characters"
+    );
+    for argv in with_controls {
+        let mut c = SeedConfig::new("prop");
+        if argv[0].is_empty() {
+            continue;
+        }
+        c.runcmd.push(argv.clone());
+        assert!(
+            matches!(c.validate(), Err(SeedError::Invalid { .. })),
+            "{argv:?} accepted"
+        );
+    }
+}

@@ -342,6 +342,17 @@ mod tests {
         assert_eq!(find_in_sums(&dup, "disk.img"), None);
     }
 
+    proptest::proptest! {
+        // Untrusted sums file: never panics; a hit is always a canonical digest.
+        #[test]
+        fn sums_lookup_never_panics(text in "(?s).{0,512}", file in "[a-z.*/ ]{0,12}") {
+            if let Some(d) = find_in_sums(&text, &file) {
+                proptest::prop_assert_eq!(d.len(), 64);
+                proptest::prop_assert!(d.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            }
+        }
+    }
+
     #[test]
     fn user_file_extends_and_rejects_unknown_keys() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -284,16 +284,23 @@ pub async fn download_verified(
         .await
         {
             Ok(total) => break total,
-            Err(FetchError::Retryable(source)) if attempts <= options.retries => {
+            Err(FetchError::Retryable { source, .. }) if attempts <= options.retries => {
                 tracing::warn!(%url, received = have, attempt = attempts, error = %source, "transfer interrupted, resuming");
                 continue;
             }
-            Err(FetchError::Retryable(source)) => {
+            Err(FetchError::Retryable { source, in_body }) => {
                 file.sync_all().await.map_err(io_err("sync", &part))?;
-                return Err(DownloadError::Transfer {
-                    url: url.to_string(),
-                    received: have,
-                    source,
+                return Err(if in_body {
+                    DownloadError::Transfer {
+                        url: url.to_string(),
+                        received: have,
+                        source,
+                    }
+                } else {
+                    DownloadError::Request {
+                        url: url.to_string(),
+                        source,
+                    }
                 });
             }
             Err(FetchError::Fatal(e)) => {
@@ -348,7 +355,11 @@ pub async fn download_verified(
 }
 
 enum FetchError {
-    Retryable(reqwest::Error),
+    /// Worth another attempt; `in_body` says whether the response had started.
+    Retryable {
+        source: reqwest::Error,
+        in_body: bool,
+    },
     Fatal(DownloadError),
 }
 
@@ -389,7 +400,12 @@ async fn fetch_into(
     }
     let resp = match req.send().await {
         Ok(r) => r,
-        Err(e) if e.is_connect() || e.is_timeout() || e.is_request() => return Err(FetchError::Retryable(e)),
+        Err(source) if source.is_connect() || source.is_timeout() || source.is_request() => {
+            return Err(FetchError::Retryable {
+                source,
+                in_body: false,
+            })
+        }
         Err(source) => {
             return Err(DownloadError::Request {
                 url: url.to_string(),
@@ -453,7 +469,10 @@ async fn fetch_into(
             Ok(c) => c,
             Err(e) => {
                 file.flush().await.map_err(io_err("write", part))?;
-                return Err(FetchError::Retryable(e));
+                return Err(FetchError::Retryable {
+                    source: e,
+                    in_body: true,
+                });
             }
         };
         if *have + chunk.len() as u64 > limit {
@@ -525,6 +544,22 @@ mod tests {
         );
         assert!(normalize_sha256("abc").is_err());
         assert!(normalize_sha256(&"g".repeat(64)).is_err());
+    }
+
+    proptest::proptest! {
+        // Untrusted header: never panics, and a parsed start always comes from the text.
+        #[test]
+        fn content_range_never_panics(v in ".{0,64}") {
+            if let Some((start, _)) = parse_content_range(&v) {
+                proptest::prop_assert!(v.contains(&start.to_string()));
+            }
+        }
+
+        #[test]
+        fn content_range_round_trips(start in 0u64..u64::MAX / 2, len in 1u64..1 << 40) {
+            let header = format!("bytes {start}-{}/{}", start + len - 1, start + len);
+            proptest::prop_assert_eq!(parse_content_range(&header), Some((start, Some(start + len))));
+        }
     }
 
     #[test]
