@@ -33,15 +33,25 @@ make_base() { # path
 }
 now() { date +%s%N; }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-time_runs() { # dir cmd...
+one_run() { # dir cmd...  -> ns for one clone + fsync of the result
   local dir=$1; shift
+  rm -f "$dir/clone.img"
+  sync -f "$dir"
+  local t0; t0=$(now)
+  "$@" "$dir/base.img" "$dir/clone.img" >/dev/null
+  sync "$dir/clone.img"
+  echo $(( $(now) - t0 ))
+}
+# Alternate the two commands run by run so drift in machine load hits both alike.
+compare() { # label dir "vmrs args" "cp args"
+  local label=$1 dir=$2 v=() c=()
+  read -r -a vargs <<<"$3"
+  read -r -a cargs <<<"$4"
   for ((r = 0; r < RUNS; r++)); do
-    rm -f "$dir/clone.img"
-    local t0; t0=$(now)
-    "$@" "$dir/base.img" "$dir/clone.img" >/dev/null
-    sync "$dir/clone.img"
-    echo $(( $(now) - t0 ))
-  done | median
+    v+=("$(one_run "$dir" "$VMRS" "${vargs[@]}")")
+    c+=("$(one_run "$dir" "${cargs[@]}")")
+  done
+  report "$label" "$(printf '%s\n' "${v[@]}" | median)" "$(printf '%s\n' "${c[@]}" | median)"
 }
 report() { # label vmrs_ns cp_ns
   awk -v l="$1" -v a="$2" -v b="$3" 'BEGIN {printf "%-26s vmrs %9.2f ms   cp %9.2f ms   ratio %.2f\n", l, a/1e6, b/1e6, a/b}'
@@ -53,12 +63,8 @@ make_base "$work/xfs/base.img"
 make_base "$work/ext4/base.img"
 
 echo "clone of a ${SIZE_MB} MiB image (half data, half holes), median of $RUNS runs, $VMRS"
-v=$(time_runs "$work/xfs" "$VMRS" disk clone --reflink always)
-c=$(time_runs "$work/xfs" cp --reflink=always)
-report "xfs reflink" "$v" "$c"
-v=$(time_runs "$work/ext4" "$VMRS" disk clone --reflink never)
-c=$(time_runs "$work/ext4" cp --sparse=always)
-report "ext4 sparse copy" "$v" "$c"
+compare "xfs reflink" "$work/xfs" "disk clone --reflink always" "cp --reflink=always"
+compare "ext4 sparse copy" "$work/ext4" "disk clone --reflink never" "cp --sparse=always"
 alloc_v=$(rm -f "$work/ext4/clone.img"; "$VMRS" disk clone --reflink never "$work/ext4/base.img" "$work/ext4/clone.img" >/dev/null; du -k "$work/ext4/clone.img" | cut -f1)
 alloc_c=$(rm -f "$work/ext4/clone.img"; cp --sparse=always "$work/ext4/base.img" "$work/ext4/clone.img"; du -k "$work/ext4/clone.img" | cut -f1)
 echo "ext4 allocated KiB: vmrs $alloc_v, cp $alloc_c (base $(du -k "$work/ext4/base.img" | cut -f1))"
