@@ -263,3 +263,37 @@ async fn server_errors_and_limits_are_reported() {
     let err = download_verified(&url, &dest, &sha256(&data), &no_retries(), &mut |_| {}).await;
     assert!(err.is_err());
 }
+
+#[tokio::test]
+async fn concurrent_download_of_the_same_destination_is_refused() {
+    let (server, data) = server_with_file().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dest = dir.path().join("disk.img");
+    // Another downloader holds the part file's lock.
+    let holder = std::fs::File::create(part_path(&dest)).expect("part");
+    rustix::fs::flock(&holder, rustix::fs::FlockOperation::LockExclusive).expect("lock");
+    let err = download_verified(
+        &server.url("/disk.img"),
+        &dest,
+        &sha256(&data),
+        &no_retries(),
+        &mut |_| {},
+    )
+    .await;
+    assert!(
+        matches!(err, Err(DownloadError::InProgress { .. })),
+        "{err:?}"
+    );
+    assert!(server.seen().is_empty(), "a request was made");
+    drop(holder);
+    download_verified(
+        &server.url("/disk.img"),
+        &dest,
+        &sha256(&data),
+        &no_retries(),
+        &mut |_| {},
+    )
+    .await
+    .expect("download after the lock is released");
+    assert_eq!(std::fs::read(&dest).expect("read"), data);
+}
