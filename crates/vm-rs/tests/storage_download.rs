@@ -280,10 +280,7 @@ async fn concurrent_download_of_the_same_destination_is_refused() {
         &mut |_| {},
     )
     .await;
-    assert!(
-        matches!(err, Err(DownloadError::InProgress { .. })),
-        "{err:?}"
-    );
+    assert!(matches!(err, Err(DownloadError::InProgress { .. })), "{err:?}");
     assert!(server.seen().is_empty(), "a request was made");
     drop(holder);
     download_verified(

@@ -1,6 +1,7 @@
 //! cloud-init seed images and SSH keys, read back with independent tools: `blkid` for the
 //! `cidata` label, mtools (`mdir`/`mtype`) and `fsck.fat` for the files, PyYAML
-//! (the parser cloud-init itself uses) for the documents, `ssh-keygen` for the keys.
+//! (the parser cloud-init itself uses) and cloud-init itself (`schema`, `devel net-convert`) for
+//! the documents, `ssh-keygen` for the keys.
 
 #[path = "support/storage.rs"]
 mod storage_support;
@@ -159,7 +160,7 @@ async fn seed_image_reads_back_as_cidata_with_valid_yaml() {
     assert_eq!(eth0["match"]["macaddress"], "52:54:00:ab:cd:ef");
     assert_eq!(eth0["set-name"], "eth0");
     assert_eq!(eth0["addresses"], json!(["10.20.0.5/24", "fd00::5/64"]));
-    assert_eq!(eth0["routes"], json!([{"to": "default", "via": "10.20.0.1"}]));
+    assert_eq!(eth0["routes"], json!([{"to": "0.0.0.0/0", "via": "10.20.0.1"}]));
     assert_eq!(eth0["nameservers"]["addresses"], json!(["10.20.0.1"]));
     assert_eq!(eth0["dhcp4"], false);
 
@@ -337,4 +338,102 @@ async fn any_string_survives_yaml_exactly_or_is_rejected() {
             "{argv:?} accepted"
         );
     }
+}
+
+/// cloud-init itself (Debian's package, offline) accepts the documents: `cloud-init schema`
+/// validates user-data, and `cloud-init devel net-convert` turns network-config into
+/// systemd-networkd files with our addresses, gateway, DNS and MAC match.
+#[tokio::test]
+async fn cloud_init_accepts_the_seed_documents() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = key(dir.path(), "k").await;
+    let mut cfg = SeedConfig::new("web-2");
+    cfg.ssh_authorized_keys.push(key.clone());
+    cfg.users.push(SeedUser {
+        name: "ops".into(),
+        ssh_authorized_keys: vec![key],
+        sudo: true,
+        shell: Some("/bin/sh".into()),
+        groups: vec!["adm".into(), "sudo".into()],
+    });
+    cfg.network.push(SeedNic {
+        name: "eth0".into(),
+        mac: Some("52:54:00:aa:bb:cc".into()),
+        addresses: vec!["192.168.77.5/24".into(), "fd00:77::5/64".into()],
+        gateway: Some("192.168.77.1".parse().expect("ip")),
+        nameservers: vec!["192.168.77.1".parse().expect("ip")],
+        ..Default::default()
+    });
+    cfg.network.push(SeedNic {
+        name: "eth1".into(),
+        dhcp4: true,
+        ..Default::default()
+    });
+    cfg.write_files.push(SeedFile {
+        path: "/etc/motd".into(),
+        content: b"hello\n".to_vec(),
+        permissions: Some(0o644),
+        owner: Some("root:root".into()),
+    });
+    cfg.mounts.push(SeedMount {
+        source: "/dev/vdb".into(),
+        mount_point: "/data".into(),
+        fstype: "ext4".into(),
+        options: "defaults,nofail".into(),
+    });
+    cfg.runcmd.push(vec!["touch".into(), "/run/ok".into()]);
+    let image = dir.path().join("seed.img");
+    write_seed_image(&image, &cfg).await.expect("seed");
+
+    // Validate what is in the image, not what we think we wrote.
+    let ud = dir.path().join("user-data");
+    std::fs::write(&ud, mtype(&image, "user-data")).expect("write");
+    let out = run(
+        "cloud-init",
+        &["schema", "--config-file", ud.to_str().expect("utf8")],
+    );
+    assert!(out.contains("Valid cloud-config"), "{out}");
+
+    let nc = dir.path().join("network-config");
+    std::fs::write(&nc, mtype(&image, "network-config")).expect("write");
+    let outdir = dir.path().join("net");
+    run(
+        "cloud-init",
+        &[
+            "devel",
+            "net-convert",
+            "-p",
+            nc.to_str().expect("utf8"),
+            "-k",
+            "yaml",
+            "-D",
+            "debian",
+            "-O",
+            "networkd",
+            "-d",
+            outdir.to_str().expect("utf8"),
+        ],
+    );
+    let netdir = outdir.join("etc/systemd/network");
+    let eth0 = std::fs::read_to_string(netdir.join("10-cloud-init-eth0.network")).expect("eth0");
+    for want in [
+        "MACAddress=52:54:00:aa:bb:cc",
+        "Address=192.168.77.5/24",
+        "Address=fd00:77::5/64",
+        "Gateway=192.168.77.1",
+        "DNS=192.168.77.1",
+    ] {
+        assert!(eth0.contains(want), "{want} missing:\n{eth0}");
+    }
+    let eth1 = std::fs::read_to_string(netdir.join("10-cloud-init-eth1.network")).expect("eth1");
+    assert!(eth1.contains("DHCP=ipv4"), "{eth1}");
+
+    // The checker is real: a document with wrong types is rejected.
+    let bad = dir.path().join("bad");
+    std::fs::write(&bad, "#cloud-config\nruncmd: {a: 1}\n").expect("write");
+    let status = std::process::Command::new("cloud-init")
+        .args(["schema", "--config-file", bad.to_str().expect("utf8")])
+        .output()
+        .expect("cloud-init");
+    assert!(!status.status.success());
 }

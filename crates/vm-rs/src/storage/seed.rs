@@ -508,7 +508,10 @@ impl SeedConfig {
                         m.push((
                             "routes",
                             Yaml::Seq(vec![Yaml::map([
-                                ("to", Yaml::from("default")),
+                                // "0.0.0.0/0" rather than netplan's "default", which
+                                // cloud-init before 23.x cannot parse for non-netplan
+                                // renderers.
+                                ("to", Yaml::from(if gw.is_ipv4() { "0.0.0.0/0" } else { "::/0" })),
                                 ("via", Yaml::from(gw.to_string())),
                             ])]),
                         ));
