@@ -74,6 +74,15 @@ pub enum SetupError {
         /// Format `qemu-img` found.
         actual: String,
     },
+    /// The downloaded base names a backing file of its own; QEMU would open that host path
+    /// for the guest, so such images are refused.
+    #[error("image {name} has a backing file ({backing}); refusing to use it")]
+    HasBackingFile {
+        /// The image name.
+        name: String,
+        /// The backing file the header names.
+        backing: String,
+    },
     /// Creating, probing or resizing the VM disk failed.
     #[error("disk for image {name}")]
     Disk {
@@ -242,6 +251,12 @@ pub async fn prepare_image(
             name: name.to_string(),
             expected: entry.format,
             actual: info.format,
+        });
+    }
+    if let Some(backing) = info.backing_filename {
+        return Err(SetupError::HasBackingFile {
+            name: name.to_string(),
+            backing,
         });
     }
 

@@ -173,3 +173,46 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A "cloud image" whose qcow2 header points at a host file is refused even though the sums
+/// vouch for it: attaching it would let the guest read that file through the backing chain.
+#[tokio::test]
+async fn prepare_image_refuses_bases_with_a_backing_file() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let secret = work.path().join("host-secret.raw");
+    std::fs::write(&secret, vec![0x5eu8; 1 << 20]).expect("secret");
+    let evil = work.path().join("evil.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            secret.to_str().expect("utf8"),
+            evil.to_str().expect("utf8"),
+        ],
+    );
+    let image = std::fs::read(&evil).expect("read");
+    let server = TestServer::start().await;
+    server.put("/images/test-cloud.qcow2", image.clone());
+    server.put(
+        "/images/SHA256SUMS",
+        format!("{} *test-cloud.qcow2\n", sha256(&image)).into_bytes(),
+    );
+    let opts = PrepareOptions {
+        cache_dir: work.path().join("cache"),
+        catalog: Some(catalog(&server, "/images/SHA256SUMS")),
+        ..PrepareOptions::default()
+    };
+    let target = work.path().join("vm.qcow2");
+    let err = prepare_image("test-cloud", &target, &opts, &mut |_| {}).await;
+    assert!(
+        matches!(&err, Err(SetupError::HasBackingFile { backing, .. }) if backing.contains("host-secret")),
+        "{err:?}"
+    );
+    assert!(!target.exists());
+}
