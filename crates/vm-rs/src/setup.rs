@@ -8,11 +8,13 @@
 //!   and make this VM's own disk from it: a qcow2 overlay backed by the cached image, or a
 //!   reflink/sparse clone; optionally grown to a size.
 //!
-//! Cache layout: `$VMRS_HOME/disk-images/<catalog name>/<file name>`; cached bases are made
-//! read-only (0444) so nothing writes them by accident.
+//! Cache layout: `$VMRS_HOME/disk-images/<catalog name>/<sha256>/<file name>` (see
+//! [`cached_base_path`]); cached bases are made read-only (0444) so nothing writes them by
+//! accident, and are never replaced by a newer release, since overlays are backed by them.
+//! Nothing is garbage-collected yet: remove a directory once no VM disk is backed by it.
 
 use crate::config::{DiskConfig, DiskFormat};
-use crate::storage::catalog::{CatalogError, ImageCatalog};
+use crate::storage::catalog::{CatalogEntry, CatalogError, ImageCatalog};
 use crate::storage::clone::{clone_disk, CloneError, CloneMethod};
 use crate::storage::disk::{create_overlay, grow_disk, image_info, DiskError};
 use crate::storage::download::{download_verified, DownloadError, DownloadOptions, Progress};
@@ -147,6 +149,13 @@ pub async fn generate_ssh_key(dir: &Path) -> Result<SshKeyPair, SetupError> {
         .map_err(key_err)
 }
 
+/// Where a verified base lives in the cache: `CACHE/<name>/<sha256>/<file name>`. The digest
+/// in the path means a new release of an image (new digest) never replaces the file that
+/// existing overlays are backed by.
+pub fn cached_base_path(cache_dir: &Path, entry: &CatalogEntry, sha256: &str) -> PathBuf {
+    cache_dir.join(&entry.name).join(sha256).join(entry.file_name())
+}
+
 /// How [`prepare_image`] makes the VM's disk from the cached base.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -222,25 +231,32 @@ pub async fn prepare_image(
     let client = options.download.client.clone().unwrap_or_default();
     let sha256 = entry.resolve_sha256(&client).await.map_err(cat_err)?;
 
-    let base = options.cache_dir.join(&entry.name).join(entry.file_name());
+    let base = cached_base_path(&options.cache_dir, &entry, &sha256);
     let mut download = options.download.clone();
     download.client = Some(client);
-    let outcome = download_verified(&entry.url, &base, &sha256, &download, progress)
-        .await
-        .map_err(|source| SetupError::Download {
-            name: name.to_string(),
-            source,
-        })?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tokio::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o444))
-            .await
-            .map_err(|source| SetupError::Io {
-                op: "chmod",
-                path: base.clone(),
-                source,
-            })?;
-    }
+    let cached = match read_verified_stamp(&base).await {
+        Some(stamp) if stamp.sha256 == sha256 => true,
+        _ => {
+            let outcome = download_verified(&entry.url, &base, &sha256, &download, progress)
+                .await
+                .map_err(|source| SetupError::Download {
+                    name: name.to_string(),
+                    source,
+                })?;
+            {
+                use std::os::unix::fs::PermissionsExt;
+                tokio::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o444))
+                    .await
+                    .map_err(|source| SetupError::Io {
+                        op: "chmod",
+                        path: base.clone(),
+                        source,
+                    })?;
+            }
+            write_verified_stamp(&base, &sha256).await?;
+            outcome.already_present
+        }
+    };
     let disk_err = |source| SetupError::Disk {
         name: name.to_string(),
         source,
@@ -289,6 +305,75 @@ pub async fn prepare_image(
         disk,
         mode: options.mode,
         clone_method,
-        cached: outcome.already_present,
+        cached,
     })
+}
+
+/// `<base>.verified`: the digest a cached base was verified against, and the file identity it
+/// was verified at (device, inode, size, mtime). While all of these still match, the base is
+/// not hashed again; any change (rewrite, replacement, touch) sends it through the verified
+/// download path, which re-hashes it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct VerifiedStamp {
+    sha256: String,
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+fn stamp_path(base: &Path) -> PathBuf {
+    let mut s = base.as_os_str().to_owned();
+    s.push(".verified");
+    PathBuf::from(s)
+}
+
+fn identity(md: &std::fs::Metadata) -> (u64, u64, u64, i128) {
+    use std::os::unix::fs::MetadataExt;
+    (
+        md.dev(),
+        md.ino(),
+        md.size(),
+        i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
+    )
+}
+
+/// The stamp for `base`, if present and still describing the file as it is now.
+async fn read_verified_stamp(base: &Path) -> Option<VerifiedStamp> {
+    let text = tokio::fs::read(stamp_path(base)).await.ok()?;
+    if text.len() > 4096 {
+        return None;
+    }
+    let stamp: VerifiedStamp = serde_json::from_slice(&text).ok()?;
+    let md = tokio::fs::metadata(base).await.ok()?;
+    let (dev, ino, size, mtime_ns) = identity(&md);
+    (stamp.dev == dev && stamp.ino == ino && stamp.size == size && stamp.mtime_ns == mtime_ns)
+        .then_some(stamp)
+}
+
+async fn write_verified_stamp(base: &Path, sha256: &str) -> Result<(), SetupError> {
+    let io = |op: &'static str| {
+        let path = stamp_path(base);
+        move |source| SetupError::Io { op, path, source }
+    };
+    let md = tokio::fs::metadata(base).await.map_err(io("stat"))?;
+    let (dev, ino, size, mtime_ns) = identity(&md);
+    let stamp = VerifiedStamp {
+        sha256: sha256.to_string(),
+        dev,
+        ino,
+        size,
+        mtime_ns,
+    };
+    let bytes = serde_json::to_vec(&stamp).map_err(|e| io("encode")(std::io::Error::other(e)))?;
+    let dest = stamp_path(base);
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut tmp = crate::storage::fsutil::temp_beside(&dest)?;
+        tmp.write_all(&bytes)?;
+        crate::storage::fsutil::persist(tmp, &dest, true)
+    })
+    .await
+    .map_err(|e| io("write")(std::io::Error::other(e)))?
+    .map_err(io("write"))
 }

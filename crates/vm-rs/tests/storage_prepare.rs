@@ -65,6 +65,13 @@ async fn prepare_image_downloads_once_and_makes_overlays_and_clones() {
     assert_eq!(progressed, image.len() as u64);
     assert_eq!(p.sha256, sha256(&image));
     assert_eq!(sha256_file(&p.base), sha256(&image));
+    assert_eq!(
+        p.base,
+        work.path()
+            .join("cache/test-cloud")
+            .join(sha256(&image))
+            .join("test-cloud.qcow2")
+    );
     assert_eq!(p.disk.format, DiskFormat::Qcow2);
     assert!(!p.disk.read_only);
     let info = image_info(&vm1).await.expect("info");
@@ -105,6 +112,70 @@ async fn prepare_image_downloads_once_and_makes_overlays_and_clones() {
         Some(CloneMethod::Reflink | CloneMethod::SparseCopy)
     ));
     assert_eq!(sha256_file(&vm2), sha256(&image));
+
+    // The cached base carries a verification stamp; tampering with the base (same size, new
+    // bytes) invalidates it, and the next prepare re-verifies and re-downloads.
+    let stamp = {
+        let mut s = p.base.clone().into_os_string();
+        s.push(".verified");
+        std::path::PathBuf::from(s)
+    };
+    assert!(stamp.is_file());
+    {
+        use std::os::unix::fs::{FileExt, PermissionsExt};
+        std::fs::set_permissions(&p.base, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p.base)
+            .expect("open base");
+        f.write_all_at(b"tampered", 4096).expect("tamper");
+    }
+    assert_ne!(sha256_file(&p.base), sha256(&image));
+    let vm3 = work.path().join("vm3.qcow2");
+    let p3 = prepare_image("test-cloud", &vm3, &opts, &mut |_| {})
+        .await
+        .expect("prepare after tampering");
+    assert!(!p3.cached);
+    assert_eq!(image_gets(&server), 2);
+    assert_eq!(sha256_file(&p3.base), sha256(&image));
+
+    // A new release (new bytes, new digest in the sums) lands beside the old base; VMs backed
+    // by the old one keep reading it.
+    let newdir = work.path().join("new");
+    std::fs::create_dir(&newdir).expect("mkdir");
+    let image2 = {
+        let p2 = newdir.join("src.qcow2");
+        let ps = p2.to_str().expect("utf8");
+        run("qemu-img", &["create", "-q", "-f", "qcow2", ps, "64M"]);
+        run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x43 0 2M", ps]);
+        std::fs::read(&p2).expect("read")
+    };
+    server.put("/images/test-cloud.qcow2", image2.clone());
+    server.put(
+        "/images/SHA256SUMS",
+        format!("{} *test-cloud.qcow2\n", sha256(&image2)).into_bytes(),
+    );
+    let vm4 = work.path().join("vm4.qcow2");
+    let p4 = prepare_image("test-cloud", &vm4, &opts, &mut |_| {})
+        .await
+        .expect("prepare new release");
+    assert_ne!(p4.base, p.base);
+    assert_eq!(sha256_file(&p4.base), sha256(&image2));
+    assert_eq!(sha256_file(&p.base), sha256(&image));
+    let out = run("qemu-io", &["-f", "qcow2", "-r", "-c", "read -P 0x42 1M 64k", v]);
+    assert!(!out.contains("failed"), "{out}");
+    let out = run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-r",
+            "-c",
+            "read -P 0x43 1M 64k",
+            vm4.to_str().expect("utf8"),
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
 
     // Existing targets are never overwritten.
     let err = prepare_image("test-cloud", &vm1, &opts, &mut |_| {}).await;

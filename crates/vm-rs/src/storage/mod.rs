@@ -18,7 +18,7 @@ pub mod catalog;
 pub mod clone;
 pub mod disk;
 pub mod download;
-mod fsutil;
+pub(crate) mod fsutil;
 pub mod seed;
 mod size;
 pub mod ssh;

@@ -394,7 +394,7 @@ pub async fn run_disk(cmd: DiskCommand) -> Result<()> {
             let client = reqwest_client();
             let sha = entry.resolve_sha256(&client).await?;
             let cache = cache_dir.unwrap_or_else(|| PrepareOptions::default().cache_dir);
-            let dest = cache.join(&entry.name).join(entry.file_name());
+            let dest = setup::cached_base_path(&cache, &entry, &sha);
             let (bar, mut cb) = progress_bar(json, &name);
             let out =
                 storage::download_verified(&entry.url, &dest, &sha, &DownloadOptions::default(), &mut cb)
