@@ -24,6 +24,7 @@
 //! * [`process`] — VMM process identity and signalling (never signals a reused pid).
 //! * [`console`] — serial console following and readiness detection ([`READY_MARKER`]).
 //! * [`manager`] — [`VmManager`], the verbs users call; persistence and reattach.
+//! * [`guest`] — guest assets: kernel, modules, busybox, vmrs-init, and the initramfs builder.
 //! * [`paths`] — where data lives (`VMRS_HOME`).
 //! * [`setup`] — one-call helpers: seed image, SSH key, catalog image → per-VM disk.
 //! * [`storage`] — disks, copy-on-write clones, cloud-init seeds, SSH keys, verified downloads.
@@ -58,6 +59,7 @@
 pub mod config;
 pub mod console;
 pub mod driver;
+pub mod guest;
 pub mod manager;
 pub mod paths;
 pub mod process;

@@ -2,6 +2,9 @@
 //! kills every VMM the test started (even when the test fails), and `wait_until`.
 #![allow(dead_code)]
 
+pub mod guest;
+pub mod qemu;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,7 @@
 //! Subcommands. Each area has its own module; [`Command`] lists them all.
 
 pub mod disk;
+pub mod setup;
 pub mod vm;
 
 use clap::Subcommand;
@@ -8,6 +9,8 @@ use clap::Subcommand;
 /// All subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Fetch the guest kernel and busybox and build the initramfs (the built-in guest).
+    Setup(setup::SetupArgs),
     /// Boot a VM (the built-in guest unless --kernel is given).
     Run(vm::RunArgs),
     /// List VMs.
@@ -42,6 +45,7 @@ pub enum Command {
 /// Run a subcommand; returns the process exit code.
 pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
     match cmd {
+        Command::Setup(a) => setup::run(a).await.map(|()| 0),
         Command::Run(a) => vm::run(a).await,
         Command::Ps(a) => vm::ps(a).await,
         Command::Stop(a) => vm::stop(a).await,
