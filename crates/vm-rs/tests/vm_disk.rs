@@ -2,8 +2,8 @@
 //! the bytes the test wrote into them.
 //!
 //! The test writes a partition table chosen at run time (an MBR with a random number of
-//! logical partitions in an EBR chain) into a raw disk, and a different table into a qcow2
-//! overlay whose base holds yet another one. The guest kernel reads both tables through
+//! logical partitions in an EBR chain) into a raw disk, and a GPT (also with a run-time
+//! partition count, CRC-checked by the kernel) into a qcow2 overlay whose base holds an MBR. The guest kernel reads both tables through
 //! virtio-blk and prints what it found (`vda: vda1 vda2 < vda5 vda6 >`) on the serial console;
 //! the test checks those lines, the sizes the guest sees (the overlay was grown), and that the
 //! overlay's base image is unchanged afterwards.
@@ -68,6 +68,73 @@ fn primaries_mbr(n: u32) -> Vec<u8> {
     signed(mbr)
 }
 
+/// CRC-32 (IEEE 802.3, as GPT uses).
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A GPT for a disk of `sectors` sectors with `n` 1 MiB partitions: returns the head (protective
+/// MBR, primary header, entry array: 34 sectors) and the tail (entry array copy and backup
+/// header: 33 sectors). The kernel checks both headers' and the entry array's CRCs.
+fn gpt(sectors: u64, n: u32) -> (Vec<u8>, Vec<u8>) {
+    let last = sectors - 1;
+    let mut entries = vec![0u8; 128 * 128];
+    // Linux filesystem data type GUID, mixed-endian as stored on disk.
+    let linux: [u8; 16] = [
+        0xaf, 0x3d, 0xc6, 0x0f, 0x83, 0x84, 0x72, 0x47, 0x8e, 0x79, 0x3d, 0x69, 0xd8, 0x47, 0x7d, 0xe4,
+    ];
+    for i in 0..n as usize {
+        let e = &mut entries[i * 128..(i + 1) * 128];
+        e[..16].copy_from_slice(&linux);
+        e[16] = i as u8 + 1; // unique GUID: anything non-zero and distinct
+        e[31] = 0x5a;
+        let first = 2048 * (i as u64 + 1);
+        e[32..40].copy_from_slice(&first.to_le_bytes());
+        e[40..48].copy_from_slice(&(first + 2047).to_le_bytes());
+        for (j, c) in format!("vmrs{i}").encode_utf16().enumerate() {
+            e[56 + 2 * j..58 + 2 * j].copy_from_slice(&c.to_le_bytes());
+        }
+    }
+    let entries_crc = crc32(&entries);
+    let header = |my: u64, alt: u64, entries_lba: u64| {
+        let mut h = vec![0u8; SECTOR];
+        h[..8].copy_from_slice(b"EFI PART");
+        h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
+        h[12..16].copy_from_slice(&92u32.to_le_bytes());
+        h[24..32].copy_from_slice(&my.to_le_bytes());
+        h[32..40].copy_from_slice(&alt.to_le_bytes());
+        h[40..48].copy_from_slice(&34u64.to_le_bytes());
+        h[48..56].copy_from_slice(&(last - 33).to_le_bytes());
+        h[56..72].copy_from_slice(&[0x11; 16]);
+        h[72..80].copy_from_slice(&entries_lba.to_le_bytes());
+        h[80..84].copy_from_slice(&128u32.to_le_bytes());
+        h[84..88].copy_from_slice(&128u32.to_le_bytes());
+        h[88..92].copy_from_slice(&entries_crc.to_le_bytes());
+        let crc = crc32(&h[..92]);
+        h[16..20].copy_from_slice(&crc.to_le_bytes());
+        h
+    };
+    let mut pmbr = vec![0u8; SECTOR];
+    entry(&mut pmbr, 0, 0xee, 1, u32::try_from(last).unwrap_or(u32::MAX));
+    let mut head = signed(pmbr);
+    head.extend(header(1, last, 2));
+    head.extend(&entries);
+    let mut tail = entries.clone();
+    tail.extend(header(last, 1, last - 32));
+    (head, tail)
+}
+
 /// The partition line the kernel prints for a disk, e.g. `vda: vda1 vda2 < vda5 >`.
 fn partition_line(serial: &str, pred: impl Fn(&str) -> bool) -> Option<String> {
     serial.lines().find_map(|l| {
@@ -116,18 +183,26 @@ async fn guest_kernel_reads_partition_tables_written_by_the_test() {
     grow_disk(&overlay, DiskFormat::Qcow2, 24 << 20)
         .await
         .expect("grow");
-    let mbr3 = disks.path().join("mbr3.bin");
-    std::fs::write(&mbr3, primaries_mbr(3)).expect("mbr3");
-    run(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            &format!("write -s {} 0 512", mbr3.display()),
-            overlay.to_str().expect("utf8"),
-        ],
-    );
+    // A GPT whose partition count is also chosen at run time, head and tail of the 24 MiB disk.
+    let gpt_parts = 2 + logicals * 2;
+    let (head, tail) = gpt(24 << 11, gpt_parts);
+    for (name, bytes, offset) in [
+        ("head.bin", &head, 0u64),
+        ("tail.bin", &tail, (24u64 << 20) - tail.len() as u64),
+    ] {
+        let src = disks.path().join(name);
+        std::fs::write(&src, bytes).expect("write gpt part");
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                &format!("write -s {} {offset} {}", src.display(), bytes.len()),
+                overlay.to_str().expect("utf8"),
+            ],
+        );
+    }
     assert_eq!(sha256_file(&base), base_hash);
 
     let mut cfg = test_config("disky");
@@ -143,7 +218,7 @@ async fn guest_kernel_reads_partition_tables_written_by_the_test() {
     let found = wait_until(Duration::from_secs(30), || {
         let s = serial();
         partition_line(&s, |l| l.contains('<')).is_some()
-            && partition_line(&s, |l| !l.contains('<') && l.matches(' ').count() == 3).is_some()
+            && partition_line(&s, |l| !l.contains('<')).is_some()
     })
     .await;
     let s = serial();
@@ -158,13 +233,18 @@ async fn guest_kernel_reads_partition_tables_written_by_the_test() {
         format!("{dev}: {dev}1 {dev}2 < {} >", logical_list.join(" ")),
         "guest saw a different table than the {logicals} logical partitions written"
     );
-    // The overlay: the three partitions written into the overlay, not the base's one.
-    let line2 = partition_line(&s, |l| {
-        !l.contains('<') && l.starts_with("vd") && !l.starts_with(dev)
-    })
-    .expect("overlay line");
+    // The overlay: the GPT written into the overlay (CRCs checked by the kernel), not the
+    // base's one-partition MBR.
+    let line2 = partition_line(&s, |l| !l.contains('<')).expect("overlay line");
     let dev2 = &line2[..3];
-    assert_eq!(line2, format!("{dev2}: {dev2}1 {dev2}2 {dev2}3"));
+    assert_ne!(dev, dev2);
+    let gpt_list: Vec<String> = (1..=gpt_parts).map(|i| format!("{dev2}{i}")).collect();
+    assert_eq!(line2, format!("{dev2}: {}", gpt_list.join(" ")));
+    assert!(
+        !s.lines()
+            .any(|l| l.contains("GPT:") || l.contains("Alternate GPT")),
+        "kernel complained about the GPT:\n{s}"
+    );
     // Sizes as the guest sees them: 16 MiB raw, overlay grown to 24 MiB.
     assert!(
         s.contains(&format!("[{dev}] 32768 512-byte logical blocks")),
