@@ -228,7 +228,11 @@ pub async fn prepare_image(
         None => ImageCatalog::load(&ImageCatalog::default_user_file()).map_err(cat_err)?,
     };
     let entry = catalog.get(name).map_err(cat_err)?.clone();
-    let client = options.download.client.clone().unwrap_or_default();
+    let client = options
+        .download
+        .client
+        .clone()
+        .unwrap_or_else(crate::storage::download::default_client);
     let sha256 = entry.resolve_sha256(&client).await.map_err(cat_err)?;
 
     let base = cached_base_path(&options.cache_dir, &entry, &sha256);

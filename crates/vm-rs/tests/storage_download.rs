@@ -294,3 +294,40 @@ async fn concurrent_download_of_the_same_destination_is_refused() {
     .expect("download after the lock is released");
     assert_eq!(std::fs::read(&dest).expect("read"), data);
 }
+
+#[tokio::test]
+async fn stalled_transfer_times_out_and_resumes() {
+    let (server, data) = server_with_file().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dest = dir.path().join("disk.img");
+    server.set(Behaviour {
+        cut_next: 1,
+        cut_at: 500_000,
+        stall: true,
+        ..Behaviour::default()
+    });
+    let client = vm_rs::storage::download::HttpClient::builder()
+        .read_timeout(std::time::Duration::from_millis(500))
+        .build()
+        .expect("client");
+    let opts = DownloadOptions {
+        client: Some(client),
+        ..DownloadOptions::default()
+    };
+    let t0 = std::time::Instant::now();
+    let out = download_verified(
+        &server.url("/disk.img"),
+        &dest,
+        &sha256(&data),
+        &opts,
+        &mut |_| {},
+    )
+    .await
+    .expect("download despite the stall");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(20), "hung");
+    assert_eq!(out.attempts, 2);
+    assert_eq!(std::fs::read(&dest).expect("read"), data);
+    let seen = server.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(seen[1].range.as_deref().is_some_and(|r| r.starts_with("bytes=")));
+}

@@ -145,8 +145,27 @@ pub struct DownloadOptions {
     pub retries: u32,
     /// Largest body accepted (default 64 GiB).
     pub max_bytes: u64,
-    /// HTTP client to use (default: a new rustls client).
+    /// HTTP client to use (default: [`default_client`]).
     pub client: Option<reqwest::Client>,
+}
+
+/// Connect timeout of [`default_client`].
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest a [`default_client`] transfer may sit without receiving a byte before it counts
+/// as interrupted (and is resumed).
+pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A client with [`CONNECT_TIMEOUT`] and [`READ_TIMEOUT`], so a stalled server ends in a retry
+/// instead of a hang. No overall timeout: big images take as long as they take.
+pub fn default_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .read_timeout(READ_TIMEOUT)
+        .build()
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot build HTTP client with timeouts, using defaults");
+            reqwest::Client::new()
+        })
 }
 
 impl Default for DownloadOptions {
@@ -262,7 +281,7 @@ pub async fn download_verified(
     let mut file = tokio::fs::File::from_std(std_file);
     let client = match &options.client {
         Some(c) => c.clone(),
-        None => reqwest::Client::new(),
+        None => default_client(),
     };
 
     // Seed the hash with what an earlier attempt left.

@@ -102,8 +102,8 @@ fn scalar(v: &Yaml, out: &mut String) {
             }
             out.push(']');
         }
-        Yaml::Map(m) if m.is_empty() => out.push_str("{}"),
-        Yaml::Map(_) => out.push_str("{}"), // never reached: non-empty maps are block style
+        // Only empty maps are emitted inline (see `inline`); non-empty ones are block style.
+        Yaml::Map(_) => out.push_str("{}"),
     }
 }
 

@@ -170,6 +170,8 @@ pub mod http {
         pub cut_at: usize,
         /// Answer range requests with the full file (200).
         pub ignore_range: bool,
+        /// Instead of closing a cut connection, keep it open and silent (a stalled server).
+        pub stall: bool,
     }
 
     /// One request the server saw.
@@ -258,6 +260,7 @@ pub mod http {
             .find(|(k, _)| k.eq_ignore_ascii_case("range"))
             .map(|(_, v)| v.trim().to_string());
 
+        let stall = state.lock().expect("lock").behaviour.stall;
         let (status, headers, body, cut) = {
             let mut st = state.lock().expect("lock");
             st.seen.push(super::http::Seen {
@@ -314,6 +317,10 @@ pub mod http {
             Some(n) if n < body.len() => {
                 sock.write_all(&body[..n]).await?;
                 sock.flush().await?;
+                if stall {
+                    // Keep the connection open and say nothing more.
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                }
                 // Drop the connection mid-body.
                 return Ok(());
             }

@@ -445,7 +445,7 @@ pub async fn run_disk(cmd: DiskCommand) -> Result<()> {
 }
 
 fn reqwest_client() -> vm_rs::storage::download::HttpClient {
-    vm_rs::storage::download::HttpClient::default()
+    vm_rs::storage::download::default_client()
 }
 
 fn read_keys(paths: &[PathBuf]) -> Result<Vec<String>> {
