@@ -308,19 +308,9 @@ impl GuestAssets {
     }
 }
 
-/// A `tsc_early_khz=<kHz>` kernel parameter with the host's TSC frequency, for TCG guests.
-///
-/// Under TCG the guest's TSC runs at the host's rate, but the kernel has to measure it. On a
-/// busy host its quick PIT-based measurement fails; Debian's kernel on `microvm,acpi=on` then
-/// falls back to a delay-loop calibration waiting for timer ticks that never arrive and hangs
-/// right after "tsc: Marking TSC unstable". Telling it the frequency skips both. Returns `None`
-/// when `/proc/cpuinfo` has no `cpu MHz` line.
-pub fn tsc_khz_param() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    parse_cpu_khz(&text).map(|khz| format!("tsc_early_khz={khz}"))
-}
-
-fn parse_cpu_khz(cpuinfo: &str) -> Option<u64> {
+/// The `cpu MHz` of `/proc/cpuinfo` text, in kHz (used for the TCG `tsc_early_khz=` hint; see
+/// [`crate::driver::qemu::args::tsc_khz`]).
+pub(crate) fn parse_cpu_khz(cpuinfo: &str) -> Option<u64> {
     let mhz: f64 = cpuinfo
         .lines()
         .find(|l| l.starts_with("cpu MHz"))?

@@ -30,8 +30,8 @@ impl RawQemu {
         let serial = dir.path().join("serial.log");
         let qmp = dir.path().join("qmp.sock");
         let mut cmdline = format!("console=ttyS0 reboot=t panic=-1 {append}");
-        if let Some(p) = vm_rs::guest::tsc_khz_param() {
-            cmdline = format!("{cmdline} {p}");
+        if let Some(khz) = vm_rs::driver::qemu::args::tsc_khz() {
+            cmdline = format!("{cmdline} tsc_early_khz={khz}");
         }
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-M", "microvm,acpi=on", "-accel", "tcg", "-m", "256", "-smp", "1"])
