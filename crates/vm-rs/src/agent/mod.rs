@@ -63,21 +63,29 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Frames buffered per stream before the reader waits for the consumer.
 const STREAM_QUEUE: usize = 64;
 
-/// QEMU arguments that give a guest the agent port with its host end at `socket`.
-pub fn qemu_args(socket: &Path) -> Vec<String> {
+/// QEMU arguments that give a guest the agent port with its host end at `socket` (QEMU
+/// listens; commas in the path are escaped).
+pub fn qemu_args(socket: &Path) -> Vec<std::ffi::OsString> {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut chardev = b"socket,id=vmrs-agent0,path=".to_vec();
+    for &b in socket.as_os_str().as_bytes() {
+        chardev.push(b);
+        if b == b',' {
+            chardev.push(b',');
+        }
+    }
+    chardev.extend_from_slice(b",server=on,wait=off");
     vec![
         "-device".into(),
         "virtio-serial-device,id=vmrs-vser0".into(),
         "-chardev".into(),
-        format!(
-            "socket,id=vmrs-agent0,path={},server=on,wait=off",
-            socket.display()
-        ),
+        std::ffi::OsString::from_vec(chardev),
         "-device".into(),
         format!(
             "virtserialport,bus=vmrs-vser0.0,chardev=vmrs-agent0,name={}",
             proto::PORT_NAME
-        ),
+        )
+        .into(),
     ]
 }
 
@@ -814,6 +822,30 @@ impl Drop for ExecProcess {
         if !self.finished {
             self.client.close_stream(self.stream);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_args_escape_commas() {
+        let a = qemu_args(Path::new("/tmp/a,b/agent.sock"));
+        assert_eq!(a.len(), 6);
+        assert_eq!(
+            a[3],
+            std::ffi::OsString::from("socket,id=vmrs-agent0,path=/tmp/a,,b/agent.sock,server=on,wait=off")
+        );
+        assert!(a[5].to_string_lossy().ends_with("name=vmrs.agent"));
+    }
+
+    #[test]
+    fn exit_status_helpers() {
+        assert!(ExitStatus::Exited(0).success());
+        assert_eq!(ExitStatus::Exited(3).code(), Some(3));
+        assert_eq!(ExitStatus::Signaled(9).shell_code(), 137);
+        assert_eq!(ExitStatus::Signaled(9).signal(), Some(9));
     }
 }
 
