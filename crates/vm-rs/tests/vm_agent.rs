@@ -136,6 +136,39 @@ async fn exec_streams_status_env_stdin_and_signals() {
         .expect("exec");
     assert_eq!(out.stdout, b"again\n");
 
+    // Garbage from a host: the guest answers with an error on stream 0, ignores the rest of
+    // that connection, and serves the next one normally.
+    drop(agent);
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut raw = tokio::net::UnixStream::connect(&sock).await.expect("raw connect");
+        raw.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3])
+            .await
+            .expect("write garbage");
+        let mut dec = vm_rs::agent::proto::Decoder::new();
+        let mut buf = [0u8; 4096];
+        let frame = loop {
+            if let Some(f) = dec.next_frame().expect("guest frames are valid") {
+                break f;
+            }
+            let n = tokio::time::timeout(Duration::from_secs(30), raw.read(&mut buf))
+                .await
+                .expect("guest answers")
+                .expect("read");
+            assert!(n > 0, "guest closed");
+            dec.push(&buf[..n]);
+        };
+        assert_eq!(frame.stream, 0);
+        assert!(matches!(
+            frame.message,
+            vm_rs::agent::proto::Message::Error { .. }
+        ));
+    }
+    let agent = AgentClient::connect_timeout(&sock, Duration::from_secs(30))
+        .await
+        .expect("connect after garbage");
+    agent.ping().await.expect("ping after garbage");
+
     // Orderly shutdown through the agent.
     let mut vm = vm;
     agent.shutdown().await.expect("shutdown");
@@ -241,4 +274,33 @@ async fn copy_round_trip_keeps_modes() {
 
     agent.shutdown().await.expect("shutdown");
     assert!(vm.wait_exit(Duration::from_secs(60)).await.is_some());
+}
+
+#[tokio::test]
+async fn agent_through_vm_manager() {
+    // Make sure the shared assets carry this checkout's init before the manager boots them.
+    support::guest::assets().await;
+    let home = support::TestHome::new();
+    let mgr = vm_rs::VmManager::with_home(home.path()).await.expect("manager");
+    let sock = mgr.vm_dir("ag").join("agent.sock");
+    mgr.start_with(
+        support::test_config("ag"),
+        Vec::new(),
+        vm_rs::agent::qemu_args(&sock),
+    )
+    .await
+    .expect("start");
+    mgr.wait_ready("ag", support::BOOT_TIMEOUT).await.expect("ready");
+    let agent = AgentClient::connect_timeout(&sock, Duration::from_secs(30))
+        .await
+        .expect("connect");
+    let out = agent
+        .exec(ExecCommand::new(["sh", "-c", "echo from-manager; exit 7"]))
+        .await
+        .expect("exec");
+    assert_eq!(out.stdout, b"from-manager\n");
+    assert_eq!(out.status.code(), Some(7));
+    let st = mgr.stop("ag", Duration::from_secs(60)).await.expect("stop");
+    assert_eq!(st, vm_rs::VmState::Stopped);
+    mgr.remove("ag", false).await.expect("rm");
 }

@@ -138,36 +138,52 @@ fn serve_port(port: &Path, shutdown: &OwnedFd) {
     let mut decoder = Decoder::new();
     let mut streams: HashMap<u32, Stream> = HashMap::new();
     let mut connected = false;
-    let mut desynced = false;
+    // After a protocol error: bytes are skipped until a hello frame starts a new conversation.
+    let mut desynced: Option<Vec<u8>> = None;
     let mut buf = vec![0u8; CHUNK];
     loop {
         match reader.read(&mut buf) {
             Ok(0) => {
+                // No host connected. (A quick disconnect + reconnect may never show up here;
+                // a hello resets the connection state as well.)
                 if connected {
-                    // The host went away: forget its streams, kill its processes.
-                    out.generation.fetch_add(1, Ordering::SeqCst);
-                    for (_, s) in streams.drain() {
-                        if let Stream::Exec { pid, done, .. } = s {
-                            if !done.load(Ordering::SeqCst) {
-                                let _ = sys::kill(pid, libc::SIGKILL);
-                            }
-                        }
-                    }
+                    reset_connection(&out, &mut streams);
                     decoder = Decoder::new();
                     connected = false;
-                    desynced = false;
+                    desynced = None;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
             Ok(n) => {
                 connected = true;
-                if desynced {
-                    continue;
-                }
-                decoder.push(&buf[..n]);
+                let fresh: Vec<u8>;
+                let data: &[u8] = if let Some(pending) = desynced.as_mut() {
+                    pending.extend_from_slice(&buf[..n]);
+                    match find_hello(pending) {
+                        Some(at) => {
+                            fresh = pending.split_off(at);
+                            desynced = None;
+                            decoder = Decoder::new();
+                            &fresh
+                        }
+                        None => {
+                            // Keep only what could be the start of a hello.
+                            let keep = pending.len().saturating_sub(HELLO_PREFIX.len());
+                            pending.drain(..keep);
+                            continue;
+                        }
+                    }
+                } else {
+                    &buf[..n]
+                };
+                decoder.push(data);
                 loop {
                     match decoder.next_frame() {
                         Ok(Some(frame)) => {
+                            if matches!(frame.message, Message::Hello { .. }) {
+                                // A new conversation: whatever came before is over.
+                                reset_connection(&out, &mut streams);
+                            }
                             let gen = out.generation.load(Ordering::SeqCst);
                             handle(&out, gen, &mut streams, frame.stream, frame.message, shutdown);
                         }
@@ -176,7 +192,7 @@ fn serve_port(port: &Path, shutdown: &OwnedFd) {
                             let gen = out.generation.load(Ordering::SeqCst);
                             out.error(gen, 0, format!("protocol error: {e}"));
                             log(&format!("agent: protocol error from host: {e}"));
-                            desynced = true;
+                            desynced = Some(Vec::new());
                             break;
                         }
                     }
@@ -186,6 +202,25 @@ fn serve_port(port: &Path, shutdown: &OwnedFd) {
             Err(e) => {
                 log(&format!("agent: read {}: {e}", port.display()));
                 std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// The bytes every hello frame starts with: length 7, type 0x01, stream 0.
+const HELLO_PREFIX: [u8; 9] = [0, 0, 0, 7, 0x01, 0, 0, 0, 0];
+
+fn find_hello(buf: &[u8]) -> Option<usize> {
+    buf.windows(HELLO_PREFIX.len()).position(|w| w == HELLO_PREFIX)
+}
+
+/// Forget a connection: frames still queued for it are dropped, its processes killed.
+fn reset_connection(out: &Output, streams: &mut HashMap<u32, Stream>) {
+    out.generation.fetch_add(1, Ordering::SeqCst);
+    for (_, s) in streams.drain() {
+        if let Stream::Exec { pid, done, .. } = s {
+            if !done.load(Ordering::SeqCst) {
+                let _ = sys::kill(pid, libc::SIGKILL);
             }
         }
     }
@@ -833,6 +868,16 @@ fn send_tree(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hello_prefix_matches_the_encoder() {
+        let hello = Message::Hello { version: VERSION }.encode(0).unwrap();
+        assert_eq!(&hello[..HELLO_PREFIX.len()], &HELLO_PREFIX);
+        let mut junk = vec![0xffu8, 1, 2, 3];
+        junk.extend_from_slice(&hello);
+        assert_eq!(find_hello(&junk), Some(4));
+        assert_eq!(find_hello(&[0, 0, 0, 7]), None);
+    }
 
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\nwww:x:33:33::/var/www:/bin/sh\n";
     const GROUP: &str = "root:x:0:\nwww-data:x:33:\nstaff:x:50:www\n";

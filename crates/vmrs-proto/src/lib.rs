@@ -47,6 +47,12 @@
 //!                                 ◄──          ShutdownOk, then the guest powers off
 //! ```
 //!
+//! A hello always starts a new conversation: the guest forgets the streams of the previous one
+//! and kills its processes (a quick disconnect + reconnect is not always visible to the guest
+//! otherwise). After a protocol error the guest answers with an `Error` on stream 0 and skips
+//! input until the bytes of a hello frame (`00 00 00 07 01 00 00 00 00`); the host drops
+//! frames that arrive before its `HelloOk`, and reconnects if a torn frame precedes it.
+//!
 //! A copy is a sequence of [`Entry`] records, each followed for regular files by `size` bytes
 //! in [`Message::Data`] frames. The first entry has an empty path and is the copied root
 //! itself; later paths are relative to it, `/`-separated, with no empty, `.` or `..`

@@ -386,9 +386,9 @@ impl AgentClient {
     ) -> Result<AgentClient, AgentError> {
         let path = socket.as_ref().to_path_buf();
         let deadline = Instant::now() + timeout;
-        let stream = loop {
-            match UnixStream::connect(&path).await {
-                Ok(s) => break s,
+        loop {
+            let stream = match UnixStream::connect(&path).await {
+                Ok(s) => s,
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -396,14 +396,20 @@ impl AgentClient {
                     ) && Instant::now() < deadline =>
                 {
                     tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
                 }
                 Err(source) => return Err(AgentError::Connect { path, source }),
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(remaining, Self::handshake(stream)).await {
+                // A torn frame left over from a previous connection can precede the hello
+                // reply; the guest resets when we disconnect, so try again with a fresh one.
+                Ok(Err(AgentError::Protocol { .. })) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(r) => return r,
+                Err(_) => return Err(AgentError::Timeout { path, timeout }),
             }
-        };
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(remaining, Self::handshake(stream)).await {
-            Ok(r) => r,
-            Err(_) => Err(AgentError::Timeout { path, timeout }),
         }
     }
 
