@@ -831,30 +831,6 @@ impl Drop for ExecProcess {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn qemu_args_escape_commas() {
-        let a = qemu_args(Path::new("/tmp/a,b/agent.sock"));
-        assert_eq!(a.len(), 6);
-        assert_eq!(
-            a[3],
-            std::ffi::OsString::from("socket,id=vmrs-agent0,path=/tmp/a,,b/agent.sock,server=on,wait=off")
-        );
-        assert!(a[5].to_string_lossy().ends_with("name=vmrs.agent"));
-    }
-
-    #[test]
-    fn exit_status_helpers() {
-        assert!(ExitStatus::Exited(0).success());
-        assert_eq!(ExitStatus::Exited(3).code(), Some(3));
-        assert_eq!(ExitStatus::Signaled(9).shell_code(), 137);
-        assert_eq!(ExitStatus::Signaled(9).signal(), Some(9));
-    }
-}
-
 fn io_err(e: std::io::Error) -> AgentError {
     AgentError::Io { source: Arc::new(e) }
 }
@@ -909,5 +885,29 @@ async fn read_loop(
         // Shut our write half so the peer sees the connection end.
         let mut w = inner.writer.lock().await;
         let _ = w.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_args_escape_commas() {
+        let a = qemu_args(Path::new("/tmp/a,b/agent.sock"));
+        assert_eq!(a.len(), 6);
+        assert_eq!(
+            a[3],
+            std::ffi::OsString::from("socket,id=vmrs-agent0,path=/tmp/a,,b/agent.sock,server=on,wait=off")
+        );
+        assert!(a[5].to_string_lossy().ends_with("name=vmrs.agent"));
+    }
+
+    #[test]
+    fn exit_status_helpers() {
+        assert!(ExitStatus::Exited(0).success());
+        assert_eq!(ExitStatus::Exited(3).code(), Some(3));
+        assert_eq!(ExitStatus::Signaled(9).shell_code(), 137);
+        assert_eq!(ExitStatus::Signaled(9).signal(), Some(9));
     }
 }
