@@ -576,12 +576,28 @@ fn forward_output(
         }
         let ready = sys::poll_readable(&raw, 100);
         for idx in ready {
-            if let Some(fd) = open[idx].as_ref() {
-                match read_some(fd, &mut buf) {
-                    Some(0) => {}
-                    Some(n) => emit(idx, &buf[..n]),
-                    None => open[idx] = None,
+            // Gather what the pipe holds (up to one chunk) into one frame: every frame costs a
+            // virtqueue notification, expensive under emulation.
+            let mut filled = 0;
+            let mut eof = false;
+            while let Some(fd) = open[idx].as_ref() {
+                if filled == buf.len() {
+                    break;
                 }
+                match read_some(fd, &mut buf[filled..]) {
+                    Some(0) => break,
+                    Some(n) => filled += n,
+                    None => {
+                        eof = true;
+                        break;
+                    }
+                }
+            }
+            if filled > 0 {
+                emit(idx, &buf[..filled]);
+            }
+            if eof {
+                open[idx] = None;
             }
         }
     }

@@ -37,7 +37,10 @@ fn setup_downloads_builds_and_is_idempotent() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json on stdout");
     let kernel = PathBuf::from(json["kernel"].as_str().expect("kernel"));
     assert!(kernel.is_absolute() && kernel.is_file());
-    assert!(json["kernel_version"].as_str().expect("kver").ends_with("cloud-amd64"));
+    assert!(json["kernel_version"]
+        .as_str()
+        .expect("kver")
+        .ends_with("cloud-amd64"));
     let modules: Vec<&str> = json["modules"]
         .as_array()
         .expect("modules")
