@@ -125,6 +125,24 @@ async fn exec_streams_status_env_stdin_and_signals() {
         assert_eq!(out.status, ExitStatus::Exited(i as i32));
     }
 
+    // Processes of a closed connection are killed; detached ones live on.
+    let victim = agent
+        .spawn(ExecCommand::new(["sleep", "600"]))
+        .await
+        .expect("spawn victim");
+    let victim_pid = victim.pid();
+    drop(victim);
+    let detached = agent
+        .spawn(ExecCommand {
+            detach: true,
+            ..ExecCommand::new(["sh", "-c", "sleep 2; echo survived > /tmp/detached"])
+        })
+        .await
+        .expect("detached");
+    assert!(detached.pid() > 1);
+    // Process handles share the connection: drop them so it really closes.
+    drop(detached);
+
     // A new connection after this one closes works (the guest notices the disconnect).
     drop(agent);
     let agent = AgentClient::connect_timeout(&sock, Duration::from_secs(30))
@@ -135,6 +153,15 @@ async fn exec_streams_status_env_stdin_and_signals() {
         .await
         .expect("exec");
     assert_eq!(out.stdout, b"again\n");
+    let out = agent
+        .exec(ExecCommand::new([
+            "sh".to_string(),
+            "-c".to_string(),
+            format!("sleep 3; kill -0 {victim_pid} 2>/dev/null && echo alive; cat /tmp/detached"),
+        ]))
+        .await
+        .expect("check");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "survived\n");
 
     // Garbage from a host: the guest answers with an error on stream 0, ignores the rest of
     // that connection, and serves the next one normally.
@@ -249,6 +276,12 @@ async fn copy_round_trip_keeps_modes() {
         agent.copy_from("/does/not/exist", &host.path().join("x")).await,
         Err(AgentError::GuestCopy { .. })
     ));
+    assert!(matches!(
+        agent.copy_to(&src, "/does/not/exist/dir").await,
+        Err(AgentError::GuestCopy { .. })
+    ));
+    // The connection stays usable after failed copies.
+    agent.ping().await.expect("ping after failed copies");
 
     // Hostile paths from inside the guest: a symlink pointing out of the tree is copied as a
     // link, never followed on the host.

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::qemu::RawQemu;
-use vm_rs::agent::{AgentClient, ExecCommand};
+use vm_rs::agent::{AgentClient, ExecCommand, ImageProcess};
 
 /// A tiny image tree: busybox, users, a marker, a directory owned by uid 1000.
 fn image_tree(root: &Path, busybox: &Path) {
@@ -19,7 +19,9 @@ fn image_tree(root: &Path, busybox: &Path) {
     std::fs::copy(busybox, root.join("bin/busybox")).expect("copy busybox");
     std::fs::set_permissions(root.join("bin/busybox"), std::fs::Permissions::from_mode(0o755))
         .expect("chmod busybox");
-    for applet in ["sh", "id", "pwd", "cat", "echo", "stat", "sync", "ls", "touch"] {
+    for applet in [
+        "sh", "id", "pwd", "cat", "echo", "stat", "sync", "ls", "touch", "whoami",
+    ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("symlink");
     }
     std::fs::write(
@@ -72,13 +74,16 @@ async fn switches_root_and_applies_user_cwd_env() {
     assert!(text.lines().any(|l| l.starts_with("tmpfs /tmp tmpfs ")), "{text}");
     assert!(text.lines().any(|l| l.starts_with("proc /proc proc ")), "{text}");
 
+    // The image config as `vmrs run IMAGE` applies it: entrypoint + cmd, env, workdir, user.
+    let image = ImageProcess {
+        entrypoint: vec!["sh".into(), "-c".into()],
+        cmd: vec!["id -u; id -g; pwd; echo $HOME; echo $FOO; stat -c '%u:%g %a' /srv; touch mine && stat -c %u mine".into()],
+        env: vec!["FOO=bar baz".into()],
+        working_dir: Some("/srv".into()),
+        user: Some("app".into()),
+    };
     let out = agent
-        .exec(
-            ExecCommand::new(["sh", "-c", "id -u; id -g; pwd; echo $HOME; echo $FOO; stat -c '%u:%g %a' /srv; touch mine && stat -c %u mine"])
-                .user("app")
-                .cwd("/srv")
-                .env("FOO", "bar baz"),
-        )
+        .exec(image.command(None).expect("image command"))
         .await
         .expect("exec as app");
     assert_eq!(
@@ -87,6 +92,17 @@ async fn switches_root_and_applies_user_cwd_env() {
         "stderr: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // `-- CMD` replaces the image's cmd, keeping its entrypoint and config.
+    let out = agent
+        .exec(
+            image
+                .command(Some(&["echo $FOO from $(pwd) as $(id -un)".to_string()]))
+                .expect("override"),
+        )
+        .await
+        .expect("exec override");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "bar baz from /srv as app\n");
 
     // Writes land on the disk.
     let out = agent

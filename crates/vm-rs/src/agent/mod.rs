@@ -166,6 +166,9 @@ pub enum AgentError {
         /// The offending path (lossy).
         path: String,
     },
+    /// The image has neither entrypoint nor cmd and none was given.
+    #[error("no command to run: the image has no entrypoint or cmd and none was given")]
+    NoCommand,
     /// A blocking task failed.
     #[error("background task failed")]
     Task(#[source] tokio::task::JoinError),
@@ -207,7 +210,8 @@ impl Drop for Inner {
     }
 }
 
-/// A connection to a guest agent. Cheap to clone; clones share the connection.
+/// A connection to a guest agent. Cheap to clone; clones share the connection, which closes
+/// when the last clone and the last [`ExecProcess`] started from it are dropped.
 #[derive(Clone)]
 pub struct AgentClient {
     inner: Arc<Inner>,
@@ -336,6 +340,46 @@ impl ExecCommand {
             user: self.user.as_ref().map(|u| u.as_bytes().to_vec()),
             flags,
         }
+    }
+}
+
+/// The process part of an OCI image config (`Entrypoint`, `Cmd`, `Env`, `WorkingDir`, `User`),
+/// which the host applies per exec: the guest init has no image config of its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageProcess {
+    /// `Entrypoint`.
+    pub entrypoint: Vec<String>,
+    /// `Cmd`.
+    pub cmd: Vec<String>,
+    /// `Env` (`KEY=VALUE`; entries without `=` are ignored).
+    pub env: Vec<String>,
+    /// `WorkingDir` (empty = `/`).
+    pub working_dir: Option<String>,
+    /// `User` (empty = root).
+    pub user: Option<String>,
+}
+
+impl ImageProcess {
+    /// The command `docker run IMAGE [CMD...]` would run: `Entrypoint` followed by
+    /// `override_cmd` when given (`vmrs run IMAGE -- CMD`), else by `Cmd`; with the image's
+    /// environment, working directory and user. Fails when that leaves nothing to run.
+    pub fn command(&self, override_cmd: Option<&[String]>) -> Result<ExecCommand, AgentError> {
+        let mut argv = self.entrypoint.clone();
+        argv.extend_from_slice(override_cmd.unwrap_or(&self.cmd));
+        if argv.is_empty() {
+            return Err(AgentError::NoCommand);
+        }
+        let mut cmd = ExecCommand::new(argv);
+        cmd.env = self
+            .env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .filter(|(k, _)| !k.is_empty())
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        cmd.cwd = self.working_dir.clone().filter(|w| !w.is_empty());
+        cmd.user = self.user.clone().filter(|u| !u.is_empty());
+        Ok(cmd)
     }
 }
 
@@ -901,6 +945,38 @@ mod tests {
             std::ffi::OsString::from("socket,id=vmrs-agent0,path=/tmp/a,,b/agent.sock,server=on,wait=off")
         );
         assert!(a[5].to_string_lossy().ends_with("name=vmrs.agent"));
+    }
+
+    #[test]
+    fn image_process_follows_docker_rules() {
+        let img = ImageProcess {
+            entrypoint: vec!["/docker-entrypoint.sh".into()],
+            cmd: vec!["nginx".into(), "-g".into()],
+            env: vec!["PATH=/usr/bin:/bin".into(), "A=b=c".into(), "junk".into()],
+            working_dir: Some(String::new()),
+            user: Some("www:www".into()),
+        };
+        let c = img.command(None).expect("cmd");
+        assert_eq!(c.argv, ["/docker-entrypoint.sh", "nginx", "-g"]);
+        assert_eq!(
+            c.env,
+            [
+                ("PATH".to_string(), "/usr/bin:/bin".to_string()),
+                ("A".to_string(), "b=c".to_string())
+            ]
+        );
+        assert_eq!(c.cwd, None);
+        assert_eq!(c.user.as_deref(), Some("www:www"));
+        let c = img
+            .command(Some(&["sh".to_string(), "-c".to_string()]))
+            .expect("cmd");
+        assert_eq!(c.argv, ["/docker-entrypoint.sh", "sh", "-c"]);
+        let none = ImageProcess::default();
+        assert!(matches!(none.command(None), Err(AgentError::NoCommand)));
+        assert_eq!(
+            none.command(Some(&["true".to_string()])).expect("cmd").argv,
+            ["true"]
+        );
     }
 
     #[test]
