@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 pub mod fault_proxy;
+pub mod guest;
 pub mod oci_layout;
+pub mod qemu;
 pub mod registry;
 
 use std::path::{Path, PathBuf};

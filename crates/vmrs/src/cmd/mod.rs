@@ -1,6 +1,8 @@
 //! Subcommands. Each area has its own module; [`Command`] lists them all.
 
+pub mod disk;
 pub mod image;
+pub mod setup;
 pub mod vm;
 
 use clap::Subcommand;
@@ -8,6 +10,8 @@ use clap::Subcommand;
 /// All subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Fetch the guest kernel and busybox and build the initramfs (the built-in guest).
+    Setup(setup::SetupArgs),
     /// Boot a VM (the built-in guest unless --kernel is given).
     Run(vm::RunArgs),
     /// List VMs.
@@ -35,11 +39,22 @@ pub enum Command {
     Rmi(image::RmiArgs),
     /// Image commands: inspect, gc, unpack, ls, rm, pull.
     Image(image::ImageArgs),
+    /// Disk images: create, clone, info, resize, catalog, pull, prepare.
+    #[command(subcommand)]
+    Disk(disk::DiskCommand),
+    /// cloud-init NoCloud seed images.
+    #[command(subcommand)]
+    Seed(disk::SeedCommand),
+    /// Generate (or show) the ed25519 SSH key pair for guest access.
+    Keygen(disk::KeygenArgs),
+    /// Download a file and verify its SHA-256 (resumable).
+    Download(disk::DownloadArgs),
 }
 
 /// Run a subcommand; returns the process exit code.
 pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
     match cmd {
+        Command::Setup(a) => setup::run(a).await.map(|()| 0),
         Command::Run(a) => vm::run(a).await,
         Command::Ps(a) => vm::ps(a).await,
         Command::Stop(a) => vm::stop(a).await,
@@ -53,5 +68,9 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Images(a) => image::images(a).await,
         Command::Rmi(a) => image::rmi(a).await,
         Command::Image(a) => image::image(a).await,
+        Command::Disk(c) => disk::run_disk(c).await.map(|()| 0),
+        Command::Seed(c) => disk::run_seed(c).await.map(|()| 0),
+        Command::Keygen(a) => disk::run_keygen(a).await.map(|()| 0),
+        Command::Download(a) => disk::run_download(a).await.map(|()| 0),
     }
 }
