@@ -501,3 +501,47 @@ mod random {
         }
     }
 }
+
+#[test]
+fn ownership_is_recorded_when_not_applied() {
+    let lower = LayerBuilder::new()
+        .dir("home", 0o755)
+        .file_owned("home/user/a", b"a", 0o644, 1000, 1000)
+        .file_owned("home/user/b", b"b", 0o644, 1000, 100)
+        .file_owned("srv/data", b"d", 0o644, 33, 33)
+        .file_owned("root-owned", b"r", 0o644, 0, 0)
+        .tar();
+    let upper = LayerBuilder::new()
+        .whiteout("home/user", "b")
+        .file_owned("srv/data", b"d2", 0o644, 0, 0)
+        .whiteout("", "nothing")
+        .tar();
+    let sb = Sandbox::new();
+    let opts = UnpackOptions {
+        preserve_ownership: false,
+        record_ownership: true,
+        ..UnpackOptions::default()
+    };
+    let report = apply_layers(
+        &sb.root(),
+        vec![
+            ("l1".to_owned(), Cursor::new(lower)),
+            ("l2".to_owned(), Cursor::new(upper)),
+        ],
+        None,
+        &opts,
+    )
+    .unwrap();
+    let got: Vec<(&str, u64, u64)> = report
+        .ownership
+        .iter()
+        .map(|o| (o.path.as_str(), o.uid, o.gid))
+        .collect();
+    assert_eq!(got, [("home/user/a", 1000, 1000)]);
+    // Not applied on disk: files belong to the caller.
+    let me = rustix::process::geteuid().as_raw();
+    assert_eq!(
+        std::fs::metadata(sb.root().join("home/user/a")).unwrap().uid(),
+        me
+    );
+}
