@@ -8,7 +8,7 @@
 //! ```json
 //! { "images": [
 //!   { "name": "debian-12", "url": "https://example.org/debian-12-genericcloud-amd64.qcow2",
-//!     "format": "qcow2", "sha256sums_url": "https://example.org/SHA512SUMS-but-sha256" },
+//!     "format": "qcow2", "sha256sums_url": "https://example.org/SHA256SUMS" },
 //!   { "name": "my-base", "url": "http://127.0.0.1:8000/base.raw", "format": "raw",
 //!     "sha256": "0123...cdef" }
 //! ] }
@@ -16,7 +16,9 @@
 //!
 //! Every entry needs exactly one of `sha256` (the digest itself) or `sha256sums_url` (a
 //! `SHA256SUMS`-style file listing `<digest> [*]<file name>`, looked up by the URL's last path
-//! segment). Unknown keys are rejected, so a typo never silently drops the checksum.
+//! segment). Unknown keys are rejected, so a typo never silently drops the checksum. A
+//! `sha256sums_url` must be `https://` (or plain HTTP to a loopback address): a list fetched
+//! over plain HTTP from elsewhere would vouch for whatever a man in the middle sends.
 //! The sums file is trusted as far as its transport (HTTPS) is; signatures are not checked.
 
 use super::download::{fetch_text, normalize_sha256, DownloadError};
@@ -129,8 +131,17 @@ impl CatalogEntry {
             return Err(bad("name must be 1-64 characters of [A-Za-z0-9._-]"));
         }
         for u in std::iter::once(&self.url).chain(self.sha256sums_url.iter()) {
-            if !(u.starts_with("https://") || u.starts_with("http://")) {
+            let parsed = reqwest::Url::parse(u).map_err(|_| bad("URL does not parse"))?;
+            if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
                 return Err(bad("URLs must be http:// or https://"));
+            }
+        }
+        if let Some(sums) = &self.sha256sums_url {
+            if !is_https_or_loopback(sums) {
+                return Err(bad(
+                    "sha256sums_url must be https (a list fetched over plain HTTP verifies nothing), \
+                     except on a loopback address",
+                ));
             }
         }
         if self.file_name().is_empty() {
@@ -172,6 +183,28 @@ impl CatalogEntry {
             sums_url: sums_url.to_string(),
             file: self.file_name().to_string(),
         })
+    }
+}
+
+/// `https://...`, or `http://` to a loopback host (a local mirror or test server).
+fn is_https_or_loopback(u: &str) -> bool {
+    let Ok(url) = reqwest::Url::parse(u) else {
+        return false;
+    };
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    match url.scheme() {
+        "https" => true,
+        "http" => {
+            host.eq_ignore_ascii_case("localhost")
+                || host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        _ => false,
     }
 }
 
@@ -395,5 +428,20 @@ mod tests {
         .expect("write");
         assert!(ImageCatalog::load(&p).is_err());
         assert!(ImageCatalog::load(&dir.path().join("absent.json")).is_ok());
+
+        // A checksum list over plain HTTP from a remote host vouches for nothing.
+        let plain =
+            r#"{"images":[{"name":"x","url":"https://h/x","sha256sums_url":"http://mirror.example/S"}]}"#;
+        std::fs::write(&p, plain).expect("write");
+        assert!(matches!(
+            ImageCatalog::load(&p),
+            Err(CatalogError::InvalidEntry { .. })
+        ));
+        for local in ["http://127.0.0.1:8080/S", "http://[::1]/S", "http://localhost/S"] {
+            let text =
+                format!(r#"{{"images":[{{"name":"x","url":"http://h/x","sha256sums_url":"{local}"}}]}}"#);
+            std::fs::write(&p, text).expect("write");
+            assert!(ImageCatalog::load(&p).is_ok(), "{local}");
+        }
     }
 }
