@@ -180,7 +180,7 @@ pub struct SeedArgs {
     /// Guest hostname.
     #[arg(long)]
     pub hostname: String,
-    /// cloud-init instance id (default iid-HOSTNAME).
+    /// cloud-init instance id (default iid-HOSTNAME-<config hash>).
     #[arg(long)]
     pub instance_id: Option<String>,
     /// Public key file for the default user (repeatable).
