@@ -25,6 +25,7 @@
 //! * [`console`] — serial console following and readiness detection ([`READY_MARKER`]).
 //! * [`manager`] — [`VmManager`], the verbs users call; persistence and reattach.
 //! * [`guest`] — guest assets: kernel, modules, busybox, vmrs-init, and the initramfs builder.
+//! * [`oci`] — OCI images: pull into a content-addressed store ([`ImageStore`]), unpack safely.
 //! * [`paths`] — where data lives (`VMRS_HOME`).
 //! * [`setup`] — one-call helpers: seed image, SSH key, catalog image → per-VM disk.
 //! * [`storage`] — disks, copy-on-write clones, cloud-init seeds, SSH keys, verified downloads.
@@ -61,6 +62,7 @@ pub mod console;
 pub mod driver;
 pub mod guest;
 pub mod manager;
+pub mod oci;
 pub mod paths;
 pub mod process;
 pub mod setup;
@@ -71,4 +73,5 @@ pub use config::{Accel, BackendKind, DiskConfig, NetworkAttachment, SharedDir, V
 pub use console::READY_MARKER;
 pub use driver::{VmDriver, VmHandle};
 pub use manager::{ManagerError, VmInfo, VmManager};
+pub use oci::ImageStore;
 pub use state::VmState;

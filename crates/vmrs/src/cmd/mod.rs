@@ -1,6 +1,7 @@
 //! Subcommands. Each area has its own module; [`Command`] lists them all.
 
 pub mod disk;
+pub mod image;
 pub mod setup;
 pub mod vm;
 
@@ -40,6 +41,14 @@ pub enum Command {
     Keygen(disk::KeygenArgs),
     /// Download a file and verify its SHA-256 (resumable).
     Download(disk::DownloadArgs),
+    /// Pull an OCI image into the local store.
+    Pull(image::PullArgs),
+    /// List stored images.
+    Images(image::ImagesArgs),
+    /// Remove images (--prune: then delete unused blobs).
+    Rmi(image::RmiArgs),
+    /// Image commands: inspect, gc, unpack, ls, rm, pull.
+    Image(image::ImageArgs),
 }
 
 /// Run a subcommand; returns the process exit code.
@@ -59,5 +68,9 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Seed(c) => disk::run_seed(c).await.map(|()| 0),
         Command::Keygen(a) => disk::run_keygen(a).await.map(|()| 0),
         Command::Download(a) => disk::run_download(a).await.map(|()| 0),
+        Command::Pull(a) => image::pull(a).await,
+        Command::Images(a) => image::images(a).await,
+        Command::Rmi(a) => image::rmi(a).await,
+        Command::Image(a) => image::image(a).await,
     }
 }
