@@ -2,7 +2,8 @@
 //! [`crate::setup::prepare_image`] can fetch and verify.
 //!
 //! Built in are the Ubuntu cloud images the seed crate offered (22.04 and 24.04, for the host
-//! architecture), verified against Ubuntu's published `SHA256SUMS`. Users add or override
+//! architecture) with their generic kernel and initrd (`ubuntu-24.04-kernel`,
+//! `ubuntu-24.04-initrd`), verified against Ubuntu's published `SHA256SUMS` lists. Users add or override
 //! entries with a JSON file (by default `$VMRS_HOME/image-catalog.json`):
 //!
 //! ```json
@@ -87,7 +88,30 @@ pub enum CatalogError {
     },
 }
 
-/// One downloadable base image.
+/// What a catalog entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AssetKind {
+    /// A disk image (default).
+    #[default]
+    Disk,
+    /// A kernel to boot the disk with (e.g. Ubuntu's `vmlinuz-generic`).
+    Kernel,
+    /// The matching initial ramdisk.
+    Initrd,
+}
+
+impl std::fmt::Display for AssetKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AssetKind::Disk => "disk",
+            AssetKind::Kernel => "kernel",
+            AssetKind::Initrd => "initrd",
+        })
+    }
+}
+
+/// One downloadable base image (or the kernel/initrd that boots it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CatalogEntry {
@@ -95,7 +119,10 @@ pub struct CatalogEntry {
     pub name: String,
     /// HTTP(S) URL of the image.
     pub url: String,
-    /// Image format (default qcow2, what cloud images ship as).
+    /// Disk image, kernel or initrd (default disk).
+    #[serde(default)]
+    pub kind: AssetKind,
+    /// Image format for disks (default qcow2, what cloud images ship as).
     #[serde(default = "default_format")]
     pub format: DiskFormat,
     /// The image's SHA-256, when known up front.
@@ -258,22 +285,35 @@ impl ImageCatalog {
     /// Only the built-in entries.
     pub fn builtin() -> Self {
         let arch = ubuntu_arch();
-        let entries = [("22.04", "jammy"), ("24.04", "noble")]
-            .iter()
-            .map(|(version, codename)| {
-                let base = format!("https://cloud-images.ubuntu.com/releases/{version}/release");
-                CatalogEntry {
-                    name: format!("ubuntu-{version}"),
-                    url: format!("{base}/ubuntu-{version}-server-cloudimg-{arch}.img"),
-                    format: DiskFormat::Qcow2,
+        let mut entries = Vec::new();
+        for (version, codename) in [("22.04", "jammy"), ("24.04", "noble")] {
+            let base = format!("https://cloud-images.ubuntu.com/releases/{version}/release");
+            let stem = format!("ubuntu-{version}-server-cloudimg-{arch}");
+            entries.push(CatalogEntry {
+                name: format!("ubuntu-{version}"),
+                url: format!("{base}/{stem}.img"),
+                kind: AssetKind::Disk,
+                format: DiskFormat::Qcow2,
+                sha256: None,
+                sha256sums_url: Some(format!("{base}/SHA256SUMS")),
+                description: Some(format!(
+                    "Ubuntu {version} LTS ({codename}) server cloud image, {arch}"
+                )),
+            });
+            for (kind, suffix) in [(AssetKind::Kernel, "vmlinuz"), (AssetKind::Initrd, "initrd")] {
+                entries.push(CatalogEntry {
+                    name: format!("ubuntu-{version}-{kind}"),
+                    url: format!("{base}/unpacked/{stem}-{suffix}-generic"),
+                    kind,
+                    format: DiskFormat::Raw,
                     sha256: None,
-                    sha256sums_url: Some(format!("{base}/SHA256SUMS")),
+                    sha256sums_url: Some(format!("{base}/unpacked/SHA256SUMS")),
                     description: Some(format!(
-                        "Ubuntu {version} LTS ({codename}) server cloud image, {arch}"
+                        "Ubuntu {version} LTS ({codename}) generic {kind}, {arch}"
                     )),
-                }
-            })
-            .collect();
+                });
+            }
+        }
         Self { entries }
     }
 
@@ -360,6 +400,18 @@ mod tests {
             .as_deref()
             .is_some_and(|u| u.ends_with("/24.04/release/SHA256SUMS")));
         assert!(c.get("ubuntu-22.04").is_ok());
+        let k = c.get("ubuntu-24.04-kernel").expect("kernel");
+        assert_eq!(k.kind, AssetKind::Kernel);
+        k.validate().expect("valid");
+        assert!(k.url.contains("/24.04/release/unpacked/") && k.url.ends_with("-vmlinuz-generic"));
+        assert!(k
+            .sha256sums_url
+            .as_deref()
+            .is_some_and(|u| u.ends_with("/unpacked/SHA256SUMS")));
+        assert_eq!(
+            c.get("ubuntu-22.04-initrd").expect("initrd").kind,
+            AssetKind::Initrd
+        );
         assert!(matches!(c.get("fedora"), Err(CatalogError::UnknownImage { .. })));
     }
 
@@ -405,7 +457,7 @@ mod tests {
             c.get("ubuntu-24.04").expect("override").url,
             "https://mirror.example/u.img"
         );
-        assert_eq!(c.entries().len(), 3);
+        assert_eq!(c.entries().len(), ImageCatalog::builtin().entries().len() + 1);
 
         std::fs::write(
             &p,
