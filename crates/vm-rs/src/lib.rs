@@ -24,6 +24,7 @@
 //! * [`process`] — VMM process identity and signalling (never signals a reused pid).
 //! * [`console`] — serial console following and readiness detection ([`READY_MARKER`]).
 //! * [`manager`] — [`VmManager`], the verbs users call; persistence and reattach.
+//! * [`net`] — networking: user-mode NAT, TAP/bridge/NAT, the userspace switch, port forwarding.
 //! * [`paths`] — where data lives (`VMRS_HOME`).
 //!
 //! Every VM has a directory under the data dir (`$VMRS_HOME/vms/<name>`), so a new
@@ -57,6 +58,7 @@ pub mod config;
 pub mod console;
 pub mod driver;
 pub mod manager;
+pub mod net;
 pub mod paths;
 pub mod process;
 pub mod state;
