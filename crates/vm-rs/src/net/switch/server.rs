@@ -11,22 +11,29 @@
 //! sockets are ignored), and a port is removed when sending to it fails because its socket is
 //! gone (`ECONNREFUSED`/`ENOENT`, the VM stopped) or its path no longer exists.
 //!
-//! Frames the peer's socket cannot take right now (`EAGAIN`) stay in the port's bounded queue
-//! and are retried every few milliseconds; beyond the queue they are dropped and counted.
+//! Frames go out through one datagram socket per port, connected to the peer's path, so the
+//! kernel tells the switch when that peer's receive queue has room again: frames the peer
+//! cannot take right now (`EAGAIN`) stay in the port's bounded queue until its socket turns
+//! writable; beyond the queue they are dropped and counted. (QEMU's socket is bound, not
+//! connected, so it accepts datagrams from these sockets.)
 //! Every second the MAC table is aged and, when asked, per-port counters are written to a
 //! JSON stats file (temp file + rename).
 
 use super::{NetworkSwitch, PortCounters, PortId, SwitchConfig};
-use std::collections::HashMap;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use std::collections::{HashMap, HashSet};
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::UnixDatagram;
 
 /// Frames read per wake-up before queued frames are flushed.
 const BATCH: usize = 64;
-/// Retry interval for ports whose socket was full.
-const RETRY: Duration = Duration::from_millis(5);
+/// Safety-net retry interval for ports whose socket was full (normally a writable
+/// notification comes first).
+const RETRY: Duration = Duration::from_millis(50);
 /// Socket buffer size asked for (the kernel caps it at `net.core.*mem_max`).
 const SOCKET_BUFFER: usize = 4 << 20;
 
@@ -98,7 +105,24 @@ struct State {
     network: String,
     by_path: HashMap<PathBuf, PortId>,
     paths: HashMap<PortId, PathBuf>,
-    blocked: bool,
+    tx: HashMap<PortId, Arc<UnixDatagram>>,
+    /// Ports with frames waiting for their socket to become writable.
+    waiting: HashSet<PortId>,
+    waits: FuturesUnordered<BoxFuture<'static, PortId>>,
+}
+
+fn connect_tx(path: &Path) -> std::io::Result<UnixDatagram> {
+    let s = UnixDatagram::unbound()?;
+    s.connect(path)?;
+    let _ = rustix::net::sockopt::set_socket_send_buffer_size(&s, SOCKET_BUFFER);
+    Ok(s)
+}
+
+fn is_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNREFUSED | libc::ENOENT | libc::ENOTSOCK | libc::EPERM)
+    )
 }
 
 impl State {
@@ -106,11 +130,19 @@ impl State {
         if let Some(p) = self.by_path.get(path) {
             return Some(*p);
         }
+        let tx = match connect_tx(path) {
+            Ok(tx) => tx,
+            Err(e) => {
+                tracing::debug!(peer = %path.display(), error = %e, "cannot reach new peer");
+                return None;
+            }
+        };
         match self.sw.add_port(&self.network) {
             Ok(id) => {
                 tracing::info!(peer = %path.display(), port = id, "switch port added");
                 self.by_path.insert(path.to_path_buf(), id);
                 self.paths.insert(id, path.to_path_buf());
+                self.tx.insert(id, Arc::new(tx));
                 Some(id)
             }
             Err(e) => {
@@ -125,42 +157,58 @@ impl State {
             self.by_path.remove(&path);
             tracing::info!(peer = %path.display(), port = id, "switch port removed");
         }
+        self.tx.remove(&id);
+        self.waiting.remove(&id);
         let _ = self.sw.remove_port(id);
     }
 
-    /// Send what is queued; returns after every queue is empty or blocked.
-    fn flush(&mut self, sock: &UnixDatagram) {
-        self.blocked = false;
-        let mut dead = Vec::new();
-        for id in self.sw.port_ids() {
-            let Some(path) = self.paths.get(&id).cloned() else {
-                continue;
-            };
-            while let Some(frame) = self.sw.pop(id) {
-                match sock.try_send_to(&frame, &path) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        self.sw.unpop(id, frame);
-                        self.blocked = true;
-                        break;
-                    }
-                    Err(e)
-                        if matches!(
-                            e.raw_os_error(),
-                            Some(libc::ECONNREFUSED | libc::ENOENT | libc::ENOTSOCK)
-                        ) =>
-                    {
-                        dead.push(id);
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::debug!(peer = %path.display(), error = %e, "frame dropped");
-                        self.sw.count_tx_drop(id);
-                    }
+    /// Send what is queued for `id` until its queue is empty or its socket is full.
+    /// Returns false when the peer is gone.
+    fn flush_port(&mut self, id: PortId) -> bool {
+        if self.waiting.contains(&id) {
+            return true;
+        }
+        let Some(tx) = self.tx.get(&id).cloned() else {
+            return true;
+        };
+        while let Some(frame) = self.sw.pop(id) {
+            match tx.try_send(&frame) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.sw.unpop(id, frame);
+                    self.waiting.insert(id);
+                    self.waits.push(Box::pin(async move {
+                        let _ = tx.writable().await;
+                        id
+                    }));
+                    return true;
+                }
+                Err(e) if is_gone(&e) => return false,
+                Err(e) => {
+                    tracing::debug!(port = id, error = %e, "frame dropped");
+                    self.sw.count_tx_drop(id);
                 }
             }
         }
+        true
+    }
+
+    /// Flush every port with queued frames.
+    fn flush(&mut self) {
+        let mut dead = Vec::new();
+        for id in self.sw.port_ids() {
+            if self.sw.queued(id) > 0 && !self.flush_port(id) {
+                dead.push(id);
+            }
+        }
         for id in dead {
+            self.remove(id);
+        }
+    }
+
+    fn writable(&mut self, id: PortId) {
+        self.waiting.remove(&id);
+        if !self.flush_port(id) {
             self.remove(id);
         }
     }
@@ -189,7 +237,9 @@ async fn run(
         network: opts.network.clone(),
         by_path: HashMap::new(),
         paths: HashMap::new(),
-        blocked: false,
+        tx: HashMap::new(),
+        waiting: HashSet::new(),
+        waits: FuturesUnordered::new(),
     };
     let mut buf = vec![0u8; opts.config.max_frame.max(super::MIN_FRAME) + 1];
     let mut retry = tokio::time::interval(RETRY);
@@ -200,7 +250,13 @@ async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            _ = retry.tick(), if st.blocked => st.flush(sock),
+            Some(id) = st.waits.next(), if !st.waits.is_empty() => st.writable(id),
+            _ = retry.tick(), if !st.waiting.is_empty() => {
+                let ids: Vec<PortId> = st.waiting.drain().collect();
+                for id in ids {
+                    st.writable(id);
+                }
+            }
             _ = housekeeping.tick() => {
                 st.sw.age(Instant::now());
                 // ports whose socket file vanished (VM gone, nothing sent to it lately)
@@ -242,7 +298,7 @@ async fn run(
                         }
                     }
                 }
-                st.flush(sock);
+                st.flush();
             }
         }
     }
