@@ -24,6 +24,7 @@
 //! * [`process`] — VMM process identity and signalling (never signals a reused pid).
 //! * [`console`] — serial console following and readiness detection ([`READY_MARKER`]).
 //! * [`manager`] — [`VmManager`], the verbs users call; persistence and reattach.
+//! * [`guest`] — guest assets: kernel, modules, busybox, vmrs-init, and the initramfs builder.
 //! * [`net`] — networking: user-mode NAT, TAP/bridge/NAT, the userspace switch, port forwarding.
 //! * [`paths`] — where data lives (`VMRS_HOME`).
 //!
@@ -57,6 +58,7 @@
 pub mod config;
 pub mod console;
 pub mod driver;
+pub mod guest;
 pub mod manager;
 pub mod net;
 pub mod paths;
