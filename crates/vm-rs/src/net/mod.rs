@@ -635,6 +635,15 @@ pub fn plan_nic(
     })
 }
 
+/// The network namespace the VMM must run in: the one of the VM's TAP/bridge attachments
+/// (all of them use the same, see [`host::prepare`]).
+pub fn vmm_netns(attachments: &[NetworkAttachment]) -> Option<&Path> {
+    attachments
+        .iter()
+        .filter(|a| a.needs_host_devices())
+        .find_map(|a| a.netns())
+}
+
 /// Resolve all NICs of a VM (after [`validate`]).
 pub fn plan(
     vm_name: &str,

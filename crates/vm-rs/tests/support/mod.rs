@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod guest;
+pub mod net_guest;
+pub mod netns;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};

@@ -1,7 +1,5 @@
 //! A network namespace made for one test and deleted (with every device in it) on drop.
 
-#![allow(dead_code)]
-
 use std::path::PathBuf;
 use std::process::Command;
 
