@@ -25,7 +25,11 @@
 //! * [`console`] — serial console following and readiness detection ([`READY_MARKER`]).
 //! * [`manager`] — [`VmManager`], the verbs users call; persistence and reattach.
 //! * [`guest`] — guest assets: kernel, modules, busybox, vmrs-init, and the initramfs builder.
+<<<<<<< HEAD
 //! * [`net`] — networking: user-mode NAT, TAP/bridge/NAT, the userspace switch, port forwarding.
+=======
+//! * [`oci`] — OCI images: pull into a content-addressed store ([`ImageStore`]), unpack safely.
+>>>>>>> main
 //! * [`paths`] — where data lives (`VMRS_HOME`).
 //!
 //! Every VM has a directory under the data dir (`$VMRS_HOME/vms/<name>`), so a new
@@ -60,7 +64,11 @@ pub mod console;
 pub mod driver;
 pub mod guest;
 pub mod manager;
+<<<<<<< HEAD
 pub mod net;
+=======
+pub mod oci;
+>>>>>>> main
 pub mod paths;
 pub mod process;
 pub mod state;
@@ -69,4 +77,5 @@ pub use config::{Accel, BackendKind, DiskConfig, NetworkAttachment, SharedDir, V
 pub use console::READY_MARKER;
 pub use driver::{VmDriver, VmHandle};
 pub use manager::{ManagerError, VmInfo, VmManager};
+pub use oci::ImageStore;
 pub use state::VmState;

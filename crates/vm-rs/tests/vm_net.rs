@@ -205,21 +205,22 @@ fn nft_has_vmrs_table(ns: &TestNetns) -> bool {
     String::from_utf8_lossy(&ns.exec(&["nft", "list", "tables"]).stdout).contains("vmrs_")
 }
 
-fn bridge_net(ns: &TestNetns) -> NetworkAttachment {
+fn bridge_net(ns: &TestNetns, port_forwards: Vec<PortForward>) -> NetworkAttachment {
     NetworkAttachment::Bridge {
         bridge: "vmrsbr9".into(),
         gateway: "10.66.0.1/24".parse().expect("cidr"),
         nat: true,
         address: GuestAddress::Auto,
         dns: vec![],
-        port_forwards: vec![],
+        port_forwards,
         mac: None,
         netns: Some(ns.path()),
     }
 }
 
 /// `busybox wget` from inside the namespace.
-fn fetch_in_ns(ns: &TestNetns, ip: &str) -> String {
+/// (`addr` is `IP` or `IP:PORT`)
+fn fetch_in_ns(ns: &TestNetns, addr: &str) -> String {
     let out = ns.exec(&[
         "timeout",
         "10",
@@ -228,17 +229,20 @@ fn fetch_in_ns(ns: &TestNetns, ip: &str) -> String {
         "-q",
         "-O",
         "-",
-        &format!("http://{ip}/"),
+        &format!("http://{addr}/"),
     ]);
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_vm_in_netns_is_reachable_and_leaves_nothing_behind() {
+    use_built_sidecar();
     let ns = TestNetns::new("vmbr");
     let home = TestHome::new();
     let mgr = VmManager::with_home(home.path()).await.expect("manager");
-    mgr.start(config("br1", "nettest.httpd=1", vec![bridge_net(&ns)]).await)
+    let published = free_port();
+    let nets = vec![bridge_net(&ns, vec![PortForward::tcp(published, 80)])];
+    mgr.start(config("br1", "nettest.httpd=1", nets).await)
         .await
         .expect("start");
     let ip = mgr
@@ -257,17 +261,27 @@ async fn bridge_vm_in_netns_is_reachable_and_leaves_nothing_behind() {
     })
     .await;
     assert_eq!(body, format!("hello from {ip}"));
+    // the published port: a PortForwarder sidecar inside the namespace
+    let via_forwarder = fetch_in_ns(&ns, &format!("127.0.0.1:{published}"));
+    assert_eq!(via_forwarder, format!("hello from {ip}"));
+    let state = vm_rs::net::NetState::load(&mgr.vm_dir("br1"))
+        .expect("net.json")
+        .expect("recorded");
+    assert_eq!(state.forwarders.len(), 1);
+    assert!(state.forwarders[0].is_alive());
     assert_eq!(vmrs_links(&ns).len(), 2, "{:?}", ns.links());
     assert!(nft_has_vmrs_table(&ns));
     mgr.stop("br1", Duration::from_secs(20)).await.expect("stop");
     assert!(vmrs_links(&ns).is_empty(), "left after stop: {:?}", ns.links());
+    assert!(!state.forwarders[0].is_alive(), "forwarder left after stop");
+    assert!(fetch_in_ns(&ns, &format!("127.0.0.1:{published}")).is_empty());
     assert!(!nft_has_vmrs_table(&ns), "nat table left after stop");
     mgr.remove("br1", false).await.expect("remove");
 
     // crash: the manager that started the VM dies (its runtime is dropped, so no watcher sees
     // the exit) and QEMU is killed with SIGKILL; a new manager must clean up
     let home2 = home.path().to_path_buf();
-    let cfg = config("br2", "", vec![bridge_net(&ns)]).await;
+    let cfg = config("br2", "", vec![bridge_net(&ns, vec![])]).await;
     let handle = std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         rt.block_on(async {

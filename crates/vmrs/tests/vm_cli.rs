@@ -5,6 +5,13 @@ use assert_cmd::Command;
 use serde_json::Value;
 use std::path::Path;
 
+/// The guest assets `vmrs setup` wrote for the default data dir (tests use their own VMRS_HOME).
+fn assets_dir() -> std::path::PathBuf {
+    std::env::var_os("VMRS_ASSETS")
+        .map(Into::into)
+        .unwrap_or_else(|| dirs::data_dir().expect("data dir").join("vmrs").join("assets"))
+}
+
 /// An isolated VMRS_HOME whose VMMs are killed on drop, even when the test fails.
 struct Home(tempfile::TempDir);
 
@@ -19,7 +26,9 @@ impl Home {
     }
     fn vmrs(&self) -> Command {
         let mut c = Command::cargo_bin("vmrs").expect("binary");
-        c.env("VMRS_HOME", self.0.path()).env_remove("RUST_LOG");
+        c.env("VMRS_HOME", self.0.path())
+            .env("VMRS_ASSETS", assets_dir())
+            .env_remove("RUST_LOG");
         c.timeout(std::time::Duration::from_secs(180));
         c
     }
@@ -165,6 +174,7 @@ fn foreground_run_streams_console_and_stops_on_sigint() {
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("vmrs"))
         .args(["run", "--name", "fg"])
         .env("VMRS_HOME", home.0.path())
+        .env("VMRS_ASSETS", assets_dir())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -16,7 +16,9 @@
 //! the sidecar with its last member. A file lock (`flock` on `lock`) serialises managers.
 //!
 //! The program is found as `$VMRS_NET_BIN`, else `vmrs-net` next to the running executable
-//! (or one directory up, for test binaries in `target/*/deps`), else `vmrs-net` on `PATH`.
+//! (or one directory up, for test binaries in `target/*/deps`), else — when the running
+//! executable is the `vmrs` CLI — `vmrs net-sidecar`, else `vmrs-net` on `PATH`. Both programs
+//! run [`main`].
 
 use crate::process::{is_same_process_alive, ProcessError, VmmProcess};
 use serde::{Deserialize, Serialize};
@@ -96,20 +98,104 @@ impl SidecarRecord {
     }
 }
 
-/// The `vmrs-net` program (see the module docs for the search order).
-pub fn program() -> PathBuf {
+/// The sidecar program and the arguments that precede the mode (see the module docs for the
+/// search order).
+pub fn program() -> (PathBuf, Vec<String>) {
     if let Some(p) = std::env::var_os("VMRS_NET_BIN").filter(|v| !v.is_empty()) {
-        return PathBuf::from(p);
+        return (PathBuf::from(p), Vec::new());
     }
     if let Ok(exe) = std::env::current_exe() {
         for dir in exe.ancestors().skip(1).take(2) {
             let cand = dir.join("vmrs-net");
             if cand.is_file() {
-                return cand;
+                return (cand, Vec::new());
             }
         }
+        if exe.file_name().is_some_and(|n| n == "vmrs") {
+            return (exe, vec!["net-sidecar".to_string()]);
+        }
     }
-    PathBuf::from("vmrs-net")
+    (PathBuf::from("vmrs-net"), Vec::new())
+}
+
+/// Usage of the sidecar program.
+pub const USAGE: &str = "usage: vmrs-net switch --network NAME --socket PATH [--stats PATH]\n       vmrs-net forward --listen ADDR:PORT --to ADDR:PORT";
+
+/// The sidecar's main: `switch --network NAME --socket PATH [--stats PATH]` or
+/// `forward --listen ADDR:PORT --to ADDR:PORT`; runs until SIGTERM/SIGINT, then shuts down
+/// cleanly. Returns the exit code (2 for bad arguments). The caller owns the runtime.
+pub async fn main(args: &[String]) -> i32 {
+    fn opt(args: &[String], name: &str) -> Option<String> {
+        args.windows(2).find(|w| w[0] == name).map(|w| w[1].clone())
+    }
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut out = e.to_string();
+        let mut cur = e.source();
+        while let Some(s) = cur {
+            out.push_str(": ");
+            out.push_str(&s.to_string());
+            cur = s.source();
+        }
+        out
+    }
+    async fn terminated() {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+    let usage = || {
+        eprintln!("{USAGE}");
+        2
+    };
+    match args.first().map(String::as_str) {
+        Some("switch") => {
+            let (Some(network), Some(socket)) = (opt(args, "--network"), opt(args, "--socket"))
+            else {
+                return usage();
+            };
+            let opts = super::switch::server::ServeOptions {
+                network,
+                socket: PathBuf::from(socket),
+                config: super::SwitchConfig::default(),
+                stats: opt(args, "--stats").map(PathBuf::from),
+            };
+            match super::switch::server::serve(opts, terminated()).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("vmrs-net switch: {}", chain(&e));
+                    1
+                }
+            }
+        }
+        Some("forward") => {
+            let (Some(Ok(listen)), Some(Ok(to))) = (
+                opt(args, "--listen").map(|s| s.parse::<SocketAddr>()),
+                opt(args, "--to").map(|s| s.parse::<SocketAddr>()),
+            ) else {
+                return usage();
+            };
+            match super::PortForwarder::bind(listen, to).await {
+                Ok(f) => {
+                    terminated().await;
+                    f.stop().await;
+                    0
+                }
+                Err(e) => {
+                    eprintln!("vmrs-net forward: {}", chain(&e));
+                    1
+                }
+            }
+        }
+        _ => usage(),
+    }
 }
 
 /// Directory of switch network `network`.
@@ -163,18 +249,26 @@ async fn lock_dir(dir: &Path) -> Result<DirLock, SidecarError> {
     })?
 }
 
-fn spawn(args: &[String], log: &Path) -> Result<SidecarRecord, SidecarError> {
+fn spawn(args: &[String], log: &Path, netns: Option<&Path>) -> Result<SidecarRecord, SidecarError> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .map_err(io_err(log))?;
     let err = out.try_clone().map_err(io_err(log))?;
-    let mut cmd = tokio::process::Command::new(program());
-    cmd.args(args)
+    let (prog, prefix) = program();
+    let mut cmd = tokio::process::Command::new(prog);
+    cmd.args(prefix)
+        .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(out)
         .stderr(err);
+    if let Some(ns) = netns {
+        super::netns::command_in(&mut cmd, ns).map_err(|e| SidecarError::Io {
+            path: ns.to_path_buf(),
+            source: std::io::Error::other(e),
+        })?;
+    }
     let p = VmmProcess::spawn(cmd)?;
     Ok(SidecarRecord {
         pid: p.pid(),
@@ -207,7 +301,7 @@ pub async fn ensure_switch(networks_dir: &Path, network: &str) -> Result<Sidecar
         dir.join("stats.json").to_string_lossy().into_owned(),
     ];
     let _ = std::fs::remove_file(&socket);
-    let record = spawn(&args, &log)?;
+    let record = spawn(&args, &log, None)?;
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
     while !socket.exists() {
         if tokio::time::Instant::now() > deadline || !record.is_alive() {
@@ -286,11 +380,13 @@ pub fn switch_record(networks_dir: &Path, network: &str) -> Option<SidecarRecord
     read_record(&network_dir(networks_dir, network).join("switch.json"))
 }
 
-/// Start a `vmrs-net forward` sidecar relaying `listen` to `target`; waits until it accepts.
+/// Start a `vmrs-net forward` sidecar relaying `listen` to `target`, inside network namespace
+/// `netns` when given (where the guest is reachable); waits until it accepts.
 pub async fn spawn_forwarder(
     listen: SocketAddr,
     target: SocketAddr,
     log: &Path,
+    netns: Option<&Path>,
 ) -> Result<SidecarRecord, SidecarError> {
     let args = vec![
         "forward".to_string(),
@@ -299,10 +395,14 @@ pub async fn spawn_forwarder(
         "--to".to_string(),
         target.to_string(),
     ];
-    let record = spawn(&args, log)?;
+    let record = spawn(&args, log, netns)?;
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
     loop {
-        if tokio::net::TcpStream::connect(listen).await.is_ok() {
+        let probe = super::netns::run_in(netns, move || {
+            std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok()
+        })
+        .await;
+        if matches!(probe, Ok(true)) {
             return Ok(record);
         }
         if tokio::time::Instant::now() > deadline || !record.is_alive() {

@@ -2,10 +2,16 @@
 //! kills every VMM the test started (even when the test fails), and `wait_until`.
 #![allow(dead_code)]
 
+pub mod fault_proxy;
 pub mod guest;
+<<<<<<< HEAD
 pub mod net_guest;
 pub mod netns;
+=======
+pub mod oci_layout;
+>>>>>>> main
 pub mod qemu;
+pub mod registry;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

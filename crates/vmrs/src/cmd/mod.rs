@@ -1,5 +1,6 @@
 //! Subcommands. Each area has its own module; [`Command`] lists them all.
 
+pub mod image;
 pub mod setup;
 pub mod vm;
 
@@ -29,6 +30,14 @@ pub enum Command {
     Inspect(vm::NamesArgs),
     /// Remove stopped VMs (-f: also running ones).
     Rm(vm::RmArgs),
+    /// Pull an OCI image into the local store.
+    Pull(image::PullArgs),
+    /// List stored images.
+    Images(image::ImagesArgs),
+    /// Remove images (--prune: then delete unused blobs).
+    Rmi(image::RmiArgs),
+    /// Image commands: inspect, gc, unpack, ls, rm, pull.
+    Image(image::ImageArgs),
 }
 
 /// Run a subcommand; returns the process exit code.
@@ -44,5 +53,9 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Logs(a) => vm::logs(a).await,
         Command::Inspect(a) => vm::inspect(a).await,
         Command::Rm(a) => vm::rm(a).await,
+        Command::Pull(a) => image::pull(a).await,
+        Command::Images(a) => image::images(a).await,
+        Command::Rmi(a) => image::rmi(a).await,
+        Command::Image(a) => image::image(a).await,
     }
 }
