@@ -25,11 +25,8 @@
 //! * [`console`] — serial console following and readiness detection ([`READY_MARKER`]).
 //! * [`manager`] — [`VmManager`], the verbs users call; persistence and reattach.
 //! * [`guest`] — guest assets: kernel, modules, busybox, vmrs-init, and the initramfs builder.
-<<<<<<< HEAD
 //! * [`net`] — networking: user-mode NAT, TAP/bridge/NAT, the userspace switch, port forwarding.
-=======
 //! * [`oci`] — OCI images: pull into a content-addressed store ([`ImageStore`]), unpack safely.
->>>>>>> main
 //! * [`paths`] — where data lives (`VMRS_HOME`).
 //!
 //! Every VM has a directory under the data dir (`$VMRS_HOME/vms/<name>`), so a new
@@ -64,11 +61,8 @@ pub mod console;
 pub mod driver;
 pub mod guest;
 pub mod manager;
-<<<<<<< HEAD
 pub mod net;
-=======
 pub mod oci;
->>>>>>> main
 pub mod paths;
 pub mod process;
 pub mod state;

@@ -4,12 +4,9 @@
 
 pub mod fault_proxy;
 pub mod guest;
-<<<<<<< HEAD
 pub mod net_guest;
 pub mod netns;
-=======
 pub mod oci_layout;
->>>>>>> main
 pub mod qemu;
 pub mod registry;
 
