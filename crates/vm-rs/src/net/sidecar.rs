@@ -140,8 +140,7 @@ pub async fn main(args: &[String]) -> i32 {
     }
     async fn terminated() {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) =
-            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
         else {
             std::future::pending::<()>().await;
             return;
@@ -157,8 +156,7 @@ pub async fn main(args: &[String]) -> i32 {
     };
     match args.first().map(String::as_str) {
         Some("switch") => {
-            let (Some(network), Some(socket)) = (opt(args, "--network"), opt(args, "--socket"))
-            else {
+            let (Some(network), Some(socket)) = (opt(args, "--network"), opt(args, "--socket")) else {
                 return usage();
             };
             let opts = super::switch::server::ServeOptions {

@@ -1,6 +1,7 @@
 //! Subcommands. Each area has its own module; [`Command`] lists them all.
 
 pub mod image;
+pub mod net;
 pub mod setup;
 pub mod vm;
 
@@ -38,6 +39,12 @@ pub enum Command {
     Rmi(image::RmiArgs),
     /// Image commands: inspect, gc, unpack, ls, rm, pull.
     Image(image::ImageArgs),
+    /// Switch networks: list them, show per-port counters.
+    #[command(subcommand)]
+    Network(net::NetworkCommand),
+    /// Serve a switch network or a published port (started by vm-rs itself).
+    #[command(hide = true)]
+    NetSidecar(net::SidecarArgs),
 }
 
 /// Run a subcommand; returns the process exit code.
@@ -57,5 +64,7 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Images(a) => image::images(a).await,
         Command::Rmi(a) => image::rmi(a).await,
         Command::Image(a) => image::image(a).await,
+        Command::Network(c) => net::network(c).await,
+        Command::NetSidecar(a) => net::net_sidecar(a).await,
     }
 }
