@@ -131,6 +131,36 @@ async fn user_mode_reaches_host_and_published_port_reaches_guest() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_mode_dhcp_lease_configures_the_guest() {
+    let home = TestHome::new();
+    let mgr = VmManager::with_home(home.path()).await.expect("manager");
+    let token = format!("dhcp-page-{}", std::process::id());
+    let (srv, _h) = host_http_server(token.clone()).await;
+    let nets = vec![NetworkAttachment::User {
+        port_forwards: vec![],
+        mac: None,
+        address: GuestAddress::Dhcp,
+    }];
+    let cmdline = format!("nettest.fetch=http://10.0.2.2:{}/", srv.port());
+    mgr.start(config("dhcp1", &cmdline, nets).await)
+        .await
+        .expect("start");
+    let ip = mgr.wait_ready("dhcp1", BOOT_TIMEOUT).await.expect("ready");
+    // QEMU's DHCP server hands out its first address; the marker carries the leased address
+    assert_eq!(ip.to_string(), "10.0.2.15", "{}", serial(&mgr, "dhcp1"));
+    assert!(serial(&mgr, "dhcp1").contains("vmrs.ip=dhcp"));
+    // the default route came from the lease too
+    let line = wait_serial(&mgr, "dhcp1", "NETTEST fetch", Duration::from_secs(60)).await;
+    assert_eq!(
+        line,
+        Some(format!("NETTEST fetch ok: {token}")),
+        "{}",
+        serial(&mgr, "dhcp1")
+    );
+    mgr.stop("dhcp1", Duration::from_secs(20)).await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switch_network_connects_its_vms_and_isolates_others() {
     use_built_sidecar();
     let home = TestHome::new();
