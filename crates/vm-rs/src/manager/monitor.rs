@@ -358,6 +358,12 @@ impl VmEntry {
         }
     }
 
+    /// Wait until no state record is being written (a transition persists under the record
+    /// lock), so the VM directory can be removed without a write racing it.
+    pub(super) async fn quiesce(&self) {
+        drop(self.record.lock().await);
+    }
+
     pub(super) async fn info(&self) -> super::VmInfo {
         let rec = self.record.lock().await.clone();
         super::VmInfo {
