@@ -26,6 +26,7 @@
 //! * [`manager`] — [`VmManager`], the verbs users call; persistence and reattach.
 //! * [`agent`] — host side of the guest agent (exec, copy, ping, shutdown over virtio-serial).
 //! * [`guest`] — guest assets: kernel, modules, busybox, vmrs-init, and the initramfs builder.
+//! * [`net`] — networking: user-mode NAT, TAP/bridge/NAT, the userspace switch, port forwarding.
 //! * [`oci`] — OCI images: pull into a content-addressed store ([`ImageStore`]), unpack safely.
 //! * [`paths`] — where data lives (`VMRS_HOME`).
 //! * [`setup`] — one-call helpers: seed image, SSH key, catalog image → per-VM disk.
@@ -64,6 +65,7 @@ pub mod console;
 pub mod driver;
 pub mod guest;
 pub mod manager;
+pub mod net;
 pub mod oci;
 pub mod paths;
 pub mod process;

@@ -3,6 +3,7 @@
 //! | parameter            | meaning                                              |
 //! |----------------------|------------------------------------------------------|
 //! | `vmrs.ip=A.B.C.D/P`  | static address + prefix for `eth0` (IPv6 also works) |
+//! | `vmrs.ip=dhcp`       | address, gateway and DNS from DHCP (see `dhcp`)      |
 //! | `vmrs.gw=A.B.C.D`    | default gateway                                      |
 //! | `vmrs.dns=A[,B...]`  | name servers written to `/etc/resolv.conf`           |
 //! | `vmrs.hostname=NAME` | host name                                            |
@@ -34,6 +35,8 @@ pub struct Config {
     pub rootfstype: Option<String>,
     /// Mount the root read-only.
     pub root_ro: bool,
+    /// Configure eth0 by DHCP (`vmrs.ip=dhcp`).
+    pub dhcp: bool,
     /// Problems found while parsing (reported on the console).
     pub warnings: Vec<String>,
 }
@@ -63,6 +66,7 @@ pub fn parse(cmdline: &str) -> Config {
         };
         let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
         match key {
+            "ip" if value == "dhcp" => cfg.dhcp = true,
             "ip" => match parse_cidr(value) {
                 Some(c) => cfg.ip = Some(c),
                 None => cfg.warnings.push(format!("ignoring invalid vmrs.ip={value}")),

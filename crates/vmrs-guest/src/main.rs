@@ -22,6 +22,7 @@
 
 mod agent;
 mod cmdline;
+mod dhcp;
 mod reaper;
 mod sys;
 
@@ -179,9 +180,9 @@ fn configure(cfg: &cmdline::Config) -> String {
         }
     }
     run("/bin/ip", &["link", "set", "lo", "up"]);
-    let Some((addr, prefix)) = cfg.ip else {
+    if cfg.ip.is_none() && !cfg.dhcp {
         return "127.0.0.1".into();
-    };
+    }
     let deadline = Instant::now() + Duration::from_secs(5);
     while !std::path::Path::new("/sys/class/net/eth0").exists() {
         if Instant::now() > deadline {
@@ -190,6 +191,18 @@ fn configure(cfg: &cmdline::Config) -> String {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    if cfg.dhcp {
+        return match dhcp::obtain("eth0").and_then(|l| dhcp::apply("eth0", &l).map(|()| l)) {
+            Ok(lease) => lease.ip.to_string(),
+            Err(e) => {
+                log(&format!("dhcp: {e}"));
+                "127.0.0.1".into()
+            }
+        };
+    }
+    let Some((addr, prefix)) = cfg.ip else {
+        return "127.0.0.1".into();
+    };
     let cidr = format!("{addr}/{prefix}");
     let ok = run("/bin/ip", &["addr", "add", &cidr, "dev", "eth0"])
         && run("/bin/ip", &["link", "set", "eth0", "up"]);

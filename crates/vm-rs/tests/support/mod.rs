@@ -4,6 +4,8 @@
 
 pub mod fault_proxy;
 pub mod guest;
+pub mod net_guest;
+pub mod netns;
 pub mod oci_layout;
 pub mod qemu;
 pub mod registry;

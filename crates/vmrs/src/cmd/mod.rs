@@ -2,6 +2,7 @@
 
 pub mod disk;
 pub mod image;
+pub mod net;
 pub mod setup;
 pub mod vm;
 
@@ -49,6 +50,12 @@ pub enum Command {
     Keygen(disk::KeygenArgs),
     /// Download a file and verify its SHA-256 (resumable).
     Download(disk::DownloadArgs),
+    /// Switch networks: list them, show per-port counters.
+    #[command(subcommand)]
+    Network(net::NetworkCommand),
+    /// Serve a switch network or a published port (started by vm-rs itself).
+    #[command(hide = true)]
+    NetSidecar(net::SidecarArgs),
 }
 
 /// Run a subcommand; returns the process exit code.
@@ -72,5 +79,7 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Seed(c) => disk::run_seed(c).await.map(|()| 0),
         Command::Keygen(a) => disk::run_keygen(a).await.map(|()| 0),
         Command::Download(a) => disk::run_download(a).await.map(|()| 0),
+        Command::Network(c) => net::network(c).await,
+        Command::NetSidecar(a) => net::net_sidecar(a).await,
     }
 }
