@@ -10,6 +10,33 @@
 //!   and make this VM's own disk from it: a qcow2 overlay backed by the cached image, or a
 //!   reflink/sparse clone; optionally grown to a size.
 //!
+//! ```no_run
+//! use vm_rs::setup::{self, PrepareOptions, SeedConfig};
+//! use vm_rs::{VmConfig, VmManager};
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = std::path::Path::new("/var/lib/myvms/web-1");
+//! let key = setup::generate_ssh_key(dir).await?;
+//! let mut seed = SeedConfig::new("web-1");
+//! seed.ssh_authorized_keys.push(key.public_openssh.clone());
+//! let seed_disk = setup::create_seed_iso(&dir.join("seed.img"), &seed).await?;
+//!
+//! let opts = PrepareOptions::default();
+//! let root = setup::prepare_image("ubuntu-24.04", &dir.join("root.qcow2"), &opts, &mut |_| {}).await?;
+//! let kernel = setup::pull_image("ubuntu-24.04-kernel", &opts, &mut |_| {}).await?;
+//! let initrd = setup::pull_image("ubuntu-24.04-initrd", &opts, &mut |_| {}).await?;
+//!
+//! let config = VmConfig::builder("web-1")
+//!     .kernel(kernel.path)
+//!     .initramfs(initrd.path)
+//!     .cmdline("root=LABEL=cloudimg-rootfs")
+//!     .memory_mib(1024)
+//!     .disk(root.disk)
+//!     .disk(seed_disk)
+//!     .build()?;
+//! VmManager::new().await?.start(config).await?;
+//! # Ok(()) }
+//! ```
+//!
 //! Cache layout: `$VMRS_HOME/disk-images/<catalog name>/<sha256>/<file name>` (see
 //! [`cached_base_path`]); cached bases are made read-only (0444) so nothing writes them by
 //! accident, and are never replaced by a newer release, since overlays are backed by them.
