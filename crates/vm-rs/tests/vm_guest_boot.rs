@@ -12,7 +12,7 @@ const BOOT: Duration = Duration::from_secs(120);
 #[tokio::test]
 async fn boots_ready_and_powers_off_on_acpi_button() {
     let assets = support::guest::assets().await;
-    let mut vm = RawQemu::boot(&assets, "vmrs.hostname=smoke", &[]);
+    let mut vm = RawQemu::boot::<&str>(&assets, "vmrs.hostname=smoke", &[]);
     assert!(
         vm.wait_line("VMRS_READY 127.0.0.1", BOOT).await,
         "no marker:\n{}",

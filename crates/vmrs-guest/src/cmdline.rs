@@ -8,6 +8,9 @@
 //! | `vmrs.dns=A[,B...]`  | name servers written to `/etc/resolv.conf`           |
 //! | `vmrs.hostname=NAME` | host name                                            |
 //! | `vmrs.shell=1`       | start a shell on the console                         |
+//! | `vmrs.root=/dev/vda` | mount this block device and switch root to it        |
+//! | `vmrs.rootfstype=T`  | its filesystem type (default: try ext4, then erofs)  |
+//! | `vmrs.rootflags=ro`  | mount it read-only                                   |
 //!
 //! Invalid values are reported and ignored (the guest still boots); unknown `vmrs.*` keys too.
 
@@ -28,6 +31,12 @@ pub struct Config {
     pub shell: bool,
     /// Configure eth0 by DHCP (`vmrs.ip=dhcp`).
     pub dhcp: bool,
+    /// Root block device to switch to.
+    pub root: Option<String>,
+    /// Its filesystem type.
+    pub rootfstype: Option<String>,
+    /// Mount the root read-only.
+    pub root_ro: bool,
     /// Problems found while parsing (reported on the console).
     pub warnings: Vec<String>,
 }
@@ -83,6 +92,22 @@ pub fn parse(cmdline: &str) -> Config {
                 }
             }
             "shell" => cfg.shell = matches!(value, "" | "1" | "yes" | "true"),
+            "root" => {
+                if value.starts_with("/dev/") && !value.contains("..") && value.len() < 128 {
+                    cfg.root = Some(value.to_string());
+                } else {
+                    cfg.warnings.push(format!("ignoring invalid vmrs.root={value}"));
+                }
+            }
+            "rootfstype" => {
+                if !value.is_empty() && value.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                    cfg.rootfstype = Some(value.to_string());
+                } else {
+                    cfg.warnings
+                        .push(format!("ignoring invalid vmrs.rootfstype={value}"));
+                }
+            }
+            "rootflags" => cfg.root_ro = value.split(',').any(|f| f == "ro"),
             _ => {}
         }
     }
@@ -133,6 +158,18 @@ mod tests {
         assert_eq!(c.ip, Some(("fd00::2".parse().unwrap(), 64)));
         assert!(c.shell);
         assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn root_options() {
+        let c = parse("vmrs.root=/dev/vda vmrs.rootfstype=erofs vmrs.rootflags=ro");
+        assert_eq!(c.root.as_deref(), Some("/dev/vda"));
+        assert_eq!(c.rootfstype.as_deref(), Some("erofs"));
+        assert!(c.root_ro);
+        let c = parse("vmrs.root=vda vmrs.root=/dev/../etc vmrs.rootfstype=a/b");
+        assert_eq!(c.root, None);
+        assert_eq!(c.rootfstype, None);
+        assert_eq!(c.warnings.len(), 3);
     }
 
     #[test]

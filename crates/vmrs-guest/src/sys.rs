@@ -73,6 +73,14 @@ pub fn finit_module(file: &std::fs::File) -> io::Result<()> {
     }
 }
 
+/// `chroot(2)`.
+pub fn chroot(path: &str) -> io::Result<()> {
+    let p = cstr(path)?;
+    // SAFETY: `p` is a valid NUL-terminated string.
+    check(unsafe { libc::chroot(p.as_ptr()) })?;
+    Ok(())
+}
+
 /// `sethostname(2)`.
 pub fn sethostname(name: &str) -> io::Result<()> {
     // SAFETY: pointer and length describe `name`'s bytes.
@@ -103,7 +111,6 @@ pub fn reboot(cmd: libc::c_int) -> io::Error {
 /// What `waitpid(-1, WNOHANG)` found.
 pub enum Reaped {
     /// A child exited (pid, raw status).
-    #[allow(dead_code)] // the fields are for callers that track their children
     Child(libc::pid_t, libc::c_int),
     /// Children exist but none has exited.
     None,

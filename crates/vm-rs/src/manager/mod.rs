@@ -562,8 +562,7 @@ impl VmManager {
             }
             self.kill(name).await?;
         }
-        entry.shutdown_tasks().await;
-        entry.quiesce().await;
+        entry.retire().await;
         self.inner.entries.lock().await.remove(name);
         let dir = self.vm_dir(name);
         crate::net::host::teardown_vm_dir(&dir)

@@ -20,8 +20,18 @@ pub struct RawQemu {
 
 impl RawQemu {
     /// Boot `assets` with `append` added to the kernel command line and `extra` QEMU arguments.
-    pub fn boot(assets: &GuestAssets, append: &str, extra: &[String]) -> RawQemu {
-        let dir = tempfile::tempdir().expect("tempdir");
+    pub fn boot<S: AsRef<std::ffi::OsStr>>(assets: &GuestAssets, append: &str, extra: &[S]) -> RawQemu {
+        Self::boot_in(tempfile::tempdir().expect("tempdir"), assets, append, extra)
+    }
+
+    /// [`RawQemu::boot`] using `dir` (kept until the VM is dropped) for its files, so `extra`
+    /// can point at sockets or disks inside it.
+    pub fn boot_in<S: AsRef<std::ffi::OsStr>>(
+        dir: tempfile::TempDir,
+        assets: &GuestAssets,
+        append: &str,
+        extra: &[S],
+    ) -> RawQemu {
         let serial = dir.path().join("serial.log");
         let qmp = dir.path().join("qmp.sock");
         let mut cmdline = format!("console=ttyS0 reboot=t panic=-1 {append}");
