@@ -88,6 +88,9 @@ fn main() {
             (None, None)
         }
     };
+    // PID 1 keeps a write end itself: when no agent port exists (or every agent thread ends)
+    // the pipe must not read as EOF, which `supervise` would take for a shutdown request.
+    let _shutdown_keep = shutdown_tx.clone();
     if let Some(tx) = shutdown_tx {
         agent::start(tx);
     }
