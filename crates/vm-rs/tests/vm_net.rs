@@ -11,6 +11,32 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vm_rs::config::{GuestAddress, NetworkAttachment, PortForward};
 use vm_rs::{VmConfig, VmManager};
 
+/// Kills the switch and forwarder sidecars recorded under a home when dropped (the VMMs are
+/// killed by [`TestHome`]), so a failing test leaves no `vmrs-net` process behind.
+struct SidecarGuard(std::path::PathBuf);
+
+impl Drop for SidecarGuard {
+    fn drop(&mut self) {
+        let nets = vm_rs::net::networks_dir(&self.0);
+        let mut records: Vec<_> = vm_rs::net::sidecar::networks(&nets)
+            .iter()
+            .filter_map(|n| vm_rs::net::sidecar::switch_record(&nets, n))
+            .collect();
+        if let Ok(rd) = std::fs::read_dir(self.0.join("vms")) {
+            for e in rd.flatten() {
+                if let Ok(Some(st)) = vm_rs::net::NetState::load(&e.path()) {
+                    records.extend(st.forwarders);
+                }
+            }
+        }
+        for r in records {
+            if let Ok(p) = vm_rs::process::VmmProcess::attach(r.pid, r.start_time) {
+                let _ = p.kill();
+            }
+        }
+    }
+}
+
 fn use_built_sidecar() {
     std::env::set_var("VMRS_NET_BIN", env!("CARGO_BIN_EXE_vmrs-net"));
 }
@@ -90,6 +116,7 @@ fn free_port() -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_mode_reaches_host_and_published_port_reaches_guest() {
     let home = TestHome::new();
+    let _sidecars = SidecarGuard(home.path().to_path_buf());
     let mgr = VmManager::with_home(home.path()).await.expect("manager");
     let token = format!("host-page-{}", std::process::id());
     let (srv, _h) = host_http_server(token.clone()).await;
@@ -133,6 +160,7 @@ async fn user_mode_reaches_host_and_published_port_reaches_guest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_mode_dhcp_lease_configures_the_guest() {
     let home = TestHome::new();
+    let _sidecars = SidecarGuard(home.path().to_path_buf());
     let mgr = VmManager::with_home(home.path()).await.expect("manager");
     let token = format!("dhcp-page-{}", std::process::id());
     let (srv, _h) = host_http_server(token.clone()).await;
@@ -164,6 +192,7 @@ async fn user_mode_dhcp_lease_configures_the_guest() {
 async fn switch_network_connects_its_vms_and_isolates_others() {
     use_built_sidecar();
     let home = TestHome::new();
+    let _sidecars = SidecarGuard(home.path().to_path_buf());
     let mgr = VmManager::with_home(home.path()).await.expect("manager");
     let on = |net: &str, ip: &str| NetworkAttachment::Switch {
         network: net.into(),
@@ -269,6 +298,7 @@ async fn bridge_vm_in_netns_is_reachable_and_leaves_nothing_behind() {
     use_built_sidecar();
     let ns = TestNetns::new("vmbr");
     let home = TestHome::new();
+    let _sidecars = SidecarGuard(home.path().to_path_buf());
     let mgr = VmManager::with_home(home.path()).await.expect("manager");
     let published = free_port();
     let nets = vec![bridge_net(&ns, vec![PortForward::tcp(published, 80)])];

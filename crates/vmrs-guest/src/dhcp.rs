@@ -4,7 +4,8 @@
 //! `subnet`, `router`, `dns`). The script written here ([`SCRIPT`], fixed text, nothing
 //! interpolated) only prints one line, `lease ip=.. subnet=.. router=.. dns=..`, on
 //! `bound`/`renew`; [`parse_lease`] reads it back (untrusted text: every field is parsed,
-//! anything malformed is dropped) and [`apply`] configures the interface with busybox `ip`.
+//! anything malformed is dropped) and [`apply`] configures the interface with busybox `ip`;
+//! the lease's name servers go to `/etc/resolv.conf` with the other `vmrs.dns` servers.
 
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
@@ -106,7 +107,7 @@ pub fn obtain(ifname: &str) -> Result<Lease, String> {
     parse_lease(&text).ok_or_else(|| format!("no dhcp lease on {ifname} ({})", out.status))
 }
 
-/// Configure `ifname` with `lease`: address, default route, `/etc/resolv.conf`.
+/// Configure `ifname` with `lease`: address and default route.
 pub fn apply(ifname: &str, lease: &Lease) -> Result<(), String> {
     let cidr = format!("{}/{}", lease.ip, lease.prefix);
     let run = |args: &[&str]| -> Result<(), String> {
@@ -120,10 +121,6 @@ pub fn apply(ifname: &str, lease: &Lease) -> Result<(), String> {
     run(&["link", "set", ifname, "up"])?;
     if let Some(gw) = lease.router {
         run(&["route", "add", "default", "via", &gw.to_string()])?;
-    }
-    if !lease.dns.is_empty() {
-        let text: String = lease.dns.iter().map(|d| format!("nameserver {d}\n")).collect();
-        std::fs::write("/etc/resolv.conf", text).map_err(|e| format!("/etc/resolv.conf: {e}"))?;
     }
     Ok(())
 }

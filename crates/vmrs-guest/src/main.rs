@@ -69,11 +69,11 @@ fn main() {
     mount_basics();
     load_modules();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let cfg = cmdline::parse(&cmdline);
+    let mut cfg = cmdline::parse(&cmdline);
     for w in &cfg.warnings {
         log(w);
     }
-    let ip = configure(&cfg);
+    let ip = configure(&mut cfg);
     if let Some(dev) = &cfg.root {
         if let Err(e) = switch_root(dev, cfg.rootfstype.as_deref(), cfg.root_ro) {
             log(&format!("cannot switch to root {dev}: {e}"));
@@ -88,6 +88,9 @@ fn main() {
             (None, None)
         }
     };
+    // PID 1 keeps a write end itself: when no agent port exists (or every agent thread ends)
+    // the pipe must not read as EOF, which `supervise` would take for a shutdown request.
+    let _shutdown_keep = shutdown_tx.clone();
     if let Some(tx) = shutdown_tx {
         agent::start(tx);
     }
@@ -173,7 +176,7 @@ fn run(program: &str, args: &[&str]) -> bool {
 }
 
 /// Configure host name, loopback and eth0; returns the address to announce.
-fn configure(cfg: &cmdline::Config) -> String {
+fn configure(cfg: &mut cmdline::Config) -> String {
     if let Some(h) = &cfg.hostname {
         if let Err(e) = sys::sethostname(h) {
             log(&format!("sethostname {h}: {e}"));
@@ -193,7 +196,13 @@ fn configure(cfg: &cmdline::Config) -> String {
     }
     if cfg.dhcp {
         return match dhcp::obtain("eth0").and_then(|l| dhcp::apply("eth0", &l).map(|()| l)) {
-            Ok(lease) => lease.ip.to_string(),
+            Ok(lease) => {
+                // name servers from the lease unless vmrs.dns= named some
+                if cfg.dns.is_empty() {
+                    cfg.dns = lease.dns.iter().copied().map(std::net::IpAddr::V4).collect();
+                }
+                lease.ip.to_string()
+            }
             Err(e) => {
                 log(&format!("dhcp: {e}"));
                 "127.0.0.1".into()

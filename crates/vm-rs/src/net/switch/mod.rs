@@ -73,18 +73,18 @@ pub enum FrameError {
     },
 }
 
-/// Tunables of a [`NetworkSwitch`]. Defaults in brackets.
+/// Tunables of a [`NetworkSwitch`]. Defaults in parentheses.
 #[derive(Debug, Clone)]
 pub struct SwitchConfig {
-    /// Maximum number of ports [64].
+    /// Maximum number of ports (64).
     pub max_ports: usize,
-    /// Maximum MAC table entries across all networks [4096].
+    /// Maximum MAC table entries across all networks (4096).
     pub max_mac_entries: usize,
-    /// How long a learned address stays valid without being seen [300 s, like 802.1D].
+    /// How long a learned address stays valid without being seen (300 s, like 802.1D).
     pub ageing: Duration,
-    /// Frames queued per egress port before tail drop [256].
+    /// Frames queued per egress port before tail drop (256).
     pub queue_len: usize,
-    /// Largest frame accepted [65535].
+    /// Largest frame accepted (65535).
     pub max_frame: usize,
 }
 
