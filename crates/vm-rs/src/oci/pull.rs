@@ -701,20 +701,37 @@ impl ImageStore {
             manifest: manifest_digest.clone(),
             blobs: blobs.iter().map(|b| (b.digest.clone(), b.size)).collect(),
         });
-        // The same layer can appear twice in one manifest; fetch it once.
-        let mut unique = blobs.clone();
-        unique.sort_by(|a, b| a.digest.cmp(&b.digest));
-        unique.dedup_by(|a, b| a.digest == b.digest);
-        let downloaded: u64 = futures::stream::iter(unique.iter().map(|d| ctx.fetch_blob(d)))
-            .buffer_unordered(opts.max_concurrent_downloads.max(1))
-            .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
-            .await?;
-
+        // The config first: it is small and says which platform a single manifest is for.
+        let mut downloaded = ctx.fetch_blob(&manifest.config).await?;
         let config_bytes = self.read_blob(&manifest.config.digest).await?;
         let config = ImageConfig::parse(&config_bytes).map_err(|source| PullError::Config {
             digest: manifest.config.digest.clone(),
             source,
         })?;
+        let image_platform = Platform {
+            os: config.os.clone(),
+            architecture: config.architecture.clone(),
+            variant: config.variant.clone(),
+        };
+        if index.is_none() && !config.os.is_empty() && !want.matches(&image_platform) {
+            if opts.platform.is_some() {
+                return Err(PullError::NoMatchingPlatform {
+                    reference: image.canonical(),
+                    platform: want,
+                    available: vec![image_platform.to_string()],
+                });
+            }
+            tracing::warn!(image = %image, platform = %image_platform, "image is for another platform than this host");
+        }
+        // The same layer can appear twice in one manifest; fetch it once.
+        let mut unique = manifest.layers.clone();
+        unique.sort_by(|a, b| a.digest.cmp(&b.digest));
+        unique.dedup_by(|a, b| a.digest == b.digest);
+        downloaded += futures::stream::iter(unique.iter().map(|d| ctx.fetch_blob(d)))
+            .buffer_unordered(opts.max_concurrent_downloads.max(1))
+            .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
+            .await?;
+
         let platform = platform.or_else(|| {
             (!config.os.is_empty()).then(|| Platform {
                 os: config.os.clone(),
