@@ -2,8 +2,11 @@
 //! kills every VMM the test started (even when the test fails), and `wait_until`.
 #![allow(dead_code)]
 
+pub mod fault_proxy;
 pub mod guest;
+pub mod oci_layout;
 pub mod qemu;
+pub mod registry;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -1,5 +1,7 @@
 //! Subcommands. Each area has its own module; [`Command`] lists them all.
 
+pub mod disk;
+pub mod image;
 pub mod setup;
 pub mod vm;
 
@@ -29,6 +31,24 @@ pub enum Command {
     Inspect(vm::NamesArgs),
     /// Remove stopped VMs (-f: also running ones).
     Rm(vm::RmArgs),
+    /// Pull an OCI image into the local store.
+    Pull(image::PullArgs),
+    /// List stored images.
+    Images(image::ImagesArgs),
+    /// Remove images (--prune: then delete unused blobs).
+    Rmi(image::RmiArgs),
+    /// Image commands: inspect, gc, unpack, ls, rm, pull.
+    Image(image::ImageArgs),
+    /// Disk images: create, clone, info, resize, catalog, pull, prepare.
+    #[command(subcommand)]
+    Disk(disk::DiskCommand),
+    /// cloud-init NoCloud seed images.
+    #[command(subcommand)]
+    Seed(disk::SeedCommand),
+    /// Generate (or show) the ed25519 SSH key pair for guest access.
+    Keygen(disk::KeygenArgs),
+    /// Download a file and verify its SHA-256 (resumable).
+    Download(disk::DownloadArgs),
 }
 
 /// Run a subcommand; returns the process exit code.
@@ -44,5 +64,13 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Logs(a) => vm::logs(a).await,
         Command::Inspect(a) => vm::inspect(a).await,
         Command::Rm(a) => vm::rm(a).await,
+        Command::Pull(a) => image::pull(a).await,
+        Command::Images(a) => image::images(a).await,
+        Command::Rmi(a) => image::rmi(a).await,
+        Command::Image(a) => image::image(a).await,
+        Command::Disk(c) => disk::run_disk(c).await.map(|()| 0),
+        Command::Seed(c) => disk::run_seed(c).await.map(|()| 0),
+        Command::Keygen(a) => disk::run_keygen(a).await.map(|()| 0),
+        Command::Download(a) => disk::run_download(a).await.map(|()| 0),
     }
 }
