@@ -226,14 +226,32 @@ fn shutdown_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Mount `dev` on /newroot, move the API filesystems into it and make it `/`.
-fn switch_root(dev: &str, fstype: Option<&str>, read_only: bool) -> Result<(), String> {
+/// The `/dev/vdX` whose virtio serial (`/sys/block/vdX/serial`) is `serial`.
+fn disk_by_serial(serial: &str) -> Option<String> {
+    let dir = std::fs::read_dir("/sys/block").ok()?;
+    dir.flatten().find_map(|e| {
+        let found = std::fs::read_to_string(e.path().join("serial")).ok()?;
+        (found.trim_end_matches(['\n', '\0']) == serial)
+            .then(|| format!("/dev/{}", e.file_name().to_string_lossy()))
+    })
+}
+
+/// Mount `root` (a `/dev/...` path or `serial:S`) on /newroot, move the API filesystems into it
+/// and make it `/`.
+fn switch_root(root: &str, fstype: Option<&str>, read_only: bool) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::path::Path::new(dev).exists() {
-        if Instant::now() > deadline {
-            return Err("device did not appear".into());
+    let dev = loop {
+        let dev = match root.strip_prefix("serial:") {
+            Some(serial) => disk_by_serial(serial),
+            None => Some(root.to_string()),
+        };
+        match dev {
+            Some(d) if std::path::Path::new(&d).exists() => break d,
+            _ if Instant::now() > deadline => return Err("device did not appear".into()),
+            _ => std::thread::sleep(Duration::from_millis(20)),
         }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    };
+    let dev = dev.as_str();
     std::fs::create_dir_all("/newroot").map_err(|e| format!("mkdir /newroot: {e}"))?;
     let flags = if read_only { libc::MS_RDONLY } else { 0 };
     let types: Vec<&str> = match fstype {
