@@ -463,6 +463,7 @@ fn unmount_all() {
 
 fn power_off() -> ! {
     sys::console("vmrs-init: power off");
+    sys::drain_console();
     let err = sys::reboot(libc::RB_POWER_OFF);
     sys::console(&format!("vmrs-init: power off failed: {err}"));
     loop {
