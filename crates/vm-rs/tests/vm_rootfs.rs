@@ -135,4 +135,11 @@ async fn switches_root_and_applies_user_cwd_env() {
         .output()
         .expect("debugfs");
     assert_eq!(String::from_utf8_lossy(&cat.stdout), "persisted\n");
+    // The root was remounted read-only at shutdown: the filesystem is clean.
+    let fsck = Command::new("e2fsck")
+        .args(["-n", "-f"])
+        .arg(&img)
+        .output()
+        .expect("e2fsck");
+    assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
 }

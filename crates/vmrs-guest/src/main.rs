@@ -459,6 +459,8 @@ fn unmount_all() {
             let _ = sys::umount(t, libc::MNT_DETACH);
         }
     }
+    // The root itself cannot be unmounted; make it read-only so a disk root is clean.
+    let _ = sys::mount("", "/", "", libc::MS_REMOUNT | libc::MS_RDONLY, "");
 }
 
 fn power_off() -> ! {
