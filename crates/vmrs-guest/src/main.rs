@@ -87,8 +87,8 @@ fn main() {
             (None, None)
         }
     };
-    if let Some(tx) = shutdown_tx {
-        agent::start(tx);
+    if let Some(tx) = &shutdown_tx {
+        agent::start(tx.clone());
     }
     // Open the power button before announcing readiness, so a stop right after ready works.
     let inputs = open_input_devices(Duration::from_secs(2));
@@ -96,6 +96,9 @@ fn main() {
     if cfg.shell {
         spawn_shell();
     }
+    // `shutdown_tx` stays alive in this frame forever (supervise never returns), so the pipe
+    // never reads as closed even when no agent thread holds a copy.
+    let _keep_open = shutdown_tx;
     supervise(signals, shutdown_rx, inputs);
 }
 
@@ -357,7 +360,11 @@ fn has_power_press(buf: &[u8]) -> bool {
 }
 
 /// PID 1's main loop: reap children, wait for a shutdown request.
-fn supervise(signals: Option<OwnedFd>, shutdown_rx: Option<OwnedFd>, mut inputs: Vec<std::fs::File>) -> ! {
+fn supervise(
+    signals: Option<OwnedFd>,
+    mut shutdown_rx: Option<OwnedFd>,
+    mut inputs: Vec<std::fs::File>,
+) -> ! {
     let started = Instant::now();
     loop {
         let mut fds = Vec::new();
@@ -380,8 +387,19 @@ fn supervise(signals: Option<OwnedFd>, shutdown_rx: Option<OwnedFd>, mut inputs:
         let mut shutdown = false;
         for i in ready {
             if Some(i) == agent_index {
-                log("shutdown requested by the host agent");
-                shutdown = true;
+                let mut byte = [0u8; 1];
+                let n = shutdown_rx
+                    .as_ref()
+                    // SAFETY: reads one byte into a live buffer from a pipe we own.
+                    .map(|r| unsafe { libc::read(r.as_raw_fd(), byte.as_mut_ptr().cast(), 1) })
+                    .unwrap_or(0);
+                if n == 1 {
+                    log("shutdown requested by the host agent");
+                    shutdown = true;
+                } else if n == 0 {
+                    // Every writer is gone (cannot happen while main holds one): stop polling.
+                    shutdown_rx = None;
+                }
             } else if i < first_input {
                 if let Some(s) = &signals {
                     while let Some(sig) = sys::read_signal(s.as_raw_fd()) {
