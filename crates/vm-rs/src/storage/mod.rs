@@ -24,7 +24,7 @@ mod size;
 pub mod ssh;
 mod yaml;
 
-pub use catalog::{CatalogEntry, CatalogError, CatalogFile, ImageCatalog};
+pub use catalog::{AssetKind, CatalogEntry, CatalogError, CatalogFile, ImageCatalog};
 pub use clone::{clone_disk, clone_disk_with, CloneError, CloneMethod, ClonePolicy};
 pub use disk::{
     create_disk, create_overlay, grow_disk, image_info, probe_disk, qemu_disk_args, DiskError, ImageInfo,
