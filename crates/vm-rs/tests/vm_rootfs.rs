@@ -54,11 +54,16 @@ async fn switches_root_and_applies_user_cwd_env() {
 
     let sock = dir.path().join("agent.sock");
     let mut extra = vm_rs::agent::qemu_args(&sock);
-    extra.push("-drive".into());
-    extra.push(format!("file={},if=none,format=raw,id=root", img.display()).into());
-    extra.push("-device".into());
-    extra.push("virtio-blk-device,drive=root".into());
-    let mut vm = RawQemu::boot(&assets, "vmrs.root=/dev/vda vmrs.rootfstype=ext4", &extra);
+    // A scratch disk next to the root disk: the root is found by its serial, not its order.
+    let scratch = dir.path().join("scratch.img");
+    std::fs::write(&scratch, vec![0u8; 1 << 20]).expect("scratch");
+    for (file, id, serial) in [(&scratch, "scratch", "scratch"), (&img, "root", "vmrs-root")] {
+        extra.push("-drive".into());
+        extra.push(format!("file={},if=none,format=raw,id={id}", file.display()).into());
+        extra.push("-device".into());
+        extra.push(format!("virtio-blk-device,drive={id},serial={serial}").into());
+    }
+    let mut vm = RawQemu::boot(&assets, "vmrs.root=serial:vmrs-root vmrs.rootfstype=ext4", &extra);
     let agent = match AgentClient::connect_timeout(&sock, Duration::from_secs(120)).await {
         Ok(a) => a,
         Err(e) => panic!("agent: {e:?}\n{}", vm.log()),
@@ -70,7 +75,11 @@ async fn switches_root_and_applies_user_cwd_env() {
         .expect("exec");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.contains("ID=vmrs-test-image"), "{text}");
-    assert!(text.lines().any(|l| l.starts_with("/dev/vda / ext4 ")), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("/dev/vd") && l.contains(" / ext4 ")),
+        "{text}"
+    );
     assert!(text.lines().any(|l| l.starts_with("tmpfs /tmp tmpfs ")), "{text}");
     assert!(text.lines().any(|l| l.starts_with("proc /proc proc ")), "{text}");
 
@@ -126,4 +135,11 @@ async fn switches_root_and_applies_user_cwd_env() {
         .output()
         .expect("debugfs");
     assert_eq!(String::from_utf8_lossy(&cat.stdout), "persisted\n");
+    // The root was remounted read-only at shutdown: the filesystem is clean.
+    let fsck = Command::new("e2fsck")
+        .args(["-n", "-f"])
+        .arg(&img)
+        .output()
+        .expect("e2fsck");
+    assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
 }

@@ -9,6 +9,7 @@
 //! | `vmrs.hostname=NAME` | host name                                            |
 //! | `vmrs.shell=1`       | start a shell on the console                         |
 //! | `vmrs.root=/dev/vda` | mount this block device and switch root to it        |
+//! | `vmrs.root=serial:S` | the same, for the virtio disk whose serial is `S`    |
 //! | `vmrs.rootfstype=T`  | its filesystem type (default: try ext4, then erofs)  |
 //! | `vmrs.rootflags=ro`  | mount it read-only                                   |
 //!
@@ -93,7 +94,14 @@ pub fn parse(cmdline: &str) -> Config {
             }
             "shell" => cfg.shell = matches!(value, "" | "1" | "yes" | "true"),
             "root" => {
-                if value.starts_with("/dev/") && !value.contains("..") && value.len() < 128 {
+                let serial_ok = value.strip_prefix("serial:").is_some_and(|sn| {
+                    !sn.is_empty()
+                        && sn
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                });
+                let path_ok = value.starts_with("/dev/") && !value.contains("..");
+                if (serial_ok || path_ok) && value.len() < 128 {
                     cfg.root = Some(value.to_string());
                 } else {
                     cfg.warnings.push(format!("ignoring invalid vmrs.root={value}"));
@@ -166,10 +174,14 @@ mod tests {
         assert_eq!(c.root.as_deref(), Some("/dev/vda"));
         assert_eq!(c.rootfstype.as_deref(), Some("erofs"));
         assert!(c.root_ro);
-        let c = parse("vmrs.root=vda vmrs.root=/dev/../etc vmrs.rootfstype=a/b");
+        let c = parse(
+            "vmrs.root=vda vmrs.root=/dev/../etc vmrs.rootfstype=a/b vmrs.root=serial: vmrs.root=serial:a/b",
+        );
         assert_eq!(c.root, None);
         assert_eq!(c.rootfstype, None);
-        assert_eq!(c.warnings.len(), 3);
+        assert_eq!(c.warnings.len(), 5);
+        let c = parse("vmrs.root=serial:vmrs-root");
+        assert_eq!(c.root.as_deref(), Some("serial:vmrs-root"));
     }
 
     #[test]

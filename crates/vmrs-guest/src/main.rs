@@ -88,11 +88,8 @@ fn main() {
             (None, None)
         }
     };
-    // PID 1 keeps a write end itself: when no agent port exists (or every agent thread ends)
-    // the pipe must not read as EOF, which `supervise` would take for a shutdown request.
-    let _shutdown_keep = shutdown_tx.clone();
-    if let Some(tx) = shutdown_tx {
-        agent::start(tx);
+    if let Some(tx) = &shutdown_tx {
+        agent::start(tx.clone());
     }
     // Open the power button before announcing readiness, so a stop right after ready works.
     let inputs = open_input_devices(Duration::from_secs(2));
@@ -100,6 +97,9 @@ fn main() {
     if cfg.shell {
         spawn_shell();
     }
+    // `shutdown_tx` stays alive in this frame forever (supervise never returns), so the pipe
+    // never reads as closed even when no agent thread holds a copy.
+    let _keep_open = shutdown_tx;
     supervise(signals, shutdown_rx, inputs);
 }
 
@@ -248,14 +248,32 @@ fn shutdown_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Mount `dev` on /newroot, move the API filesystems into it and make it `/`.
-fn switch_root(dev: &str, fstype: Option<&str>, read_only: bool) -> Result<(), String> {
+/// The `/dev/vdX` whose virtio serial (`/sys/block/vdX/serial`) is `serial`.
+fn disk_by_serial(serial: &str) -> Option<String> {
+    let dir = std::fs::read_dir("/sys/block").ok()?;
+    dir.flatten().find_map(|e| {
+        let found = std::fs::read_to_string(e.path().join("serial")).ok()?;
+        (found.trim_end_matches(['\n', '\0']) == serial)
+            .then(|| format!("/dev/{}", e.file_name().to_string_lossy()))
+    })
+}
+
+/// Mount `root` (a `/dev/...` path or `serial:S`) on /newroot, move the API filesystems into it
+/// and make it `/`.
+fn switch_root(root: &str, fstype: Option<&str>, read_only: bool) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::path::Path::new(dev).exists() {
-        if Instant::now() > deadline {
-            return Err("device did not appear".into());
+    let dev = loop {
+        let dev = match root.strip_prefix("serial:") {
+            Some(serial) => disk_by_serial(serial),
+            None => Some(root.to_string()),
+        };
+        match dev {
+            Some(d) if std::path::Path::new(&d).exists() => break d,
+            _ if Instant::now() > deadline => return Err("device did not appear".into()),
+            _ => std::thread::sleep(Duration::from_millis(20)),
         }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    };
+    let dev = dev.as_str();
     std::fs::create_dir_all("/newroot").map_err(|e| format!("mkdir /newroot: {e}"))?;
     let flags = if read_only { libc::MS_RDONLY } else { 0 };
     let types: Vec<&str> = match fstype {
@@ -361,7 +379,11 @@ fn has_power_press(buf: &[u8]) -> bool {
 }
 
 /// PID 1's main loop: reap children, wait for a shutdown request.
-fn supervise(signals: Option<OwnedFd>, shutdown_rx: Option<OwnedFd>, mut inputs: Vec<std::fs::File>) -> ! {
+fn supervise(
+    signals: Option<OwnedFd>,
+    mut shutdown_rx: Option<OwnedFd>,
+    mut inputs: Vec<std::fs::File>,
+) -> ! {
     let started = Instant::now();
     loop {
         let mut fds = Vec::new();
@@ -384,8 +406,19 @@ fn supervise(signals: Option<OwnedFd>, shutdown_rx: Option<OwnedFd>, mut inputs:
         let mut shutdown = false;
         for i in ready {
             if Some(i) == agent_index {
-                log("shutdown requested by the host agent");
-                shutdown = true;
+                let mut byte = [0u8; 1];
+                let n = shutdown_rx
+                    .as_ref()
+                    // SAFETY: reads one byte into a live buffer from a pipe we own.
+                    .map(|r| unsafe { libc::read(r.as_raw_fd(), byte.as_mut_ptr().cast(), 1) })
+                    .unwrap_or(0);
+                if n == 1 {
+                    log("shutdown requested by the host agent");
+                    shutdown = true;
+                } else if n == 0 {
+                    // Every writer is gone (cannot happen while main holds one): stop polling.
+                    shutdown_rx = None;
+                }
             } else if i < first_input {
                 if let Some(s) = &signals {
                     while let Some(sig) = sys::read_signal(s.as_raw_fd()) {
@@ -463,10 +496,13 @@ fn unmount_all() {
             let _ = sys::umount(t, libc::MNT_DETACH);
         }
     }
+    // The root itself cannot be unmounted; make it read-only so a disk root is clean.
+    let _ = sys::mount("", "/", "", libc::MS_REMOUNT | libc::MS_RDONLY, "");
 }
 
 fn power_off() -> ! {
     sys::console("vmrs-init: power off");
+    sys::drain_console();
     let err = sys::reboot(libc::RB_POWER_OFF);
     sys::console(&format!("vmrs-init: power off failed: {err}"));
     loop {

@@ -38,6 +38,13 @@ pub fn console(line: &str) {
     }
 }
 
+/// Wait until everything written to the console has been transmitted (the serial port's
+/// buffer would otherwise be lost when the machine powers off right after a write).
+pub fn drain_console() {
+    // SAFETY: tcdrain on fd 1; it fails harmlessly when fd 1 is not a terminal.
+    unsafe { libc::tcdrain(1) };
+}
+
 /// `mount(2)`.
 pub fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
     let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);

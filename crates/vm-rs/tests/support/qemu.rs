@@ -66,9 +66,15 @@ impl RawQemu {
         }
     }
 
-    /// The serial log so far.
+    /// The serial log so far, followed by QEMU's stderr (for failure messages).
     pub fn log(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()).into_owned()
+        let serial = String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()).into_owned();
+        let stderr = std::fs::read_to_string(self.dir.path().join("qemu.stderr")).unwrap_or_default();
+        if stderr.is_empty() {
+            serial
+        } else {
+            format!("{serial}\n--- qemu stderr ---\n{stderr}")
+        }
     }
 
     /// Wait until the serial log has a line equal to `line` (or QEMU exits / timeout).
@@ -101,6 +107,9 @@ impl RawQemu {
 
     /// Send one QMP command (after capabilities negotiation) and return the reply line.
     pub async fn qmp(&self, command: &str) -> String {
+        if !self.qmp.exists() {
+            panic!("qmp socket gone (qemu exited?):\n{}", self.log());
+        }
         qmp_command(&self.qmp, command).await
     }
 
