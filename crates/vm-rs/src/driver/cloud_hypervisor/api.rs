@@ -102,7 +102,15 @@ pub fn error_message(status: u16, body: &[u8]) -> String {
         _ => "error",
     };
     let detail = match serde_json::from_slice::<Vec<String>>(body) {
-        Ok(chain) if !chain.is_empty() => chain.join(": "),
+        // Drop the "Error from API" wrapper and any attached backtraces.
+        Ok(chain) if !chain.is_empty() => chain
+            .iter()
+            .filter(|m| m.as_str() != "Error from API")
+            .map(|m| m.split("\n\nStack backtrace:").next().unwrap_or_default().trim())
+            .map(|m| m.chars().take(512).collect::<String>())
+            .take(16)
+            .collect::<Vec<_>>()
+            .join(": "),
         _ => String::from_utf8_lossy(body).trim().chars().take(512).collect(),
     };
     if detail.is_empty() {
@@ -338,9 +346,13 @@ mod tests {
                 500,
                 br#"["Error from API","The VM could not be snapshotted","GetNestedState"]"#
             ),
-            "500 internal error: Error from API: The VM could not be snapshotted: GetNestedState"
+            "500 internal error: The VM could not be snapshotted: GetNestedState"
         );
         assert_eq!(error_message(404, b""), "404 not found");
+        assert_eq!(
+            error_message(500, br#"["Error from API","Could not get vCPU state GetNestedState(Invalid argument (os error 22)\n\nStack backtrace:\n   0: <unknown>)"]"#),
+            "500 internal error: Could not get vCPU state GetNestedState(Invalid argument (os error 22)"
+        );
         assert_eq!(error_message(400, b"plain text"), "400 bad request: plain text");
     }
 
@@ -353,6 +365,9 @@ mod tests {
         #[test]
         fn error_message_is_bounded(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
             prop_assert!(error_message(500, &data).len() < 600 * 4);
+            let chain: Vec<String> = (0..50).map(|_| String::from_utf8_lossy(&data).into_owned()).collect();
+            let body = serde_json::to_vec(&chain).unwrap_or_default();
+            prop_assert!(error_message(500, &body).len() < 16 * 520 * 4);
         }
     }
 }
