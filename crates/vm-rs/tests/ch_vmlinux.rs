@@ -132,17 +132,7 @@ async fn prepare_writes_vmlinux_once_for_bzimage_and_uses_elf_in_place() {
 /// the PVH note.
 #[test]
 fn real_debian_kernel() {
-    let candidates = [
-        std::env::var_os("VMRS_ASSETS").map(std::path::PathBuf::from),
-        Some(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("vmrs-assets")),
-        Some(vm_rs::paths::assets_dir()),
-    ];
-    let Some(kernel) = candidates
-        .into_iter()
-        .flatten()
-        .map(|d| d.join("vmlinuz"))
-        .find(|k| k.is_file())
-    else {
+    let Some(kernel) = support::guest_kernel() else {
         println!("skipped: no guest assets with a Debian kernel (run `vmrs setup` or set VMRS_ASSETS)");
         return;
     };

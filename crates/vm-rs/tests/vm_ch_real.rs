@@ -9,7 +9,7 @@ mod support;
 
 use std::path::PathBuf;
 use support::ch_flows::{self, block_on, Fixture};
-use vm_rs::driver::{DriverError, VmDriver};
+use vm_rs::driver::{DriverError, VmDriver, VmmEvent};
 
 /// Snapshot on this kind of host: the VM pauses, and the snapshot fails with a clear error
 /// (software KVM cannot save nested vCPU state), or succeeds on hardware KVM.
@@ -34,10 +34,77 @@ async fn snapshot_or_clear_error(bin: PathBuf) {
     fx.driver.resume(h).await.expect("resume");
 }
 
+/// The Debian kernel from the guest assets. On this kind of host (software KVM) a vCPU hits an
+/// internal error and Cloud Hypervisor exits with status 0 all the same: the driver must
+/// report a failure, from the event stream and from `exit_reason`. On hardware KVM the kernel
+/// boots instead, which the serial console shows.
+async fn vcpu_failure_is_detected(bin: PathBuf) {
+    let Some(kernel) = support::guest_kernel() else {
+        println!("skipped: no guest assets with a Debian kernel (run `vmrs setup` or set VMRS_ASSETS)");
+        return;
+    };
+    let fx = Fixture::new(&bin);
+    let mut cfg = fx.config();
+    cfg.kernel = kernel;
+    cfg.memory_mib = 512;
+    let mut vmm = ch_flows::Vmm(Some(fx.driver.boot(&fx.spec(&cfg)).await.expect("boot")));
+    let h = vmm.handle().clone();
+    let mut events = fx.driver.events(&h).await.expect("events");
+    let serial = fx.serial();
+    let process = &mut vmm.0.as_mut().expect("launched").process;
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(150), async {
+        loop {
+            tokio::select! {
+                status = process.wait() => return Some(status.expect("wait")),
+                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
+                    let text = std::fs::read_to_string(&serial).unwrap_or_default();
+                    if text.contains("Linux version") {
+                        return None;
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .expect("the kernel neither booted nor failed within 150 s");
+    let Some(status) = exit else {
+        println!("the Debian kernel boots on this host (hardware KVM): no vCPU failure to detect");
+        return;
+    };
+    assert_eq!(
+        status,
+        vm_rs::process::ExitInfo::Code(0),
+        "cloud-hypervisor exits 0 on a vCPU failure"
+    );
+    let mut last = None;
+    while let Ok(Some(ev)) = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        futures::StreamExt::next(&mut events),
+    )
+    .await
+    {
+        last = Some(ev);
+    }
+    match last {
+        Some(VmmEvent::Error { reason }) => assert!(reason.starts_with("vcpu failed: "), "{reason}"),
+        other => panic!("event stream should end with a vcpu error, got {other:?}"),
+    }
+    match fx.driver.exit_reason(&h).await.expect("exit reason") {
+        Some(VmmEvent::Error { reason }) => {
+            assert!(reason.contains("VCPU generated error"), "{reason}");
+            assert!(!reason.contains("backtrace"), "{reason}");
+        }
+        other => panic!("expected a vcpu failure, got {other:?}"),
+    }
+}
+
 fn main() {
     let args = libtest_mimic::Arguments::from_args();
     let binary = vm_rs::driver::cloud_hypervisor::find_binary(None).ok();
     let mut flows = ch_flows::shared();
+    flows.push(("vcpu_failure_is_detected", |b| {
+        Box::pin(vcpu_failure_is_detected(b))
+    }));
     flows.push(("snapshot_or_clear_error", |b| {
         Box::pin(snapshot_or_clear_error(b))
     }));

@@ -119,9 +119,28 @@ pub fn vcpu_error_in_log(log: &Path) -> Option<String> {
     let mut bytes = Vec::new();
     f.take(1 << 20).read_to_end(&mut bytes).ok()?;
     let text = String::from_utf8_lossy(&bytes);
-    text.lines()
-        .find(|l| l.contains("VCPU generated error") || l.contains("Error running vCPU"))
-        .map(|l| l.trim().chars().take(300).collect())
+    let mut lines = text.lines();
+    let first = lines.find(|l| l.contains("VCPU generated error") || l.contains("Error running vCPU"))?;
+    // Log lines read "cloud-hypervisor: <time>: <thread> ERROR:<file>:<line> -- <message>".
+    let mut msg = first
+        .split_once(" -- ")
+        .map_or(first, |(_, m)| m)
+        .trim()
+        .to_string();
+    // An error chain follows as "Caused by:" and indented causes, then a backtrace.
+    let mut causes = lines
+        .skip_while(|l| l.trim() != "Caused by:")
+        .skip(1)
+        .take_while(|l| l.starts_with(' ') && !l.trim().is_empty())
+        .map(str::trim)
+        .filter(|l| !l.starts_with("Stack backtrace"))
+        .take(4)
+        .peekable();
+    if causes.peek().is_some() {
+        msg.push_str(": ");
+        msg.push_str(&causes.collect::<Vec<_>>().join(": "));
+    }
+    Some(msg.chars().take(300).collect())
 }
 
 /// Map a record to a lifecycle event, given how a `vmm shutdown` should be explained.
@@ -219,11 +238,14 @@ mod tests {
         ));
         std::fs::write(
             &log,
-            "cloud-hypervisor: 1.2s: <vcpu0> ERROR:vmm/src/cpu.rs:1487 -- VCPU generated error: VcpuRun(Error running vCPU: ...)\n",
+            "cloud-hypervisor:  33.9s: <vcpu0> ERROR:vmm/src/cpu.rs:1487 -- VCPU generated error: VcpuRun(Failed to run vcpu\nCaused by:\n    Unexpected exit reason on vcpu run: InternalError\nStack backtrace:\n   0: <unknown>\n",
         )
         .expect("write");
         match exit_reason(&[shut], true, &log) {
-            VmmEvent::Error { reason } => assert!(reason.contains("VCPU generated error"), "{reason}"),
+            VmmEvent::Error { reason } => assert_eq!(
+                reason,
+                "vcpu failed: VCPU generated error: VcpuRun(Failed to run vcpu: Unexpected exit reason on vcpu run: InternalError"
+            ),
             other => panic!("expected error, got {other:?}"),
         }
     }
