@@ -247,10 +247,17 @@ impl VmmProcess {
             });
         }
         // A pidfd becomes readable when the process exits.
-        let fd = tokio::io::unix::AsyncFd::with_interest(self.pidfd.as_fd(), tokio::io::Interest::READABLE)
-            .map_err(|source| ProcessError::Inspect {
+        // SAFETY: the registered fd is `self.pidfd`, which stays open (owned by `self`, borrowed
+        // for the whole lifetime of `fd`, a local dropped before this function returns).
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                self.pidfd.as_fd(),
+                tokio::io::Interest::READABLE,
+            )
+        }
+        .map_err(|e| ProcessError::Inspect {
             pid: self.pid,
-            source,
+            source: e.into(),
         })?;
         let guard = fd.readable().await.map_err(|source| ProcessError::Inspect {
             pid: self.pid,

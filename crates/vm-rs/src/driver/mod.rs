@@ -29,6 +29,11 @@ pub struct BootSpec<'a> {
     pub serial_log: PathBuf,
     /// File the VMM's own stdout/stderr go to.
     pub vmm_log: PathBuf,
+    /// Extra kernel command line parameters contributed by other subsystems (network config,
+    /// agent channel, root disk).
+    pub extra_cmdline: Vec<String>,
+    /// Extra backend-specific VMM arguments contributed by other subsystems.
+    pub extra_args: Vec<std::ffi::OsString>,
 }
 
 /// Identity of a running VMM and how to reach it; persisted in the VM's state record.

@@ -12,6 +12,8 @@ use vm_rs::driver::cloud_hypervisor::CloudHypervisorDriver;
 use vm_rs::driver::{BootSpec, DriverError, Launched, TapNetwork, VmDriver, VmHandle, VmmEvent, VmmStatus};
 use vm_rs::process::VmmProcess;
 
+pub use super::wait_until;
+
 /// A scenario: takes the binary to run.
 pub type Flow = fn(PathBuf) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
@@ -23,20 +25,6 @@ pub fn block_on<F: std::future::Future<Output = ()>>(fut: F) {
         .build()
         .expect("runtime")
         .block_on(fut)
-}
-
-/// Poll `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
-pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// A temporary VM directory, the guest image and a driver for `binary`.
@@ -89,6 +77,8 @@ impl Fixture {
             vm_dir: &self.vm_dir,
             serial_log: self.serial(),
             vmm_log: self.vm_dir.join("vmm.log"),
+            extra_cmdline: Vec::new(),
+            extra_args: Vec::new(),
         }
     }
 

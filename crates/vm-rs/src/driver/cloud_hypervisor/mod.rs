@@ -116,8 +116,23 @@ pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf, DriverError> {
     })
 }
 
-/// Whether `/dev/kvm` can be opened and a VM created on it.
+/// Whether KVM is usable for Cloud Hypervisor, which has no software fallback: the shared
+/// probe that runs a tiny guest and requires hardware speed (see
+/// [`crate::driver::qemu::accel::kvm_usable`]). Without the QEMU backend built in, only whether
+/// `/dev/kvm` opens and creates a VM.
 pub fn kvm_usable() -> Result<(), String> {
+    #[cfg(feature = "qemu")]
+    {
+        crate::driver::qemu::accel::kvm_usable().map(drop)
+    }
+    #[cfg(not(feature = "qemu"))]
+    {
+        kvm_opens()
+    }
+}
+
+/// Whether `/dev/kvm` can be opened and a VM created on it (says nothing about speed).
+pub fn kvm_opens() -> Result<(), String> {
     let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
     let version = kvm.get_api_version();
     if version != 12 {
@@ -186,12 +201,13 @@ fn log_tail(path: &Path, max: usize) -> String {
     String::from_utf8_lossy(&bytes[start..]).trim().to_string()
 }
 
-/// Build the `vm.create` body for `config`, booting `kernel` and writing the serial console to
-/// `serial_log`.
+/// Build the `vm.create` body for `config`, booting `kernel` with `extra_cmdline` appended to
+/// the command line and writing the serial console to `serial_log`.
 pub fn vm_config_body(
     config: &VmConfig,
     kernel: &Path,
     serial_log: &Path,
+    extra_cmdline: &[String],
 ) -> Result<serde_json::Value, DriverError> {
     if !config.networks.is_empty() {
         return Err(DriverError::Unsupported {
@@ -223,9 +239,11 @@ pub fn vm_config_body(
             message: format!("memory of {} MiB is too large", config.memory_mib),
         })?;
     let mut cmdline = String::from("console=ttyS0");
-    if !config.cmdline.is_empty() {
-        cmdline.push(' ');
-        cmdline.push_str(&config.cmdline);
+    for part in std::iter::once(&config.cmdline).chain(extra_cmdline) {
+        if !part.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(part);
+        }
     }
     let mut payload = serde_json::json!({
         "kernel": path_str(kernel)?,
@@ -364,6 +382,7 @@ impl CloudHypervisorDriver {
             .arg(format!("path={}", files.events.display()))
             .arg("--log-file")
             .arg(&files.log)
+            .args(&spec.extra_args)
             .stdin(std::process::Stdio::null())
             .stdout(vmm_log)
             .stderr(vmm_log_err)
@@ -387,7 +406,7 @@ impl CloudHypervisorDriver {
                     detail.push_str(&log);
                 }
                 // The usual reason for a VMM dying at once is KVM; say so when it is.
-                if let Err(reason) = kvm_usable() {
+                if let Err(reason) = kvm_opens() {
                     return Err(DriverError::AccelUnavailable { reason });
                 }
                 return Err(DriverError::BootFailed {
@@ -462,7 +481,7 @@ impl VmDriver for CloudHypervisorDriver {
                 program: PROGRAM.into(),
                 detail: format!("kernel {}: {e}", spec.config.kernel.display()),
             })?;
-        let body = vm_config_body(spec.config, &kernel, &spec.serial_log)?;
+        let body = vm_config_body(spec.config, &kernel, &spec.serial_log, &spec.extra_cmdline)?;
         let (process, files, client) = self.launch(spec).await?;
         let result = async {
             client.call(Method::Put, "vm.create", Some(&body)).await?;
@@ -719,13 +738,15 @@ mod tests {
             .cmdline("quiet")
             .disk(DiskConfig::parse("/d/root.img,ro,format=qcow2,cache=none").expect("disk"))
             .build_unchecked();
-        let body = vm_config_body(&cfg, Path::new("/k/vmlinux"), Path::new("/v/serial.log")).expect("body");
+        let extra = vec!["vmrs.net=1".to_string()];
+        let body =
+            vm_config_body(&cfg, Path::new("/k/vmlinux"), Path::new("/v/serial.log"), &extra).expect("body");
         assert_eq!(body["cpus"]["boot_vcpus"], 2);
         assert!(body["cpus"]["max_vcpus"].as_u64().expect("max") >= 2);
         assert_eq!(body["memory"]["size"], 128u64 << 20);
         assert_eq!(body["payload"]["kernel"], "/k/vmlinux");
         assert_eq!(body["payload"]["initramfs"], "/k/initrd");
-        assert_eq!(body["payload"]["cmdline"], "console=ttyS0 quiet");
+        assert_eq!(body["payload"]["cmdline"], "console=ttyS0 quiet vmrs.net=1");
         assert_eq!(
             body["serial"],
             serde_json::json!({"mode": "File", "file": "/v/serial.log"})
@@ -746,7 +767,7 @@ mod tests {
             })
             .build_unchecked();
         assert!(matches!(
-            vm_config_body(&cfg, Path::new("/k"), Path::new("/s")),
+            vm_config_body(&cfg, Path::new("/k"), Path::new("/s"), &[]),
             Err(DriverError::Unsupported { .. })
         ));
     }

@@ -1,0 +1,44 @@
+//! Subcommands. Each area has its own module; [`Command`] lists them all.
+
+pub mod vm;
+
+use clap::Subcommand;
+
+/// All subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a VM (the built-in guest unless --kernel is given).
+    Run(vm::RunArgs),
+    /// List VMs.
+    #[command(alias = "ls")]
+    Ps(vm::PsArgs),
+    /// Stop VMs gracefully (power button), killing them after --timeout.
+    Stop(vm::StopArgs),
+    /// Kill VMs immediately.
+    Kill(vm::NamesArgs),
+    /// Pause VMs (stop their vCPUs).
+    Pause(vm::NamesArgs),
+    /// Resume paused VMs.
+    Resume(vm::NamesArgs),
+    /// Show a VM's serial console.
+    Logs(vm::LogsArgs),
+    /// Show details of VMs as JSON.
+    Inspect(vm::NamesArgs),
+    /// Remove stopped VMs (-f: also running ones).
+    Rm(vm::RmArgs),
+}
+
+/// Run a subcommand; returns the process exit code.
+pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
+    match cmd {
+        Command::Run(a) => vm::run(a).await,
+        Command::Ps(a) => vm::ps(a).await,
+        Command::Stop(a) => vm::stop(a).await,
+        Command::Kill(a) => vm::kill(a).await,
+        Command::Pause(a) => vm::pause(a).await,
+        Command::Resume(a) => vm::resume(a).await,
+        Command::Logs(a) => vm::logs(a).await,
+        Command::Inspect(a) => vm::inspect(a).await,
+        Command::Rm(a) => vm::rm(a).await,
+    }
+}

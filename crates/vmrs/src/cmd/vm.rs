@@ -1,0 +1,448 @@
+//! VM lifecycle commands: run, ps, stop, kill, pause, resume, logs, inspect, rm.
+
+use crate::exit::CliError;
+use anyhow::Context;
+use clap::Args;
+use serde::Serialize;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+use vm_rs::config::{Accel, BackendKind, DiskConfig};
+use vm_rs::{VmConfig, VmInfo, VmManager, VmState};
+
+/// `vmrs run`
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// VM name (default: a generated `vm-xxxxxx`).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Return once the guest is ready, leaving the VM running.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Memory in MiB.
+    #[arg(short, long, default_value_t = 256)]
+    pub memory: u64,
+    /// Kernel image (default: the built-in guest's, from `vmrs setup`).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk (default: the built-in guest's when --kernel is not given).
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command line.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Attach a disk: PATH[,ro][,format=raw|qcow2][,cache=writeback|none|unsafe] (repeatable).
+    #[arg(long = "disk", value_name = "SPEC")]
+    pub disks: Vec<String>,
+    /// Acceleration: auto (probe KVM, fall back to TCG), kvm, tcg.
+    #[arg(long, default_value = "auto")]
+    pub accel: String,
+    /// Backend: auto, qemu, cloud-hypervisor.
+    #[arg(long, default_value = "auto")]
+    pub backend: String,
+    /// Seconds to wait for the guest's readiness marker (with --detach).
+    #[arg(long, default_value_t = 120)]
+    pub ready_timeout: u64,
+    /// Seconds a graceful stop waits before killing (foreground Ctrl-C).
+    #[arg(long, default_value_t = 10)]
+    pub stop_timeout: u64,
+    /// Remove the VM when it stops (foreground only).
+    #[arg(long)]
+    pub rm: bool,
+    /// Print the VM's details as JSON when detached.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Built-in guest assets: the kernel and initramfs written by `vmrs setup`.
+fn builtin_assets() -> anyhow::Result<(PathBuf, PathBuf)> {
+    let dir = vm_rs::paths::assets_dir();
+    let kernel = dir.join("vmlinuz");
+    let initrd = dir.join("initramfs.img");
+    if !kernel.is_file() || !initrd.is_file() {
+        return Err(CliError::NotFound(format!(
+            "built-in guest not found in {}: run `vmrs setup` first (or pass --kernel)",
+            dir.display()
+        ))
+        .into());
+    }
+    Ok((kernel, initrd))
+}
+
+fn generated_name() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "vm-{:06x}",
+        (nanos ^ std::process::id().rotate_left(16)) & 0xff_ffff
+    )
+}
+
+/// Build the VmConfig for `run` from its flags.
+pub fn run_config(a: &RunArgs) -> anyhow::Result<VmConfig> {
+    let (kernel, initrd) = match &a.kernel {
+        Some(k) => (k.clone(), a.initrd.clone()),
+        None => {
+            let (k, i) = builtin_assets()?;
+            (k, Some(a.initrd.clone().unwrap_or(i)))
+        }
+    };
+    let mut b = VmConfig::builder(a.name.clone().unwrap_or_else(generated_name))
+        .cpus(a.cpus)
+        .memory_mib(a.memory)
+        .kernel(kernel)
+        .cmdline(a.cmdline.clone())
+        .accel(a.accel.parse::<Accel>()?)
+        .backend(a.backend.parse::<BackendKind>()?);
+    if let Some(i) = initrd {
+        b = b.initramfs(i);
+    }
+    for d in &a.disks {
+        b = b.disk(DiskConfig::parse(d)?);
+    }
+    Ok(b.build()?)
+}
+
+/// `vmrs run`
+pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
+    let config = run_config(&a)?;
+    let name = config.name.clone();
+    let mgr = VmManager::new().await?;
+    let info = mgr
+        .start(config)
+        .await
+        .with_context(|| format!("cannot start vm {name:?}"))?;
+    if a.detach {
+        let ready = mgr.wait_ready(&name, Duration::from_secs(a.ready_timeout)).await;
+        if let Err(e) = ready {
+            let _ = mgr.kill(&name).await;
+            return Err(
+                anyhow::Error::new(e).context(format!("vm {name:?} did not become ready; it was killed"))
+            );
+        }
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&mgr.inspect(&name).await?)?);
+        } else {
+            println!("{name}");
+        }
+        return Ok(0);
+    }
+    // Foreground: stream the console; Ctrl-C stops gracefully (twice: kill).
+    eprintln!(
+        "vmrs: started {name} (pid {}); Ctrl-C stops it",
+        info.pid.unwrap_or(0)
+    );
+    let follow = tokio::spawn(follow_log(info.serial_log.clone()));
+    let mut rx = mgr.subscribe(&name).await?;
+    let mut interrupts = 0;
+    let final_state = loop {
+        tokio::select! {
+            changed = rx.changed() => {
+                let st = rx.borrow_and_update().clone();
+                if changed.is_err() || !st.is_live() { break st; }
+            }
+            _ = tokio::signal::ctrl_c() => {
+                interrupts += 1;
+                if interrupts == 1 {
+                    eprintln!("\nvmrs: stopping {name} (Ctrl-C again to kill)");
+                    let mgr = mgr.clone();
+                    let n = name.clone();
+                    let t = Duration::from_secs(a.stop_timeout);
+                    tokio::spawn(async move { let _ = mgr.stop(&n, t).await; });
+                } else {
+                    let _ = mgr.kill(&name).await;
+                }
+            }
+        }
+    };
+    // let the follower print the last lines
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    follow.abort();
+    let code = match &final_state {
+        VmState::Stopped => 0,
+        VmState::Failed { reason } => {
+            eprintln!("vmrs: vm {name} failed: {reason}");
+            1
+        }
+        _ => 0,
+    };
+    if a.rm {
+        mgr.remove(&name, true).await?;
+    }
+    Ok(code)
+}
+
+async fn follow_log(path: PathBuf) -> std::io::Result<()> {
+    let mut f = vm_rs::console::LogFollower::open(&path, 0).await?;
+    let mut buf = vec![0u8; 16384];
+    let mut out = std::io::stdout();
+    while let Some(n) = f.next_chunk(&mut buf).await? {
+        out.write_all(&buf[..n])?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// `vmrs ps`
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Show all VMs (default: only live ones).
+    #[arg(short, long)]
+    pub all: bool,
+    /// JSON output: an array of objects.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One `ps --json` row.
+#[derive(Debug, Serialize)]
+pub struct PsRow {
+    /// Name.
+    pub name: String,
+    /// `starting`, `running`, `ready`, `paused`, `stopped`, `failed`.
+    pub state: &'static str,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Address from the readiness marker.
+    pub ip: Option<String>,
+    /// Backend.
+    pub backend: BackendKind,
+    /// VMM pid.
+    pub pid: Option<u32>,
+    /// Acceleration used.
+    pub accel: Option<String>,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory (MiB).
+    pub memory_mib: u64,
+    /// Unix time created.
+    pub created_at: u64,
+}
+
+impl From<&VmInfo> for PsRow {
+    fn from(i: &VmInfo) -> Self {
+        PsRow {
+            name: i.name.clone(),
+            state: i.state.name(),
+            reason: match &i.state {
+                VmState::Failed { reason } => Some(reason.clone()),
+                _ => None,
+            },
+            ip: i.ip.clone(),
+            backend: i.backend,
+            pid: i.pid,
+            accel: i.accel.clone(),
+            cpus: i.cpus,
+            memory_mib: i.memory_mib,
+            created_at: i.created_at,
+        }
+    }
+}
+
+fn ago(ts: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(ts);
+    let s = now.saturating_sub(ts);
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m ago", s / 60),
+        3600..=86399 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
+/// `vmrs ps`
+pub async fn ps(a: PsArgs) -> anyhow::Result<i32> {
+    let mgr = VmManager::new().await?;
+    let vms: Vec<VmInfo> = mgr
+        .list()
+        .await?
+        .into_iter()
+        .filter(|v| a.all || v.state.is_live())
+        .collect();
+    let rows: Vec<PsRow> = vms.iter().map(PsRow::from).collect();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<20} {:<9} {:<16} {:<7} {:>8} {:>4} {:>7}  CREATED",
+        "NAME", "STATE", "IP", "BACKEND", "PID", "CPUS", "MEM"
+    );
+    for r in &rows {
+        println!(
+            "{:<20} {:<9} {:<16} {:<7} {:>8} {:>4} {:>6}M  {}",
+            r.name,
+            r.state,
+            r.ip.as_deref().unwrap_or("-"),
+            r.backend.to_string(),
+            r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            r.cpus,
+            r.memory_mib,
+            ago(r.created_at)
+        );
+    }
+    Ok(0)
+}
+
+/// Commands that take VM names.
+#[derive(Debug, Args)]
+pub struct NamesArgs {
+    /// VM names.
+    #[arg(required = true)]
+    pub names: Vec<String>,
+}
+
+/// `vmrs stop`
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Seconds to wait for the guest to power off before killing it.
+    #[arg(short, long, default_value_t = 10)]
+    pub timeout: u64,
+    /// VM names.
+    #[arg(required = true)]
+    pub names: Vec<String>,
+}
+
+/// Run `op` on each name, printing the name on success; the first error is returned after
+/// trying all of them.
+async fn each<F, Fut>(names: &[String], op: F) -> anyhow::Result<i32>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut first_err = None;
+    for n in names {
+        match op(n.clone()).await {
+            Ok(()) => println!("{n}"),
+            Err(e) => {
+                if first_err.is_some() {
+                    crate::exit::print_error(&e);
+                } else {
+                    first_err = Some(e);
+                }
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(0),
+    }
+}
+
+/// `vmrs stop`
+pub async fn stop(a: StopArgs) -> anyhow::Result<i32> {
+    let mgr = VmManager::new().await?;
+    let t = Duration::from_secs(a.timeout);
+    each(&a.names, |n| {
+        let mgr = mgr.clone();
+        async move { mgr.stop(&n, t).await.map(drop).map_err(Into::into) }
+    })
+    .await
+}
+
+/// `vmrs kill`
+pub async fn kill(a: NamesArgs) -> anyhow::Result<i32> {
+    let mgr = VmManager::new().await?;
+    each(&a.names, |n| {
+        let mgr = mgr.clone();
+        async move { mgr.kill(&n).await.map(drop).map_err(Into::into) }
+    })
+    .await
+}
+
+/// `vmrs pause`
+pub async fn pause(a: NamesArgs) -> anyhow::Result<i32> {
+    let mgr = VmManager::new().await?;
+    each(&a.names, |n| {
+        let mgr = mgr.clone();
+        async move { mgr.pause(&n).await.map_err(Into::into) }
+    })
+    .await
+}
+
+/// `vmrs resume`
+pub async fn resume(a: NamesArgs) -> anyhow::Result<i32> {
+    let mgr = VmManager::new().await?;
+    each(&a.names, |n| {
+        let mgr = mgr.clone();
+        async move { mgr.resume(&n).await.map_err(Into::into) }
+    })
+    .await
+}
+
+/// `vmrs logs`
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Keep following until the VM stops.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// VM name.
+    pub name: String,
+}
+
+/// `vmrs logs`
+pub async fn logs(a: LogsArgs) -> anyhow::Result<i32> {
+    let mgr = VmManager::new().await?;
+    let info = mgr.inspect(&a.name).await?;
+    if !a.follow || !info.state.is_live() {
+        let bytes = std::fs::read(&info.serial_log)
+            .with_context(|| format!("cannot read {}", info.serial_log.display()))?;
+        std::io::stdout().write_all(&bytes)?;
+        return Ok(0);
+    }
+    let follow = tokio::spawn(follow_log(info.serial_log.clone()));
+    let mut rx = mgr.subscribe(&a.name).await?;
+    loop {
+        tokio::select! {
+            r = rx.changed() => {
+                if r.is_err() || !rx.borrow_and_update().is_live() { break; }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    follow.abort();
+    Ok(0)
+}
+
+/// `vmrs inspect`
+pub async fn inspect(a: NamesArgs) -> anyhow::Result<i32> {
+    let mgr = VmManager::new().await?;
+    let mut out = Vec::new();
+    for n in &a.names {
+        out.push(mgr.inspect(n).await?);
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(0)
+}
+
+/// `vmrs rm`
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// Kill and remove running VMs too.
+    #[arg(short, long)]
+    pub force: bool,
+    /// VM names.
+    #[arg(required = true)]
+    pub names: Vec<String>,
+}
+
+/// `vmrs rm`
+pub async fn rm(a: RmArgs) -> anyhow::Result<i32> {
+    let mgr = VmManager::new().await?;
+    let force = a.force;
+    each(&a.names, |n| {
+        let mgr = mgr.clone();
+        async move { mgr.remove(&n, force).await.map_err(Into::into) }
+    })
+    .await
+}
