@@ -92,8 +92,12 @@ async fn peer_protocol_errors(bin: PathBuf) {
 
 fn main() {
     support::ch_peer::run_if_invoked();
+    // The manager finds its VMM like users do: through VMRS_CLOUD_HYPERVISOR. Set before any
+    // thread starts.
+    std::env::set_var(vm_rs::driver::cloud_hypervisor::BINARY_ENV, me());
     let args = libtest_mimic::Arguments::from_args();
     let mut flows = ch_flows::shared();
+    flows.extend(ch_flows::manager());
     flows.push(("create_rejects_invalid_config", |b| {
         Box::pin(create_rejects_invalid_config(b))
     }));

@@ -102,6 +102,7 @@ fn main() {
     let args = libtest_mimic::Arguments::from_args();
     let binary = vm_rs::driver::cloud_hypervisor::find_binary(None).ok();
     let mut flows = ch_flows::shared();
+    flows.extend(ch_flows::manager());
     flows.push(("vcpu_failure_is_detected", |b| {
         Box::pin(vcpu_failure_is_detected(b))
     }));

@@ -330,3 +330,176 @@ pub fn shared() -> Vec<(&'static str, Flow)> {
         ("resize_and_hotplug", |b| Box::pin(resize_and_hotplug(b))),
     ]
 }
+
+/// A manager-level config booting the PVH guest on Cloud Hypervisor.
+fn manager_config(name: &str, guest: &Path) -> VmConfig {
+    VmConfig::builder(name)
+        .kernel(guest)
+        .memory_mib(128)
+        .backend(vm_rs::BackendKind::CloudHypervisor)
+        .build()
+        .expect("valid config")
+}
+
+async fn wait_state(
+    mgr: &vm_rs::VmManager,
+    name: &str,
+    pred: impl Fn(&vm_rs::VmState) -> bool,
+) -> vm_rs::VmState {
+    let mut rx = mgr.subscribe(name).await.expect("subscribe");
+    let fut = async {
+        loop {
+            let st = rx.borrow_and_update().clone();
+            if pred(&st) {
+                return st;
+            }
+            if rx.changed().await.is_err() {
+                return mgr.state(name).await.expect("state");
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), fut)
+        .await
+        .expect("state change")
+}
+
+/// Through the manager: boot → ready, pause/resume (and pausing twice is a typed error),
+/// graceful stop (the tiny guest ignores the power button, so the VMM is asked to quit).
+pub async fn manager_lifecycle(bin: PathBuf) {
+    let _ = bin;
+    let home = super::TestHome::new();
+    let guest = super::pvh_guest::write(home.path());
+    let mgr = vm_rs::VmManager::with_home(home.path()).await.expect("manager");
+    let info = mgr.start(manager_config("life", &guest)).await.expect("start");
+    assert_eq!(info.backend, vm_rs::BackendKind::CloudHypervisor);
+    let ip = mgr
+        .wait_ready("life", Duration::from_secs(20))
+        .await
+        .expect("ready");
+    assert_eq!(ip.to_string(), "10.0.0.2");
+    mgr.pause("life").await.expect("pause");
+    assert_eq!(mgr.state("life").await.expect("state"), vm_rs::VmState::Paused);
+    let handle = mgr.handle("life").await.expect("handle").expect("live");
+    let driver = vm_rs::driver::driver_for(vm_rs::BackendKind::CloudHypervisor).expect("driver");
+    assert_eq!(driver.status(&handle).await.expect("status"), VmmStatus::Paused);
+    assert!(matches!(
+        mgr.pause("life").await,
+        Err(vm_rs::ManagerError::State(_))
+    ));
+    mgr.resume("life").await.expect("resume");
+    assert_eq!(
+        mgr.state("life").await.expect("state"),
+        vm_rs::VmState::Ready {
+            ip: "10.0.0.2".into()
+        }
+    );
+    assert_eq!(driver.status(&handle).await.expect("status"), VmmStatus::Running);
+    let st = mgr.stop("life", Duration::from_secs(1)).await.expect("stop");
+    assert_eq!(st, vm_rs::VmState::Stopped);
+    assert!(!super::alive(handle.pid, handle.start_time), "vmm still running");
+    mgr.remove("life", false).await.expect("rm");
+}
+
+/// Through the manager: kill stops the VM at once.
+pub async fn manager_kill(bin: PathBuf) {
+    let _ = bin;
+    let home = super::TestHome::new();
+    let guest = super::pvh_guest::write(home.path());
+    let mgr = vm_rs::VmManager::with_home(home.path()).await.expect("manager");
+    mgr.start(manager_config("k", &guest)).await.expect("start");
+    mgr.wait_ready("k", Duration::from_secs(20)).await.expect("ready");
+    let handle = mgr.handle("k").await.expect("handle").expect("live");
+    assert_eq!(mgr.kill("k").await.expect("kill"), vm_rs::VmState::Stopped);
+    assert!(!super::alive(handle.pid, handle.start_time), "vmm still running");
+}
+
+/// Through the manager: a new manager (as in a new process) reattaches to the running VM, sees
+/// it ready, and drives it over the API.
+pub async fn manager_reattach(bin: PathBuf) {
+    let _ = bin;
+    let home = super::TestHome::new();
+    let guest = super::pvh_guest::write(home.path());
+    {
+        let mgr = vm_rs::VmManager::with_home(home.path()).await.expect("manager");
+        mgr.start(manager_config("re", &guest)).await.expect("start");
+        mgr.wait_ready("re", Duration::from_secs(20))
+            .await
+            .expect("ready");
+    }
+    let mgr = vm_rs::VmManager::with_home(home.path()).await.expect("manager 2");
+    assert_eq!(
+        mgr.state("re").await.expect("state"),
+        vm_rs::VmState::Ready {
+            ip: "10.0.0.2".into()
+        }
+    );
+    mgr.pause("re").await.expect("pause after reattach");
+    let handle = mgr.handle("re").await.expect("handle").expect("live");
+    let driver = vm_rs::driver::driver_for(vm_rs::BackendKind::CloudHypervisor).expect("driver");
+    assert_eq!(driver.status(&handle).await.expect("status"), VmmStatus::Paused);
+    mgr.resume("re").await.expect("resume");
+    assert_eq!(
+        mgr.stop("re", Duration::from_secs(1)).await.expect("stop"),
+        vm_rs::VmState::Stopped
+    );
+}
+
+/// Through the manager: a kernel Cloud Hypervisor cannot boot is a clear error and leaves no VM
+/// behind.
+pub async fn manager_bad_config(bin: PathBuf) {
+    let _ = bin;
+    let home = super::TestHome::new();
+    let junk = home.path().join("junk-kernel");
+    std::fs::write(&junk, vec![0x55u8; 4096]).expect("write");
+    let mgr = vm_rs::VmManager::with_home(home.path()).await.expect("manager");
+    let err = mgr
+        .start(manager_config("bad", &junk))
+        .await
+        .expect_err("must fail");
+    let chain = {
+        let mut s = err.to_string();
+        let mut src = std::error::Error::source(&err);
+        while let Some(e) = src {
+            s.push_str(": ");
+            s.push_str(&e.to_string());
+            src = e.source();
+        }
+        s
+    };
+    assert!(chain.contains("not a bzImage or ELF kernel"), "{chain}");
+    assert!(mgr.list().await.expect("list").is_empty());
+    assert!(!home.path().join("vms/bad").exists());
+}
+
+/// Through the manager: the VMM killed with SIGKILL from outside makes the VM failed.
+pub async fn manager_kill9_failed(bin: PathBuf) {
+    let _ = bin;
+    let home = super::TestHome::new();
+    let guest = super::pvh_guest::write(home.path());
+    let mgr = vm_rs::VmManager::with_home(home.path()).await.expect("manager");
+    mgr.start(manager_config("k9", &guest)).await.expect("start");
+    mgr.wait_ready("k9", Duration::from_secs(20))
+        .await
+        .expect("ready");
+    let handle = mgr.handle("k9").await.expect("handle").expect("live");
+    VmmProcess::attach(handle.pid, handle.start_time)
+        .expect("attach")
+        .kill()
+        .expect("kill -9");
+    let st = wait_state(&mgr, "k9", |s| !s.is_live()).await;
+    match st {
+        vm_rs::VmState::Failed { reason } => assert!(!reason.is_empty()),
+        other => panic!("expected failed, got {other}"),
+    }
+}
+
+/// The manager-level scenarios (the VMM binary comes from `VMRS_CLOUD_HYPERVISOR`).
+pub fn manager() -> Vec<(&'static str, Flow)> {
+    vec![
+        ("manager_lifecycle", |b| Box::pin(manager_lifecycle(b))),
+        ("manager_kill", |b| Box::pin(manager_kill(b))),
+        ("manager_reattach", |b| Box::pin(manager_reattach(b))),
+        ("manager_bad_config", |b| Box::pin(manager_bad_config(b))),
+        ("manager_kill9_failed", |b| Box::pin(manager_kill9_failed(b))),
+    ]
+}
