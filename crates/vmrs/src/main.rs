@@ -8,6 +8,10 @@
 //! vmrs logs [-f] N                serial console
 //! vmrs inspect N                  JSON details
 //! vmrs rm [-f] N                  remove
+//! vmrs snapshot N DIR             save a paused VM (Cloud Hypervisor)
+//! vmrs resize N --cpus/--memory   resize a running VM (Cloud Hypervisor)
+//! vmrs device add-disk|add-net|remove N ...   hot-plug (Cloud Hypervisor)
+//! vmrs counters|vmm-info N        device counters / the VMM's view, as JSON
 //! ```
 //!
 //! Exit codes: see [`exit`].

@@ -1,6 +1,7 @@
 //! Subcommands. Each area has its own module; [`Command`] lists them all.
 
 pub mod vm;
+pub mod vmm;
 
 use clap::Subcommand;
 
@@ -26,6 +27,17 @@ pub enum Command {
     Inspect(vm::NamesArgs),
     /// Remove stopped VMs (-f: also running ones).
     Rm(vm::RmArgs),
+    /// Save a paused VM's state into a directory (Cloud Hypervisor).
+    Snapshot(vmm::SnapshotArgs),
+    /// Change a running VM's vCPUs and/or memory (Cloud Hypervisor).
+    Resize(vmm::ResizeArgs),
+    /// Hot-plug disks and NICs, unplug devices (Cloud Hypervisor).
+    #[command(subcommand)]
+    Device(vmm::DeviceCommand),
+    /// Show a VM's device counters as JSON (Cloud Hypervisor).
+    Counters(vmm::NameArg),
+    /// Show the VMM's own description of a VM as JSON (Cloud Hypervisor).
+    VmmInfo(vmm::NameArg),
 }
 
 /// Run a subcommand; returns the process exit code.
@@ -40,5 +52,10 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Logs(a) => vm::logs(a).await,
         Command::Inspect(a) => vm::inspect(a).await,
         Command::Rm(a) => vm::rm(a).await,
+        Command::Snapshot(a) => vmm::snapshot(a).await,
+        Command::Resize(a) => vmm::resize(a).await,
+        Command::Device(c) => vmm::device(c).await,
+        Command::Counters(a) => vmm::counters(a).await,
+        Command::VmmInfo(a) => vmm::vmm_info(a).await,
     }
 }
