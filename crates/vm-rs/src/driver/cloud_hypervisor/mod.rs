@@ -451,19 +451,29 @@ impl CloudHypervisorDriver {
         }
     }
 
-    /// Run `steps` against a freshly launched VMM; on failure kill it so nothing is left behind.
-    async fn configure_or_kill(
-        mut process: VmmProcess,
-        result: Result<(), DriverError>,
-    ) -> Result<VmmProcess, DriverError> {
-        match result {
-            Ok(()) => Ok(process),
-            Err(e) => {
+    /// Launch a VMM for `spec` and send it `steps` (verb, body, timeout) in order; when one
+    /// fails, kill the VMM so nothing is left behind.
+    async fn launch_with(
+        &self,
+        spec: &BootSpec<'_>,
+        steps: &[(&str, Option<serde_json::Value>, Duration)],
+    ) -> Result<Launched, DriverError> {
+        let (mut process, files, client) = self.launch(spec).await?;
+        for (verb, body, timeout) in steps {
+            let sent = client
+                .with_timeout(*timeout)
+                .call(Method::Put, verb, body.as_ref())
+                .await;
+            if let Err(e) = sent {
                 let _ = process.kill();
                 let _ = process.wait().await;
-                Err(e)
+                return Err(e);
             }
         }
+        Ok(Launched {
+            handle: Self::handle_for(spec, &process, &files),
+            process,
+        })
     }
 }
 
@@ -482,18 +492,14 @@ impl VmDriver for CloudHypervisorDriver {
                 detail: format!("kernel {}: {e}", spec.config.kernel.display()),
             })?;
         let body = vm_config_body(spec.config, &kernel, &spec.serial_log, &spec.extra_cmdline)?;
-        let (process, files, client) = self.launch(spec).await?;
-        let result = async {
-            client.call(Method::Put, "vm.create", Some(&body)).await?;
-            client.call(Method::Put, "vm.boot", None).await?;
-            Ok(())
-        }
-        .await;
-        let process = Self::configure_or_kill(process, result).await?;
-        Ok(Launched {
-            handle: Self::handle_for(spec, &process, &files),
-            process,
-        })
+        self.launch_with(
+            spec,
+            &[
+                ("vm.create", Some(body), API_TIMEOUT),
+                ("vm.boot", None, API_TIMEOUT),
+            ],
+        )
+        .await
     }
 
     async fn status(&self, handle: &VmHandle) -> Result<VmmStatus, DriverError> {
@@ -618,22 +624,15 @@ impl VmDriver for CloudHypervisorDriver {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a cloud-hypervisor snapshot"),
             });
         }
-        let (process, files, client) = self.launch(spec).await?;
         let body = serde_json::json!({ "source_url": format!("file://{}", dir.display()) });
-        let result = async {
-            client
-                .with_timeout(SNAPSHOT_TIMEOUT)
-                .call(Method::Put, "vm.restore", Some(&body))
-                .await?;
-            client.call(Method::Put, "vm.resume", None).await?;
-            Ok(())
-        }
-        .await;
-        let process = Self::configure_or_kill(process, result).await?;
-        Ok(Launched {
-            handle: Self::handle_for(spec, &process, &files),
-            process,
-        })
+        self.launch_with(
+            spec,
+            &[
+                ("vm.restore", Some(body), SNAPSHOT_TIMEOUT),
+                ("vm.resume", None, API_TIMEOUT),
+            ],
+        )
+        .await
     }
 
     async fn resize(
