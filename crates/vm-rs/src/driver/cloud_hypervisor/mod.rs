@@ -396,6 +396,8 @@ impl CloudHypervisorDriver {
         })?;
         let client = ApiClient::new(&files.api_socket, Duration::from_secs(2));
         let deadline = Instant::now() + API_STARTUP_TIMEOUT;
+        // The API is usually up within a few milliseconds: poll fast first, then back off.
+        let mut pause = Duration::from_millis(1);
         loop {
             if !process.is_alive() {
                 let status = process.wait().await.map(|s| s.to_string()).unwrap_or_default();
@@ -433,7 +435,8 @@ impl CloudHypervisorDriver {
                     secs: API_STARTUP_TIMEOUT.as_secs_f64(),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
         Ok((process, files, client.with_timeout(API_TIMEOUT)))
     }
