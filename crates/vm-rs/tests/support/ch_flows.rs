@@ -217,6 +217,31 @@ pub async fn kill_is_failure(bin: PathBuf) {
     }
 }
 
+/// The guest powers itself off: the VMM exits by itself, and both the event stream (even when
+/// subscribed after the exit) and `exit_reason` call it a guest shutdown, not a failure.
+pub async fn guest_power_off(bin: PathBuf) {
+    let fx = Fixture::new(&bin);
+    let mut cfg = fx.config();
+    cfg.kernel = super::pvh_guest::write_power_off(fx.tmp.path());
+    let mut vmm = Vmm(Some(fx.driver.boot(&fx.spec(&cfg)).await.expect("boot")));
+    vmm.wait_exit().await;
+    assert_eq!(fx.wait_ready().await.to_string(), "10.0.0.2");
+    let h = vmm.handle().clone();
+    let mut events = fx.driver.events(&h).await.expect("events after exit");
+    let mut last = None;
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(10), events.next()).await {
+        last = Some(ev);
+    }
+    assert!(
+        matches!(last, Some(VmmEvent::Shutdown { guest: true, .. })),
+        "{last:?}"
+    );
+    assert!(matches!(
+        fx.driver.exit_reason(&h).await.expect("reason"),
+        Some(VmmEvent::Shutdown { guest: true, .. })
+    ));
+}
+
 /// Reattach: a new driver (as in a new process) drives the VM from the persisted handle.
 pub async fn reattach(bin: PathBuf) {
     let fx = Fixture::new(&bin);
@@ -321,6 +346,7 @@ pub fn shared() -> Vec<(&'static str, Flow)> {
         ("stop", |b| Box::pin(stop(b))),
         ("kill_is_failure", |b| Box::pin(kill_is_failure(b))),
         ("reattach", |b| Box::pin(reattach(b))),
+        ("guest_power_off", |b| Box::pin(guest_power_off(b))),
         ("bad_disk_is_clear_error", |b| {
             Box::pin(bad_disk_is_clear_error(b))
         }),
@@ -488,9 +514,20 @@ pub async fn manager_kill9_failed(bin: PathBuf) {
         .expect("kill -9");
     let st = wait_state(&mgr, "k9", |s| !s.is_live()).await;
     match st {
-        vm_rs::VmState::Failed { reason } => assert!(!reason.is_empty()),
+        vm_rs::VmState::Failed { reason } => assert!(reason.contains("killed or crashed"), "{reason}"),
         other => panic!("expected failed, got {other}"),
     }
+}
+
+/// Through the manager: a guest that powers itself off leaves the VM stopped, not failed.
+pub async fn manager_guest_power_off(bin: PathBuf) {
+    let _ = bin;
+    let home = super::TestHome::new();
+    let guest = super::pvh_guest::write_power_off(home.path());
+    let mgr = vm_rs::VmManager::with_home(home.path()).await.expect("manager");
+    mgr.start(manager_config("off", &guest)).await.expect("start");
+    let st = wait_state(&mgr, "off", |s| !s.is_live()).await;
+    assert_eq!(st, vm_rs::VmState::Stopped);
 }
 
 /// The manager-level scenarios (the VMM binary comes from `VMRS_CLOUD_HYPERVISOR`).
@@ -501,5 +538,8 @@ pub fn manager() -> Vec<(&'static str, Flow)> {
         ("manager_reattach", |b| Box::pin(manager_reattach(b))),
         ("manager_bad_config", |b| Box::pin(manager_bad_config(b))),
         ("manager_kill9_failed", |b| Box::pin(manager_kill9_failed(b))),
+        ("manager_guest_power_off", |b| {
+            Box::pin(manager_guest_power_off(b))
+        }),
     ]
 }

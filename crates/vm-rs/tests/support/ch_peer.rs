@@ -15,7 +15,9 @@
 //! `--log-file`), serves HTTP/1.1 on the Unix socket, and writes event-monitor records (pretty
 //! JSON followed by a blank line) for the lifecycle events. It runs no guest: on `vm.boot` it
 //! copies the `VMRS_READY` line found in the kernel image to the serial file, which is what the
-//! tiny PVH test guest (`support::pvh_guest`) prints when it really runs.
+//! tiny PVH test guest (`support::pvh_guest`) prints when it really runs, and when the image
+//! holds the guest's power-off instructions it then shuts down the way the VMM does on a guest
+//! power-off (`vm shutdown`, `vm deleted`, `vmm shutdown`, exit status 0).
 //!
 //! Test binaries run it by re-executing themselves: their `main` calls [`run_if_invoked`]
 //! first, and the driver is pointed at `std::env::current_exe()`.
@@ -266,9 +268,15 @@ impl Peer {
                     return Err(err(500, &["The VM could not boot", "VM is already running"]));
                 }
                 self.event("vm", "booting");
-                boot_payload(&cfg)?;
+                let powers_off = boot_payload(&cfg)?;
                 self.state = State::Running;
                 self.event("vm", "booted");
+                if powers_off {
+                    self.event("vm", "shutdown");
+                    self.event("vm", "deleted");
+                    self.event("vmm", "shutdown");
+                    self.exit = true;
+                }
                 Ok((204, None))
             }
             "vm.info" => {
@@ -524,8 +532,8 @@ fn validate_config(cfg: &Value) -> Result<(), Reply> {
     Ok(())
 }
 
-/// Check the files a boot needs and "run" the emulated guest.
-fn boot_payload(cfg: &Value) -> Result<(), Reply> {
+/// Check the files a boot needs and "run" the emulated guest; true when the guest powers off.
+fn boot_payload(cfg: &Value) -> Result<bool, Reply> {
     let kernel = cfg["payload"]["kernel"].as_str().unwrap_or_default();
     let image = std::fs::read(kernel).map_err(|e| {
         err(
@@ -581,7 +589,8 @@ fn boot_payload(cfg: &Value) -> Result<(), Reply> {
             let _ = f.write_all(&line);
         }
     }
-    Ok(())
+    let code = super::pvh_guest::POWER_OFF_CODE;
+    Ok(image.windows(code.len()).any(|w| w == code))
 }
 
 /// The `VMRS_READY ...\n` line embedded in a test guest image.

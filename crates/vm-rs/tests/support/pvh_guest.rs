@@ -1,6 +1,7 @@
 //! A tiny PVH guest for booting tests: an x86-64 ELF with a `Xen` PVH entry note whose code,
 //! entered in 32-bit protected mode, writes a message to the COM1 data port (0x3f8) and then
-//! idles in a `hlt` loop.
+//! idles in a `hlt` loop — or, built with [`Ending::PowerOff`], first writes the ACPI S5 sleep
+//! value (0x34) to Cloud Hypervisor's ACPI shutdown port (0x600), powering itself off.
 //!
 //! Cloud Hypervisor direct-boots such an ELF, so tests get a guest that reports
 //! `VMRS_READY <ip>` on the serial console within milliseconds, without a Linux kernel (which
@@ -28,8 +29,26 @@ pub const MAX_MESSAGE: usize = 0x100;
 /// The default message: what the guest init prints when it is ready.
 pub const READY_LINE: &[u8] = b"VMRS_READY 10.0.0.2\n";
 
-/// Build the ELF image printing `message` (at most [`MAX_MESSAGE`] bytes, no NUL).
+/// What the guest does after printing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Idle forever.
+    Idle,
+    /// Power off through the ACPI shutdown port.
+    PowerOff,
+}
+
+/// The power-off instructions (`mov dx, 0x600; mov al, 0x34; out dx, al`), also what the
+/// protocol peer looks for to emulate this guest.
+pub const POWER_OFF_CODE: [u8; 7] = [0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee];
+
+/// Build the ELF image printing `message` (at most [`MAX_MESSAGE`] bytes, no NUL), then idling.
 pub fn elf(message: &[u8]) -> Vec<u8> {
+    elf_with(message, Ending::Idle)
+}
+
+/// Build the ELF image printing `message`, then ending as `ending` says.
+pub fn elf_with(message: &[u8], ending: Ending) -> Vec<u8> {
     assert!(
         message.len() <= MAX_MESSAGE && !message.contains(&0),
         "bad message"
@@ -101,12 +120,18 @@ pub fn elf(message: &[u8]) -> Vec<u8> {
     code.extend_from_slice(&[
         0xac, // loop: lodsb
         0x84, 0xc0, // test al, al
-        0x74, 0x03, // jz halt
+        0x74, 0x03, // jz done
         0xee, // out dx, al
         0xeb, 0xf8, // jmp loop
+    ]);
+    if ending == Ending::PowerOff {
+        code.extend_from_slice(&POWER_OFF_CODE); // done: power off
+    }
+    code.extend_from_slice(&[
         0xf4, // halt: hlt
         0xeb, 0xfd, // jmp halt
     ]);
+    assert!(CODE_OFF + code.len() <= MSG_OFF);
     img[CODE_OFF..CODE_OFF + code.len()].copy_from_slice(&code);
     img[MSG_OFF..MSG_OFF + message.len()].copy_from_slice(message);
     img
@@ -116,5 +141,12 @@ pub fn elf(message: &[u8]) -> Vec<u8> {
 pub fn write(dir: &Path) -> PathBuf {
     let path = dir.join("pvh-guest.elf");
     std::fs::write(&path, elf(READY_LINE)).expect("write pvh guest");
+    path
+}
+
+/// Write the guest printing [`READY_LINE`] and powering off to `dir/pvh-poweroff.elf`.
+pub fn write_power_off(dir: &Path) -> PathBuf {
+    let path = dir.join("pvh-poweroff.elf");
+    std::fs::write(&path, elf_with(READY_LINE, Ending::PowerOff)).expect("write pvh guest");
     path
 }

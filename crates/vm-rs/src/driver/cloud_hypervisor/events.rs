@@ -189,7 +189,7 @@ pub fn exit_reason(events: &[ChEvent], quit_requested: bool, vmm_log: &Path) -> 
         explain_shutdown(quit_requested, vmm_log)
     } else {
         VmmEvent::Error {
-            reason: "cloud-hypervisor exited without shutting down (killed or crashed)".into(),
+            reason: "exited without shutting down (killed or crashed)".into(),
         }
     }
 }

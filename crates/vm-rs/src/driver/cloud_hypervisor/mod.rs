@@ -556,7 +556,15 @@ impl VmDriver for CloudHypervisorDriver {
 
     async fn events(&self, handle: &VmHandle) -> Result<EventStream, DriverError> {
         let files = VmFiles::of_handle(handle);
-        let mut process = VmmProcess::attach(handle.pid, handle.start_time)?;
+        // A VMM that is already gone still has its records: the stream replays them and ends
+        // with the reason it went away.
+        let process = match VmmProcess::attach(handle.pid, handle.start_time) {
+            Ok(p) => Some(p),
+            Err(crate::process::ProcessError::Gone { .. } | crate::process::ProcessError::Reused { .. }) => {
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut follower = crate::console::LogFollower::open(&files.events, 0)
             .await
             .map_err(io_err(&files.events))?;
@@ -579,6 +587,12 @@ impl VmDriver for CloudHypervisorDriver {
                 }
                 false
             };
+            let exited = async move {
+                if let Some(mut p) = process {
+                    let _ = p.wait().await;
+                }
+            };
+            tokio::pin!(exited);
             loop {
                 tokio::select! {
                     r = follower.next_chunk(&mut buf) => match r {
@@ -590,7 +604,7 @@ impl VmDriver for CloudHypervisorDriver {
                         }
                         Ok(None) | Err(_) => return,
                     },
-                    _ = process.wait() => {
+                    () = &mut exited => {
                         // Drain what the VMM wrote before it went away.
                         let all = std::fs::read(&files.events).unwrap_or_default();
                         let rest = all.get(offset..).unwrap_or_default();
