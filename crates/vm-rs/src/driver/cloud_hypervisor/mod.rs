@@ -27,6 +27,22 @@
 //! unpacked into `<dir>/vmlinux` first ([`vmlinux`]), so the guest assets built for QEMU serve
 //! here too. The serial console goes to the VM's `serial.log`, as with every backend.
 //!
+//! ## The VM it creates
+//!
+//! * `boot_vcpus` = `cpus`, `max_vcpus` = `max(cpus, min(host cpus, 8))`, so
+//!   [`VmDriver::resize`] can add vCPUs up to that;
+//! * memory `size` = `memory_mib`, with as much again reserved for ACPI memory hot-plug;
+//! * serial console in file mode to the VM's serial log, virtio-console off;
+//! * disks as virtio-blk with an explicit `image_type` (`Raw`/`Qcow2`); `cache=none` is
+//!   `direct`, `cache=unsafe` is refused;
+//! * no user-mode networking (Cloud Hypervisor has none): NICs are TAP devices, hot-plugged
+//!   with [`VmDriver::add_net`]; shared directories are not supported yet.
+//!
+//! Snapshots need a paused VM; restore re-creates the VM from the snapshot's own
+//! configuration, so the restored guest writes to the serial log path recorded there. Saving
+//! vCPU state needs hardware KVM: a software KVM fails with `GetNestedState`, which
+//! [`VmDriver::snapshot`] explains.
+//!
 //! ## Failure detection
 //!
 //! Cloud Hypervisor exits with status 0 even when a vCPU fails, so the exit status says
