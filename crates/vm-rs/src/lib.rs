@@ -24,6 +24,8 @@
 //! * [`process`] — VMM process identity and signalling (never signals a reused pid).
 //! * [`console`] — serial console following and readiness detection ([`READY_MARKER`]).
 //! * [`manager`] — [`VmManager`], the verbs users call; persistence and reattach.
+//! * [`guest`] — guest assets: kernel, modules, busybox, vmrs-init, and the initramfs builder.
+//! * [`oci`] — OCI images: pull into a content-addressed store ([`ImageStore`]), unpack safely.
 //! * [`paths`] — where data lives (`VMRS_HOME`).
 //!
 //! Every VM has a directory under the data dir (`$VMRS_HOME/vms/<name>`), so a new
@@ -56,7 +58,9 @@
 pub mod config;
 pub mod console;
 pub mod driver;
+pub mod guest;
 pub mod manager;
+pub mod oci;
 pub mod paths;
 pub mod process;
 pub mod state;
@@ -65,4 +69,5 @@ pub use config::{Accel, BackendKind, DiskConfig, NetworkAttachment, SharedDir, V
 pub use console::READY_MARKER;
 pub use driver::{VmDriver, VmHandle};
 pub use manager::{ManagerError, VmInfo, VmManager};
+pub use oci::ImageStore;
 pub use state::VmState;

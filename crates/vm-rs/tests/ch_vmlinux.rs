@@ -32,9 +32,15 @@ fn compress(c: Compression, data: &[u8]) -> Vec<u8> {
         }
         Compression::Zstd => zstd::encode_all(data, 3).expect("zstd"),
         Compression::Xz => {
-            let mut out = Vec::new();
-            lzma_rs::xz_compress(&mut std::io::Cursor::new(data), &mut out).expect("xz");
-            out
+            // As the kernel build does: x86 BCJ filter, then LZMA2, CRC32 check.
+            let mut filters = xz2::stream::Filters::new();
+            filters.x86();
+            filters.lzma2(&xz2::stream::LzmaOptions::new_preset(6).expect("preset"));
+            let stream = xz2::stream::Stream::new_stream_encoder(&filters, xz2::stream::Check::Crc32)
+                .expect("encoder");
+            let mut e = xz2::write::XzEncoder::new_stream(Vec::new(), stream);
+            e.write_all(data).expect("xz");
+            e.finish().expect("xz")
         }
         Compression::Lz4Legacy => {
             let mut out = vec![0x02, 0x21, 0x4c, 0x18];
@@ -130,12 +136,9 @@ async fn prepare_writes_vmlinux_once_for_bzimage_and_uses_elf_in_place() {
 
 /// The Debian kernel of the guest assets: a bzImage with an LZ4 legacy payload whose ELF has
 /// the PVH note.
-#[test]
-fn real_debian_kernel() {
-    let Some(kernel) = support::guest_kernel() else {
-        println!("skipped: no guest assets with a Debian kernel (run `vmrs setup` or set VMRS_ASSETS)");
-        return;
-    };
+#[tokio::test]
+async fn real_debian_kernel() {
+    let kernel = support::guest::assets().await.kernel;
     let image = std::fs::read(&kernel).expect("read kernel");
     let payload = vmlinux::bzimage_payload(&image).expect("payload");
     assert_eq!(payload.compression, Compression::Lz4Legacy);

@@ -39,10 +39,7 @@ async fn snapshot_or_clear_error(bin: PathBuf) {
 /// report a failure, from the event stream and from `exit_reason`. On hardware KVM the kernel
 /// boots instead, which the serial console shows.
 async fn vcpu_failure_is_detected(bin: PathBuf) {
-    let Some(kernel) = support::guest_kernel() else {
-        println!("skipped: no guest assets with a Debian kernel (run `vmrs setup` or set VMRS_ASSETS)");
-        return;
-    };
+    let kernel = support::guest::assets().await.kernel;
     let fx = Fixture::new(&bin);
     let mut cfg = fx.config();
     cfg.kernel = kernel;

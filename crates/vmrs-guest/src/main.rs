@@ -1,4 +1,379 @@
-//! vmrs-init: PID 1 inside vm-rs guests (placeholder).
+//! `vmrs-init`: PID 1 inside vm-rs guests.
+//!
+//! Boot sequence:
+//! 1. mount `/proc`, `/sys`, `/dev` (devtmpfs), `/dev/pts`, `/dev/shm`, `/tmp`, `/run`;
+//! 2. load the kernel modules listed in `/etc/vmrs/modules` (one `.ko` path per line, dependencies
+//!    first) with `finit_module`; a missing file is logged and skipped, an already loaded module
+//!    is fine;
+//! 3. read the `vmrs.*` parameters from `/proc/cmdline` (see [`cmdline`]): host name, `lo` up,
+//!    static address and default route on `eth0` (with busybox `ip`), `/etc/resolv.conf`;
+//! 4. print `VMRS_READY <ip>` on its own console line (`127.0.0.1` without network);
+//! 5. loop forever: reap zombies; on the ACPI power button (an `EV_KEY`/`KEY_POWER` press on any
+//!    `/dev/input/event*`) or SIGTERM/SIGUSR2/SIGPWR/SIGINT, shut down: print
+//!    `vmrs-init: shutting down`, SIGTERM then SIGKILL every process, sync, unmount, print
+//!    `vmrs-init: power off` and power the machine off.
+//!
+//! PID 1 must never exit: failures are printed and boot continues where it can; a panic powers
+//! the machine off.
+
+mod cmdline;
+mod sys;
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MODULE_LIST: &str = "/etc/vmrs/modules";
+const EV_KEY: u16 = 1;
+const KEY_POWER: u16 = 116;
+/// `struct input_event` on 64-bit: timeval (16) + type (2) + code (2) + value (4).
+const INPUT_EVENT_SIZE: usize = 24;
+
+fn log(msg: &str) {
+    sys::console(&format!("vmrs-init: {msg}"));
+}
+
 fn main() {
-    println!("VMRS_READY 127.0.0.1");
+    std::panic::set_hook(Box::new(|info| {
+        sys::console(&format!("vmrs-init: panic: {info}"));
+        power_off();
+    }));
+    std::env::set_var("PATH", "/bin:/sbin:/usr/bin:/usr/sbin");
+    std::env::set_var("HOME", "/root");
+
+    let signals = match sys::block_signals(&[
+        libc::SIGCHLD,
+        libc::SIGTERM,
+        libc::SIGUSR2,
+        libc::SIGPWR,
+        libc::SIGINT,
+        libc::SIGHUP,
+    ]) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            log(&format!("cannot set up signal handling: {e}"));
+            None
+        }
+    };
+
+    mount_basics();
+    load_modules();
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let cfg = cmdline::parse(&cmdline);
+    for w in &cfg.warnings {
+        log(w);
+    }
+    let ip = configure(&cfg);
+    // Open the power button before announcing readiness, so a stop right after ready works.
+    let inputs = open_input_devices(Duration::from_secs(2));
+    sys::console(&format!("VMRS_READY {ip}"));
+    if cfg.shell {
+        spawn_shell();
+    }
+    supervise(signals, inputs);
+}
+
+fn mount_basics() {
+    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
+    let mounts: [(&str, &str, &str, libc::c_ulong, &str); 7] = [
+        ("proc", "/proc", "proc", nosuid_nodev | libc::MS_NOEXEC, ""),
+        ("sysfs", "/sys", "sysfs", nosuid_nodev | libc::MS_NOEXEC, ""),
+        ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755"),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            "gid=5,mode=620,ptmxmode=666",
+        ),
+        ("tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, "mode=1777"),
+        ("tmpfs", "/tmp", "tmpfs", nosuid_nodev, "mode=1777"),
+        ("tmpfs", "/run", "tmpfs", nosuid_nodev, "mode=0755"),
+    ];
+    for (source, target, fstype, flags, data) in mounts {
+        if let Err(e) = std::fs::create_dir_all(target) {
+            log(&format!("cannot create {target}: {e}"));
+        }
+        match sys::mount(source, target, fstype, flags, data) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => log(&format!("mount {target} ({fstype}): {e}")),
+        }
+    }
+}
+
+fn load_modules() {
+    let list = match std::fs::read_to_string(MODULE_LIST) {
+        Ok(l) => l,
+        Err(e) => {
+            log(&format!("no module list {MODULE_LIST}: {e}"));
+            return;
+        }
+    };
+    for path in list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                log(&format!("skipping module {path}: {e}"));
+                continue;
+            }
+        };
+        match sys::finit_module(&file) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => log(&format!("loading {path}: {e}")),
+        }
+    }
+}
+
+/// Run a program (argument vector) and wait for it; failures are logged.
+fn run(program: &str, args: &[&str]) -> bool {
+    match Command::new(program).args(args).stdin(Stdio::null()).status() {
+        Ok(s) if s.success() => true,
+        Ok(s) => {
+            log(&format!("{program} {}: {s}", args.join(" ")));
+            false
+        }
+        Err(e) => {
+            log(&format!("cannot run {program}: {e}"));
+            false
+        }
+    }
+}
+
+/// Configure host name, loopback and eth0; returns the address to announce.
+fn configure(cfg: &cmdline::Config) -> String {
+    if let Some(h) = &cfg.hostname {
+        if let Err(e) = sys::sethostname(h) {
+            log(&format!("sethostname {h}: {e}"));
+        }
+    }
+    run("/bin/ip", &["link", "set", "lo", "up"]);
+    if !cfg.dns.is_empty() {
+        let text: String = cfg.dns.iter().map(|d| format!("nameserver {d}\n")).collect();
+        if let Err(e) = std::fs::write("/etc/resolv.conf", text) {
+            log(&format!("writing /etc/resolv.conf: {e}"));
+        }
+    }
+    let Some((addr, prefix)) = cfg.ip else {
+        return "127.0.0.1".into();
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::path::Path::new("/sys/class/net/eth0").exists() {
+        if Instant::now() > deadline {
+            log("eth0 did not appear; network not configured");
+            return "127.0.0.1".into();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cidr = format!("{addr}/{prefix}");
+    let ok = run("/bin/ip", &["addr", "add", &cidr, "dev", "eth0"])
+        && run("/bin/ip", &["link", "set", "eth0", "up"]);
+    if !ok {
+        return "127.0.0.1".into();
+    }
+    if let Some(gw) = cfg.gw {
+        run("/bin/ip", &["route", "add", "default", "via", &gw.to_string()]);
+    }
+    addr.to_string()
+}
+
+fn spawn_shell() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("/bin/sh");
+    // SAFETY: only async-signal-safe calls (setsid, ioctl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            libc::ioctl(0, libc::TIOCSCTTY, 1);
+            Ok(())
+        });
+    }
+    if let Err(e) = cmd.spawn() {
+        log(&format!("cannot start shell: {e}"));
+    }
+}
+
+/// Open every input event device the kernel has registered (`/sys/class/input/event*`; the
+/// power button is one of them), waiting up to `wait` for devtmpfs to create the nodes.
+fn open_input_devices(wait: Duration) -> Vec<std::fs::File> {
+    let Ok(dir) = std::fs::read_dir("/sys/class/input") else {
+        return Vec::new();
+    };
+    let names: Vec<String> = dir
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("event"))
+        .collect();
+    let deadline = Instant::now() + wait;
+    let mut files = Vec::new();
+    for name in names {
+        let path = format!("/dev/input/{name}");
+        loop {
+            match std::fs::File::open(&path) {
+                Ok(f) => {
+                    files.push(f);
+                    break;
+                }
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => {
+                    log(&format!("cannot open {path}: {e}"));
+                    break;
+                }
+            }
+        }
+    }
+    files
+}
+
+/// Whether a buffer of input events holds a power key press.
+fn has_power_press(buf: &[u8]) -> bool {
+    buf.chunks_exact(INPUT_EVENT_SIZE).any(|ev| {
+        let ty = u16::from_ne_bytes([ev[16], ev[17]]);
+        let code = u16::from_ne_bytes([ev[18], ev[19]]);
+        let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
+        ty == EV_KEY && code == KEY_POWER && value == 1
+    })
+}
+
+fn reap_all() {
+    while let sys::Reaped::Child(..) = sys::reap_one() {}
+}
+
+/// PID 1's main loop: reap children, wait for a shutdown request.
+fn supervise(signals: Option<OwnedFd>, mut inputs: Vec<std::fs::File>) -> ! {
+    let started = Instant::now();
+    loop {
+        let mut fds = Vec::new();
+        if let Some(s) = &signals {
+            fds.push(s.as_raw_fd());
+        }
+        let first_input = fds.len();
+        fds.extend(inputs.iter().map(|f| f.as_raw_fd()));
+        // Input devices can appear shortly after boot: rescan now and then while there are none.
+        let timeout = if inputs.is_empty() && started.elapsed() < Duration::from_secs(30) {
+            200
+        } else {
+            5000
+        };
+        let ready = sys::poll_readable(&fds, timeout);
+        let mut shutdown = false;
+        for i in ready {
+            if i < first_input {
+                if let Some(s) = &signals {
+                    while let Some(sig) = sys::read_signal(s.as_raw_fd()) {
+                        match sig as libc::c_int {
+                            libc::SIGCHLD => {}
+                            libc::SIGHUP => {}
+                            other => {
+                                log(&format!("received signal {other}"));
+                                shutdown = true;
+                            }
+                        }
+                    }
+                }
+            } else if let Some(dev) = inputs.get_mut(i - first_input) {
+                let mut buf = [0u8; INPUT_EVENT_SIZE * 16];
+                match dev.read(&mut buf) {
+                    Ok(n) if has_power_press(&buf[..n]) => {
+                        log("power button pressed");
+                        shutdown = true;
+                    }
+                    Ok(_) => {}
+                    Err(_) => {}
+                }
+            }
+        }
+        reap_all();
+        if shutdown {
+            shut_down();
+        }
+        if inputs.is_empty() {
+            inputs = open_input_devices(Duration::ZERO);
+        }
+    }
+}
+
+/// Stop everything and power off. Never returns.
+fn shut_down() -> ! {
+    sys::console("vmrs-init: shutting down");
+    let _ = sys::kill(-1, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match sys::reap_one() {
+            sys::Reaped::NoChildren => break,
+            sys::Reaped::Child(..) => continue,
+            sys::Reaped::None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            sys::Reaped::None => break,
+        }
+    }
+    let _ = sys::kill(-1, libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match sys::reap_one() {
+            sys::Reaped::NoChildren => break,
+            sys::Reaped::Child(..) => continue,
+            sys::Reaped::None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            sys::Reaped::None => break,
+        }
+    }
+    sys::sync();
+    unmount_all();
+    sys::sync();
+    power_off();
+}
+
+fn unmount_all() {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let targets: Vec<String> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|t| *t != "/")
+        .map(|t| t.replace("\\040", " "))
+        .collect();
+    for t in targets.iter().rev() {
+        if sys::umount(t, 0).is_err() {
+            let _ = sys::umount(t, libc::MNT_DETACH);
+        }
+    }
+}
+
+fn power_off() -> ! {
+    sys::console("vmrs-init: power off");
+    let err = sys::reboot(libc::RB_POWER_OFF);
+    sys::console(&format!("vmrs-init: power off failed: {err}"));
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(ty: u16, code: u16, value: i32) -> Vec<u8> {
+        let mut e = vec![0u8; 16];
+        e.extend_from_slice(&ty.to_ne_bytes());
+        e.extend_from_slice(&code.to_ne_bytes());
+        e.extend_from_slice(&value.to_ne_bytes());
+        e
+    }
+
+    #[test]
+    fn power_press_detection() {
+        let mut buf = event(0, 0, 0);
+        assert!(!has_power_press(&buf));
+        buf.extend(event(EV_KEY, KEY_POWER, 0));
+        assert!(!has_power_press(&buf), "release is not a press");
+        buf.extend(event(EV_KEY, 115, 1));
+        assert!(!has_power_press(&buf));
+        buf.extend(event(EV_KEY, KEY_POWER, 1));
+        assert!(has_power_press(&buf));
+        assert!(!has_power_press(&buf[..10]));
+    }
 }

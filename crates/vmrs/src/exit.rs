@@ -51,11 +51,34 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         if cause.downcast_ref::<vm_rs::config::ConfigError>().is_some() {
             return INVALID;
         }
+        if let Some(code) = oci_code(cause) {
+            return code;
+        }
         if let Some(c) = cause.downcast_ref::<CliError>() {
             return c.code();
         }
     }
     GENERAL
+}
+
+/// Exit codes for image errors: unknown image → 3, bad reference/platform → 5.
+fn oci_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    use vm_rs::oci::{PullError, ReferenceError, StoreError};
+    if let Some(e) = cause.downcast_ref::<StoreError>() {
+        return match e {
+            StoreError::NotFound { .. } => Some(NOT_FOUND),
+            StoreError::Ambiguous { .. } | StoreError::Reference(_) => Some(INVALID),
+            _ => None,
+        };
+    }
+    if cause.downcast_ref::<ReferenceError>().is_some() {
+        return Some(INVALID);
+    }
+    match cause.downcast_ref::<PullError>() {
+        Some(PullError::NoMatchingPlatform { .. }) => Some(NOT_FOUND),
+        Some(PullError::Reference(_)) => Some(INVALID),
+        _ => None,
+    }
 }
 
 /// Errors raised by the CLI itself.

@@ -8,6 +8,10 @@
 //! vmrs logs [-f] N                serial console
 //! vmrs inspect N                  JSON details
 //! vmrs rm [-f] N                  remove
+//! vmrs pull REF [--platform P]     pull an OCI image into the store
+//! vmrs images [--json]            list stored images
+//! vmrs rmi REF... [--prune]       remove images (and unused blobs)
+//! vmrs image inspect|gc|unpack    image details, garbage collection, unpack to a directory
 //! vmrs snapshot N DIR             save a paused VM (Cloud Hypervisor)
 //! vmrs resize N --cpus/--memory   resize a running VM (Cloud Hypervisor)
 //! vmrs device add-disk|add-net|remove N ...   hot-plug (Cloud Hypervisor)

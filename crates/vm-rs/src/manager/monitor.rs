@@ -276,11 +276,13 @@ impl VmEntry {
             *self.killer.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
         rec.state = to.clone();
+        // Publish first: waiters should not pay for the fsync. The record lock is still held,
+        // so records are persisted in the order states are published.
+        self.state_tx.send_replace(to);
         if let Err(e) = record::write_json_atomic(&self.dir.join(files::STATE), &*rec) {
             // the directory may have been removed (vm removed while tasks wind down)
             tracing::debug!(vm = %self.name, error = %e, "cannot persist state");
         }
-        self.state_tx.send_replace(to);
     }
 
     /// Resumed: back to ready when the guest was ready before, else running.
@@ -362,6 +364,9 @@ impl VmEntry {
         for t in tasks {
             t.abort();
         }
+        // A transition publishes its state before persisting it, holding the record lock
+        // meanwhile: wait for an in-flight write so the VM's directory can be removed.
+        drop(self.record.lock().await);
     }
 
     pub(super) async fn info(&self) -> super::VmInfo {

@@ -4,7 +4,12 @@
 
 pub mod ch_flows;
 pub mod ch_peer;
+pub mod fault_proxy;
+pub mod guest;
+pub mod oci_layout;
 pub mod pvh_guest;
+pub mod qemu;
+pub mod registry;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -111,19 +116,3 @@ pub fn test_config(name: &str) -> vm_rs::VmConfig {
 
 /// Generous boot timeout for TCG guests on a loaded 2-core machine.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// The Debian kernel of the guest assets, if they are set up (`VMRS_ASSETS`, the shared test
-/// cache under the target dir, or the default assets dir).
-pub fn guest_kernel() -> Option<std::path::PathBuf> {
-    [
-        std::env::var_os("VMRS_ASSETS")
-            .filter(|v| !v.is_empty())
-            .map(std::path::PathBuf::from),
-        Some(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("vmrs-assets")),
-        Some(vm_rs::paths::assets_dir()),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|d| d.join("vmlinuz"))
-    .find(|k| k.is_file())
-}

@@ -1,5 +1,7 @@
 //! Subcommands. Each area has its own module; [`Command`] lists them all.
 
+pub mod image;
+pub mod setup;
 pub mod vm;
 pub mod vmm;
 
@@ -8,6 +10,8 @@ use clap::Subcommand;
 /// All subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Fetch the guest kernel and busybox and build the initramfs (the built-in guest).
+    Setup(setup::SetupArgs),
     /// Boot a VM (the built-in guest unless --kernel is given).
     Run(vm::RunArgs),
     /// List VMs.
@@ -27,6 +31,14 @@ pub enum Command {
     Inspect(vm::NamesArgs),
     /// Remove stopped VMs (-f: also running ones).
     Rm(vm::RmArgs),
+    /// Pull an OCI image into the local store.
+    Pull(image::PullArgs),
+    /// List stored images.
+    Images(image::ImagesArgs),
+    /// Remove images (--prune: then delete unused blobs).
+    Rmi(image::RmiArgs),
+    /// Image commands: inspect, gc, unpack, ls, rm, pull.
+    Image(image::ImageArgs),
     /// Save a paused VM's state into a directory (Cloud Hypervisor).
     Snapshot(vmm::SnapshotArgs),
     /// Change a running VM's vCPUs and/or memory (Cloud Hypervisor).
@@ -43,6 +55,7 @@ pub enum Command {
 /// Run a subcommand; returns the process exit code.
 pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
     match cmd {
+        Command::Setup(a) => setup::run(a).await.map(|()| 0),
         Command::Run(a) => vm::run(a).await,
         Command::Ps(a) => vm::ps(a).await,
         Command::Stop(a) => vm::stop(a).await,
@@ -52,6 +65,10 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Logs(a) => vm::logs(a).await,
         Command::Inspect(a) => vm::inspect(a).await,
         Command::Rm(a) => vm::rm(a).await,
+        Command::Pull(a) => image::pull(a).await,
+        Command::Images(a) => image::images(a).await,
+        Command::Rmi(a) => image::rmi(a).await,
+        Command::Image(a) => image::image(a).await,
         Command::Snapshot(a) => vmm::snapshot(a).await,
         Command::Resize(a) => vmm::resize(a).await,
         Command::Device(c) => vmm::device(c).await,

@@ -309,17 +309,7 @@ pub fn decompress(payload: &Payload<'_>) -> Result<Vec<u8>, VmlinuxError> {
                 .single_frame();
             read_bounded(dec, c)?
         }
-        Compression::Xz => {
-            let mut out = Vec::new();
-            let mut input = std::io::BufReader::new(payload.data);
-            lzma_rs::xz_decompress(&mut input, &mut BoundedVec(&mut out)).map_err(|e| {
-                VmlinuxError::Decompress {
-                    compression: c,
-                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-                }
-            })?;
-            out
-        }
+        Compression::Xz => read_bounded(xz2::read::XzDecoder::new(payload.data), c)?,
         Compression::Lz4Legacy => lz4_legacy(payload.data)?,
     };
     if let Some(expected) = payload.recorded_size {
@@ -329,22 +319,6 @@ pub fn decompress(payload: &Payload<'_>) -> Result<Vec<u8>, VmlinuxError> {
         }
     }
     Ok(out)
-}
-
-/// A `Write` into a `Vec` that refuses to grow past [`MAX_VMLINUX_SIZE`].
-struct BoundedVec<'a>(&'a mut Vec<u8>);
-
-impl std::io::Write for BoundedVec<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.0.len() + buf.len() > MAX_VMLINUX_SIZE {
-            return Err(std::io::Error::other("decompressed kernel too large"));
-        }
-        self.0.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Check that `elf` is an x86-64 ELF with a PVH entry note and return its entry points.

@@ -73,13 +73,12 @@ fn opt(prefix: &str, path: &Path, suffix: &str) -> OsString {
 /// The host's TSC frequency in kHz, read from `/proc/cpuinfo`.
 ///
 /// Under TCG the guest's TSC runs at the host TSC rate, but the microvm machine has no PIT
-/// speaker gate, HPET or ACPI PM timer to calibrate it against; without `tsc_early_khz=` a
-/// Debian kernel hangs at "Marking TSC unstable" with a stopped clock.
+/// speaker gate, HPET or ACPI PM timer to calibrate it against; on a busy host the quick PIT
+/// calibration fails too, and without `tsc_early_khz=` a Debian kernel then hangs after
+/// "tsc: Marking TSC unstable" waiting for timer ticks that never arrive.
 pub fn tsc_khz() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("cpu MHz"))?;
-    let mhz: f64 = line.split(':').nth(1)?.trim().parse().ok()?;
-    Some((mhz * 1000.0) as u64).filter(|k| *k > 0)
+    crate::guest::parse_cpu_khz(&text)
 }
 
 /// Kernel command line for the VM.

@@ -1,0 +1,139 @@
+//! Parsing the `vmrs.*` parameters of the kernel command line (`/proc/cmdline`).
+//!
+//! | parameter            | meaning                                              |
+//! |----------------------|------------------------------------------------------|
+//! | `vmrs.ip=A.B.C.D/P`  | static address + prefix for `eth0` (IPv6 also works) |
+//! | `vmrs.gw=A.B.C.D`    | default gateway                                      |
+//! | `vmrs.dns=A[,B...]`  | name servers written to `/etc/resolv.conf`           |
+//! | `vmrs.hostname=NAME` | host name                                            |
+//! | `vmrs.shell=1`       | start a shell on the console                         |
+//!
+//! Invalid values are reported and ignored (the guest still boots); unknown `vmrs.*` keys too.
+
+use std::net::IpAddr;
+
+/// The parsed `vmrs.*` configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Address and prefix length for eth0.
+    pub ip: Option<(IpAddr, u8)>,
+    /// Default gateway.
+    pub gw: Option<IpAddr>,
+    /// Name servers.
+    pub dns: Vec<IpAddr>,
+    /// Host name.
+    pub hostname: Option<String>,
+    /// Start a console shell.
+    pub shell: bool,
+    /// Problems found while parsing (reported on the console).
+    pub warnings: Vec<String>,
+}
+
+fn parse_cidr(v: &str) -> Option<(IpAddr, u8)> {
+    let (addr, prefix) = v.split_once('/')?;
+    let addr: IpAddr = addr.parse().ok()?;
+    let prefix: u8 = prefix.parse().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    (prefix <= max).then_some((addr, prefix))
+}
+
+fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 64
+        && !h.starts_with('-')
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// Parse a kernel command line.
+pub fn parse(cmdline: &str) -> Config {
+    let mut cfg = Config::default();
+    for word in cmdline.split_ascii_whitespace() {
+        let Some(rest) = word.strip_prefix("vmrs.") else {
+            continue;
+        };
+        let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
+        match key {
+            "ip" => match parse_cidr(value) {
+                Some(c) => cfg.ip = Some(c),
+                None => cfg.warnings.push(format!("ignoring invalid vmrs.ip={value}")),
+            },
+            "gw" => match value.parse() {
+                Ok(a) => cfg.gw = Some(a),
+                Err(_) => cfg.warnings.push(format!("ignoring invalid vmrs.gw={value}")),
+            },
+            "dns" => {
+                for v in value.split(',').filter(|v| !v.is_empty()) {
+                    match v.parse() {
+                        Ok(a) => cfg.dns.push(a),
+                        Err(_) => cfg.warnings.push(format!("ignoring invalid vmrs.dns entry {v}")),
+                    }
+                }
+            }
+            "hostname" => {
+                if valid_hostname(value) {
+                    cfg.hostname = Some(value.to_string());
+                } else {
+                    cfg.warnings
+                        .push(format!("ignoring invalid vmrs.hostname={value}"));
+                }
+            }
+            "shell" => cfg.shell = matches!(value, "" | "1" | "yes" | "true"),
+            _ => {}
+        }
+    }
+    cfg
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_network_config() {
+        let c = parse(
+            "console=ttyS0 reboot=t panic=-1 vmrs.ip=10.0.2.15/24 vmrs.gw=10.0.2.2 \
+             vmrs.dns=10.0.2.3,1.1.1.1 vmrs.hostname=web-1\n",
+        );
+        assert_eq!(c.ip, Some(("10.0.2.15".parse().unwrap(), 24)));
+        assert_eq!(c.gw, Some("10.0.2.2".parse().unwrap()));
+        assert_eq!(c.dns.len(), 2);
+        assert_eq!(c.hostname.as_deref(), Some("web-1"));
+        assert!(!c.shell);
+        assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn nothing_configured() {
+        let c = parse("console=ttyS0 quiet");
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn invalid_values_are_ignored_with_warnings() {
+        let c = parse(
+            "vmrs.ip=10.0.2.15 vmrs.ip=300.1.1.1/24 vmrs.ip=10.0.0.1/33 vmrs.gw=x \
+             vmrs.dns=1.1.1.1,bad vmrs.hostname=-x vmrs.hostname=a;rm",
+        );
+        assert_eq!(c.ip, None);
+        assert_eq!(c.gw, None);
+        assert_eq!(c.dns, vec!["1.1.1.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(c.hostname, None);
+        assert_eq!(c.warnings.len(), 7);
+    }
+
+    #[test]
+    fn ipv6_and_shell() {
+        let c = parse("vmrs.ip=fd00::2/64 vmrs.shell=1 vmrs.unknown=3");
+        assert_eq!(c.ip, Some(("fd00::2".parse().unwrap(), 64)));
+        assert!(c.shell);
+        assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn last_value_wins() {
+        let c = parse("vmrs.ip=10.0.0.1/8 vmrs.ip=10.0.0.2/16");
+        assert_eq!(c.ip, Some(("10.0.0.2".parse().unwrap(), 16)));
+    }
+}

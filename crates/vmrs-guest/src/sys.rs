@@ -1,0 +1,180 @@
+//! Thin wrappers over the system calls PID 1 needs (libc only, no panics).
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+fn cstr(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Write a whole line to the console (fd 1), ignoring errors: the console is best effort.
+pub fn console(line: &str) {
+    let mut buf = Vec::with_capacity(line.len() + 1);
+    buf.extend_from_slice(line.as_bytes());
+    buf.push(b'\n');
+    let mut off = 0;
+    while off < buf.len() {
+        // SAFETY: the pointer and length describe the live `buf` slice.
+        let n = unsafe { libc::write(1, buf[off..].as_ptr().cast(), buf.len() - off) };
+        if n < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        if n == 0 {
+            return;
+        }
+        off += n as usize;
+    }
+}
+
+/// `mount(2)`.
+pub fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
+    let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    check(unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) })?;
+    Ok(())
+}
+
+/// `umount2(2)`.
+pub fn umount(target: &str, flags: libc::c_int) -> io::Result<()> {
+    let t = cstr(target)?;
+    // SAFETY: `t` is a valid NUL-terminated string.
+    check(unsafe { libc::umount2(t.as_ptr(), flags) })?;
+    Ok(())
+}
+
+/// `finit_module(2)` with empty parameters.
+pub fn finit_module(file: &std::fs::File) -> io::Result<()> {
+    let params = c"";
+    // SAFETY: the fd is open for the duration of the call and `params` is a valid C string.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_finit_module,
+            file.as_raw_fd(),
+            params.as_ptr(),
+            0 as libc::c_int,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `sethostname(2)`.
+pub fn sethostname(name: &str) -> io::Result<()> {
+    // SAFETY: pointer and length describe `name`'s bytes.
+    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })?;
+    Ok(())
+}
+
+/// `kill(2)`.
+pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain system call with integer arguments.
+    check(unsafe { libc::kill(pid, sig) })?;
+    Ok(())
+}
+
+/// `sync(2)`.
+pub fn sync() {
+    // SAFETY: no arguments, cannot fail.
+    unsafe { libc::sync() }
+}
+
+/// `reboot(2)`: only returns on failure.
+pub fn reboot(cmd: libc::c_int) -> io::Error {
+    // SAFETY: plain system call; on success it does not return.
+    unsafe { libc::reboot(cmd) };
+    io::Error::last_os_error()
+}
+
+/// What `waitpid(-1, WNOHANG)` found.
+pub enum Reaped {
+    /// A child exited (pid, raw status).
+    #[allow(dead_code)] // the fields are for callers that track their children
+    Child(libc::pid_t, libc::c_int),
+    /// Children exist but none has exited.
+    None,
+    /// There are no children.
+    NoChildren,
+}
+
+/// Reap one exited child without blocking.
+pub fn reap_one() -> Reaped {
+    let mut status = 0;
+    // SAFETY: `status` is a valid out-pointer.
+    let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+    match pid {
+        0 => Reaped::None,
+        p if p > 0 => Reaped::Child(p, status),
+        _ => {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                Reaped::None
+            } else {
+                Reaped::NoChildren
+            }
+        }
+    }
+}
+
+/// Block `signals` for this thread and return a signalfd that reports them.
+pub fn block_signals(signals: &[libc::c_int]) -> io::Result<OwnedFd> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for &s in signals {
+        // SAFETY: `set` is a valid sigset_t; invalid numbers just fail.
+        unsafe { libc::sigaddset(&mut set, s) };
+    }
+    // SAFETY: `set` is valid; the old-set pointer may be null.
+    check(unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) })?;
+    // SAFETY: -1 asks for a new fd; `set` is valid.
+    let fd = check(unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })?;
+    // SAFETY: `fd` was just returned by signalfd and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Read one pending signal number from a signalfd, if any.
+pub fn read_signal(fd: RawFd) -> Option<u32> {
+    // SAFETY: signalfd_siginfo is plain data.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: `info` is a writable buffer of `size` bytes.
+    let n = unsafe { libc::read(fd, (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+    (n == size as isize).then_some(info.ssi_signo)
+}
+
+/// `poll(2)` over `fds` for readability; returns the indexes that are readable.
+pub fn poll_readable(fds: &[RawFd], timeout_ms: libc::c_int) -> Vec<usize> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structures.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+    if n <= 0 {
+        return Vec::new();
+    }
+    pfds.iter()
+        .enumerate()
+        .filter(|(_, p)| p.revents != 0)
+        .map(|(i, _)| i)
+        .collect()
+}

@@ -1,0 +1,97 @@
+//! `vmrs pull/images/image inspect/image unpack/rmi` against a real local registry.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "../../vm-rs/tests/support/oci_layout.rs"]
+mod oci_layout;
+#[path = "../../vm-rs/tests/support/registry.rs"]
+mod registry;
+
+use assert_cmd::Command;
+use oci_layout::{busybox_layer, Comp};
+use registry::Registry;
+
+fn vmrs(home: &std::path::Path) -> Command {
+    let mut c = Command::cargo_bin("vmrs").unwrap();
+    c.arg("--home")
+        .arg(home)
+        .env_remove("VMRS_HOME")
+        .env("DOCKER_CONFIG", home.join("docker"));
+    c
+}
+
+#[test]
+fn pull_list_inspect_unpack_remove() {
+    let reg = Registry::start();
+    let layout = tempfile::tempdir().unwrap();
+    let (layer, busybox) = busybox_layer(Comp::Gzip);
+    let digest = oci_layout::single_image_layout(
+        layout.path(),
+        "v1",
+        &[layer],
+        serde_json::json!({"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]}),
+    );
+    reg.push_layout(layout.path(), "v1", "cli/busybox", false);
+    let home = tempfile::tempdir().unwrap();
+    let reference = format!("{}/cli/busybox:v1", reg.host());
+
+    let out = vmrs(home.path())
+        .args(["pull", "-q", &reference])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), digest);
+    assert!(home.path().join("images/refs.json").is_file());
+
+    let out = vmrs(home.path()).args(["images", "--json"]).output().unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["reference"], reference.as_str());
+    assert_eq!(list[0]["manifest"], digest.as_str());
+    let out = vmrs(home.path()).args(["images"]).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains(&reference) && table.contains(&digest[7..19]),
+        "{table}"
+    );
+
+    let out = vmrs(home.path())
+        .args(["image", "inspect", &reference])
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["config"]["cmd"][0], "/bin/sh");
+    assert_eq!(info["config"]["env"][0], "PATH=/bin");
+
+    let root = tempfile::tempdir().unwrap();
+    vmrs(home.path())
+        .args(["image", "unpack", &reference])
+        .arg(root.path())
+        .assert()
+        .success();
+    assert_eq!(std::fs::read(root.path().join("bin/busybox")).unwrap(), busybox);
+
+    // Unknown image: exit code 3; bad reference: 5.
+    vmrs(home.path())
+        .args(["image", "inspect", "nope:1"])
+        .assert()
+        .code(3);
+    vmrs(home.path())
+        .args(["pull", "Not A Reference"])
+        .assert()
+        .code(5);
+
+    vmrs(home.path())
+        .args(["rmi", "--prune", &reference])
+        .assert()
+        .success();
+    let out = vmrs(home.path()).args(["images", "--json"]).output().unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(list.as_array().unwrap().is_empty());
+    assert_eq!(
+        std::fs::read_dir(home.path().join("images/blobs/sha256"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
