@@ -95,11 +95,56 @@ async fn vcpu_failure_is_detected(bin: PathBuf) {
     }
 }
 
+/// The same vCPU failure through the manager: the VM ends failed, with the vCPU error as the
+/// reason (not "stopped", which the exit status 0 alone would suggest).
+async fn manager_vcpu_failure_is_failed(bin: PathBuf) {
+    let _ = bin;
+    let assets = support::guest::assets().await;
+    let home = support::TestHome::new();
+    let mgr = vm_rs::VmManager::with_home(home.path()).await.expect("manager");
+    let cfg = vm_rs::VmConfig::builder("vcpu")
+        .kernel(&assets.kernel)
+        .initramfs(&assets.initramfs)
+        .memory_mib(512)
+        .backend(vm_rs::BackendKind::CloudHypervisor)
+        .build()
+        .expect("config");
+    let info = mgr.start(cfg).await.expect("start");
+    let mut rx = mgr.subscribe("vcpu").await.expect("subscribe");
+    let end = tokio::time::timeout(std::time::Duration::from_secs(150), async {
+        loop {
+            let st = rx.borrow_and_update().clone();
+            if !st.is_live() || st.ip().is_some() {
+                return st;
+            }
+            if rx.changed().await.is_err() {
+                return mgr.state("vcpu").await.expect("state");
+            }
+        }
+    })
+    .await
+    .expect("the kernel neither became ready nor failed within 150 s");
+    match end {
+        vm_rs::VmState::Failed { reason } => {
+            assert!(reason.contains("vcpu failed: VCPU generated error"), "{reason}")
+        }
+        vm_rs::VmState::Ready { .. } => {
+            let serial = std::fs::read_to_string(&info.serial_log).unwrap_or_default();
+            assert!(serial.contains("Linux version"), "{serial}");
+            println!("the Debian kernel boots on this host (hardware KVM): no vCPU failure to detect");
+        }
+        other => panic!("expected failed (software KVM) or ready (hardware KVM), got {other}"),
+    }
+}
+
 fn main() {
     let args = libtest_mimic::Arguments::from_args();
     let binary = vm_rs::driver::cloud_hypervisor::find_binary(None).ok();
     let mut flows = ch_flows::shared();
     flows.extend(ch_flows::manager());
+    flows.push(("manager_vcpu_failure_is_failed", |b| {
+        Box::pin(manager_vcpu_failure_is_failed(b))
+    }));
     flows.push(("vcpu_failure_is_detected", |b| {
         Box::pin(vcpu_failure_is_detected(b))
     }));

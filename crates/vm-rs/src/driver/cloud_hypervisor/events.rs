@@ -21,14 +21,18 @@
 //!
 //! Cloud Hypervisor exits with status 0 whether the guest powered off, the VMM was asked to
 //! shut down, or a vCPU hit an internal error: all three end with `vm shutdown`, `vm deleted`,
-//! `vmm shutdown`. The driver tells them apart with what it knows besides the exit status:
+//! `vmm shutdown`. Worse, its event-monitor thread is not joined at exit, so the last records
+//! can be lost. The driver therefore explains an exit from what it knows besides the exit
+//! status, in this order:
 //!
-//! * a quit marker file the driver writes before it asks the VMM to exit (`vmm.shutdown`);
-//! * the VMM's own log, where a vCPU failure leaves an `Error running vCPU` /
-//!   `VCPU generated error` line;
-//! * a `guest panic` event (pvpanic);
-//! * and, for a VMM that vanished without writing `vmm shutdown` at all, that absence
-//!   (killed by a signal or crashed).
+//! 1. the VMM's own log, where a vCPU failure leaves a `VCPU generated error` line (with its
+//!    `Caused by:` chain) before the VMM starts shutting down: a failure;
+//! 2. a `guest panic` event (pvpanic): a failure;
+//! 3. evidence of an orderly exit — a `vmm shutdown` record, the VMM having removed its API
+//!    socket, or its `Cloud Hypervisor exited successfully` log line — is a shutdown: asked for
+//!    when the driver's quit marker file exists (written before `vmm.shutdown`), else the
+//!    guest's own power-off;
+//! 4. no evidence at all: the VMM was killed or crashed.
 
 use crate::driver::VmmEvent;
 use std::path::Path;
@@ -177,15 +181,38 @@ pub fn explain_shutdown(quit_requested: bool, vmm_log: &Path) -> VmmEvent {
     }
 }
 
-/// Why a VMM that is no longer running went away, from its event file and log.
-pub fn exit_reason(events: &[ChEvent], quit_requested: bool, vmm_log: &Path) -> VmmEvent {
-    if let Some(panic) = events.iter().find(|e| e.is("guest", "panic")) {
-        let _ = panic;
+/// Whether the VMM log ends with Cloud Hypervisor's orderly-exit line (logged at info level).
+pub fn clean_exit_in_log(log: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(log) else {
+        return false;
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if f.seek(SeekFrom::Start(len.saturating_sub(4096))).is_err() {
+        return false;
+    }
+    let mut tail = Vec::new();
+    if f.take(4096).read_to_end(&mut tail).is_err() {
+        return false;
+    }
+    String::from_utf8_lossy(&tail).contains("Cloud Hypervisor exited successfully")
+}
+
+/// Why a VMM that is no longer running went away (see the module docs for the order of
+/// evidence). `orderly_exit` is evidence from outside the event file (API socket removed,
+/// orderly-exit log line).
+pub fn exit_reason(events: &[ChEvent], quit_requested: bool, vmm_log: &Path, orderly_exit: bool) -> VmmEvent {
+    if let Some(line) = vcpu_error_in_log(vmm_log) {
+        return VmmEvent::Error {
+            reason: format!("vcpu failed: {line}"),
+        };
+    }
+    if events.iter().any(|e| e.is("guest", "panic")) {
         return VmmEvent::Error {
             reason: "guest panicked".into(),
         };
     }
-    if events.iter().any(|e| e.is("vmm", "shutdown")) {
+    if orderly_exit || events.iter().any(|e| e.is("vmm", "shutdown")) {
         explain_shutdown(quit_requested, vmm_log)
     } else {
         VmmEvent::Error {
@@ -227,21 +254,34 @@ mod tests {
             event: "shutdown".into(),
             properties: None,
         };
-        assert!(matches!(exit_reason(&[], false, &log), VmmEvent::Error { .. }));
         assert!(matches!(
-            exit_reason(std::slice::from_ref(&shut), true, &log),
+            exit_reason(&[], false, &log, false),
+            VmmEvent::Error { .. }
+        ));
+        // the final records can be lost: other evidence of an orderly exit counts too
+        assert!(matches!(
+            exit_reason(&[], true, &log, true),
             VmmEvent::Shutdown { guest: false, .. }
         ));
         assert!(matches!(
-            exit_reason(std::slice::from_ref(&shut), false, &log),
+            exit_reason(std::slice::from_ref(&shut), true, &log, false),
+            VmmEvent::Shutdown { guest: false, .. }
+        ));
+        assert!(matches!(
+            exit_reason(std::slice::from_ref(&shut), false, &log, false),
             VmmEvent::Shutdown { guest: true, .. }
         ));
+        assert!(!clean_exit_in_log(&log));
+        std::fs::write(&log, "cloud-hypervisor: 2.5s: <main> INFO:cloud-hypervisor/src/main.rs:1011 -- Cloud Hypervisor exited successfully\n")
+            .expect("write");
+        assert!(clean_exit_in_log(&log));
         std::fs::write(
             &log,
             "cloud-hypervisor:  33.9s: <vcpu0> ERROR:vmm/src/cpu.rs:1487 -- VCPU generated error: VcpuRun(Failed to run vcpu\nCaused by:\n    Unexpected exit reason on vcpu run: InternalError\nStack backtrace:\n   0: <unknown>\n",
         )
         .expect("write");
-        match exit_reason(&[shut], true, &log) {
+        // a vcpu failure wins even without any records
+        match exit_reason(&[], true, &log, true) {
             VmmEvent::Error { reason } => assert_eq!(
                 reason,
                 "vcpu failed: VCPU generated error: VcpuRun(Failed to run vcpu: Unexpected exit reason on vcpu run: InternalError"

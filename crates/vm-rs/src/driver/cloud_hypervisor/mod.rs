@@ -6,7 +6,7 @@
 //! ```text
 //!  cloud-hypervisor --api-socket path=<dir>/ch-api.sock     (REST API, see [`api`])
 //!                   --event-monitor path=<dir>/ch-events.json (event records, see [`events`])
-//!                   --log-file <dir>/ch.log
+//!                   --log-file <dir>/ch.log -v
 //!
 //!  GET /api/v1/vmm.ping          until the API answers (VMM up)
 //!  PUT /api/v1/vm.create  {VmConfig}   400 with the error chain on a bad config
@@ -182,6 +182,13 @@ impl VmFiles {
             log: dir.join(LOG_FILE),
             quit_marker: dir.join(QUIT_MARKER),
         }
+    }
+
+    /// Why the VMM went away, from its records (see [`events::exit_reason`]). Cloud Hypervisor
+    /// removes its API socket and logs an orderly-exit line when it exits normally.
+    fn exit_reason(&self, records: &[events::ChEvent]) -> VmmEvent {
+        let orderly = !self.api_socket.exists() || events::clean_exit_in_log(&self.log);
+        events::exit_reason(records, self.quit_marker.exists(), &self.log, orderly)
     }
 
     fn of_handle(handle: &VmHandle) -> Self {
@@ -398,6 +405,9 @@ impl CloudHypervisorDriver {
             .arg(format!("path={}", files.events.display()))
             .arg("--log-file")
             .arg(&files.log)
+            // info level: the log then ends with "Cloud Hypervisor exited successfully" on an
+            // orderly exit (see `events`).
+            .arg("-v")
             .args(&spec.extra_args)
             .stdin(std::process::Stdio::null())
             .stdout(vmm_log)
@@ -628,7 +638,7 @@ impl VmDriver for CloudHypervisorDriver {
                             return;
                         }
                         let records = events::EventParser::new().feed(&all);
-                        let _ = tx.send(events::exit_reason(&records, files.quit_marker.exists(), &files.log));
+                        let _ = tx.send(files.exit_reason(&records));
                         return;
                     }
                 }
@@ -734,11 +744,7 @@ impl VmDriver for CloudHypervisorDriver {
     async fn exit_reason(&self, handle: &VmHandle) -> Result<Option<VmmEvent>, DriverError> {
         let files = VmFiles::of_handle(handle);
         let all = events::read_all(&files.events).map_err(io_err(&files.events))?;
-        Ok(Some(events::exit_reason(
-            &all,
-            files.quit_marker.exists(),
-            &files.log,
-        )))
+        Ok(Some(files.exit_reason(&all)))
     }
 }
 
