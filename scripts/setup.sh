@@ -17,6 +17,9 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]}" >&2
     $SUDO apt-get update -qq
+    # cloud-init is installed only for its schema checker (storage tests): keep it from ever
+    # running at boot on this host.
+    $SUDO mkdir -p /etc/cloud && $SUDO touch /etc/cloud/cloud-init.disabled
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 

@@ -27,6 +27,8 @@
 //! * [`guest`] — guest assets: kernel, modules, busybox, vmrs-init, and the initramfs builder.
 //! * [`oci`] — OCI images: pull into a content-addressed store ([`ImageStore`]), unpack safely.
 //! * [`paths`] — where data lives (`VMRS_HOME`).
+//! * [`setup`] — one-call helpers: seed image, SSH key, catalog image → per-VM disk.
+//! * [`storage`] — disks, copy-on-write clones, cloud-init seeds, SSH keys, verified downloads.
 //!
 //! Every VM has a directory under the data dir (`$VMRS_HOME/vms/<name>`), so a new
 //! [`VmManager`] in a new process reattaches to running VMs: the VMM runs in its own session and
@@ -63,7 +65,9 @@ pub mod manager;
 pub mod oci;
 pub mod paths;
 pub mod process;
+pub mod setup;
 pub mod state;
+pub mod storage;
 
 pub use config::{Accel, BackendKind, DiskConfig, NetworkAttachment, SharedDir, VmConfig};
 pub use console::READY_MARKER;

@@ -57,6 +57,9 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         if let Some(c) = cause.downcast_ref::<CliError>() {
             return c.code();
         }
+        if let Some(code) = crate::cmd::disk::exit_code(cause) {
+            return code;
+        }
     }
     GENERAL
 }

@@ -516,7 +516,7 @@ impl VmManager {
             }
             self.kill(name).await?;
         }
-        entry.shutdown_tasks().await;
+        entry.retire().await;
         self.inner.entries.lock().await.remove(name);
         let dir = self.vm_dir(name);
         std::fs::remove_dir_all(&dir).map_err(|source| ManagerError::Io { path: dir, source })?;

@@ -33,6 +33,8 @@ pub(super) struct VmEntry {
     killer: std::sync::Mutex<Option<Arc<VmmProcess>>>,
     stop_requested: AtomicBool,
     guest_shutdown: AtomicBool,
+    /// Set (under the record lock) when the VM's directory is being removed: no more writes.
+    retired: AtomicBool,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -66,6 +68,7 @@ impl VmEntry {
             killer: std::sync::Mutex::new(None),
             stop_requested: AtomicBool::new(false),
             guest_shutdown: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             tasks: std::sync::Mutex::new(Vec::new()),
         })
     }
@@ -279,6 +282,9 @@ impl VmEntry {
         // Publish first: waiters should not pay for the fsync. The record lock is still held,
         // so records are persisted in the order states are published.
         self.state_tx.send_replace(to);
+        if self.retired.load(Ordering::SeqCst) {
+            return;
+        }
         if let Err(e) = record::write_json_atomic(&self.dir.join(files::STATE), &*rec) {
             // the directory may have been removed (vm removed while tasks wind down)
             tracing::debug!(vm = %self.name, error = %e, "cannot persist state");
@@ -354,7 +360,9 @@ impl VmEntry {
         tokio::time::timeout(timeout, fut).await.ok()
     }
 
-    pub(super) async fn shutdown_tasks(&self) {
+    /// Stop watching and stop writing records (the VM is being removed). Waits for an
+    /// in-flight record write to finish, so the directory can be deleted afterwards.
+    pub(super) async fn retire(&self) {
         let tasks: Vec<_> = self
             .tasks
             .lock()
@@ -364,9 +372,8 @@ impl VmEntry {
         for t in tasks {
             t.abort();
         }
-        // A transition publishes its state before persisting it, holding the record lock
-        // meanwhile: wait for an in-flight write so the VM's directory can be removed.
-        drop(self.record.lock().await);
+        let _rec = self.record.lock().await;
+        self.retired.store(true, Ordering::SeqCst);
     }
 
     pub(super) async fn info(&self) -> super::VmInfo {

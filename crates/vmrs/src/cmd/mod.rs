@@ -1,5 +1,6 @@
 //! Subcommands. Each area has its own module; [`Command`] lists them all.
 
+pub mod disk;
 pub mod image;
 pub mod setup;
 pub mod vm;
@@ -39,6 +40,16 @@ pub enum Command {
     Rmi(image::RmiArgs),
     /// Image commands: inspect, gc, unpack, ls, rm, pull.
     Image(image::ImageArgs),
+    /// Disk images: create, clone, info, resize, catalog, pull, prepare.
+    #[command(subcommand)]
+    Disk(disk::DiskCommand),
+    /// cloud-init NoCloud seed images.
+    #[command(subcommand)]
+    Seed(disk::SeedCommand),
+    /// Generate (or show) the ed25519 SSH key pair for guest access.
+    Keygen(disk::KeygenArgs),
+    /// Download a file and verify its SHA-256 (resumable).
+    Download(disk::DownloadArgs),
     /// Save a paused VM's state into a directory (Cloud Hypervisor).
     Snapshot(vmm::SnapshotArgs),
     /// Change a running VM's vCPUs and/or memory (Cloud Hypervisor).
@@ -69,6 +80,10 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Images(a) => image::images(a).await,
         Command::Rmi(a) => image::rmi(a).await,
         Command::Image(a) => image::image(a).await,
+        Command::Disk(c) => disk::run_disk(c).await.map(|()| 0),
+        Command::Seed(c) => disk::run_seed(c).await.map(|()| 0),
+        Command::Keygen(a) => disk::run_keygen(a).await.map(|()| 0),
+        Command::Download(a) => disk::run_download(a).await.map(|()| 0),
         Command::Snapshot(a) => vmm::snapshot(a).await,
         Command::Resize(a) => vmm::resize(a).await,
         Command::Device(c) => vmm::device(c).await,

@@ -27,9 +27,62 @@ pub struct AccelChoice {
 }
 
 /// Probe KVM once per process (the answer does not change while we run).
+///
+/// The verdict is also cached on disk (`<data dir>/cache/kvm-probe.json`) keyed by the kernel's
+/// boot id, so short-lived CLI processes do not pay for the probe on every `run`; a reboot (or
+/// deleting the file) probes again.
 pub fn kvm_usable() -> Result<Duration, String> {
     static PROBE: OnceLock<Result<Duration, String>> = OnceLock::new();
-    PROBE.get_or_init(probe_kvm).clone()
+    PROBE
+        .get_or_init(|| {
+            let cache = crate::paths::data_dir().join("cache").join("kvm-probe.json");
+            let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+            let boot_id = boot_id.trim();
+            if let Some(cached) = read_cache(&cache, boot_id) {
+                return cached;
+            }
+            let verdict = probe_kvm();
+            if !boot_id.is_empty() {
+                write_cache(&cache, boot_id, &verdict);
+            }
+            verdict
+        })
+        .clone()
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ProbeCache {
+    boot_id: String,
+    usable: bool,
+    elapsed_ns: u64,
+    reason: String,
+}
+
+fn read_cache(path: &std::path::Path, boot_id: &str) -> Option<Result<Duration, String>> {
+    let bytes = std::fs::read(path).ok()?;
+    let c: ProbeCache = serde_json::from_slice(&bytes).ok()?;
+    if boot_id.is_empty() || c.boot_id != boot_id {
+        return None;
+    }
+    Some(if c.usable {
+        Ok(Duration::from_nanos(c.elapsed_ns))
+    } else {
+        Err(c.reason)
+    })
+}
+
+fn write_cache(path: &std::path::Path, boot_id: &str, verdict: &Result<Duration, String>) {
+    let c = ProbeCache {
+        boot_id: boot_id.to_string(),
+        usable: verdict.is_ok(),
+        elapsed_ns: verdict.as_ref().map(|d| d.as_nanos() as u64).unwrap_or(0),
+        reason: verdict.as_ref().err().cloned().unwrap_or_default(),
+    };
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    // best effort: a failed cache write only costs a probe next time
+    let _ = crate::manager::record::write_json_atomic(path, &c);
 }
 
 /// Decide the accelerator for a VM. `requested` is the config's value; `Auto` consults
@@ -197,6 +250,19 @@ fn run_probe_guest() -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn probe_cache_is_keyed_by_boot_id() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("c.json");
+        write_cache(&p, "boot-a", &Err("slow".into()));
+        assert_eq!(read_cache(&p, "boot-a"), Some(Err("slow".to_string())));
+        assert_eq!(read_cache(&p, "boot-b"), None);
+        write_cache(&p, "boot-a", &Ok(Duration::from_micros(200)));
+        assert_eq!(read_cache(&p, "boot-a"), Some(Ok(Duration::from_micros(200))));
+        std::fs::write(&p, b"garbage").expect("w");
+        assert_eq!(read_cache(&p, "boot-a"), None);
+    }
 
     #[test]
     fn explicit_tcg_needs_no_probe() {

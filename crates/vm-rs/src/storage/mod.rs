@@ -1,0 +1,35 @@
+//! Storage: everything that ends up as a block device in a guest.
+//!
+//! * [`disk`] — empty raw (sparse) and qcow2 disks, qcow2 overlays on a backing file,
+//!   `qemu-img info` probing.
+//! * [`clone`] — copy-on-write clones of a base image: reflink (`FICLONE`) where the
+//!   filesystem supports it, a hole-preserving `copy_file_range` copy elsewhere.
+//! * [`seed`] — cloud-init NoCloud seed images (`cidata` FAT image, pure Rust).
+//! * [`ssh`] — ed25519 SSH key pairs in OpenSSH format.
+//! * [`download`] — HTTP(S) downloads verified by SHA-256, with resume.
+//! * [`catalog`] — named base images (Ubuntu cloud images built in, user-extensible).
+//! * [`parse_size`] — `10G`, `512M`.
+//!
+//! Disks are attached through [`crate::config::DiskConfig`]; this module only makes the files.
+//! Every file is written under a temp name beside its destination, fsynced and renamed into
+//! place, and existing files are never overwritten.
+
+pub mod catalog;
+pub mod clone;
+pub mod disk;
+pub mod download;
+pub(crate) mod fsutil;
+pub mod seed;
+mod size;
+pub mod ssh;
+mod yaml;
+
+pub use catalog::{CatalogEntry, CatalogError, CatalogFile, ImageCatalog};
+pub use clone::{clone_disk, clone_disk_with, CloneError, CloneMethod, ClonePolicy};
+pub use disk::{
+    create_disk, create_overlay, grow_disk, image_info, probe_disk, qemu_disk_args, DiskError, ImageInfo,
+};
+pub use download::{download_verified, DownloadError, DownloadOptions, DownloadOutcome, Progress};
+pub use seed::{write_seed_image, SeedConfig, SeedError, SeedFile, SeedFiles, SeedMount, SeedNic, SeedUser};
+pub use size::{format_size, parse_size, SizeError};
+pub use ssh::{ensure_key_pair, generate_key_pair, SshKeyError, SshKeyPair};
