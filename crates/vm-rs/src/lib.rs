@@ -8,7 +8,7 @@
 //! ```text
 //!  VmManager ──────────────┬──────────────► VmDriver (trait)
 //!   │ one directory per VM │                  ├─ driver::qemu   (QMP over a Unix socket)
-//!   │ (config.json,        │                  └─ ...            (Cloud Hypervisor, ...)
+//!   │ (config.json,        │                  └─ driver::cloud_hypervisor (REST API on a Unix socket)
 //!   │  state.json,         │
 //!   │  serial.log, vmm.log)├──► process  : pid + start time + pidfd, own session
 //!   │                      ├──► console  : serial log follower + VMRS_READY parser

@@ -12,6 +12,10 @@
 //! vmrs images [--json]            list stored images
 //! vmrs rmi REF... [--prune]       remove images (and unused blobs)
 //! vmrs image inspect|gc|unpack    image details, garbage collection, unpack to a directory
+//! vmrs snapshot N DIR             save a paused VM (Cloud Hypervisor)
+//! vmrs resize N --cpus/--memory   resize a running VM (Cloud Hypervisor)
+//! vmrs device add-disk|add-net|remove N ...   hot-plug (Cloud Hypervisor)
+//! vmrs counters|vmm-info N        device counters / the VMM's view, as JSON
 //! ```
 //!
 //! Exit codes: see [`exit`].

@@ -7,6 +7,8 @@
 //!
 //! [`detect`] picks the backend for [`BackendKind::Auto`].
 
+#[cfg(feature = "cloud-hypervisor")]
+pub mod cloud_hypervisor;
 #[cfg(feature = "qemu")]
 pub mod qemu;
 
@@ -192,6 +194,20 @@ pub struct Launched {
     pub process: VmmProcess,
 }
 
+/// A network device to hot-plug: a host TAP device (created by the VMM when `tap` is `None`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TapNetwork {
+    /// Existing host TAP interface to attach; `None` lets the backend create one.
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// Guest MAC address (`52:54:00:..`); `None` lets the backend pick one.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+/// Per-device counters: device id -> counter name -> value.
+pub type Counters = std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>;
+
 /// Event stream from a VMM; ends when the VMM goes away.
 pub type EventStream = futures::stream::BoxStream<'static, VmmEvent>;
 
@@ -238,10 +254,90 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug {
             op: "snapshot",
         })
     }
+
+    /// Launch a new VMM for `spec` from the snapshot in `dir` and return it running.
+    async fn restore(&self, spec: &BootSpec<'_>, dir: &Path) -> Result<Launched, DriverError> {
+        let _ = (spec, dir);
+        Err(DriverError::Unsupported {
+            backend: self.kind(),
+            op: "restore",
+        })
+    }
+
+    /// Change the number of vCPUs and/or the memory size of a running VM.
+    async fn resize(
+        &self,
+        handle: &VmHandle,
+        cpus: Option<u32>,
+        memory_mib: Option<u64>,
+    ) -> Result<(), DriverError> {
+        let _ = (handle, cpus, memory_mib);
+        Err(DriverError::Unsupported {
+            backend: self.kind(),
+            op: "resize",
+        })
+    }
+
+    /// Hot-plug a disk; returns the backend's device id (for [`VmDriver::remove_device`]).
+    async fn add_disk(
+        &self,
+        handle: &VmHandle,
+        disk: &crate::config::DiskConfig,
+    ) -> Result<String, DriverError> {
+        let _ = (handle, disk);
+        Err(DriverError::Unsupported {
+            backend: self.kind(),
+            op: "add disk",
+        })
+    }
+
+    /// Hot-plug a network device; returns the backend's device id.
+    async fn add_net(&self, handle: &VmHandle, net: &TapNetwork) -> Result<String, DriverError> {
+        let _ = (handle, net);
+        Err(DriverError::Unsupported {
+            backend: self.kind(),
+            op: "add net",
+        })
+    }
+
+    /// Hot-unplug a device by the id `add_disk`/`add_net` returned.
+    async fn remove_device(&self, handle: &VmHandle, id: &str) -> Result<(), DriverError> {
+        let _ = (handle, id);
+        Err(DriverError::Unsupported {
+            backend: self.kind(),
+            op: "remove device",
+        })
+    }
+
+    /// Device counters (bytes/ops per disk and NIC).
+    async fn counters(&self, handle: &VmHandle) -> Result<Counters, DriverError> {
+        let _ = handle;
+        Err(DriverError::Unsupported {
+            backend: self.kind(),
+            op: "counters",
+        })
+    }
+
+    /// The VMM's own description of the VM (backend-specific JSON).
+    async fn info(&self, handle: &VmHandle) -> Result<serde_json::Value, DriverError> {
+        let _ = handle;
+        Err(DriverError::Unsupported {
+            backend: self.kind(),
+            op: "info",
+        })
+    }
+
+    /// After the VMM process is gone: why it went away, from the backend's own records (event
+    /// log, VMM log). `None` when the backend cannot tell; the manager then uses the exit status.
+    async fn exit_reason(&self, handle: &VmHandle) -> Result<Option<VmmEvent>, DriverError> {
+        let _ = handle;
+        Ok(None)
+    }
 }
 
 /// Resolve [`BackendKind::Auto`] (and check an explicit choice is available), returning a
-/// driver. `VMRS_BACKEND` overrides `Auto`.
+/// driver. `VMRS_BACKEND` overrides `Auto`. `Auto` prefers Cloud Hypervisor when its binary is
+/// found and KVM is usable, else QEMU.
 pub fn detect(kind: BackendKind) -> Result<Arc<dyn VmDriver>, DriverError> {
     let kind = match kind {
         BackendKind::Auto => match std::env::var("VMRS_BACKEND") {
@@ -249,11 +345,24 @@ pub fn detect(kind: BackendKind) -> Result<Arc<dyn VmDriver>, DriverError> {
                 backend: BackendKind::Auto,
                 op: "VMRS_BACKEND value",
             })?,
-            _ => BackendKind::Qemu,
+            _ => auto_backend(),
         },
         k => k,
     };
+    #[cfg(feature = "cloud-hypervisor")]
+    if kind == BackendKind::CloudHypervisor {
+        cloud_hypervisor::find_binary(None)?;
+    }
     driver_for(kind)
+}
+
+/// The backend `Auto` resolves to on this host.
+pub fn auto_backend() -> BackendKind {
+    #[cfg(feature = "cloud-hypervisor")]
+    if cloud_hypervisor::find_binary(None).is_ok() && cloud_hypervisor::kvm_usable().is_ok() {
+        return BackendKind::CloudHypervisor;
+    }
+    BackendKind::Qemu
 }
 
 /// The driver for a concrete backend (used when reattaching to a recorded VM).
@@ -261,6 +370,9 @@ pub fn driver_for(kind: BackendKind) -> Result<Arc<dyn VmDriver>, DriverError> {
     match kind {
         #[cfg(feature = "qemu")]
         BackendKind::Qemu | BackendKind::Auto => Ok(Arc::new(qemu::QemuDriver::new())),
+        #[cfg(feature = "cloud-hypervisor")]
+        BackendKind::CloudHypervisor => Ok(Arc::new(cloud_hypervisor::CloudHypervisorDriver::new())),
+        #[allow(unreachable_patterns)]
         other => Err(DriverError::Unsupported {
             backend: other,
             op: "this host (backend not built in)",

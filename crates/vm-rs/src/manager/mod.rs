@@ -263,7 +263,10 @@ impl VmManager {
         let record = record::load_record(&dir)?;
         let config = record::load_config(&dir)?;
         let entry = VmEntry::attach(dir, config, record).await?;
-        entries.insert(name.to_string(), entry.clone());
+        // A VM another process is still starting is not cached: ask again next time.
+        if !(entry.state() == VmState::Starting && entry.handle().await.is_none()) {
+            entries.insert(name.to_string(), entry.clone());
+        }
         Ok(entry)
     }
 
@@ -293,6 +296,9 @@ impl VmManager {
             Err(source) => return Err(ManagerError::Io { path: dir, source }),
         }
         let cleanup = DirGuard(Some(dir.clone()));
+        // Held until the record names the VMM, so other processes can tell "being started"
+        // from "its starter died" (see `start_in_progress`).
+        let _start_lock = lock_start(&dir)?;
         let mut config = config;
         if config.serial_log.is_none() {
             config.serial_log = Some(dir.join(files::SERIAL_LOG));
@@ -574,6 +580,31 @@ impl VmManager {
         std::fs::remove_dir_all(&dir).map_err(|source| ManagerError::Io { path: dir, source })?;
         Ok(())
     }
+}
+
+const START_LOCK: &str = "start.lock";
+
+/// Take the VM's start lock (exclusive `flock`, released when the file is dropped).
+fn lock_start(dir: &Path) -> Result<std::fs::File, ManagerError> {
+    let path = dir.join(START_LOCK);
+    let io = |source| ManagerError::Io {
+        path: path.clone(),
+        source,
+    };
+    let f = std::fs::File::create(&path).map_err(io)?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive).map_err(|e| io(e.into()))?;
+    Ok(f)
+}
+
+/// Whether another process holds the VM's start lock right now.
+fn start_in_progress(dir: &Path) -> bool {
+    let Ok(f) = std::fs::File::open(dir.join(START_LOCK)) else {
+        return false;
+    };
+    matches!(
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared),
+        Err(rustix::io::Errno::WOULDBLOCK)
+    )
 }
 
 /// Removes a half-created VM directory unless disarmed.

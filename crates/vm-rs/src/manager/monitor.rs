@@ -106,10 +106,12 @@ impl VmEntry {
         let live = record.state.is_live();
         let entry = Self::new(dir, config, record, driver);
         let Some(handle) = handle.filter(|_| live) else {
-            if live {
+            // Live without a VMM recorded: either another process is starting it right now
+            // (it holds the start lock) or that process died mid-start.
+            if live && !super::start_in_progress(&entry.dir) {
                 entry
                     .transition(VmState::Failed {
-                        reason: "no vmm process was recorded".into(),
+                        reason: "the process starting it exited before the vmm ran".into(),
                     })
                     .await;
             }
@@ -227,15 +229,28 @@ impl VmEntry {
     }
 
     async fn on_exit(&self, exit: ExitInfo) {
+        // The backend's own account of the exit, when it keeps one (Cloud Hypervisor exits with
+        // status 0 whether the guest powered off or a vCPU failed, and a fast guest power-off
+        // can end the VMM before its event reaches the events task).
+        let handle = self.record.lock().await.handle.clone();
+        let reported = match &handle {
+            Some(h) => self.driver.exit_reason(h).await.ok().flatten(),
+            None => None,
+        };
         let state = if self.stop_requested.load(Ordering::SeqCst)
             || self.guest_shutdown.load(Ordering::SeqCst)
             || serial_shows_power_off(&self.serial_log())
+            || matches!(reported, Some(VmmEvent::Shutdown { .. }))
         {
             VmState::Stopped
         } else {
+            let why = match reported {
+                Some(VmmEvent::Error { reason }) => reason,
+                _ => format!("exited unexpectedly ({exit})"),
+            };
             VmState::Failed {
                 reason: format!(
-                    "{} exited unexpectedly ({exit}); see {}",
+                    "{} {why}; see {}",
                     self.driver.kind(),
                     self.dir.join(files::VMM_LOG).display()
                 ),

@@ -2,11 +2,14 @@
 //! kills every VMM the test started (even when the test fails), and `wait_until`.
 #![allow(dead_code)]
 
+pub mod ch_flows;
+pub mod ch_peer;
 pub mod fault_proxy;
 pub mod guest;
 pub mod net_guest;
 pub mod netns;
 pub mod oci_layout;
+pub mod pvh_guest;
 pub mod qemu;
 pub mod registry;
 

@@ -5,6 +5,7 @@ pub mod image;
 pub mod net;
 pub mod setup;
 pub mod vm;
+pub mod vmm;
 
 use clap::Subcommand;
 
@@ -56,6 +57,17 @@ pub enum Command {
     /// Serve a switch network or a published port (started by vm-rs itself).
     #[command(hide = true)]
     NetSidecar(net::SidecarArgs),
+    /// Save a paused VM's state into a directory (Cloud Hypervisor).
+    Snapshot(vmm::SnapshotArgs),
+    /// Change a running VM's vCPUs and/or memory (Cloud Hypervisor).
+    Resize(vmm::ResizeArgs),
+    /// Hot-plug disks and NICs, unplug devices (Cloud Hypervisor).
+    #[command(subcommand)]
+    Device(vmm::DeviceCommand),
+    /// Show a VM's device counters as JSON (Cloud Hypervisor).
+    Counters(vmm::NameArg),
+    /// Show the VMM's own description of a VM as JSON (Cloud Hypervisor).
+    VmmInfo(vmm::NameArg),
 }
 
 /// Run a subcommand; returns the process exit code.
@@ -81,5 +93,10 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Download(a) => disk::run_download(a).await.map(|()| 0),
         Command::Network(c) => net::network(c).await,
         Command::NetSidecar(a) => net::net_sidecar(a).await,
+        Command::Snapshot(a) => vmm::snapshot(a).await,
+        Command::Resize(a) => vmm::resize(a).await,
+        Command::Device(c) => vmm::device(c).await,
+        Command::Counters(a) => vmm::counters(a).await,
+        Command::VmmInfo(a) => vmm::vmm_info(a).await,
     }
 }

@@ -65,8 +65,22 @@ impl QemuDriver {
         })
     }
 
+    /// Connect and negotiate, retrying briefly: QEMU serves one QMP client per monitor at a
+    /// time, and a connection queued behind another client can be reset when that client
+    /// leaves. Only the connect/negotiation is retried, never a command.
     async fn qmp(&self, handle: &VmHandle) -> Result<Qmp, DriverError> {
-        Qmp::connect(&handle.api_socket, QMP_TIMEOUT).await
+        let mut attempt = 0u64;
+        loop {
+            match Qmp::connect(&handle.api_socket, QMP_TIMEOUT).await {
+                Ok(q) => return Ok(q),
+                Err(e @ (DriverError::Protocol(_) | DriverError::Connect { .. })) if attempt < 5 => {
+                    tracing::debug!(vm = %handle.name, error = %e, attempt, "retrying QMP connect");
+                }
+                Err(e) => return Err(e),
+            }
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+        }
     }
 
     async fn run(&self, handle: &VmHandle, command: &str) -> Result<serde_json::Value, DriverError> {
