@@ -24,7 +24,9 @@
 //! * [`process`] — VMM process identity and signalling (never signals a reused pid).
 //! * [`console`] — serial console following and readiness detection ([`READY_MARKER`]).
 //! * [`manager`] — [`VmManager`], the verbs users call; persistence and reattach.
+//! * [`agent`] — host side of the guest agent (exec, copy, ping, shutdown over virtio-serial).
 //! * [`guest`] — guest assets: kernel, modules, busybox, vmrs-init, and the initramfs builder.
+//! * [`net`] — networking: user-mode NAT, TAP/bridge/NAT, the userspace switch, port forwarding.
 //! * [`oci`] — OCI images: pull into a content-addressed store ([`ImageStore`]), unpack safely.
 //! * [`paths`] — where data lives (`VMRS_HOME`).
 //! * [`setup`] — one-call helpers: seed image, SSH key, catalog image → per-VM disk.
@@ -57,11 +59,13 @@
 
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod config;
 pub mod console;
 pub mod driver;
 pub mod guest;
 pub mod manager;
+pub mod net;
 pub mod oci;
 pub mod paths;
 pub mod process;

@@ -4,9 +4,38 @@
 //!   vfat as well as ISO9660, and vfat needs no external tool) and return it as a read-only
 //!   [`DiskConfig`] to attach.
 //! * [`generate_ssh_key`] — the ed25519 pair `DIR/id_ed25519` (+ `.pub`), created once.
+//! * [`pull_image`] — fetch a catalog asset (disk image, kernel, initrd) into the cache,
+//!   verified.
 //! * [`prepare_image`] — fetch a catalog image into the cache (SHA-256 verified, resumable)
 //!   and make this VM's own disk from it: a qcow2 overlay backed by the cached image, or a
 //!   reflink/sparse clone; optionally grown to a size.
+//!
+//! ```no_run
+//! use vm_rs::setup::{self, PrepareOptions, SeedConfig};
+//! use vm_rs::{VmConfig, VmManager};
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = std::path::Path::new("/var/lib/myvms/web-1");
+//! let key = setup::generate_ssh_key(dir).await?;
+//! let mut seed = SeedConfig::new("web-1");
+//! seed.ssh_authorized_keys.push(key.public_openssh.clone());
+//! let seed_disk = setup::create_seed_iso(&dir.join("seed.img"), &seed).await?;
+//!
+//! let opts = PrepareOptions::default();
+//! let root = setup::prepare_image("ubuntu-24.04", &dir.join("root.qcow2"), &opts, &mut |_| {}).await?;
+//! let kernel = setup::pull_image("ubuntu-24.04-kernel", &opts, &mut |_| {}).await?;
+//! let initrd = setup::pull_image("ubuntu-24.04-initrd", &opts, &mut |_| {}).await?;
+//!
+//! let config = VmConfig::builder("web-1")
+//!     .kernel(kernel.path)
+//!     .initramfs(initrd.path)
+//!     .cmdline("root=LABEL=cloudimg-rootfs")
+//!     .memory_mib(1024)
+//!     .disk(root.disk)
+//!     .disk(seed_disk)
+//!     .build()?;
+//! VmManager::new().await?.start(config).await?;
+//! # Ok(()) }
+//! ```
 //!
 //! Cache layout: `$VMRS_HOME/disk-images/<catalog name>/<sha256>/<file name>` (see
 //! [`cached_base_path`]); cached bases are made read-only (0444) so nothing writes them by
@@ -14,7 +43,7 @@
 //! Nothing is garbage-collected yet: remove a directory once no VM disk is backed by it.
 
 use crate::config::{DiskConfig, DiskFormat};
-use crate::storage::catalog::{CatalogEntry, CatalogError, ImageCatalog};
+use crate::storage::catalog::{AssetKind, CatalogEntry, CatalogError, ImageCatalog};
 use crate::storage::clone::{clone_disk, CloneError, CloneMethod};
 use crate::storage::disk::{create_overlay, grow_disk, image_info, DiskError};
 use crate::storage::download::{download_verified, DownloadError, DownloadOptions, Progress};
@@ -75,6 +104,14 @@ pub enum SetupError {
         expected: DiskFormat,
         /// Format `qemu-img` found.
         actual: String,
+    },
+    /// The catalog entry is a kernel or initrd, not a disk image.
+    #[error("image {name} is a {kind}, not a disk image")]
+    NotADisk {
+        /// The image name.
+        name: String,
+        /// What it is.
+        kind: AssetKind,
     },
     /// The downloaded base names a backing file of its own; QEMU would open that host path
     /// for the guest, so such images are refused.
@@ -211,14 +248,33 @@ pub struct PreparedImage {
     pub cached: bool,
 }
 
-/// Fetch catalog image `name` into the cache (verified; reused when its digest still matches)
-/// and create the VM disk `target` from it. `target` must not exist.
-pub async fn prepare_image(
+/// A verified catalog asset in the cache.
+#[derive(Debug, Clone, Serialize)]
+pub struct PulledImage {
+    /// The catalog entry.
+    pub entry: CatalogEntry,
+    /// The verified file (`CACHE/<name>/<sha256>/<file>`, mode 0444).
+    pub path: PathBuf,
+    /// Its SHA-256.
+    pub sha256: String,
+    /// It was already cached and verified (nothing downloaded, not re-hashed).
+    pub cached: bool,
+}
+
+/// Fetch catalog asset `name` (a disk image, kernel or initrd) into the cache: resolve its
+/// digest, download with verification and resume, make it read-only and stamp it, so later
+/// pulls of an unchanged file neither download nor re-hash.
+pub async fn pull_image(
     name: &str,
-    target: &Path,
     options: &PrepareOptions,
     progress: &mut (dyn FnMut(Progress) + Send),
-) -> Result<PreparedImage, SetupError> {
+) -> Result<PulledImage, SetupError> {
+    let entry = catalog_entry(name, options)?;
+    pull_entry(entry, options, progress).await
+}
+
+/// Look `name` up in the configured catalog (no network).
+fn catalog_entry(name: &str, options: &PrepareOptions) -> Result<CatalogEntry, SetupError> {
     let cat_err = |source| SetupError::Catalog {
         name: name.to_string(),
         source,
@@ -227,7 +283,19 @@ pub async fn prepare_image(
         Some(c) => c.clone(),
         None => ImageCatalog::load(&ImageCatalog::default_user_file()).map_err(cat_err)?,
     };
-    let entry = catalog.get(name).map_err(cat_err)?.clone();
+    Ok(catalog.get(name).map_err(cat_err)?.clone())
+}
+
+async fn pull_entry(
+    entry: CatalogEntry,
+    options: &PrepareOptions,
+    progress: &mut (dyn FnMut(Progress) + Send),
+) -> Result<PulledImage, SetupError> {
+    let name = entry.name.clone();
+    let cat_err = |source| SetupError::Catalog {
+        name: name.clone(),
+        source,
+    };
     let client = options
         .download
         .client
@@ -235,13 +303,13 @@ pub async fn prepare_image(
         .unwrap_or_else(crate::storage::download::default_client);
     let sha256 = entry.resolve_sha256(&client).await.map_err(cat_err)?;
 
-    let base = cached_base_path(&options.cache_dir, &entry, &sha256);
+    let path = cached_base_path(&options.cache_dir, &entry, &sha256);
     let mut download = options.download.clone();
     download.client = Some(client);
-    let cached = match read_verified_stamp(&base).await {
+    let cached = match read_verified_stamp(&path).await {
         Some(stamp) if stamp.sha256 == sha256 => true,
         _ => {
-            let outcome = download_verified(&entry.url, &base, &sha256, &download, progress)
+            let outcome = download_verified(&entry.url, &path, &sha256, &download, progress)
                 .await
                 .map_err(|source| SetupError::Download {
                     name: name.to_string(),
@@ -249,18 +317,43 @@ pub async fn prepare_image(
                 })?;
             {
                 use std::os::unix::fs::PermissionsExt;
-                tokio::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o444))
+                tokio::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444))
                     .await
                     .map_err(|source| SetupError::Io {
                         op: "chmod",
-                        path: base.clone(),
+                        path: path.clone(),
                         source,
                     })?;
             }
-            write_verified_stamp(&base, &sha256).await?;
+            write_verified_stamp(&path, &sha256).await?;
             outcome.already_present
         }
     };
+    Ok(PulledImage {
+        entry,
+        path,
+        sha256,
+        cached,
+    })
+}
+
+/// Fetch catalog disk image `name` into the cache (see [`pull_image`]) and create the VM disk
+/// `target` from it. `target` must not exist.
+pub async fn prepare_image(
+    name: &str,
+    target: &Path,
+    options: &PrepareOptions,
+    progress: &mut (dyn FnMut(Progress) + Send),
+) -> Result<PreparedImage, SetupError> {
+    let entry = catalog_entry(name, options)?;
+    if entry.kind != AssetKind::Disk {
+        return Err(SetupError::NotADisk {
+            name: name.to_string(),
+            kind: entry.kind,
+        });
+    }
+    let pulled = pull_entry(entry, options, progress).await?;
+    let (entry, base, sha256, cached) = (pulled.entry, pulled.path, pulled.sha256, pulled.cached);
     let disk_err = |source| SetupError::Disk {
         name: name.to_string(),
         source,

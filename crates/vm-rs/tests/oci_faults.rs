@@ -33,6 +33,7 @@ struct Setup {
     reference: String,
     layer: Digest,
     layer_len: u64,
+    small: Digest,
 }
 
 fn setup() -> Setup {
@@ -47,7 +48,7 @@ fn setup() -> Setup {
     oci_layout::single_image_layout(
         layout.path(),
         "v1",
-        &[layer.clone(), small],
+        &[layer.clone(), small.clone()],
         serde_json::json!({}),
     );
     reg.push_layout(layout.path(), "v1", "test/faults", false);
@@ -56,6 +57,7 @@ fn setup() -> Setup {
         reference: format!("{}/test/faults:v1", proxy.host()),
         layer: Digest::parse(&layer.digest).unwrap(),
         layer_len: layer.blob.len() as u64,
+        small: Digest::parse(&small.digest).unwrap(),
         proxy,
         _reg: reg,
     }
@@ -163,6 +165,14 @@ async fn truncated_bodies_fail_cleanly_then_a_later_pull_resumes() {
     );
     assert!(store.has_blob(&s.layer));
     assert_store_consistent(&store);
+    // The layer that finished in the failed pull was not fetched again.
+    let small_fetches = s
+        .proxy
+        .log()
+        .iter()
+        .filter(|l| l.path.contains(s.small.hex()))
+        .count();
+    assert_eq!(small_fetches, 1);
 }
 
 #[tokio::test]

@@ -411,3 +411,137 @@ fn symlink_replaced_by_directory_is_followed_no_further() {
     assert!(r.join("a/second").is_file());
     assert!(!r.join("elsewhere/second").exists());
 }
+
+mod random {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        File(String),
+        Dir(String),
+        Symlink(String, String),
+        Hardlink(String, String),
+        Whiteout(String),
+        Opaque(String),
+    }
+
+    fn path() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop_oneof![
+                6 => Just("a"),
+                3 => Just("b"),
+                2 => Just("out"),
+                1 => Just("."),
+                1 => Just(""),
+                1 => Just(".."),
+            ],
+            1..4,
+        )
+        .prop_map(|c| c.join("/"))
+    }
+
+    fn target() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => Just("../outside".to_owned()),
+            2 => Just("../../outside/secret".to_owned()),
+            2 => Just("/".to_owned()),
+            1 => Just("..".to_owned()),
+            3 => Just("ABS".to_owned()),
+            2 => Just("ABS/secret".to_owned()),
+            2 => Just("ABS/sub/file".to_owned()),
+            2 => path(),
+        ]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            path().prop_map(Op::File),
+            path().prop_map(Op::Dir),
+            (path(), target()).prop_map(|(p, t)| Op::Symlink(p, t)),
+            (path(), target()).prop_map(|(p, t)| Op::Hardlink(p, t)),
+            path().prop_map(Op::Whiteout),
+            path().prop_map(Op::Opaque),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Any sequence of entries, however hostile: no panic, and nothing outside the root
+        /// changes (checked by `run_with`).
+        #[test]
+        fn random_layers_never_escape(layers in prop::collection::vec(prop::collection::vec(op(), 1..12), 1..4)) {
+            let sb = Sandbox::new();
+            let abs_out = abs(&sb.outside());
+            let fix = |t: &str| t.replace("ABS", &abs_out);
+            let mut tars = Vec::new();
+            for ops in &layers {
+                let mut b = LayerBuilder::new();
+                for op in ops {
+                    b = match op {
+                        Op::File(p) => b.raw(EntryType::Regular, p.as_bytes(), b"", 0o644, b"pwned"),
+                        Op::Dir(p) => b.raw(EntryType::Directory, p.as_bytes(), b"", 0o755, b""),
+                        Op::Symlink(p, t) => b.raw(EntryType::Symlink, p.as_bytes(), fix(t).as_bytes(), 0o777, b""),
+                        Op::Hardlink(p, t) => b.raw(EntryType::Link, p.as_bytes(), fix(t).as_bytes(), 0o644, b""),
+                        Op::Whiteout(p) => {
+                            let (d, n) = p.rsplit_once('/').unwrap_or(("", p.as_str()));
+                            let name = if d.is_empty() { format!(".wh.{n}") } else { format!("{d}/.wh.{n}") };
+                            b.raw(EntryType::Regular, name.as_bytes(), b"", 0o644, b"")
+                        }
+                        Op::Opaque(p) => b.raw(EntryType::Regular, format!("{p}/.wh..wh..opq").as_bytes(), b"", 0o644, b""),
+                    };
+                }
+                tars.push(("layer".to_owned(), Cursor::new(b.tar())));
+            }
+            let before = sb.snapshot();
+            // Ok or an error: either way, nothing outside the root changed.
+            let _ = apply_layers(&sb.root(), tars, None, &UnpackOptions::default());
+            prop_assert_eq!(before, sb.snapshot());
+        }
+    }
+}
+
+#[test]
+fn ownership_is_recorded_when_not_applied() {
+    let lower = LayerBuilder::new()
+        .dir("home", 0o755)
+        .file_owned("home/user/a", b"a", 0o644, 1000, 1000)
+        .file_owned("home/user/b", b"b", 0o644, 1000, 100)
+        .file_owned("srv/data", b"d", 0o644, 33, 33)
+        .file_owned("root-owned", b"r", 0o644, 0, 0)
+        .tar();
+    let upper = LayerBuilder::new()
+        .whiteout("home/user", "b")
+        .file_owned("srv/data", b"d2", 0o644, 0, 0)
+        .whiteout("", "nothing")
+        .tar();
+    let sb = Sandbox::new();
+    let opts = UnpackOptions {
+        preserve_ownership: false,
+        record_ownership: true,
+        ..UnpackOptions::default()
+    };
+    let report = apply_layers(
+        &sb.root(),
+        vec![
+            ("l1".to_owned(), Cursor::new(lower)),
+            ("l2".to_owned(), Cursor::new(upper)),
+        ],
+        None,
+        &opts,
+    )
+    .unwrap();
+    let got: Vec<(&str, u64, u64)> = report
+        .ownership
+        .iter()
+        .map(|o| (o.path.as_str(), o.uid, o.gid))
+        .collect();
+    assert_eq!(got, [("home/user/a", 1000, 1000)]);
+    // Not applied on disk: files belong to the caller.
+    let me = rustix::process::geteuid().as_raw();
+    assert_eq!(
+        std::fs::metadata(sb.root().join("home/user/a")).unwrap().uid(),
+        me
+    );
+}

@@ -112,6 +112,22 @@ async fn pull_and_unpack_busybox_rootfs_equals_image() {
     let missing = format!("{}/test/busybox@{}", reg.host(), Digest::of(b"nope"));
     let err = store.pull(&missing, &PullOptions::default()).await.unwrap_err();
     assert!(matches!(err, PullError::Manifest { .. }), "{err:?}");
+
+    // A single-platform image pulled for another platform explicitly: refused, not recorded.
+    let fresh = ImageStore::open(home.path().join("fresh")).await.unwrap();
+    let other = PullOptions {
+        platform: Some("linux/riscv64".parse().unwrap()),
+        ..PullOptions::default()
+    };
+    match fresh.pull(&reference, &other).await.unwrap_err() {
+        PullError::NoMatchingPlatform { available, .. } => assert_eq!(available, ["linux/amd64"]),
+        e => panic!("unexpected {e:?}"),
+    }
+    assert!(fresh.list().await.unwrap().is_empty());
+    assert!(
+        !fresh.has_blob(&Digest::parse(&layer.digest).unwrap()),
+        "layers fetched anyway"
+    );
 }
 
 #[tokio::test]

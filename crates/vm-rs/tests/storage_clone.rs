@@ -63,6 +63,22 @@ async fn reflink_clone_on_xfs_shares_extents_and_never_touches_base() {
         clone_disk(&base, &clone).await,
         Err(CloneError::TargetExists { .. })
     ));
+
+    // CopyOnly really copies, even here where copy_file_range could reflink: no shared
+    // extents, same bytes, holes kept.
+    let copy = fs.path().join("copy.img");
+    let method = clone_disk_with(&base, &copy, ClonePolicy::CopyOnly)
+        .await
+        .expect("copy");
+    assert_eq!(method, CloneMethod::SparseCopy);
+    let flags = extent_flags(&copy);
+    assert!(!flags.is_empty());
+    assert!(
+        flags.iter().all(|f| !f.iter().any(|x| x == "shared")),
+        "copy shares extents: {flags:?}"
+    );
+    assert_eq!(sha256_file(&copy), base_hash);
+    assert!(allocated(&copy) < 24 << 20);
 }
 
 #[tokio::test]

@@ -331,3 +331,25 @@ async fn stalled_transfer_times_out_and_resumes() {
     assert_eq!(seen.len(), 2);
     assert!(seen[1].range.as_deref().is_some_and(|r| r.starts_with("bytes=")));
 }
+
+#[tokio::test]
+async fn stale_part_from_other_content_is_discarded_and_download_restarts() {
+    let (server, data) = server_with_file().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dest = dir.path().join("disk.img");
+    // Left over from an older version of the file: wrong bytes, resumable length.
+    std::fs::write(part_path(&dest), vec![0xee; 4096]).expect("part");
+    let out = download_verified(
+        &server.url("/disk.img"),
+        &dest,
+        &sha256(&data),
+        &no_retries(),
+        &mut |_| {},
+    )
+    .await
+    .expect("download");
+    assert_eq!(std::fs::read(&dest).expect("read"), data);
+    assert_eq!(out.resumed_from, 4096);
+    let ranges: Vec<_> = server.seen().into_iter().map(|s| s.range).collect();
+    assert_eq!(ranges, [Some("bytes=4096-".to_string()), None]);
+}

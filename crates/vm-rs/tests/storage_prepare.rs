@@ -8,8 +8,8 @@ mod storage_support;
 use storage_support::http::TestServer;
 use storage_support::{run, sha256, sha256_file};
 use vm_rs::config::DiskFormat;
-use vm_rs::setup::{prepare_image, PrepareMode, PrepareOptions, SetupError};
-use vm_rs::storage::{image_info, CatalogEntry, CloneMethod, DownloadError, ImageCatalog};
+use vm_rs::setup::{prepare_image, pull_image, PrepareMode, PrepareOptions, SetupError};
+use vm_rs::storage::{image_info, AssetKind, CatalogEntry, CloneMethod, DownloadError, ImageCatalog};
 
 /// A small qcow2 "cloud image" with a known pattern at offset 0.
 fn make_qcow2_base(dir: &std::path::Path) -> Vec<u8> {
@@ -25,6 +25,7 @@ fn catalog(server: &TestServer, sums_path: &str) -> ImageCatalog {
     c.insert(CatalogEntry {
         name: "test-cloud".into(),
         url: server.url("/images/test-cloud.qcow2"),
+        kind: AssetKind::Disk,
         format: DiskFormat::Qcow2,
         sha256: None,
         sha256sums_url: Some(server.url(sums_path)),
@@ -286,4 +287,52 @@ async fn prepare_image_refuses_bases_with_a_backing_file() {
         "{err:?}"
     );
     assert!(!target.exists());
+}
+
+/// Kernels and initrds are catalog assets too: `pull_image` fetches and verifies them, and
+/// `prepare_image` refuses to make a VM disk out of one.
+#[tokio::test]
+async fn kernel_assets_are_pulled_but_not_made_into_disks() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start().await;
+    let kernel = storage_support::pattern(300_000, 9);
+    server.put("/unpacked/vmlinuz-generic", kernel.clone());
+    server.put(
+        "/unpacked/SHA256SUMS",
+        format!("{} *vmlinuz-generic\n", sha256(&kernel)).into_bytes(),
+    );
+    let mut cat = ImageCatalog::builtin();
+    cat.insert(CatalogEntry {
+        name: "test-kernel".into(),
+        url: server.url("/unpacked/vmlinuz-generic"),
+        kind: AssetKind::Kernel,
+        format: DiskFormat::Raw,
+        sha256: None,
+        sha256sums_url: Some(server.url("/unpacked/SHA256SUMS")),
+        description: None,
+    })
+    .expect("insert");
+    let opts = PrepareOptions {
+        cache_dir: work.path().join("cache"),
+        catalog: Some(cat),
+        ..PrepareOptions::default()
+    };
+    let pulled = pull_image("test-kernel", &opts, &mut |_| {}).await.expect("pull");
+    assert!(!pulled.cached);
+    assert_eq!(std::fs::read(&pulled.path).expect("read"), kernel);
+    let again = pull_image("test-kernel", &opts, &mut |_| {})
+        .await
+        .expect("pull again");
+    assert!(again.cached);
+    assert_eq!(again.path, pulled.path);
+    let gets = server
+        .seen()
+        .iter()
+        .filter(|r| r.path == "/unpacked/vmlinuz-generic")
+        .count();
+    assert_eq!(gets, 1);
+
+    let err = prepare_image("test-kernel", &work.path().join("vm.img"), &opts, &mut |_| {}).await;
+    assert!(matches!(err, Err(SetupError::NotADisk { .. })), "{err:?}");
+    assert!(!work.path().join("vm.img").exists());
 }

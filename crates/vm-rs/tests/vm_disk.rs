@@ -1,5 +1,7 @@
-//! A real QEMU guest boots with data disks made by `vm_rs::storage` and its kernel reads back
-//! the bytes the test wrote into them.
+//! Real QEMU guests boot with data disks made by `vm_rs::storage` and read back the bytes the
+//! test wrote into them — once through the guest agent (mount an ext4 disk and read a file,
+//! checksum the read-only seed, write into a qcow2 overlay the host then inspects), and once
+//! with the guest kernel alone, described below.
 //!
 //! The test writes a partition table chosen at run time (an MBR with a random number of
 //! logical partitions in an EBR chain) into a raw disk, and a GPT (also with a run-time
@@ -258,4 +260,198 @@ async fn guest_kernel_reads_partition_tables_written_by_the_test() {
     mgr.stop("disky", Duration::from_secs(60)).await.expect("stop");
     assert_eq!(sha256_file(&base), base_hash, "the guest run changed the base");
     mgr.remove("disky", false).await.expect("rm");
+}
+
+/// Run `argv` in the guest; panic with its output unless it exits 0; return stdout.
+async fn guest(agent: &vm_rs::agent::AgentClient, cmd: vm_rs::agent::ExecCommand) -> Vec<u8> {
+    let argv = cmd.argv.clone();
+    let out = agent.exec(cmd).await.expect("exec");
+    assert_eq!(
+        out.status,
+        vm_rs::agent::ExitStatus::Exited(0),
+        "{argv:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Through the guest agent: the guest mounts an ext4 data disk the test built and reads back
+/// the file the test put in it; reads the read-only seed image byte for byte and cannot write
+/// it; writes into a qcow2 overlay, and after shutdown the host finds those bytes in the
+/// overlay while the base image is unchanged.
+#[tokio::test]
+async fn guest_reads_and_writes_data_disks_through_the_agent() {
+    use vm_rs::agent::{AgentClient, ExecCommand};
+    use vm_rs::storage::{write_seed_image, SeedConfig};
+
+    let home = TestHome::new();
+    let disks = tempfile::tempdir().expect("tempdir");
+    let seed_nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_nanos() as u64;
+
+    // 1. ext4 data disk (32 MiB) holding payload.bin, built on the host with mkfs.ext4 -d.
+    let content = disks.path().join("content");
+    std::fs::create_dir(&content).expect("mkdir");
+    let payload = storage_support::pattern(1 << 20, seed_nanos);
+    std::fs::write(content.join("payload.bin"), &payload).expect("payload");
+    let ext4 = disks.path().join("data.ext4");
+    create_disk(&ext4, 32 << 20, DiskFormat::Raw)
+        .await
+        .expect("ext4 disk");
+    run(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-L",
+            "vmrsdata",
+            "-d",
+            content.to_str().expect("utf8"),
+            ext4.to_str().expect("utf8"),
+        ],
+    );
+
+    // 2. qcow2 overlay (16 MiB) over a base full of a known pattern.
+    let base = disks.path().join("base.raw");
+    let base_bytes = storage_support::pattern(16 << 20, seed_nanos ^ 0xabcdef);
+    std::fs::write(&base, &base_bytes).expect("base");
+    let base_hash = sha256_file(&base);
+    let overlay = disks.path().join("vm.qcow2");
+    let ov = create_overlay(&base, DiskFormat::Raw, &overlay)
+        .await
+        .expect("overlay");
+
+    // 3. The cloud-init seed, attached read-only (2 MiB).
+    let seed = disks.path().join("seed.img");
+    write_seed_image(&seed, &SeedConfig::new("disky2"))
+        .await
+        .expect("seed");
+    let seed_hash = sha256_file(&seed);
+    let mut seed_disk = DiskConfig::new(&seed);
+    seed_disk.read_only = true;
+
+    let mut cfg = test_config("disky2");
+    cfg.disks.push(DiskConfig::new(&ext4));
+    cfg.disks.push(ov);
+    cfg.disks.push(seed_disk);
+    let sock = home.path().join("agent.sock");
+    let mgr = VmManager::with_home(home.path()).await.expect("manager");
+    mgr.start_with(cfg, Vec::new(), vm_rs::agent::qemu_args(&sock))
+        .await
+        .expect("start");
+    let agent = AgentClient::connect_timeout(&sock, BOOT_TIMEOUT)
+        .await
+        .expect("agent");
+
+    // Which vdX is which: by size in sectors, and the read-only flag.
+    let listing = guest(
+        &agent,
+        ExecCommand::new([
+            "sh",
+            "-c",
+            "for d in /sys/block/vd*; do echo ${d##*/} $(cat $d/size) $(cat $d/ro); done",
+        ]),
+    )
+    .await;
+    let listing = String::from_utf8_lossy(&listing).into_owned();
+    let dev = |sectors: &str| -> (String, String) {
+        listing
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() == 3 && f[1] == sectors).then(|| (format!("/dev/{}", f[0]), f[2].to_string()))
+            })
+            .unwrap_or_else(|| panic!("no disk of {sectors} sectors in:\n{listing}"))
+    };
+    let (ext4_dev, ext4_ro) = dev("65536");
+    let (ov_dev, ov_ro) = dev("32768");
+    let (seed_dev, seed_ro) = dev("4096");
+    assert_eq!(
+        (ext4_ro.as_str(), ov_ro.as_str(), seed_ro.as_str()),
+        ("0", "0", "1")
+    );
+
+    // The guest reads the file the test put into the ext4 image.
+    let read = guest(
+        &agent,
+        ExecCommand::new([
+            "sh",
+            "-c",
+            "mkdir -p /mnt/data && mount -t ext4 -o ro \"$1\" /mnt/data && cat /mnt/data/payload.bin",
+            "sh",
+            &ext4_dev,
+        ]),
+    )
+    .await;
+    assert!(
+        read == payload,
+        "payload read back differs ({} bytes)",
+        read.len()
+    );
+
+    // The seed, byte for byte, and it is read-only.
+    let sum = guest(&agent, ExecCommand::new(["sha256sum", &seed_dev])).await;
+    let sum = String::from_utf8_lossy(&sum).into_owned();
+    assert_eq!(sum.split_whitespace().next(), Some(seed_hash.as_str()));
+    let denied = agent
+        .exec(
+            ExecCommand::new(["dd", &format!("of={seed_dev}"), "bs=512", "count=1", "conv=fsync"])
+                .stdin(vec![0u8; 512]),
+        )
+        .await
+        .expect("exec");
+    assert_ne!(
+        denied.status,
+        vm_rs::agent::ExitStatus::Exited(0),
+        "the guest wrote to a read-only disk"
+    );
+
+    // The guest writes 64 KiB at 4 MiB into the overlay device.
+    let written = storage_support::pattern(64 << 10, seed_nanos ^ 0x5555);
+    guest(
+        &agent,
+        ExecCommand::new([
+            "dd",
+            &format!("of={ov_dev}"),
+            "bs=4096",
+            "seek=1024",
+            "conv=fsync,notrunc",
+        ])
+        .stdin(written.clone()),
+    )
+    .await;
+    drop(agent);
+    mgr.stop("disky2", Duration::from_secs(60)).await.expect("stop");
+
+    // On the host: the overlay holds the guest's bytes over the base's, and the base is intact.
+    let flat = disks.path().join("flat.raw");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            overlay.to_str().expect("utf8"),
+            flat.to_str().expect("utf8"),
+        ],
+    );
+    let flat = std::fs::read(&flat).expect("read flat");
+    assert_eq!(flat.len(), 16 << 20);
+    let at = 4 << 20;
+    assert!(
+        flat[at..at + written.len()] == written[..],
+        "guest write not in the overlay"
+    );
+    assert!(
+        flat[..at] == base_bytes[..at],
+        "overlay differs from base before the write"
+    );
+    assert!(
+        flat[at + written.len()..] == base_bytes[at + written.len()..],
+        "overlay differs from base after the write"
+    );
+    assert_eq!(sha256_file(&base), base_hash, "the guest changed the base");
+    mgr.remove("disky2", false).await.expect("rm");
 }

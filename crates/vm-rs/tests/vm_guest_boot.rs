@@ -12,7 +12,7 @@ const BOOT: Duration = Duration::from_secs(120);
 #[tokio::test]
 async fn boots_ready_and_powers_off_on_acpi_button() {
     let assets = support::guest::assets().await;
-    let mut vm = RawQemu::boot(&assets, "vmrs.hostname=smoke", &[]);
+    let mut vm = RawQemu::boot::<&str>(&assets, "vmrs.hostname=smoke", &[]);
     assert!(
         vm.wait_line("VMRS_READY 127.0.0.1", BOOT).await,
         "no marker:\n{}",
@@ -24,7 +24,16 @@ async fn boots_ready_and_powers_off_on_acpi_button() {
         !log.contains("vmrs-init: loading"),
         "module load failures:\n{log}"
     );
-    // The init opens the power button before it announces readiness: press it right away.
+    // The guest stays up on its own (nothing but the power button may stop it).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        vm.child.try_wait().expect("try_wait").is_none(),
+        "guest stopped by itself:\n{}",
+        vm.log()
+    );
+    assert!(!vm.log().contains("shutting down"), "{}", vm.log());
+    // The init opens the power button before it announces readiness, so pressing it works
+    // right after the marker too (the static network test presses it immediately).
     let reply = vm.qmp("system_powerdown").await;
     assert!(reply.contains("return"), "{reply}");
     let status = vm.wait_exit(Duration::from_secs(60)).await;

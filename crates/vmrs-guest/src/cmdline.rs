@@ -3,10 +3,15 @@
 //! | parameter            | meaning                                              |
 //! |----------------------|------------------------------------------------------|
 //! | `vmrs.ip=A.B.C.D/P`  | static address + prefix for `eth0` (IPv6 also works) |
+//! | `vmrs.ip=dhcp`       | address, gateway and DNS from DHCP (see `dhcp`)      |
 //! | `vmrs.gw=A.B.C.D`    | default gateway                                      |
 //! | `vmrs.dns=A[,B...]`  | name servers written to `/etc/resolv.conf`           |
 //! | `vmrs.hostname=NAME` | host name                                            |
 //! | `vmrs.shell=1`       | start a shell on the console                         |
+//! | `vmrs.root=/dev/vda` | mount this block device and switch root to it        |
+//! | `vmrs.root=serial:S` | the same, for the virtio disk whose serial is `S`    |
+//! | `vmrs.rootfstype=T`  | its filesystem type (default: try ext4, then erofs)  |
+//! | `vmrs.rootflags=ro`  | mount it read-only                                   |
 //!
 //! Invalid values are reported and ignored (the guest still boots); unknown `vmrs.*` keys too.
 
@@ -25,6 +30,14 @@ pub struct Config {
     pub hostname: Option<String>,
     /// Start a console shell.
     pub shell: bool,
+    /// Root block device to switch to.
+    pub root: Option<String>,
+    /// Its filesystem type.
+    pub rootfstype: Option<String>,
+    /// Mount the root read-only.
+    pub root_ro: bool,
+    /// Configure eth0 by DHCP (`vmrs.ip=dhcp`).
+    pub dhcp: bool,
     /// Problems found while parsing (reported on the console).
     pub warnings: Vec<String>,
 }
@@ -54,6 +67,7 @@ pub fn parse(cmdline: &str) -> Config {
         };
         let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
         match key {
+            "ip" if value == "dhcp" => cfg.dhcp = true,
             "ip" => match parse_cidr(value) {
                 Some(c) => cfg.ip = Some(c),
                 None => cfg.warnings.push(format!("ignoring invalid vmrs.ip={value}")),
@@ -79,6 +93,29 @@ pub fn parse(cmdline: &str) -> Config {
                 }
             }
             "shell" => cfg.shell = matches!(value, "" | "1" | "yes" | "true"),
+            "root" => {
+                let serial_ok = value.strip_prefix("serial:").is_some_and(|sn| {
+                    !sn.is_empty()
+                        && sn
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                });
+                let path_ok = value.starts_with("/dev/") && !value.contains("..");
+                if (serial_ok || path_ok) && value.len() < 128 {
+                    cfg.root = Some(value.to_string());
+                } else {
+                    cfg.warnings.push(format!("ignoring invalid vmrs.root={value}"));
+                }
+            }
+            "rootfstype" => {
+                if !value.is_empty() && value.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                    cfg.rootfstype = Some(value.to_string());
+                } else {
+                    cfg.warnings
+                        .push(format!("ignoring invalid vmrs.rootfstype={value}"));
+                }
+            }
+            "rootflags" => cfg.root_ro = value.split(',').any(|f| f == "ro"),
             _ => {}
         }
     }
@@ -129,6 +166,22 @@ mod tests {
         assert_eq!(c.ip, Some(("fd00::2".parse().unwrap(), 64)));
         assert!(c.shell);
         assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn root_options() {
+        let c = parse("vmrs.root=/dev/vda vmrs.rootfstype=erofs vmrs.rootflags=ro");
+        assert_eq!(c.root.as_deref(), Some("/dev/vda"));
+        assert_eq!(c.rootfstype.as_deref(), Some("erofs"));
+        assert!(c.root_ro);
+        let c = parse(
+            "vmrs.root=vda vmrs.root=/dev/../etc vmrs.rootfstype=a/b vmrs.root=serial: vmrs.root=serial:a/b",
+        );
+        assert_eq!(c.root, None);
+        assert_eq!(c.rootfstype, None);
+        assert_eq!(c.warnings.len(), 5);
+        let c = parse("vmrs.root=serial:vmrs-root");
+        assert_eq!(c.root.as_deref(), Some("serial:vmrs-root"));
     }
 
     #[test]

@@ -7,21 +7,29 @@
 //!    is fine;
 //! 3. read the `vmrs.*` parameters from `/proc/cmdline` (see [`cmdline`]): host name, `lo` up,
 //!    static address and default route on `eth0` (with busybox `ip`), `/etc/resolv.conf`;
-//! 4. print `VMRS_READY <ip>` on its own console line (`127.0.0.1` without network);
-//! 5. loop forever: reap zombies; on the ACPI power button (an `EV_KEY`/`KEY_POWER` press on any
-//!    `/dev/input/event*`) or SIGTERM/SIGUSR2/SIGPWR/SIGINT, shut down: print
-//!    `vmrs-init: shutting down`, SIGTERM then SIGKILL every process, sync, unmount, print
-//!    `vmrs-init: power off` and power the machine off.
+//! 4. with `vmrs.root=/dev/vdX`: mount that disk, move `/proc`, `/sys`, `/dev`, `/run` into it,
+//!    give it a fresh `/tmp`, and switch root to it (this process stays PID 1; it needs nothing
+//!    from the image);
+//! 5. start the host agent ([`agent`]) on every `vmrs.agent*` virtio-serial port;
+//! 6. print `VMRS_READY <ip>` on its own console line (`127.0.0.1` without network);
+//! 7. loop forever: reap zombies ([`reaper`]); on the ACPI power button (an `EV_KEY`/`KEY_POWER`
+//!    press on any `/dev/input/event*`), SIGTERM/SIGUSR2/SIGPWR/SIGINT or an agent `Shutdown`,
+//!    shut down: print `vmrs-init: shutting down`, SIGTERM then SIGKILL every process, sync,
+//!    unmount, print `vmrs-init: power off` and power the machine off.
 //!
 //! PID 1 must never exit: failures are printed and boot continues where it can; a panic powers
 //! the machine off.
 
+mod agent;
 mod cmdline;
+mod dhcp;
+mod reaper;
 mod sys;
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const MODULE_LIST: &str = "/etc/vmrs/modules";
@@ -30,7 +38,8 @@ const KEY_POWER: u16 = 116;
 /// `struct input_event` on 64-bit: timeval (16) + type (2) + code (2) + value (4).
 const INPUT_EVENT_SIZE: usize = 24;
 
-fn log(msg: &str) {
+/// Print `vmrs-init: <msg>` on the console.
+pub(crate) fn log(msg: &str) {
     sys::console(&format!("vmrs-init: {msg}"));
 }
 
@@ -60,18 +69,38 @@ fn main() {
     mount_basics();
     load_modules();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let cfg = cmdline::parse(&cmdline);
+    let mut cfg = cmdline::parse(&cmdline);
     for w in &cfg.warnings {
         log(w);
     }
-    let ip = configure(&cfg);
+    let ip = configure(&mut cfg);
+    if let Some(dev) = &cfg.root {
+        if let Err(e) = switch_root(dev, cfg.rootfstype.as_deref(), cfg.root_ro) {
+            log(&format!("cannot switch to root {dev}: {e}"));
+            power_off();
+        }
+    }
+    write_resolv_conf(&cfg);
+    let (shutdown_rx, shutdown_tx) = match shutdown_pipe() {
+        Ok(p) => (Some(p.0), Some(Arc::new(p.1))),
+        Err(e) => {
+            log(&format!("cannot create pipe: {e}"));
+            (None, None)
+        }
+    };
+    if let Some(tx) = &shutdown_tx {
+        agent::start(tx.clone());
+    }
     // Open the power button before announcing readiness, so a stop right after ready works.
     let inputs = open_input_devices(Duration::from_secs(2));
     sys::console(&format!("VMRS_READY {ip}"));
     if cfg.shell {
         spawn_shell();
     }
-    supervise(signals, inputs);
+    // `shutdown_tx` stays alive in this frame forever (supervise never returns), so the pipe
+    // never reads as closed even when no agent thread holds a copy.
+    let _keep_open = shutdown_tx;
+    supervise(signals, shutdown_rx, inputs);
 }
 
 fn mount_basics() {
@@ -147,22 +176,16 @@ fn run(program: &str, args: &[&str]) -> bool {
 }
 
 /// Configure host name, loopback and eth0; returns the address to announce.
-fn configure(cfg: &cmdline::Config) -> String {
+fn configure(cfg: &mut cmdline::Config) -> String {
     if let Some(h) = &cfg.hostname {
         if let Err(e) = sys::sethostname(h) {
             log(&format!("sethostname {h}: {e}"));
         }
     }
     run("/bin/ip", &["link", "set", "lo", "up"]);
-    if !cfg.dns.is_empty() {
-        let text: String = cfg.dns.iter().map(|d| format!("nameserver {d}\n")).collect();
-        if let Err(e) = std::fs::write("/etc/resolv.conf", text) {
-            log(&format!("writing /etc/resolv.conf: {e}"));
-        }
-    }
-    let Some((addr, prefix)) = cfg.ip else {
+    if cfg.ip.is_none() && !cfg.dhcp {
         return "127.0.0.1".into();
-    };
+    }
     let deadline = Instant::now() + Duration::from_secs(5);
     while !std::path::Path::new("/sys/class/net/eth0").exists() {
         if Instant::now() > deadline {
@@ -171,6 +194,24 @@ fn configure(cfg: &cmdline::Config) -> String {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    if cfg.dhcp {
+        return match dhcp::obtain("eth0").and_then(|l| dhcp::apply("eth0", &l).map(|()| l)) {
+            Ok(lease) => {
+                // name servers from the lease unless vmrs.dns= named some
+                if cfg.dns.is_empty() {
+                    cfg.dns = lease.dns.iter().copied().map(std::net::IpAddr::V4).collect();
+                }
+                lease.ip.to_string()
+            }
+            Err(e) => {
+                log(&format!("dhcp: {e}"));
+                "127.0.0.1".into()
+            }
+        };
+    }
+    let Some((addr, prefix)) = cfg.ip else {
+        return "127.0.0.1".into();
+    };
     let cidr = format!("{addr}/{prefix}");
     let ok = run("/bin/ip", &["addr", "add", &cidr, "dev", "eth0"])
         && run("/bin/ip", &["link", "set", "eth0", "up"]);
@@ -181,6 +222,102 @@ fn configure(cfg: &cmdline::Config) -> String {
         run("/bin/ip", &["route", "add", "default", "via", &gw.to_string()]);
     }
     addr.to_string()
+}
+
+fn write_resolv_conf(cfg: &cmdline::Config) {
+    if cfg.dns.is_empty() {
+        return;
+    }
+    let text: String = cfg.dns.iter().map(|d| format!("nameserver {d}\n")).collect();
+    let _ = std::fs::create_dir_all("/etc");
+    // An image may ship /etc/resolv.conf as a dangling symlink; replace it.
+    let _ = std::fs::remove_file("/etc/resolv.conf");
+    if let Err(e) = std::fs::write("/etc/resolv.conf", text) {
+        log(&format!("writing /etc/resolv.conf: {e}"));
+    }
+}
+
+fn shutdown_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 returned two new fds that nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Mount `dev` on /newroot, move the API filesystems into it and make it `/`.
+/// The `/dev/vdX` whose virtio serial (`/sys/block/vdX/serial`) is `serial`.
+fn disk_by_serial(serial: &str) -> Option<String> {
+    let dir = std::fs::read_dir("/sys/block").ok()?;
+    dir.flatten().find_map(|e| {
+        let found = std::fs::read_to_string(e.path().join("serial")).ok()?;
+        (found.trim_end_matches(['\n', '\0']) == serial)
+            .then(|| format!("/dev/{}", e.file_name().to_string_lossy()))
+    })
+}
+
+/// Mount `root` (a `/dev/...` path or `serial:S`) on /newroot, move the API filesystems into it
+/// and make it `/`.
+fn switch_root(root: &str, fstype: Option<&str>, read_only: bool) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let dev = loop {
+        let dev = match root.strip_prefix("serial:") {
+            Some(serial) => disk_by_serial(serial),
+            None => Some(root.to_string()),
+        };
+        match dev {
+            Some(d) if std::path::Path::new(&d).exists() => break d,
+            _ if Instant::now() > deadline => return Err("device did not appear".into()),
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let dev = dev.as_str();
+    std::fs::create_dir_all("/newroot").map_err(|e| format!("mkdir /newroot: {e}"))?;
+    let flags = if read_only { libc::MS_RDONLY } else { 0 };
+    let types: Vec<&str> = match fstype {
+        Some(t) => vec![t],
+        None => vec!["ext4", "erofs"],
+    };
+    let mut last = String::new();
+    let mounted = types
+        .iter()
+        .any(|t| match sys::mount(dev, "/newroot", t, flags, "") {
+            Ok(()) => true,
+            Err(e) => {
+                last = format!("mount {dev} as {t}: {e}");
+                false
+            }
+        });
+    if !mounted {
+        return Err(last);
+    }
+    for dir in ["dev", "proc", "sys", "run"] {
+        let target = format!("/newroot/{dir}");
+        if let Err(e) = std::fs::create_dir_all(&target) {
+            log(&format!("mkdir {target}: {e}"));
+        }
+        sys::mount(&format!("/{dir}"), &target, "", libc::MS_MOVE, "")
+            .map_err(|e| format!("move /{dir}: {e}"))?;
+    }
+    let _ = sys::umount("/tmp", libc::MNT_DETACH);
+    if std::fs::create_dir_all("/newroot/tmp").is_ok() {
+        if let Err(e) = sys::mount(
+            "tmpfs",
+            "/newroot/tmp",
+            "tmpfs",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            "mode=1777",
+        ) {
+            log(&format!("mount /tmp: {e}"));
+        }
+    }
+    std::env::set_current_dir("/newroot").map_err(|e| format!("chdir: {e}"))?;
+    sys::mount(".", "/", "", libc::MS_MOVE, "").map_err(|e| format!("move root: {e}"))?;
+    sys::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    Ok(())
 }
 
 fn spawn_shell() {
@@ -241,18 +378,22 @@ fn has_power_press(buf: &[u8]) -> bool {
     })
 }
 
-fn reap_all() {
-    while let sys::Reaped::Child(..) = sys::reap_one() {}
-}
-
 /// PID 1's main loop: reap children, wait for a shutdown request.
-fn supervise(signals: Option<OwnedFd>, mut inputs: Vec<std::fs::File>) -> ! {
+fn supervise(
+    signals: Option<OwnedFd>,
+    mut shutdown_rx: Option<OwnedFd>,
+    mut inputs: Vec<std::fs::File>,
+) -> ! {
     let started = Instant::now();
     loop {
         let mut fds = Vec::new();
         if let Some(s) = &signals {
             fds.push(s.as_raw_fd());
         }
+        let agent_index = shutdown_rx.as_ref().map(|r| {
+            fds.push(r.as_raw_fd());
+            fds.len() - 1
+        });
         let first_input = fds.len();
         fds.extend(inputs.iter().map(|f| f.as_raw_fd()));
         // Input devices can appear shortly after boot: rescan now and then while there are none.
@@ -264,7 +405,21 @@ fn supervise(signals: Option<OwnedFd>, mut inputs: Vec<std::fs::File>) -> ! {
         let ready = sys::poll_readable(&fds, timeout);
         let mut shutdown = false;
         for i in ready {
-            if i < first_input {
+            if Some(i) == agent_index {
+                let mut byte = [0u8; 1];
+                let n = shutdown_rx
+                    .as_ref()
+                    // SAFETY: reads one byte into a live buffer from a pipe we own.
+                    .map(|r| unsafe { libc::read(r.as_raw_fd(), byte.as_mut_ptr().cast(), 1) })
+                    .unwrap_or(0);
+                if n == 1 {
+                    log("shutdown requested by the host agent");
+                    shutdown = true;
+                } else if n == 0 {
+                    // Every writer is gone (cannot happen while main holds one): stop polling.
+                    shutdown_rx = None;
+                }
+            } else if i < first_input {
                 if let Some(s) = &signals {
                     while let Some(sig) = sys::read_signal(s.as_raw_fd()) {
                         match sig as libc::c_int {
@@ -289,7 +444,7 @@ fn supervise(signals: Option<OwnedFd>, mut inputs: Vec<std::fs::File>) -> ! {
                 }
             }
         }
-        reap_all();
+        reaper::reap();
         if shutdown {
             shut_down();
         }
@@ -341,10 +496,13 @@ fn unmount_all() {
             let _ = sys::umount(t, libc::MNT_DETACH);
         }
     }
+    // The root itself cannot be unmounted; make it read-only so a disk root is clean.
+    let _ = sys::mount("", "/", "", libc::MS_REMOUNT | libc::MS_RDONLY, "");
 }
 
 fn power_off() -> ! {
     sys::console("vmrs-init: power off");
+    sys::drain_console();
     let err = sys::reboot(libc::RB_POWER_OFF);
     sys::console(&format!("vmrs-init: power off failed: {err}"));
     loop {

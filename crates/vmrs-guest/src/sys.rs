@@ -38,6 +38,13 @@ pub fn console(line: &str) {
     }
 }
 
+/// Wait until everything written to the console has been transmitted (the serial port's
+/// buffer would otherwise be lost when the machine powers off right after a write).
+pub fn drain_console() {
+    // SAFETY: tcdrain on fd 1; it fails harmlessly when fd 1 is not a terminal.
+    unsafe { libc::tcdrain(1) };
+}
+
 /// `mount(2)`.
 pub fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
     let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
@@ -73,6 +80,14 @@ pub fn finit_module(file: &std::fs::File) -> io::Result<()> {
     }
 }
 
+/// `chroot(2)`.
+pub fn chroot(path: &str) -> io::Result<()> {
+    let p = cstr(path)?;
+    // SAFETY: `p` is a valid NUL-terminated string.
+    check(unsafe { libc::chroot(p.as_ptr()) })?;
+    Ok(())
+}
+
 /// `sethostname(2)`.
 pub fn sethostname(name: &str) -> io::Result<()> {
     // SAFETY: pointer and length describe `name`'s bytes.
@@ -103,7 +118,6 @@ pub fn reboot(cmd: libc::c_int) -> io::Error {
 /// What `waitpid(-1, WNOHANG)` found.
 pub enum Reaped {
     /// A child exited (pid, raw status).
-    #[allow(dead_code)] // the fields are for callers that track their children
     Child(libc::pid_t, libc::c_int),
     /// Children exist but none has exited.
     None,

@@ -47,10 +47,35 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+/// CPU time (user + system) used by finished children so far.
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage writes one `rusage` into the zeroed struct we own.
+    let u = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut u);
+        u
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+thread_local! {
+    static CPU: std::cell::RefCell<Vec<(String, Duration)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 fn run(cmd: &mut Command) -> Duration {
+    let cpu0 = children_cpu();
     let t = Instant::now();
     let out = cmd.output().unwrap();
     let d = t.elapsed();
+    let name = cmd
+        .get_program()
+        .to_string_lossy()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    CPU.with(|c| c.borrow_mut().push((name, children_cpu() - cpu0)));
     assert!(
         out.status.success(),
         "{:?} failed: {}",
@@ -134,6 +159,7 @@ fn main() {
         }
     }
     let (po, pb) = (median(ours), median(base));
+    print_cpu("pull");
     println!(
         "pull:   vmrs {:>8.1} ms   skopeo copy {:>8.1} ms   ratio {:.2} (target <= 0.8)",
         po.as_secs_f64() * 1e3,
@@ -170,10 +196,26 @@ fn main() {
         }
     }
     let (uo, ub) = (median(ours), median(base));
+    print_cpu("unpack");
     println!(
         "unpack: vmrs {:>8.1} ms   GNU tar -x  {:>8.1} ms   ratio {:.2} (target <= 1.0)",
         uo.as_secs_f64() * 1e3,
         ub.as_secs_f64() * 1e3,
         uo.as_secs_f64() / ub.as_secs_f64()
     );
+}
+
+/// Median CPU time per program since the last call.
+fn print_cpu(phase: &str) {
+    let all = CPU.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    let mut names: Vec<&String> = all.iter().map(|(n, _)| n).collect();
+    names.sort();
+    names.dedup();
+    for n in names {
+        let v: Vec<Duration> = all.iter().filter(|(m, _)| m == n).map(|(_, d)| *d).collect();
+        println!(
+            "  {phase} cpu (user+sys, median per call) {n}: {:.1} ms",
+            median(v).as_secs_f64() * 1e3
+        );
+    }
 }

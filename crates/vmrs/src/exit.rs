@@ -48,7 +48,9 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
                 _ => GENERAL,
             };
         }
-        if cause.downcast_ref::<vm_rs::config::ConfigError>().is_some() {
+        if cause.downcast_ref::<vm_rs::config::ConfigError>().is_some()
+            || cause.downcast_ref::<vm_rs::net::NetError>().is_some()
+        {
             return INVALID;
         }
         if let Some(code) = oci_code(cause) {

@@ -194,23 +194,34 @@ fn catalog_lists_builtins() {
         .stderr(predicate::str::contains("unknown field"));
 }
 
-/// Serve `body` to every connection on 127.0.0.1 (one request each) from a thread.
-fn serve(body: Vec<u8>) -> String {
+/// Serve `files` (path → body) on 127.0.0.1, one request per connection, from a thread.
+/// Returns the base URL.
+fn serve_files(files: Vec<(&'static str, Vec<u8>)>) -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     std::thread::spawn(move || {
         for mut s in listener.incoming().flatten() {
             let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
+            let n = s.read(&mut buf).unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let path = req.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let (status, body) = match files.iter().find(|(p, _)| *p == path) {
+                Some((_, b)) => ("200 OK", b.clone()),
+                None => ("404 Not Found", Vec::new()),
+            };
             let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             );
             let _ = s.write_all(head.as_bytes());
             let _ = s.write_all(&body);
         }
     });
-    format!("http://{addr}/file.bin")
+    format!("http://{addr}")
+}
+
+fn serve(body: Vec<u8>) -> String {
+    format!("{}/file.bin", serve_files(vec![("/file.bin", body)]))
 }
 
 #[test]
@@ -246,4 +257,59 @@ fn download_verifies_checksum() {
         .failure()
         .stderr(predicate::str::contains("sha256 mismatch"));
     assert!(!bad.exists());
+}
+
+#[test]
+fn disk_pull_and_prepare_from_a_user_catalog() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("tiny.raw");
+    let body: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&src, &body).expect("write");
+    let digest = sha256sum(&src);
+    let base = serve_files(vec![
+        ("/tiny.raw", body.clone()),
+        ("/SHA256SUMS", format!("{digest} *tiny.raw\n").into_bytes()),
+    ]);
+    std::fs::write(
+        dir.path().join("image-catalog.json"),
+        format!(
+            r#"{{"images":[{{"name":"tiny","url":"{base}/tiny.raw","format":"raw","sha256sums_url":"{base}/SHA256SUMS"}}]}}"#
+        ),
+    )
+    .expect("catalog");
+
+    let v = json_out(vmrs(dir.path()).args(["disk", "pull", "tiny", "--json"]));
+    assert_eq!(v["sha256"], digest.as_str());
+    assert_eq!(v["cached"], false);
+    let path = std::path::PathBuf::from(v["path"].as_str().expect("path"));
+    assert!(path.starts_with(dir.path().join("disk-images/tiny").join(&digest)));
+    assert_eq!(std::fs::read(&path).expect("read"), body);
+    let v = json_out(vmrs(dir.path()).args(["disk", "pull", "tiny", "--json"]));
+    assert_eq!(v["cached"], true);
+
+    let vm = dir.path().join("vm.qcow2");
+    let v = json_out(vmrs(dir.path()).args([
+        "disk",
+        "prepare",
+        "tiny",
+        vm.to_str().expect("utf8"),
+        "--size",
+        "64M",
+        "--json",
+    ]));
+    assert_eq!(v["mode"], "overlay");
+    assert_eq!(v["disk"]["format"], "qcow2");
+    let info = json_out(vmrs(dir.path()).args(["disk", "info", vm.to_str().expect("utf8"), "--json"]));
+    assert_eq!(info["virtual-size"], 64u64 << 20);
+
+    vmrs(dir.path())
+        .args(["disk", "pull", "no-such-image"])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("no image named"));
+    vmrs(dir.path())
+        .args(["disk", "prepare", "ubuntu-24.04-kernel", "x.img"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("not a disk image"));
 }

@@ -95,3 +95,52 @@ fn pull_list_inspect_unpack_remove() {
         0
     );
 }
+
+#[test]
+fn concurrent_pulls_from_several_processes_share_the_store() {
+    let reg = Registry::start();
+    let layout = tempfile::tempdir().unwrap();
+    let (layer, busybox) = busybox_layer(Comp::Zstd);
+    oci_layout::single_image_layout(layout.path(), "v1", &[layer], serde_json::json!({}));
+    reg.push_layout(layout.path(), "v1", "cli/race", false);
+    let home = tempfile::tempdir().unwrap();
+    let reference = format!("{}/cli/race:v1", reg.host());
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vmrs"))
+            .arg("--home")
+            .arg(home.path())
+            .env("DOCKER_CONFIG", home.path().join("docker"))
+            .args(["pull", "-q", &reference])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b, c) = (spawn(), spawn(), spawn());
+    for child in [a, b, c] {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // One record, every blob intact, nothing left half-written.
+    let out = vmrs(home.path()).args(["images", "--json"]).output().unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    for e in std::fs::read_dir(home.path().join("images/blobs/sha256")).unwrap() {
+        let e = e.unwrap();
+        let bytes = std::fs::read(e.path()).unwrap();
+        assert_eq!(&oci_layout::sha(&bytes)[7..], e.file_name().to_str().unwrap());
+    }
+    assert_eq!(
+        std::fs::read_dir(home.path().join("images/ingest"))
+            .unwrap()
+            .count(),
+        0
+    );
+    let root = tempfile::tempdir().unwrap();
+    vmrs(home.path())
+        .args(["image", "unpack", &reference])
+        .arg(root.path())
+        .assert()
+        .success();
+    assert_eq!(std::fs::read(root.path().join("bin/busybox")).unwrap(), busybox);
+}

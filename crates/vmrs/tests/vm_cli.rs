@@ -84,7 +84,8 @@ fn run_detached_then_ps_pause_resume_stop_from_other_processes() {
     let rows = home.ps();
     let r = row(&rows, "c1");
     assert_eq!(r["state"], "ready");
-    assert_eq!(r["ip"], "127.0.0.1");
+    // `vmrs run` attaches user-mode NAT by default: the guest announces its slirp address
+    assert_eq!(r["ip"], "10.0.2.15");
     assert_eq!(r["backend"], "qemu");
     let pid = r["pid"].as_u64().expect("pid");
     assert!(Path::new(&format!("/proc/{pid}")).exists());
@@ -115,7 +116,7 @@ fn run_detached_then_ps_pause_resume_stop_from_other_processes() {
         }
     );
     let logs = home.vmrs().args(["logs", "c1"]).output().expect("logs");
-    assert!(String::from_utf8_lossy(&logs.stdout).contains("VMRS_READY 127.0.0.1"));
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("VMRS_READY 10.0.2.15"));
     // live-only ps hides it, -a shows it
     let live = home.vmrs().args(["ps", "--json"]).output().expect("ps");
     assert_eq!(

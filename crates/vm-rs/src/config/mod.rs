@@ -7,7 +7,9 @@
 mod network;
 mod validate;
 
-pub use network::{NetworkAttachment, PortForward, Protocol};
+pub use network::{
+    AddrParseError, GuestAddress, Ipv4Cidr, MacAddr, NetworkAttachment, PortForward, Protocol,
+};
 pub use validate::{host_memory_mib, validate_name, ConfigError, MAX_NAME_LEN};
 
 use serde::{Deserialize, Serialize};

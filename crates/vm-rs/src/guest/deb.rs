@@ -276,6 +276,16 @@ pub(crate) fn extract_guest_files(deb: &Path, out: &Path, found: &mut Extracted)
                 path: dest.clone(),
                 source,
             })?;
+            // Keep the package's execute bits (busybox), nothing more permissive than 0755.
+            let mode = entry.header().mode().unwrap_or(0o644) & 0o755;
+            {
+                use std::os::unix::fs::PermissionsExt;
+                file.set_permissions(std::fs::Permissions::from_mode(mode))
+                    .map_err(|source| GuestError::Io {
+                        path: dest.clone(),
+                        source,
+                    })?;
+            }
             if let Some(kver) = kver {
                 found.kernel_version = Some(kver);
             }

@@ -96,6 +96,15 @@ pub enum ManagerError {
         /// Where to look for what happened.
         serial_log: PathBuf,
     },
+    /// Host networking (TAP/bridge/NAT, switch, port forwarding) could not be set up.
+    #[error("vm {name:?}: network setup failed")]
+    Network {
+        /// VM name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: crate::net::HostError,
+    },
     /// Waiting timed out.
     #[error("timed out after {secs:.1}s waiting for vm {name:?} to become {what}")]
     Timeout {
@@ -191,10 +200,21 @@ impl VmManager {
             }),
         };
         // Reattach to everything recorded here, marking dead VMs failed.
+        let mut live = std::collections::HashSet::new();
         for name in mgr.names()? {
-            if let Err(e) = mgr.entry(&name).await {
-                tracing::warn!(vm = %name, error = %e, "cannot reattach");
+            match mgr.entry(&name).await {
+                Ok(e) if e.state().is_live() => {
+                    live.insert(name);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(vm = %name, error = %e, "cannot reattach"),
             }
+        }
+        // Remove host network devices, switch memberships and forwarders of VMs that died
+        // while no manager watched (crash, kill -9).
+        let home = mgr.inner.home.clone();
+        if let Err(e) = crate::net::host::reconcile(&home, &|vm: &str| live.contains(vm)).await {
+            tracing::warn!(error = %e, "network reconciliation failed");
         }
         Ok(mgr)
     }
@@ -290,9 +310,35 @@ impl VmManager {
             finished_at: None,
         };
         record::write_json_atomic(&dir.join(files::STATE), &rec)?;
-        let entry = self
+        // Host side of the networks (TAPs, bridges, switch sidecars, forwarders); recorded in
+        // net.json and torn down when the VM stops, is removed, or is found dead.
+        let (mut extra_cmdline, mut extra_args) = (extra_cmdline, extra_args);
+        let net = if config.networks.is_empty() {
+            None
+        } else {
+            let st = crate::net::host::prepare(&self.inner.home, &name, &dir, &config.networks)
+                .await
+                .map_err(|source| ManagerError::Network {
+                    name: name.clone(),
+                    source,
+                })?;
+            extra_cmdline.extend(st.guest_cmdline());
+            extra_args.extend(st.qemu_args().into_iter().map(std::ffi::OsString::from));
+            Some(st)
+        };
+        let booted = self
             .boot(&dir, &config, &mut rec, driver, extra_cmdline, extra_args)
-            .await?;
+            .await;
+        let entry = match (booted, net) {
+            (Ok(e), _) => e,
+            (Err(e), Some(st)) => {
+                if let Err(t) = crate::net::host::teardown(&st).await {
+                    tracing::warn!(vm = %name, error = %t, "network teardown after failed boot");
+                }
+                return Err(e);
+            }
+            (Err(e), None) => return Err(e),
+        };
         cleanup.disarm();
         self.inner
             .entries
@@ -519,6 +565,12 @@ impl VmManager {
         entry.retire().await;
         self.inner.entries.lock().await.remove(name);
         let dir = self.vm_dir(name);
+        crate::net::host::teardown_vm_dir(&dir)
+            .await
+            .map_err(|source| ManagerError::Network {
+                name: name.to_string(),
+                source,
+            })?;
         std::fs::remove_dir_all(&dir).map_err(|source| ManagerError::Io { path: dir, source })?;
         Ok(())
     }

@@ -254,6 +254,11 @@ impl VmEntry {
                 ),
             }
         };
+        // the VM is gone: remove its TAPs/bridges, leave switches, stop forwarders (before the
+        // state is published, so whoever waits for the stop finds the host clean)
+        if let Err(e) = crate::net::host::teardown_vm_dir(&self.dir).await {
+            tracing::warn!(vm = %self.name, error = %e, "network teardown failed");
+        }
         self.transition(state).await;
         for sock in ["qmp.sock", "qmp-events.sock"] {
             let _ = std::fs::remove_file(self.dir.join(sock));

@@ -252,10 +252,13 @@ async fn run_helper(helper: &str, server: &str, registry: &str) -> Result<Option
         Err(e) => return Err(fail(e.to_string())),
     };
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(server.as_bytes())
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        // A helper may exit without reading (e.g. nothing stored): a broken pipe is not fatal,
+        // its exit status and output decide.
+        match stdin.write_all(server.as_bytes()).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            Err(e) => return Err(fail(e.to_string())),
+        }
     }
     let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
         .await

@@ -46,4 +46,4 @@ pub use platform::Platform;
 pub use pull::{PullError, PullOptions, PullProgress, PulledImage};
 pub use reference::{ImageReference, ReferenceError};
 pub use store::{GcReport, ImageStore, ImageSummary, RefRecord, StoreError, StoredImage};
-pub use unpack::{UnpackError, UnpackOptions, UnpackReport};
+pub use unpack::{OwnershipRecord, UnpackError, UnpackOptions, UnpackReport};

@@ -500,9 +500,15 @@ impl Ctx<'_> {
         file.seek(SeekFrom::Start(on_disk))
             .await
             .map_err(io_err("seek", &partial))?;
+        // A second handle to start writeback early (see `start_writeback`).
+        let writeback_fd = std::os::fd::AsFd::as_fd(&file)
+            .try_clone_to_owned()
+            .ok()
+            .map(Arc::new);
         let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
         let mut done = on_disk;
         let mut last_report = done;
+        let mut last_kick = done;
         let result = loop {
             match stream.stream.next().await {
                 None => break Ok(()),
@@ -516,6 +522,12 @@ impl Ctx<'_> {
                     out.write_all(&chunk).await.map_err(io_err("write", &partial))?;
                     done += chunk.len() as u64;
                     *downloaded += chunk.len() as u64;
+                    if done - last_kick >= WRITEBACK_STEP {
+                        if let Some(fd) = &writeback_fd {
+                            start_writeback(fd.clone(), last_kick, done - last_kick);
+                        }
+                        last_kick = done;
+                    }
                     if done - last_report >= 256 << 10 {
                         last_report = done;
                         self.emit(PullProgress::Progress {
@@ -555,6 +567,26 @@ impl Ctx<'_> {
         }
         Ok(())
     }
+}
+
+/// Bytes between two writeback kicks.
+const WRITEBACK_STEP: u64 = 8 << 20;
+
+/// Asks the kernel to start writing `len` bytes at `offset` to disk now
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so the fsync before a blob is committed finds
+/// little left to do and disk writes overlap with the download. Best effort, off the runtime.
+fn start_writeback(fd: Arc<std::os::fd::OwnedFd>, offset: u64, len: u64) {
+    drop(tokio::task::spawn_blocking(move || {
+        use std::os::fd::AsRawFd;
+        let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: sync_file_range only reads its integer arguments; `fd` is a valid open file
+        // kept alive by the Arc for the duration of the call.
+        unsafe {
+            libc::sync_file_range(fd.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }));
 }
 
 impl ImageStore {
@@ -669,20 +701,37 @@ impl ImageStore {
             manifest: manifest_digest.clone(),
             blobs: blobs.iter().map(|b| (b.digest.clone(), b.size)).collect(),
         });
-        // The same layer can appear twice in one manifest; fetch it once.
-        let mut unique = blobs.clone();
-        unique.sort_by(|a, b| a.digest.cmp(&b.digest));
-        unique.dedup_by(|a, b| a.digest == b.digest);
-        let downloaded: u64 = futures::stream::iter(unique.iter().map(|d| ctx.fetch_blob(d)))
-            .buffer_unordered(opts.max_concurrent_downloads.max(1))
-            .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
-            .await?;
-
+        // The config first: it is small and says which platform a single manifest is for.
+        let mut downloaded = ctx.fetch_blob(&manifest.config).await?;
         let config_bytes = self.read_blob(&manifest.config.digest).await?;
         let config = ImageConfig::parse(&config_bytes).map_err(|source| PullError::Config {
             digest: manifest.config.digest.clone(),
             source,
         })?;
+        let image_platform = Platform {
+            os: config.os.clone(),
+            architecture: config.architecture.clone(),
+            variant: config.variant.clone(),
+        };
+        if index.is_none() && !config.os.is_empty() && !want.matches(&image_platform) {
+            if opts.platform.is_some() {
+                return Err(PullError::NoMatchingPlatform {
+                    reference: image.canonical(),
+                    platform: want,
+                    available: vec![image_platform.to_string()],
+                });
+            }
+            tracing::warn!(image = %image, platform = %image_platform, "image is for another platform than this host");
+        }
+        // The same layer can appear twice in one manifest; fetch it once.
+        let mut unique = manifest.layers.clone();
+        unique.sort_by(|a, b| a.digest.cmp(&b.digest));
+        unique.dedup_by(|a, b| a.digest == b.digest);
+        downloaded += futures::stream::iter(unique.iter().map(|d| ctx.fetch_blob(d)))
+            .buffer_unordered(opts.max_concurrent_downloads.max(1))
+            .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
+            .await?;
+
         let platform = platform.or_else(|| {
             (!config.os.is_empty()).then(|| Platform {
                 os: config.os.clone(),

@@ -20,7 +20,9 @@
 //!
 //! OCI whiteouts: `.wh.<name>` removes `<name>` from lower layers; `.wh..wh..opq` empties its
 //! directory of everything lower layers put there. Ownership is applied when running as root
-//! (else files belong to the caller), permissions and mtimes always (directory mtimes last).
+//! (else files belong to the caller, and [`UnpackOptions::record_ownership`] lists the owners
+//! the image wanted), permissions and mtimes always (directory mtimes last). Extended
+//! attributes (e.g. `security.capability`) are not applied.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -57,6 +59,10 @@ pub struct UnpackOptions {
     pub allow_setuid: bool,
     /// Check each layer's uncompressed digest against the config's `diff_ids`. Default true.
     pub verify_diff_ids: bool,
+    /// When owners are not applied (not root, or `preserve_ownership` off), list the entries
+    /// the image gives a non-root owner in [`UnpackReport::ownership`], so a later step (e.g.
+    /// building a filesystem image) can apply them. Default false.
+    pub record_ownership: bool,
 }
 
 impl Default for UnpackOptions {
@@ -68,6 +74,7 @@ impl Default for UnpackOptions {
             allow_devices: false,
             allow_setuid: false,
             verify_diff_ids: true,
+            record_ownership: false,
         }
     }
 }
@@ -104,6 +111,20 @@ pub struct UnpackReport {
     pub bytes: u64,
     /// Entries not created.
     pub skipped: Vec<SkippedEntry>,
+    /// With [`UnpackOptions::record_ownership`] and owners not applied: every path in the final
+    /// tree whose owner in the image is not `0:0`, sorted. Everything else is `0:0`.
+    pub ownership: Vec<OwnershipRecord>,
+}
+
+/// The owner an image gives a path, when it could not be applied on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnershipRecord {
+    /// Path relative to the root.
+    pub path: String,
+    /// User id.
+    pub uid: u64,
+    /// Group id.
+    pub gid: u64,
 }
 
 /// Why an unpack failed.
@@ -233,6 +254,7 @@ struct Unpacker<'a> {
     as_root: bool,
     report: UnpackReport,
     dir_times: Vec<(Vec<u8>, u64)>,
+    owners: std::collections::BTreeMap<Vec<u8>, (u64, u64)>,
     this_layer: HashSet<Vec<u8>>,
     parent_cache: Option<(Vec<u8>, OwnedFd)>,
     buf: Vec<u8>,
@@ -259,6 +281,7 @@ impl<'a> Unpacker<'a> {
             as_root: rustix::process::geteuid().is_root(),
             report: UnpackReport::default(),
             dir_times: Vec::new(),
+            owners: std::collections::BTreeMap::new(),
             this_layer: HashSet::new(),
             parent_cache: None,
             buf: vec![0u8; 256 << 10],
@@ -345,6 +368,22 @@ impl<'a> Unpacker<'a> {
         remove_all_at(dir, OsStr::from_bytes(name)).map_err(io_at("remove", shown))
     }
 
+    /// Drops recorded owners of `path` and everything under it (it was removed).
+    fn forget_owners(&mut self, path: &[u8]) {
+        if self.owners.is_empty() {
+            return;
+        }
+        self.owners.remove(path);
+        let mut lo = path.to_vec();
+        lo.push(b'/');
+        let mut hi = path.to_vec();
+        hi.push(b'/' + 1);
+        let doomed: Vec<Vec<u8>> = self.owners.range(lo..hi).map(|(k, _)| k.clone()).collect();
+        for k in doomed {
+            self.owners.remove(&k);
+        }
+    }
+
     fn mark(&mut self, comps: &[&[u8]]) {
         for i in 1..=comps.len() {
             self.this_layer.insert(join(&comps[..i]));
@@ -429,6 +468,7 @@ impl<'a> Unpacker<'a> {
             }
             for (n, shown) in doomed {
                 self.remove_all(&dir, &n, &shown)?;
+                self.forget_owners(&shown);
             }
             return Ok(());
         }
@@ -439,6 +479,12 @@ impl<'a> Unpacker<'a> {
                 });
             }
             let parent = &comps[..comps.len() - 1];
+            let mut removed = join(parent);
+            if !removed.is_empty() {
+                removed.push(b'/');
+            }
+            removed.extend_from_slice(target);
+            self.forget_owners(&removed);
             match self.open_in_root(&join(parent), OFlags::PATH) {
                 Ok(dir) => self.remove_all(&dir, target, &rel)?,
                 Err(Errno::NOENT) | Err(Errno::NOTDIR) => {}
@@ -530,6 +576,16 @@ impl<'a> Unpacker<'a> {
             Err(e) => return Err(io_at("stat", &rel)(e)),
         }
         self.mark(&comps);
+        if owner.is_none() && self.opts.record_ownership {
+            if !kind.is_dir() {
+                self.forget_owners(&rel);
+            }
+            if (uid, gid) == (0, 0) {
+                self.owners.remove(&rel);
+            } else {
+                self.owners.insert(rel.clone(), (uid, gid));
+            }
+        }
 
         if kind.is_dir() {
             match rustix::fs::mkdirat(&parent, cname, Mode::from_raw_mode(0o700)) {
@@ -666,6 +722,14 @@ impl<'a> Unpacker<'a> {
                 Err(e) => return Err(io_at("open", &rel)(e)),
             }
         }
+        self.report.ownership = std::mem::take(&mut self.owners)
+            .into_iter()
+            .map(|(path, (uid, gid))| OwnershipRecord {
+                path: String::from_utf8_lossy(&path).into_owned(),
+                uid,
+                gid,
+            })
+            .collect();
         Ok(self.report)
     }
 }

@@ -2,13 +2,14 @@
 //! [`crate::setup::prepare_image`] can fetch and verify.
 //!
 //! Built in are the Ubuntu cloud images the seed crate offered (22.04 and 24.04, for the host
-//! architecture), verified against Ubuntu's published `SHA256SUMS`. Users add or override
+//! architecture) with their generic kernel and initrd (`ubuntu-24.04-kernel`,
+//! `ubuntu-24.04-initrd`), verified against Ubuntu's published `SHA256SUMS` lists. Users add or override
 //! entries with a JSON file (by default `$VMRS_HOME/image-catalog.json`):
 //!
 //! ```json
 //! { "images": [
 //!   { "name": "debian-12", "url": "https://example.org/debian-12-genericcloud-amd64.qcow2",
-//!     "format": "qcow2", "sha256sums_url": "https://example.org/SHA512SUMS-but-sha256" },
+//!     "format": "qcow2", "sha256sums_url": "https://example.org/SHA256SUMS" },
 //!   { "name": "my-base", "url": "http://127.0.0.1:8000/base.raw", "format": "raw",
 //!     "sha256": "0123...cdef" }
 //! ] }
@@ -16,7 +17,9 @@
 //!
 //! Every entry needs exactly one of `sha256` (the digest itself) or `sha256sums_url` (a
 //! `SHA256SUMS`-style file listing `<digest> [*]<file name>`, looked up by the URL's last path
-//! segment). Unknown keys are rejected, so a typo never silently drops the checksum.
+//! segment). Unknown keys are rejected, so a typo never silently drops the checksum. A
+//! `sha256sums_url` must be `https://` (or plain HTTP to a loopback address): a list fetched
+//! over plain HTTP from elsewhere would vouch for whatever a man in the middle sends.
 //! The sums file is trusted as far as its transport (HTTPS) is; signatures are not checked.
 
 use super::download::{fetch_text, normalize_sha256, DownloadError};
@@ -85,7 +88,30 @@ pub enum CatalogError {
     },
 }
 
-/// One downloadable base image.
+/// What a catalog entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AssetKind {
+    /// A disk image (default).
+    #[default]
+    Disk,
+    /// A kernel to boot the disk with (e.g. Ubuntu's `vmlinuz-generic`).
+    Kernel,
+    /// The matching initial ramdisk.
+    Initrd,
+}
+
+impl std::fmt::Display for AssetKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AssetKind::Disk => "disk",
+            AssetKind::Kernel => "kernel",
+            AssetKind::Initrd => "initrd",
+        })
+    }
+}
+
+/// One downloadable base image (or the kernel/initrd that boots it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CatalogEntry {
@@ -93,7 +119,10 @@ pub struct CatalogEntry {
     pub name: String,
     /// HTTP(S) URL of the image.
     pub url: String,
-    /// Image format (default qcow2, what cloud images ship as).
+    /// Disk image, kernel or initrd (default disk).
+    #[serde(default)]
+    pub kind: AssetKind,
+    /// Image format for disks (default qcow2, what cloud images ship as).
     #[serde(default = "default_format")]
     pub format: DiskFormat,
     /// The image's SHA-256, when known up front.
@@ -129,8 +158,17 @@ impl CatalogEntry {
             return Err(bad("name must be 1-64 characters of [A-Za-z0-9._-]"));
         }
         for u in std::iter::once(&self.url).chain(self.sha256sums_url.iter()) {
-            if !(u.starts_with("https://") || u.starts_with("http://")) {
+            let parsed = reqwest::Url::parse(u).map_err(|_| bad("URL does not parse"))?;
+            if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
                 return Err(bad("URLs must be http:// or https://"));
+            }
+        }
+        if let Some(sums) = &self.sha256sums_url {
+            if !is_https_or_loopback(sums) {
+                return Err(bad(
+                    "sha256sums_url must be https (a list fetched over plain HTTP verifies nothing), \
+                     except on a loopback address",
+                ));
             }
         }
         if self.file_name().is_empty() {
@@ -172,6 +210,28 @@ impl CatalogEntry {
             sums_url: sums_url.to_string(),
             file: self.file_name().to_string(),
         })
+    }
+}
+
+/// `https://...`, or `http://` to a loopback host (a local mirror or test server).
+fn is_https_or_loopback(u: &str) -> bool {
+    let Ok(url) = reqwest::Url::parse(u) else {
+        return false;
+    };
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    match url.scheme() {
+        "https" => true,
+        "http" => {
+            host.eq_ignore_ascii_case("localhost")
+                || host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        _ => false,
     }
 }
 
@@ -225,22 +285,35 @@ impl ImageCatalog {
     /// Only the built-in entries.
     pub fn builtin() -> Self {
         let arch = ubuntu_arch();
-        let entries = [("22.04", "jammy"), ("24.04", "noble")]
-            .iter()
-            .map(|(version, codename)| {
-                let base = format!("https://cloud-images.ubuntu.com/releases/{version}/release");
-                CatalogEntry {
-                    name: format!("ubuntu-{version}"),
-                    url: format!("{base}/ubuntu-{version}-server-cloudimg-{arch}.img"),
-                    format: DiskFormat::Qcow2,
+        let mut entries = Vec::new();
+        for (version, codename) in [("22.04", "jammy"), ("24.04", "noble")] {
+            let base = format!("https://cloud-images.ubuntu.com/releases/{version}/release");
+            let stem = format!("ubuntu-{version}-server-cloudimg-{arch}");
+            entries.push(CatalogEntry {
+                name: format!("ubuntu-{version}"),
+                url: format!("{base}/{stem}.img"),
+                kind: AssetKind::Disk,
+                format: DiskFormat::Qcow2,
+                sha256: None,
+                sha256sums_url: Some(format!("{base}/SHA256SUMS")),
+                description: Some(format!(
+                    "Ubuntu {version} LTS ({codename}) server cloud image, {arch}"
+                )),
+            });
+            for (kind, suffix) in [(AssetKind::Kernel, "vmlinuz"), (AssetKind::Initrd, "initrd")] {
+                entries.push(CatalogEntry {
+                    name: format!("ubuntu-{version}-{kind}"),
+                    url: format!("{base}/unpacked/{stem}-{suffix}-generic"),
+                    kind,
+                    format: DiskFormat::Raw,
                     sha256: None,
-                    sha256sums_url: Some(format!("{base}/SHA256SUMS")),
+                    sha256sums_url: Some(format!("{base}/unpacked/SHA256SUMS")),
                     description: Some(format!(
-                        "Ubuntu {version} LTS ({codename}) server cloud image, {arch}"
+                        "Ubuntu {version} LTS ({codename}) generic {kind}, {arch}"
                     )),
-                }
-            })
-            .collect();
+                });
+            }
+        }
         Self { entries }
     }
 
@@ -327,6 +400,18 @@ mod tests {
             .as_deref()
             .is_some_and(|u| u.ends_with("/24.04/release/SHA256SUMS")));
         assert!(c.get("ubuntu-22.04").is_ok());
+        let k = c.get("ubuntu-24.04-kernel").expect("kernel");
+        assert_eq!(k.kind, AssetKind::Kernel);
+        k.validate().expect("valid");
+        assert!(k.url.contains("/24.04/release/unpacked/") && k.url.ends_with("-vmlinuz-generic"));
+        assert!(k
+            .sha256sums_url
+            .as_deref()
+            .is_some_and(|u| u.ends_with("/unpacked/SHA256SUMS")));
+        assert_eq!(
+            c.get("ubuntu-22.04-initrd").expect("initrd").kind,
+            AssetKind::Initrd
+        );
         assert!(matches!(c.get("fedora"), Err(CatalogError::UnknownImage { .. })));
     }
 
@@ -372,7 +457,7 @@ mod tests {
             c.get("ubuntu-24.04").expect("override").url,
             "https://mirror.example/u.img"
         );
-        assert_eq!(c.entries().len(), 3);
+        assert_eq!(c.entries().len(), ImageCatalog::builtin().entries().len() + 1);
 
         std::fs::write(
             &p,
@@ -395,5 +480,20 @@ mod tests {
         .expect("write");
         assert!(ImageCatalog::load(&p).is_err());
         assert!(ImageCatalog::load(&dir.path().join("absent.json")).is_ok());
+
+        // A checksum list over plain HTTP from a remote host vouches for nothing.
+        let plain =
+            r#"{"images":[{"name":"x","url":"https://h/x","sha256sums_url":"http://mirror.example/S"}]}"#;
+        std::fs::write(&p, plain).expect("write");
+        assert!(matches!(
+            ImageCatalog::load(&p),
+            Err(CatalogError::InvalidEntry { .. })
+        ));
+        for local in ["http://127.0.0.1:8080/S", "http://[::1]/S", "http://localhost/S"] {
+            let text =
+                format!(r#"{{"images":[{{"name":"x","url":"http://h/x","sha256sums_url":"{local}"}}]}}"#);
+            std::fs::write(&p, text).expect("write");
+            assert!(ImageCatalog::load(&p).is_ok(), "{local}");
+        }
     }
 }

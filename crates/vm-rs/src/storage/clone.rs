@@ -45,7 +45,8 @@ pub enum ClonePolicy {
     Auto,
     /// Only reflink; fail with [`CloneError::ReflinkUnsupported`] otherwise.
     ReflinkOnly,
-    /// Always sparse copy (benchmarks, or to decouple the clone from the base's extents).
+    /// Always copy the data with plain reads and writes (holes kept), so the clone shares no
+    /// extents with the base even where `copy_file_range` would quietly reflink (XFS, Btrfs).
     CopyOnly,
 }
 
@@ -141,7 +142,7 @@ pub fn clone_disk_blocking(
 
     let method = match policy {
         ClonePolicy::CopyOnly => {
-            sparse_copy(&src, tmp.as_file(), meta.len(), base)?;
+            sparse_copy(&src, tmp.as_file(), meta.len(), base, false)?;
             CloneMethod::SparseCopy
         }
         ClonePolicy::ReflinkOnly | ClonePolicy::Auto => match reflink(&src, tmp.as_file()) {
@@ -162,7 +163,7 @@ pub fn clone_disk_blocking(
             }
             Err(e) => {
                 tracing::debug!(error = %e, base = %base.display(), "reflink unsupported, sparse copy");
-                sparse_copy(&src, tmp.as_file(), meta.len(), base)?;
+                sparse_copy(&src, tmp.as_file(), meta.len(), base, true)?;
                 CloneMethod::SparseCopy
             }
         },
@@ -211,8 +212,9 @@ fn reflink(_src: &File, _dst: &File) -> std::io::Result<()> {
     Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP))
 }
 
-/// Copy the data ranges of `src` (length `len`) into `dst`, leaving holes unallocated.
-fn sparse_copy(src: &File, dst: &File, len: u64, base: &Path) -> Result<(), CloneError> {
+/// Copy the data ranges of `src` (length `len`) into `dst`, leaving holes unallocated; with
+/// `kernel_copy` through `copy_file_range`, else with reads and writes.
+fn sparse_copy(src: &File, dst: &File, len: u64, base: &Path, kernel_copy: bool) -> Result<(), CloneError> {
     dst.set_len(len).map_err(io_err("resize clone of", base))?;
     let mut pos = 0u64;
     while pos < len {
@@ -221,7 +223,7 @@ fn sparse_copy(src: &File, dst: &File, len: u64, base: &Path) -> Result<(), Clon
             Ok(None) => break,
             Err(e) => return Err(io_err("find data in", base)(e)),
         };
-        copy_range(src, dst, start, end, base)?;
+        copy_range(src, dst, start, end, base, kernel_copy)?;
         pos = end;
     }
     Ok(())
@@ -255,12 +257,19 @@ fn next_data(_src: &File, pos: u64, len: u64) -> std::io::Result<Option<(u64, u6
 }
 
 /// Copy `[start, end)` from `src` to the same offsets in `dst`: `copy_file_range` where the
-/// kernel can, else `pread`/`pwrite`.
-fn copy_range(src: &File, dst: &File, start: u64, end: u64, base: &Path) -> Result<(), CloneError> {
+/// kernel can (and `kernel_copy` allows), else `pread`/`pwrite`.
+fn copy_range(
+    src: &File,
+    dst: &File,
+    start: u64,
+    end: u64,
+    base: &Path,
+    kernel_copy: bool,
+) -> Result<(), CloneError> {
     const CHUNK: u64 = 64 << 20;
     let mut off = start;
     #[cfg(target_os = "linux")]
-    while off < end {
+    while kernel_copy && off < end {
         let want = (end - off).min(CHUNK) as usize;
         let (mut off_in, mut off_out) = (off, off);
         match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want) {
@@ -279,7 +288,9 @@ fn copy_range(src: &File, dst: &File, start: u64, end: u64, base: &Path) -> Resu
             Err(e) => return Err(io_err("copy", base)(e.into())),
         }
     }
-    // Fallback (or non-Linux): plain positional reads and writes.
+    #[cfg(not(target_os = "linux"))]
+    let _ = kernel_copy;
+    // Fallback (or non-Linux, or no kernel copy wanted): plain positional reads and writes.
     use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; (1 << 20).min((end - off) as usize)];
     while off < end {

@@ -10,12 +10,15 @@
 //!   `416` means nothing is left to fetch, so the part is checked as it is.
 //! * **Retries**: a transfer error (connection cut, timeout) keeps the part file and retries
 //!   with a range, up to [`DownloadOptions::retries`] times. HTTP error statuses are not retried.
-//! * **Mismatch**: a wrong digest deletes the part and fails with
-//!   [`DownloadError::ChecksumMismatch`]; nothing ever appears under `DEST`.
+//! * **Mismatch**: if a *resumed* download does not verify (the part held bytes of another
+//!   version of the file), it starts over once from byte 0. A wrong digest otherwise deletes
+//!   the part and fails with [`DownloadError::ChecksumMismatch`]; nothing ever appears under
+//!   `DEST`.
 //! * **Bounds**: bodies larger than [`DownloadOptions::max_bytes`] (or than their own
 //!   `Content-Length`) are cut off with an error.
-//! * **Concurrency**: the part file is `flock`ed; a second downloader of the same destination
-//!   fails fast with [`DownloadError::InProgress`].
+//! * **Concurrency**: the part file is `flock`ed (and re-checked to still be the file at that
+//!   path once locked); a second downloader of the same destination fails fast with
+//!   [`DownloadError::InProgress`].
 
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
@@ -235,6 +238,26 @@ async fn hash_from(f: &mut tokio::fs::File, path: &Path) -> Result<(Sha256, u64)
     Ok((h, n_total))
 }
 
+/// `Some(outcome)` when `dest` exists with the expected digest.
+async fn already_there(dest: &Path, expected: &str) -> Result<Option<DownloadOutcome>, DownloadError> {
+    if !tokio::fs::try_exists(dest).await.unwrap_or(false) {
+        return Ok(None);
+    }
+    let (h, size) = hash_file(dest).await?;
+    if hex::encode(h.finalize()) != expected {
+        tracing::info!(path = %dest.display(), "existing file has the wrong digest, downloading again");
+        return Ok(None);
+    }
+    Ok(Some(DownloadOutcome {
+        path: dest.to_path_buf(),
+        size,
+        sha256: expected.to_string(),
+        already_present: true,
+        resumed_from: 0,
+        attempts: 0,
+    }))
+}
+
 /// Download `url` to `dest`, verifying its SHA-256 against `expected_sha256` (hex, optionally
 /// `sha256:`-prefixed). If `dest` already has that digest nothing is fetched. See the module
 /// docs for resume, retry and failure behaviour.
@@ -246,38 +269,41 @@ pub async fn download_verified(
     progress: &mut (dyn FnMut(Progress) + Send),
 ) -> Result<DownloadOutcome, DownloadError> {
     let expected = normalize_sha256(expected_sha256)?;
-    if tokio::fs::try_exists(dest).await.unwrap_or(false) {
-        let (h, size) = hash_file(dest).await?;
-        if hex::encode(h.finalize()) == expected {
-            return Ok(DownloadOutcome {
-                path: dest.to_path_buf(),
-                size,
-                sha256: expected,
-                already_present: true,
-                resumed_from: 0,
-                attempts: 0,
-            });
-        }
-        tracing::info!(path = %dest.display(), "existing file has the wrong digest, downloading again");
-    }
-    if let Some(dir) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(io_err("create directory", dir))?;
-    }
     let part = part_path(dest);
-    let std_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&part)
-        .map_err(io_err("open", &part))?;
-    match rustix::fs::flock(&std_file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => {}
-        Err(rustix::io::Errno::WOULDBLOCK) => return Err(DownloadError::InProgress { path: part }),
-        Err(e) => return Err(io_err("lock", &part)(e.into())),
-    }
+    // Lock the part file. A downloader that finishes renames its part away while we may be
+    // waiting on it, so after locking check that the path still names the inode we locked; if
+    // not, start over (and most likely find the finished file).
+    let mut tries = 0;
+    let std_file = loop {
+        tries += 1;
+        if let Some(done) = already_there(dest, &expected).await? {
+            return Ok(done);
+        }
+        if let Some(dir) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(io_err("create directory", dir))?;
+        }
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&part)
+            .map_err(io_err("open", &part))?;
+        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => return Err(DownloadError::InProgress { path: part }),
+            Err(e) => return Err(io_err("lock", &part)(e.into())),
+        }
+        use std::os::unix::fs::MetadataExt;
+        let locked = f.metadata().map_err(io_err("stat", &part))?;
+        match std::fs::metadata(&part) {
+            Ok(now) if now.dev() == locked.dev() && now.ino() == locked.ino() => break f,
+            _ if tries < 3 => continue,
+            _ => return Err(DownloadError::InProgress { path: part }),
+        }
+    };
     let mut file = tokio::fs::File::from_std(std_file);
     let client = match &options.client {
         Some(c) => c.clone(),
@@ -288,63 +314,76 @@ pub async fn download_verified(
     let (mut hasher, mut have) = hash_from(&mut file, &part).await?;
     let first_resume = have;
     let mut attempts = 0u32;
-    let total = loop {
-        attempts += 1;
-        match fetch_into(
-            &client,
-            url,
-            &mut file,
-            &part,
-            &mut hasher,
-            &mut have,
-            options,
-            progress,
-        )
-        .await
-        {
-            Ok(total) => break total,
-            Err(FetchError::Retryable { source, .. }) if attempts <= options.retries => {
-                tracing::warn!(%url, received = have, attempt = attempts, error = %source, "transfer interrupted, resuming");
-                continue;
+    // A part file left by an earlier run may hold bytes from another file (the URL's content
+    // changed): if the resumed result does not verify, start over once without it.
+    let mut restarted = false;
+    let actual = loop {
+        let total = loop {
+            attempts += 1;
+            match fetch_into(
+                &client,
+                url,
+                &mut file,
+                &part,
+                &mut hasher,
+                &mut have,
+                options,
+                progress,
+            )
+            .await
+            {
+                Ok(total) => break total,
+                Err(FetchError::Retryable { source, .. }) if attempts <= options.retries => {
+                    tracing::warn!(%url, received = have, attempt = attempts, error = %source, "transfer interrupted, resuming");
+                    continue;
+                }
+                Err(FetchError::Retryable { source, in_body }) => {
+                    file.sync_all().await.map_err(io_err("sync", &part))?;
+                    return Err(if in_body {
+                        DownloadError::Transfer {
+                            url: url.to_string(),
+                            received: have,
+                            source,
+                        }
+                    } else {
+                        DownloadError::Request {
+                            url: url.to_string(),
+                            source,
+                        }
+                    });
+                }
+                Err(FetchError::Fatal(e)) => {
+                    if matches!(e, DownloadError::TooLarge { .. }) {
+                        // Oversized bodies are not worth resuming.
+                        drop(file);
+                        let _ = tokio::fs::remove_file(&part).await;
+                    } else {
+                        let _ = file.sync_all().await;
+                    }
+                    return Err(e);
+                }
             }
-            Err(FetchError::Retryable { source, in_body }) => {
-                file.sync_all().await.map_err(io_err("sync", &part))?;
-                return Err(if in_body {
-                    DownloadError::Transfer {
-                        url: url.to_string(),
-                        received: have,
-                        source,
-                    }
-                } else {
-                    DownloadError::Request {
-                        url: url.to_string(),
-                        source,
-                    }
+        };
+        if let Some(t) = total {
+            if have != t {
+                return Err(DownloadError::Truncated {
+                    url: url.to_string(),
+                    received: have,
+                    expected: t,
                 });
             }
-            Err(FetchError::Fatal(e)) => {
-                if matches!(e, DownloadError::TooLarge { .. }) {
-                    // Oversized bodies are not worth resuming.
-                    drop(file);
-                    let _ = tokio::fs::remove_file(&part).await;
-                } else {
-                    let _ = file.sync_all().await;
-                }
-                return Err(e);
-            }
         }
-    };
-    if let Some(t) = total {
-        if have != t {
-            return Err(DownloadError::Truncated {
-                url: url.to_string(),
-                received: have,
-                expected: t,
-            });
+        let actual = hex::encode(hasher.finalize_reset());
+        if actual == expected {
+            break actual;
         }
-    }
-    let actual = hex::encode(hasher.finalize());
-    if actual != expected {
+        if first_resume > 0 && !restarted {
+            tracing::warn!(%url, "resumed download does not verify, starting over");
+            restarted = true;
+            file.set_len(0).await.map_err(io_err("truncate", &part))?;
+            have = 0;
+            continue;
+        }
         drop(file);
         let _ = tokio::fs::remove_file(&part).await;
         return Err(DownloadError::ChecksumMismatch {
@@ -352,7 +391,7 @@ pub async fn download_verified(
             expected,
             actual,
         });
-    }
+    };
     file.sync_all().await.map_err(io_err("sync", &part))?;
     drop(file);
     tokio::fs::rename(&part, dest)

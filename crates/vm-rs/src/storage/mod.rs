@@ -12,7 +12,9 @@
 //!
 //! Disks are attached through [`crate::config::DiskConfig`]; this module only makes the files.
 //! Every file is written under a temp name beside its destination, fsynced and renamed into
-//! place, and existing files are never overwritten.
+//! place. Disks, clones and keys never overwrite an existing file; a seed image is replaced
+//! (it is regenerated from its configuration), and so is a download whose destination holds
+//! bytes with the wrong digest.
 
 pub mod catalog;
 pub mod clone;
@@ -24,7 +26,7 @@ mod size;
 pub mod ssh;
 mod yaml;
 
-pub use catalog::{CatalogEntry, CatalogError, CatalogFile, ImageCatalog};
+pub use catalog::{AssetKind, CatalogEntry, CatalogError, CatalogFile, ImageCatalog};
 pub use clone::{clone_disk, clone_disk_with, CloneError, CloneMethod, ClonePolicy};
 pub use disk::{
     create_disk, create_overlay, grow_disk, image_info, probe_disk, qemu_disk_args, DiskError, ImageInfo,

@@ -160,7 +160,8 @@ pub struct SeedMount {
 pub struct SeedConfig {
     /// Guest hostname (RFC 1123).
     pub hostname: String,
-    /// cloud-init instance id; default `iid-<hostname>`.
+    /// cloud-init instance id; default `iid-<hostname>-<12 hex digits of the config's hash>`,
+    /// so a changed configuration is a new instance to cloud-init.
     pub instance_id: Option<String>,
     /// Keys for the distribution's default user (`ubuntu`, `debian`, ...).
     pub ssh_authorized_keys: Vec<String>,
@@ -399,15 +400,6 @@ impl SeedConfig {
     /// Validate and render `meta-data`, `user-data` and `network-config`.
     pub fn render(&self) -> Result<SeedFiles, SeedError> {
         self.validate()?;
-        let instance_id = self
-            .instance_id
-            .clone()
-            .unwrap_or_else(|| format!("iid-{}", self.hostname));
-        let meta = Yaml::map([
-            ("instance-id", Yaml::from(instance_id)),
-            ("local-hostname", Yaml::from(self.hostname.as_str())),
-        ]);
-
         let canon_keys = |keys: &[String], field: &str| -> Result<Vec<String>, SeedError> {
             keys.iter().map(|k| validate_ssh_public_key(field, k)).collect()
         };
@@ -533,6 +525,19 @@ impl SeedConfig {
                 ("ethernets", Yaml::Map(eths)),
             ])))
         };
+        // Default instance id: changes whenever the configuration does, so cloud-init re-runs
+        // its once-per-instance modules when a VM's disk is given a new seed.
+        let instance_id = self.instance_id.clone().unwrap_or_else(|| {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            h.update(user_data.as_bytes());
+            h.update(network_config.as_deref().unwrap_or("").as_bytes());
+            format!("iid-{}-{}", self.hostname, &hex::encode(h.finalize())[..12])
+        });
+        let meta = Yaml::map([
+            ("instance-id", Yaml::from(instance_id)),
+            ("local-hostname", Yaml::from(self.hostname.as_str())),
+        ]);
         Ok(SeedFiles {
             meta_data: yaml::to_string(&meta),
             user_data,
@@ -662,10 +667,23 @@ mod tests {
         });
         c.runcmd.push(vec!["touch".into(), "/tmp/it's $(here)".into()]);
         let f = c.render().expect("render");
-        assert_eq!(
-            f.meta_data,
-            "\"instance-id\": \"iid-vm1\"\n\"local-hostname\": \"vm1\"\n"
+        assert!(
+            f.meta_data.starts_with("\"instance-id\": \"iid-vm1-")
+                && f.meta_data.ends_with("\"\n\"local-hostname\": \"vm1\"\n"),
+            "{}",
+            f.meta_data
         );
+        // Same config, same id; another config, another id; an explicit id is kept.
+        assert_eq!(c.render().expect("render").meta_data, f.meta_data);
+        let mut c2 = c.clone();
+        c2.runcmd.push(vec!["true".into()]);
+        assert_ne!(c2.render().expect("render").meta_data, f.meta_data);
+        c2.instance_id = Some("fixed".into());
+        assert!(c2
+            .render()
+            .expect("render")
+            .meta_data
+            .starts_with("\"instance-id\": \"fixed\"\n"));
         assert!(f.user_data.starts_with("#cloud-config\n"));
         assert!(f
             .user_data

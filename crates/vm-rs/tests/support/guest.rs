@@ -1,6 +1,7 @@
-//! Guest assets for tests: builds the static init once and runs `vm_rs::guest::setup` into a
-//! shared cache dir (`$VMRS_ASSETS`, else `target/tmp/vmrs-assets`). Setup takes a lock, so
-//! test binaries running in parallel share one download.
+//! Guest assets for tests: builds the static init once and runs `vm_rs::guest::setup` into the
+//! shared assets dir (`$VMRS_ASSETS`, else the default), so the initramfs always carries the
+//! init of this checkout. Setup takes a lock and replaces files atomically, so test binaries
+//! running in parallel share one download and never see a half-written initramfs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,12 +33,10 @@ pub fn init_binary() -> PathBuf {
     .clone()
 }
 
-/// The shared assets dir used by tests.
+/// The shared assets dir used by tests: `$VMRS_ASSETS`, else the default assets dir (the same
+/// one `vmrs setup` and [`super::guest_assets`] use).
 pub fn assets_dir() -> PathBuf {
-    match std::env::var_os("VMRS_ASSETS").filter(|v| !v.is_empty()) {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_TARGET_TMPDIR")).join("vmrs-assets"),
-    }
+    vm_rs::paths::assets_dir()
 }
 
 /// Set up (or reuse) the shared guest assets.

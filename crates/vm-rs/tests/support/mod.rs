@@ -6,6 +6,8 @@ pub mod ch_flows;
 pub mod ch_peer;
 pub mod fault_proxy;
 pub mod guest;
+pub mod net_guest;
+pub mod netns;
 pub mod oci_layout;
 pub mod pvh_guest;
 pub mod qemu;

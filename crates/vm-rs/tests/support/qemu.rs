@@ -20,8 +20,18 @@ pub struct RawQemu {
 
 impl RawQemu {
     /// Boot `assets` with `append` added to the kernel command line and `extra` QEMU arguments.
-    pub fn boot(assets: &GuestAssets, append: &str, extra: &[String]) -> RawQemu {
-        let dir = tempfile::tempdir().expect("tempdir");
+    pub fn boot<S: AsRef<std::ffi::OsStr>>(assets: &GuestAssets, append: &str, extra: &[S]) -> RawQemu {
+        Self::boot_in(tempfile::tempdir().expect("tempdir"), assets, append, extra)
+    }
+
+    /// [`RawQemu::boot`] using `dir` (kept until the VM is dropped) for its files, so `extra`
+    /// can point at sockets or disks inside it.
+    pub fn boot_in<S: AsRef<std::ffi::OsStr>>(
+        dir: tempfile::TempDir,
+        assets: &GuestAssets,
+        append: &str,
+        extra: &[S],
+    ) -> RawQemu {
         let serial = dir.path().join("serial.log");
         let qmp = dir.path().join("qmp.sock");
         let mut cmdline = format!("console=ttyS0 reboot=t panic=-1 {append}");
@@ -56,9 +66,15 @@ impl RawQemu {
         }
     }
 
-    /// The serial log so far.
+    /// The serial log so far, followed by QEMU's stderr (for failure messages).
     pub fn log(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()).into_owned()
+        let serial = String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()).into_owned();
+        let stderr = std::fs::read_to_string(self.dir.path().join("qemu.stderr")).unwrap_or_default();
+        if stderr.is_empty() {
+            serial
+        } else {
+            format!("{serial}\n--- qemu stderr ---\n{stderr}")
+        }
     }
 
     /// Wait until the serial log has a line equal to `line` (or QEMU exits / timeout).
@@ -91,6 +107,9 @@ impl RawQemu {
 
     /// Send one QMP command (after capabilities negotiation) and return the reply line.
     pub async fn qmp(&self, command: &str) -> String {
+        if !self.qmp.exists() {
+            panic!("qmp socket gone (qemu exited?):\n{}", self.log());
+        }
         qmp_command(&self.qmp, command).await
     }
 

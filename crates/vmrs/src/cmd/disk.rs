@@ -118,7 +118,7 @@ pub enum DiskCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Download a catalog image into the cache and verify its SHA-256.
+    /// Download a catalog image (or kernel/initrd) into the cache and verify its SHA-256.
     Pull {
         /// Catalog name, e.g. ubuntu-24.04.
         name: String,
@@ -180,7 +180,7 @@ pub struct SeedArgs {
     /// Guest hostname.
     #[arg(long)]
     pub hostname: String,
-    /// cloud-init instance id (default iid-HOSTNAME).
+    /// cloud-init instance id (default iid-HOSTNAME-<config hash>).
     #[arg(long)]
     pub instance_id: Option<String>,
     /// Public key file for the default user (repeatable).
@@ -372,11 +372,12 @@ pub async fn run_disk(cmd: DiskCommand) -> Result<()> {
             if json {
                 print_json(&serde_json::to_value(cat.entries())?)?;
             } else {
-                println!("{:<16} {:<7} DESCRIPTION", "NAME", "FORMAT");
+                println!("{:<22} {:<7} {:<7} DESCRIPTION", "NAME", "KIND", "FORMAT");
                 for e in cat.entries() {
                     println!(
-                        "{:<16} {:<7} {}",
+                        "{:<22} {:<7} {:<7} {}",
                         e.name,
+                        e.kind,
                         e.format,
                         e.description.as_deref().unwrap_or(&e.url)
                     );
@@ -389,21 +390,27 @@ pub async fn run_disk(cmd: DiskCommand) -> Result<()> {
             cache_dir,
             json,
         } => {
-            let cat = load_catalog(catalog)?;
-            let entry = cat.get(&name)?.clone();
-            let client = reqwest_client();
-            let sha = entry.resolve_sha256(&client).await?;
-            let cache = cache_dir.unwrap_or_else(|| PrepareOptions::default().cache_dir);
-            let dest = setup::cached_base_path(&cache, &entry, &sha);
+            let mut opts = PrepareOptions {
+                catalog: Some(load_catalog(catalog)?),
+                ..PrepareOptions::default()
+            };
+            if let Some(c) = cache_dir {
+                opts.cache_dir = c;
+            }
             let (bar, mut cb) = progress_bar(json, &name);
-            let out =
-                storage::download_verified(&entry.url, &dest, &sha, &DownloadOptions::default(), &mut cb)
-                    .await?;
+            let out = setup::pull_image(&name, &opts, &mut cb).await;
             if let Some(b) = bar {
                 b.finish_and_clear();
             }
+            let out = out?;
             if json {
-                print_json(&serde_json::to_value(&out)?)?;
+                print_json(&json!({
+                    "name": out.entry.name,
+                    "kind": out.entry.kind,
+                    "path": out.path,
+                    "sha256": out.sha256,
+                    "cached": out.cached,
+                }))?;
             } else {
                 println!("{} sha256:{}", out.path.display(), out.sha256);
             }
@@ -442,10 +449,6 @@ pub async fn run_disk(cmd: DiskCommand) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn reqwest_client() -> vm_rs::storage::download::HttpClient {
-    vm_rs::storage::download::default_client()
 }
 
 fn read_keys(paths: &[PathBuf]) -> Result<Vec<String>> {

@@ -2,6 +2,7 @@
 
 pub mod disk;
 pub mod image;
+pub mod net;
 pub mod setup;
 pub mod vm;
 pub mod vmm;
@@ -50,6 +51,12 @@ pub enum Command {
     Keygen(disk::KeygenArgs),
     /// Download a file and verify its SHA-256 (resumable).
     Download(disk::DownloadArgs),
+    /// Switch networks: list them, show per-port counters.
+    #[command(subcommand)]
+    Network(net::NetworkCommand),
+    /// Serve a switch network or a published port (started by vm-rs itself).
+    #[command(hide = true)]
+    NetSidecar(net::SidecarArgs),
     /// Save a paused VM's state into a directory (Cloud Hypervisor).
     Snapshot(vmm::SnapshotArgs),
     /// Change a running VM's vCPUs and/or memory (Cloud Hypervisor).
@@ -84,6 +91,8 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Seed(c) => disk::run_seed(c).await.map(|()| 0),
         Command::Keygen(a) => disk::run_keygen(a).await.map(|()| 0),
         Command::Download(a) => disk::run_download(a).await.map(|()| 0),
+        Command::Network(c) => net::network(c).await,
+        Command::NetSidecar(a) => net::net_sidecar(a).await,
         Command::Snapshot(a) => vmm::snapshot(a).await,
         Command::Resize(a) => vmm::resize(a).await,
         Command::Device(c) => vmm::device(c).await,

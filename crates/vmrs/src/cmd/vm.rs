@@ -55,6 +55,9 @@ pub struct RunArgs {
     /// Print the VM's details as JSON when detached.
     #[arg(long)]
     pub json: bool,
+    /// Networking (`--net`, `-p`).
+    #[command(flatten)]
+    pub net: super::net::NetArgs,
 }
 
 /// Built-in guest assets: the kernel and initramfs written by `vmrs setup`.
@@ -104,6 +107,9 @@ pub fn run_config(a: &RunArgs) -> anyhow::Result<VmConfig> {
     }
     for d in &a.disks {
         b = b.disk(DiskConfig::parse(d)?);
+    }
+    for n in super::net::networks(&a.net)? {
+        b = b.network(n);
     }
     Ok(b.build()?)
 }
@@ -223,6 +229,8 @@ pub struct PsRow {
     pub memory_mib: u64,
     /// Unix time created.
     pub created_at: u64,
+    /// Published ports (`127.0.0.1:8080->80/tcp`).
+    pub ports: Vec<String>,
 }
 
 impl From<&VmInfo> for PsRow {
@@ -241,6 +249,7 @@ impl From<&VmInfo> for PsRow {
             cpus: i.cpus,
             memory_mib: i.memory_mib,
             created_at: i.created_at,
+            ports: super::net::ports(&i.config.networks),
         }
     }
 }
@@ -274,12 +283,12 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     println!(
-        "{:<20} {:<9} {:<16} {:<7} {:>8} {:>4} {:>7}  CREATED",
-        "NAME", "STATE", "IP", "BACKEND", "PID", "CPUS", "MEM"
+        "{:<20} {:<9} {:<16} {:<7} {:>8} {:>4} {:>7}  {:<14} PORTS",
+        "NAME", "STATE", "IP", "BACKEND", "PID", "CPUS", "MEM", "CREATED"
     );
     for r in &rows {
         println!(
-            "{:<20} {:<9} {:<16} {:<7} {:>8} {:>4} {:>6}M  {}",
+            "{:<20} {:<9} {:<16} {:<7} {:>8} {:>4} {:>6}M  {:<14} {}",
             r.name,
             r.state,
             r.ip.as_deref().unwrap_or("-"),
@@ -287,7 +296,8 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<i32> {
             r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             r.cpus,
             r.memory_mib,
-            ago(r.created_at)
+            ago(r.created_at),
+            r.ports.join(", ")
         );
     }
     Ok(0)

@@ -146,6 +146,13 @@ impl VmDriver for QemuDriver {
         };
         let argv = args::build(&input);
         let mut cmd = tokio::process::Command::new(&binary);
+        // TAP devices in a network namespace are only found from inside it
+        if let Some(ns) = crate::net::vmm_netns(&spec.config.networks) {
+            crate::net::netns::command_in(&mut cmd, ns).map_err(|e| DriverError::Io {
+                path: ns.to_path_buf(),
+                source: std::io::Error::other(e),
+            })?;
+        }
         cmd.args(&argv)
             .current_dir(spec.vm_dir)
             .stdin(std::process::Stdio::null())

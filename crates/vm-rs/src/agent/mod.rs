@@ -1,0 +1,989 @@
+//! The host side of the guest agent: run commands in a guest and copy files in and out, over a
+//! virtio-serial port.
+//!
+//! ## Wiring
+//!
+//! The VMM gives the guest a virtio-serial port named [`proto::PORT_NAME`] whose host end is a
+//! Unix socket on which QEMU listens ([`qemu_args`]):
+//!
+//! ```text
+//! -device virtio-serial-device,id=vmrs-vser0
+//! -chardev socket,id=vmrs-agent0,path=<vm dir>/agent.sock,server=on,wait=off
+//! -device virtserialport,bus=vmrs-vser0.0,chardev=vmrs-agent0,name=vmrs.agent
+//! ```
+//!
+//! `vmrs-init` in the guest serves the port. [`AgentClient::connect`] connects to the socket and
+//! says hello; bytes sent before the guest opened its end wait in QEMU, so connecting while the
+//! guest still boots simply waits. The socket takes one connection at a time: share one
+//! [`AgentClient`] (it is `Clone`, and multiplexes any number of concurrent execs and copies).
+//! When a connection closes, the guest kills the processes it started (except detached ones).
+//!
+//! ## Protocol
+//!
+//! Length-prefixed frames `[len u32][type u8][stream u32][payload]`, at most
+//! [`proto::MAX_FRAME`] bytes, versioned by a hello exchange; see [`proto`] (the `vmrs-proto`
+//! crate, shared with the guest) for the frame layout, every message and the conversation of
+//! each operation. Everything the guest sends is untrusted: an invalid or oversized frame
+//! ends the connection with [`AgentError::Protocol`] (nothing is allocated beyond
+//! [`proto::MAX_FRAME`]); paths in files copied out of the guest are confined to the
+//! destination (`openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`; no `..`, no absolute
+//! paths, no writing through symlinks).
+//!
+//! ## Example
+//!
+//! ```no_run
+//! use vm_rs::agent::{AgentClient, ExecCommand};
+//! # async fn demo() -> Result<(), vm_rs::agent::AgentError> {
+//! let agent = AgentClient::connect("/var/lib/vmrs/vms/demo/agent.sock").await?;
+//! let out = agent.exec(ExecCommand::new(["sh", "-c", "echo hi; exit 3"])).await?;
+//! assert_eq!(out.stdout, b"hi\n");
+//! assert_eq!(out.status.code(), Some(3));
+//! agent.copy_to("/etc/hosts".as_ref(), "/tmp").await?;
+//! # Ok(()) }
+//! ```
+
+mod copy;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+pub use vmrs_proto as proto;
+use vmrs_proto::{Decoder, ExecRequest, Message, ProtoError, CHUNK, EXEC_DETACH, EXEC_STDIN};
+
+/// How long [`AgentClient::connect`] waits for the guest's hello.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Frames buffered per stream before the reader waits for the consumer.
+const STREAM_QUEUE: usize = 64;
+
+/// QEMU arguments that give a guest the agent port with its host end at `socket` (QEMU
+/// listens; commas in the path are escaped).
+pub fn qemu_args(socket: &Path) -> Vec<std::ffi::OsString> {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut chardev = b"socket,id=vmrs-agent0,path=".to_vec();
+    for &b in socket.as_os_str().as_bytes() {
+        chardev.push(b);
+        if b == b',' {
+            chardev.push(b',');
+        }
+    }
+    chardev.extend_from_slice(b",server=on,wait=off");
+    vec![
+        "-device".into(),
+        "virtio-serial-device,id=vmrs-vser0".into(),
+        "-chardev".into(),
+        std::ffi::OsString::from_vec(chardev),
+        "-device".into(),
+        format!(
+            "virtserialport,bus=vmrs-vser0.0,chardev=vmrs-agent0,name={}",
+            proto::PORT_NAME
+        )
+        .into(),
+    ]
+}
+
+/// Errors of agent operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The socket could not be connected.
+    #[error("cannot connect to agent socket {path}")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest did not answer the hello in time.
+    #[error("guest agent at {path} did not answer within {timeout:?}")]
+    Timeout {
+        /// The socket.
+        path: PathBuf,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// The guest speaks another protocol version or refused the hello.
+    #[error("guest agent refused the connection: {message}")]
+    Refused {
+        /// The guest's message.
+        message: String,
+    },
+    /// The guest sent bytes that are not a valid frame; the connection was closed.
+    #[error("invalid data from the guest agent")]
+    Protocol {
+        /// What was wrong.
+        #[source]
+        source: ProtoError,
+    },
+    /// The guest sent a valid frame that makes no sense at this point.
+    #[error("unexpected message from the guest agent: {what}")]
+    Unexpected {
+        /// Description of the message.
+        what: String,
+    },
+    /// Reading or writing the socket failed.
+    #[error("agent connection failed")]
+    Io {
+        /// Cause.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// The connection closed before the operation finished.
+    #[error("agent connection closed")]
+    Closed,
+    /// The guest could not run the command.
+    #[error("guest could not run the command: {message}")]
+    Exec {
+        /// The guest's message.
+        message: String,
+    },
+    /// A copy failed in the guest.
+    #[error("copy failed in the guest: {message}")]
+    GuestCopy {
+        /// The guest's message.
+        message: String,
+    },
+    /// A copy failed on the host.
+    #[error("copy failed on the host at {path}")]
+    HostCopy {
+        /// Host path involved.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A path sent by the guest is absolute, has `..`, or goes through a symlink.
+    #[error("guest sent a path that escapes the destination: {path:?}")]
+    UnsafePath {
+        /// The offending path (lossy).
+        path: String,
+    },
+    /// The image has neither entrypoint nor cmd and none was given.
+    #[error("no command to run: the image has no entrypoint or cmd and none was given")]
+    NoCommand,
+    /// A blocking task failed.
+    #[error("background task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// Why the connection ended, shared with every waiting stream.
+#[derive(Debug, Clone)]
+enum Closed {
+    Eof,
+    Io(Arc<std::io::Error>),
+    Protocol(ProtoError),
+}
+
+impl Closed {
+    fn to_error(&self) -> AgentError {
+        match self {
+            Closed::Eof => AgentError::Closed,
+            Closed::Io(e) => AgentError::Io { source: e.clone() },
+            Closed::Protocol(p) => AgentError::Protocol { source: p.clone() },
+        }
+    }
+}
+
+struct Inner {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    streams: Mutex<HashMap<u32, mpsc::Sender<Message>>>,
+    closed: Mutex<Option<Closed>>,
+    next_stream: AtomicU32,
+    nonce: AtomicU64,
+    reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    agent: String,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(h) = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            h.abort();
+        }
+    }
+}
+
+/// A connection to a guest agent. Cheap to clone; clones share the connection, which closes
+/// when the last clone and the last [`ExecProcess`] started from it are dropped.
+#[derive(Clone)]
+pub struct AgentClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("agent", &self.inner.agent)
+            .finish()
+    }
+}
+
+/// How a guest process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// Exited with this code.
+    Exited(i32),
+    /// Killed by this signal.
+    Signaled(i32),
+}
+
+impl ExitStatus {
+    /// The exit code, if it exited.
+    pub fn code(&self) -> Option<i32> {
+        match self {
+            ExitStatus::Exited(c) => Some(*c),
+            ExitStatus::Signaled(_) => None,
+        }
+    }
+
+    /// The signal, if it was killed by one.
+    pub fn signal(&self) -> Option<i32> {
+        match self {
+            ExitStatus::Signaled(s) => Some(*s),
+            ExitStatus::Exited(_) => None,
+        }
+    }
+
+    /// Exited with code 0.
+    pub fn success(&self) -> bool {
+        *self == ExitStatus::Exited(0)
+    }
+
+    /// Shell convention: the code, or 128 + signal.
+    pub fn shell_code(&self) -> i32 {
+        match self {
+            ExitStatus::Exited(c) => *c,
+            ExitStatus::Signaled(s) => 128 + s,
+        }
+    }
+}
+
+/// A command to run in the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecCommand {
+    /// Program and arguments (`argv[0]` is looked up in `PATH`).
+    pub argv: Vec<String>,
+    /// Environment on top of the defaults (`PATH`, `HOME`).
+    pub env: Vec<(String, String)>,
+    /// Working directory; default `/`.
+    pub cwd: Option<String>,
+    /// `user`, `uid`, `user:group` or `uid:gid`; default root.
+    pub user: Option<String>,
+    /// Bytes fed to stdin by [`AgentClient::exec`] (stdin is `/dev/null` when `None`).
+    pub stdin: Option<Vec<u8>>,
+    /// For [`AgentClient::spawn`]: keep stdin open for [`ExecProcess::write_stdin`].
+    pub interactive_stdin: bool,
+    /// Run detached: no output or status; the process outlives the connection.
+    pub detach: bool,
+}
+
+impl ExecCommand {
+    /// A command from its argument vector.
+    pub fn new<I, S>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Add an environment variable.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Set the working directory.
+    pub fn cwd(mut self, cwd: impl Into<String>) -> Self {
+        self.cwd = Some(cwd.into());
+        self
+    }
+
+    /// Set the user.
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+
+    /// Feed these bytes to stdin.
+    pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(data.into());
+        self
+    }
+
+    fn request(&self, stdin: bool) -> ExecRequest {
+        let mut flags = 0;
+        if stdin {
+            flags |= EXEC_STDIN;
+        }
+        if self.detach {
+            flags |= EXEC_DETACH;
+        }
+        ExecRequest {
+            argv: self.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
+            env: self
+                .env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}").into_bytes())
+                .collect(),
+            cwd: self.cwd.as_ref().map(|c| c.as_bytes().to_vec()),
+            user: self.user.as_ref().map(|u| u.as_bytes().to_vec()),
+            flags,
+        }
+    }
+}
+
+/// The process part of an OCI image config (`Entrypoint`, `Cmd`, `Env`, `WorkingDir`, `User`),
+/// which the host applies per exec: the guest init has no image config of its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageProcess {
+    /// `Entrypoint`.
+    pub entrypoint: Vec<String>,
+    /// `Cmd`.
+    pub cmd: Vec<String>,
+    /// `Env` (`KEY=VALUE`; entries without `=` are ignored).
+    pub env: Vec<String>,
+    /// `WorkingDir` (empty = `/`).
+    pub working_dir: Option<String>,
+    /// `User` (empty = root).
+    pub user: Option<String>,
+}
+
+impl ImageProcess {
+    /// The command `docker run IMAGE [CMD...]` would run: `Entrypoint` followed by
+    /// `override_cmd` when given (`vmrs run IMAGE -- CMD`), else by `Cmd`; with the image's
+    /// environment, working directory and user. Fails when that leaves nothing to run.
+    pub fn command(&self, override_cmd: Option<&[String]>) -> Result<ExecCommand, AgentError> {
+        let mut argv = self.entrypoint.clone();
+        argv.extend_from_slice(override_cmd.unwrap_or(&self.cmd));
+        if argv.is_empty() {
+            return Err(AgentError::NoCommand);
+        }
+        let mut cmd = ExecCommand::new(argv);
+        cmd.env = self
+            .env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .filter(|(k, _)| !k.is_empty())
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        cmd.cwd = self.working_dir.clone().filter(|w| !w.is_empty());
+        cmd.user = self.user.clone().filter(|u| !u.is_empty());
+        Ok(cmd)
+    }
+}
+
+/// Collected result of [`AgentClient::exec`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Everything written to stdout.
+    pub stdout: Vec<u8>,
+    /// Everything written to stderr.
+    pub stderr: Vec<u8>,
+    /// How it ended.
+    pub status: ExitStatus,
+}
+
+/// One event of a running process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    /// Bytes on stdout.
+    Stdout(Vec<u8>),
+    /// Bytes on stderr.
+    Stderr(Vec<u8>),
+    /// The process ended (the last event).
+    Exit(ExitStatus),
+}
+
+/// A process started with [`AgentClient::spawn`].
+#[derive(Debug)]
+pub struct ExecProcess {
+    client: AgentClient,
+    stream: u32,
+    pid: u32,
+    events: mpsc::Receiver<Message>,
+    stdin_open: bool,
+    finished: bool,
+}
+
+impl AgentClient {
+    /// Connect to the agent socket and exchange hellos, waiting up to
+    /// [`DEFAULT_CONNECT_TIMEOUT`] (the guest may still be booting).
+    pub async fn connect(socket: impl AsRef<Path>) -> Result<AgentClient, AgentError> {
+        Self::connect_timeout(socket, DEFAULT_CONNECT_TIMEOUT).await
+    }
+
+    /// [`AgentClient::connect`] with a deadline; retries while the socket does not exist yet.
+    pub async fn connect_timeout(
+        socket: impl AsRef<Path>,
+        timeout: Duration,
+    ) -> Result<AgentClient, AgentError> {
+        let path = socket.as_ref().to_path_buf();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let stream = match UnixStream::connect(&path).await {
+                Ok(s) => s,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Err(source) => return Err(AgentError::Connect { path, source }),
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(remaining, Self::handshake(stream)).await {
+                // A torn frame left over from a previous connection can precede the hello
+                // reply; the guest resets when we disconnect, so try again with a fresh one.
+                Ok(Err(AgentError::Protocol { .. })) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(r) => return r,
+                Err(_) => return Err(AgentError::Timeout { path, timeout }),
+            }
+        }
+    }
+
+    /// Use an already connected stream (e.g. one end of a socket pair). Exchanges hellos.
+    pub async fn from_stream(stream: UnixStream) -> Result<AgentClient, AgentError> {
+        Self::handshake(stream).await
+    }
+
+    async fn handshake(stream: UnixStream) -> Result<AgentClient, AgentError> {
+        let (mut reader, mut writer) = stream.into_split();
+        let hello = Message::Hello {
+            version: proto::VERSION,
+        }
+        .encode(0)
+        .map_err(|source| AgentError::Protocol { source })?;
+        writer.write_all(&hello).await.map_err(io_err)?;
+        let mut decoder = Decoder::new();
+        let mut buf = vec![0u8; CHUNK];
+        let agent = loop {
+            match decoder.next_frame() {
+                Ok(Some(frame)) => match frame.message {
+                    Message::HelloOk { version, agent } if version == proto::VERSION => {
+                        break String::from_utf8_lossy(&agent).into_owned()
+                    }
+                    Message::HelloOk { version, .. } => {
+                        return Err(AgentError::Refused {
+                            message: format!("guest speaks protocol version {version}"),
+                        })
+                    }
+                    Message::Error { message } => {
+                        return Err(AgentError::Refused {
+                            message: String::from_utf8_lossy(&message).into_owned(),
+                        })
+                    }
+                    // Late frames of a previous connection: skip.
+                    _ => continue,
+                },
+                Ok(None) => {}
+                Err(source) => return Err(AgentError::Protocol { source }),
+            }
+            let n = reader.read(&mut buf).await.map_err(io_err)?;
+            if n == 0 {
+                return Err(AgentError::Closed);
+            }
+            decoder.push(&buf[..n]);
+        };
+        let inner = Arc::new(Inner {
+            writer: tokio::sync::Mutex::new(writer),
+            streams: Mutex::new(HashMap::new()),
+            closed: Mutex::new(None),
+            next_stream: AtomicU32::new(1),
+            nonce: AtomicU64::new(1),
+            reader: Mutex::new(None),
+            agent,
+        });
+        let weak = Arc::downgrade(&inner);
+        let handle = tokio::spawn(read_loop(reader, decoder, weak));
+        *inner.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        Ok(AgentClient { inner })
+    }
+
+    /// The guest agent's name and version (from its hello).
+    pub fn agent_version(&self) -> &str {
+        &self.inner.agent
+    }
+
+    fn closed_error(&self) -> AgentError {
+        self.inner
+            .closed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(Closed::to_error)
+            .unwrap_or(AgentError::Closed)
+    }
+
+    fn open_stream(&self) -> Result<(u32, mpsc::Receiver<Message>), AgentError> {
+        if let Some(c) = self
+            .inner
+            .closed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            return Err(c.to_error());
+        }
+        let mut id = self.inner.next_stream.fetch_add(1, Ordering::SeqCst);
+        if id == 0 {
+            id = self.inner.next_stream.fetch_add(1, Ordering::SeqCst);
+        }
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        self.inner
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        Ok((id, rx))
+    }
+
+    fn close_stream(&self, id: u32) {
+        self.inner
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    async fn send(&self, stream: u32, msg: &Message) -> Result<(), AgentError> {
+        let frame = msg
+            .encode(stream)
+            .map_err(|source| AgentError::Protocol { source })?;
+        let mut w = self.inner.writer.lock().await;
+        w.write_all(&frame).await.map_err(io_err)
+    }
+
+    async fn recv(&self, rx: &mut mpsc::Receiver<Message>) -> Result<Message, AgentError> {
+        match rx.recv().await {
+            Some(m) => Ok(m),
+            None => Err(self.closed_error()),
+        }
+    }
+
+    /// Round-trip a ping; returns the time it took.
+    pub async fn ping(&self) -> Result<Duration, AgentError> {
+        let (id, mut rx) = self.open_stream()?;
+        let nonce = self.inner.nonce.fetch_add(1, Ordering::SeqCst);
+        let start = Instant::now();
+        let result = async {
+            self.send(id, &Message::Ping { nonce }).await?;
+            match self.recv(&mut rx).await? {
+                Message::Pong { nonce: n } if n == nonce => Ok(start.elapsed()),
+                other => Err(unexpected(&other)),
+            }
+        }
+        .await;
+        self.close_stream(id);
+        result
+    }
+
+    /// Ask the guest to power off in an orderly way; returns once the guest acknowledged.
+    pub async fn shutdown(&self) -> Result<(), AgentError> {
+        let (id, mut rx) = self.open_stream()?;
+        let result = async {
+            self.send(id, &Message::Shutdown).await?;
+            match self.recv(&mut rx).await? {
+                Message::ShutdownOk => Ok(()),
+                other => Err(unexpected(&other)),
+            }
+        }
+        .await;
+        self.close_stream(id);
+        result
+    }
+
+    /// Start a process and stream its output ([`ExecProcess`]). With `cmd.stdin` set, those
+    /// bytes are written and stdin closed; with `cmd.interactive_stdin`, stdin stays open for
+    /// [`ExecProcess::write_stdin`].
+    pub async fn spawn(&self, cmd: ExecCommand) -> Result<ExecProcess, AgentError> {
+        let with_stdin = cmd.stdin.is_some() || cmd.interactive_stdin;
+        let (id, mut rx) = self.open_stream()?;
+        let started = async {
+            self.send(id, &Message::Exec(cmd.request(with_stdin))).await?;
+            match self.recv(&mut rx).await? {
+                Message::Started { pid } => Ok(pid),
+                Message::Error { message } => Err(AgentError::Exec {
+                    message: String::from_utf8_lossy(&message).into_owned(),
+                }),
+                other => Err(unexpected(&other)),
+            }
+        }
+        .await;
+        let pid = match started {
+            Ok(pid) => pid,
+            Err(e) => {
+                self.close_stream(id);
+                return Err(e);
+            }
+        };
+        let mut process = ExecProcess {
+            client: self.clone(),
+            stream: id,
+            pid,
+            events: rx,
+            stdin_open: with_stdin,
+            finished: cmd.detach,
+        };
+        if cmd.detach {
+            self.close_stream(id);
+        }
+        if let Some(data) = &cmd.stdin {
+            // Feed stdin concurrently with reading output, or a big input could deadlock
+            // against a process that writes before it reads.
+            let client = self.clone();
+            let data = data.clone();
+            tokio::spawn(async move {
+                for chunk in data.chunks(CHUNK) {
+                    if client
+                        .send(id, &Message::Stdin { data: chunk.to_vec() })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                let _ = client.send(id, &Message::Stdin { data: Vec::new() }).await;
+            });
+            process.stdin_open = false;
+        }
+        Ok(process)
+    }
+
+    /// Run a command to completion, collecting its output in memory (use [`Self::spawn`] to
+    /// stream instead).
+    pub async fn exec(&self, cmd: ExecCommand) -> Result<ExecOutput, AgentError> {
+        self.spawn(cmd).await?.wait_with_output().await
+    }
+
+    /// Copy the host file or directory `src` into the guest at `dest` (`docker cp` rules: when
+    /// `dest` is an existing directory, `src` lands inside it under its own name). Modes are
+    /// kept; symlinks are copied as links.
+    pub async fn copy_to(&self, src: &Path, dest: &str) -> Result<(), AgentError> {
+        let name = src
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (id, mut rx) = self.open_stream()?;
+        let result = async {
+            self.send(
+                id,
+                &Message::CopyIn {
+                    dest: dest.as_bytes().to_vec(),
+                    name: name.into_bytes(),
+                },
+            )
+            .await?;
+            let (tx, mut frames) = mpsc::channel::<Message>(8);
+            let src = src.to_path_buf();
+            let producer = tokio::task::spawn_blocking(move || copy::read_tree(&src, &tx));
+            loop {
+                tokio::select! {
+                    frame = frames.recv() => match frame {
+                        Some(m) => self.send(id, &m).await?,
+                        None => break,
+                    },
+                    reply = rx.recv() => return Err(match reply {
+                        Some(Message::Error { message }) => AgentError::GuestCopy {
+                            message: String::from_utf8_lossy(&message).into_owned(),
+                        },
+                        Some(other) => unexpected(&other),
+                        None => self.closed_error(),
+                    }),
+                }
+            }
+            producer.await.map_err(AgentError::Task)??;
+            match self.recv(&mut rx).await? {
+                Message::CopyDone => Ok(()),
+                Message::Error { message } => Err(AgentError::GuestCopy {
+                    message: String::from_utf8_lossy(&message).into_owned(),
+                }),
+                other => Err(unexpected(&other)),
+            }
+        }
+        .await;
+        self.close_stream(id);
+        result
+    }
+
+    /// Copy the guest file or directory `src` to the host at `dest` (when `dest` is an
+    /// existing directory, the copy lands inside it under `src`'s name). Every path the guest
+    /// sends stays inside the destination.
+    pub async fn copy_from(&self, src: &str, dest: &Path) -> Result<(), AgentError> {
+        let (id, mut rx) = self.open_stream()?;
+        let result = async {
+            self.send(
+                id,
+                &Message::CopyOut {
+                    src: src.as_bytes().to_vec(),
+                },
+            )
+            .await?;
+            let name = Path::new(src)
+                .file_name()
+                .map(|n| n.to_os_string())
+                .unwrap_or_else(|| "root".into());
+            let target = match tokio::fs::metadata(dest).await {
+                Ok(m) if m.is_dir() => dest.join(name),
+                _ => dest.to_path_buf(),
+            };
+            let (tx, wrx) = std::sync::mpsc::sync_channel::<Message>(8);
+            let writer = tokio::task::spawn_blocking(move || copy::write_tree(&target, wrx));
+            let mut outcome = Ok(());
+            loop {
+                let msg = match self.recv(&mut rx).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        outcome = Err(e);
+                        break;
+                    }
+                };
+                match msg {
+                    Message::Error { message } => {
+                        outcome = Err(AgentError::GuestCopy {
+                            message: String::from_utf8_lossy(&message).into_owned(),
+                        });
+                        break;
+                    }
+                    m @ (Message::Entry(_) | Message::Data { .. }) => {
+                        if tx.send(m).is_err() {
+                            break; // the writer failed; its error is reported below
+                        }
+                    }
+                    Message::End => {
+                        let _ = tx.send(Message::End);
+                        break;
+                    }
+                    other => {
+                        outcome = Err(unexpected(&other));
+                        break;
+                    }
+                }
+            }
+            drop(tx);
+            let written = writer.await.map_err(AgentError::Task)?;
+            outcome?;
+            written
+        }
+        .await;
+        self.close_stream(id);
+        result
+    }
+}
+
+impl ExecProcess {
+    /// The process id in the guest.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Write to the process's stdin (requires [`ExecCommand::interactive_stdin`]).
+    pub async fn write_stdin(&mut self, data: &[u8]) -> Result<(), AgentError> {
+        if !self.stdin_open {
+            return Err(AgentError::Unexpected {
+                what: "stdin is not open".into(),
+            });
+        }
+        for chunk in data.chunks(CHUNK) {
+            self.client
+                .send(self.stream, &Message::Stdin { data: chunk.to_vec() })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Close stdin (the process sees end of input).
+    pub async fn close_stdin(&mut self) -> Result<(), AgentError> {
+        if self.stdin_open {
+            self.stdin_open = false;
+            self.client
+                .send(self.stream, &Message::Stdin { data: Vec::new() })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Send a signal to the process.
+    pub async fn signal(&self, signo: i32) -> Result<(), AgentError> {
+        self.client.send(self.stream, &Message::Signal { signo }).await
+    }
+
+    /// The next event; `None` after [`ExecEvent::Exit`].
+    pub async fn next_event(&mut self) -> Option<Result<ExecEvent, AgentError>> {
+        if self.finished {
+            return None;
+        }
+        let ev = match self.client.recv(&mut self.events).await {
+            Ok(Message::Stdout { data }) => Ok(ExecEvent::Stdout(data)),
+            Ok(Message::Stderr { data }) => Ok(ExecEvent::Stderr(data)),
+            Ok(Message::Exited { code }) => Ok(ExecEvent::Exit(ExitStatus::Exited(code))),
+            Ok(Message::Signaled { signo }) => Ok(ExecEvent::Exit(ExitStatus::Signaled(signo))),
+            Ok(Message::Error { message }) => Err(AgentError::Exec {
+                message: String::from_utf8_lossy(&message).into_owned(),
+            }),
+            Ok(other) => Err(unexpected(&other)),
+            Err(e) => Err(e),
+        };
+        if !matches!(ev, Ok(ExecEvent::Stdout(_) | ExecEvent::Stderr(_))) {
+            self.finished = true;
+            self.client.close_stream(self.stream);
+        }
+        Some(ev)
+    }
+
+    /// Wait for the process to end, collecting its output.
+    pub async fn wait_with_output(mut self) -> Result<ExecOutput, AgentError> {
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        while let Some(ev) = self.next_event().await {
+            match ev? {
+                ExecEvent::Stdout(d) => stdout.extend_from_slice(&d),
+                ExecEvent::Stderr(d) => stderr.extend_from_slice(&d),
+                ExecEvent::Exit(status) => {
+                    return Ok(ExecOutput {
+                        stdout,
+                        stderr,
+                        status,
+                    })
+                }
+            }
+        }
+        Err(AgentError::Closed)
+    }
+}
+
+impl Drop for ExecProcess {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.client.close_stream(self.stream);
+        }
+    }
+}
+
+fn io_err(e: std::io::Error) -> AgentError {
+    AgentError::Io { source: Arc::new(e) }
+}
+
+fn unexpected(m: &Message) -> AgentError {
+    let mut what = format!("{m:?}");
+    what.truncate(120);
+    AgentError::Unexpected { what }
+}
+
+/// Reads frames and hands each to its stream; ends the connection on EOF, I/O or protocol error.
+async fn read_loop(
+    mut reader: tokio::net::unix::OwnedReadHalf,
+    mut decoder: Decoder,
+    inner: std::sync::Weak<Inner>,
+) {
+    let mut buf = vec![0u8; CHUNK];
+    let reason = 'outer: loop {
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    let Some(inner) = inner.upgrade() else {
+                        return;
+                    };
+                    let tx = inner
+                        .streams
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&frame.stream)
+                        .cloned();
+                    // Frames for unknown streams (finished, dropped, stale) are discarded.
+                    if let Some(tx) = tx {
+                        drop(inner);
+                        // A receiver that went away (dropped process) just loses its frames.
+                        let _ = tx.send(frame.message).await;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => break 'outer Closed::Protocol(e),
+            }
+        }
+        match reader.read(&mut buf).await {
+            Ok(0) => break Closed::Eof,
+            Ok(n) => decoder.push(&buf[..n]),
+            Err(e) => break Closed::Io(Arc::new(e)),
+        }
+    };
+    if let Some(inner) = inner.upgrade() {
+        *inner.closed.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+        // Dropping the senders wakes every waiting stream with the close reason.
+        inner.streams.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        // Shut our write half so the peer sees the connection end.
+        let mut w = inner.writer.lock().await;
+        let _ = w.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_args_escape_commas() {
+        let a = qemu_args(Path::new("/tmp/a,b/agent.sock"));
+        assert_eq!(a.len(), 6);
+        assert_eq!(
+            a[3],
+            std::ffi::OsString::from("socket,id=vmrs-agent0,path=/tmp/a,,b/agent.sock,server=on,wait=off")
+        );
+        assert!(a[5].to_string_lossy().ends_with("name=vmrs.agent"));
+    }
+
+    #[test]
+    fn image_process_follows_docker_rules() {
+        let img = ImageProcess {
+            entrypoint: vec!["/docker-entrypoint.sh".into()],
+            cmd: vec!["nginx".into(), "-g".into()],
+            env: vec!["PATH=/usr/bin:/bin".into(), "A=b=c".into(), "junk".into()],
+            working_dir: Some(String::new()),
+            user: Some("www:www".into()),
+        };
+        let c = img.command(None).expect("cmd");
+        assert_eq!(c.argv, ["/docker-entrypoint.sh", "nginx", "-g"]);
+        assert_eq!(
+            c.env,
+            [
+                ("PATH".to_string(), "/usr/bin:/bin".to_string()),
+                ("A".to_string(), "b=c".to_string())
+            ]
+        );
+        assert_eq!(c.cwd, None);
+        assert_eq!(c.user.as_deref(), Some("www:www"));
+        let c = img
+            .command(Some(&["sh".to_string(), "-c".to_string()]))
+            .expect("cmd");
+        assert_eq!(c.argv, ["/docker-entrypoint.sh", "sh", "-c"]);
+        let none = ImageProcess::default();
+        assert!(matches!(none.command(None), Err(AgentError::NoCommand)));
+        assert_eq!(
+            none.command(Some(&["true".to_string()])).expect("cmd").argv,
+            ["true"]
+        );
+    }
+
+    #[test]
+    fn exit_status_helpers() {
+        assert!(ExitStatus::Exited(0).success());
+        assert_eq!(ExitStatus::Exited(3).code(), Some(3));
+        assert_eq!(ExitStatus::Signaled(9).shell_code(), 137);
+        assert_eq!(ExitStatus::Signaled(9).signal(), Some(9));
+    }
+}

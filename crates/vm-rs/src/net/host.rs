@@ -1,0 +1,816 @@
+//! Host-side networking of a VM: TAP devices, bridges, addresses and NAT (through netlink and
+//! the TUN ioctls; nftables for the masquerade rule), switch membership and port-forward
+//! sidecars — created by [`prepare`], removed by [`teardown`], and cleaned up after crashes by
+//! [`reconcile`].
+//!
+//! ## What the manager calls
+//!
+//! ```text
+//! start:   let state = net::host::prepare(home, name, vm_dir, &config.networks).await?;
+//!          // state is saved as <vm_dir>/net.json before any device is made
+//!          args.extend(state.qemu_args());  cmdline.extend(state.guest_cmdline());
+//!          if let Some(ns) = state.netns() { net::netns::command_in(&mut qemu_cmd, ns)? }
+//!          (if QEMU fails to start: net::host::teardown(&state).await)
+//! stop / kill / QEMU exited / remove:
+//!          net::host::teardown(&state).await   // or teardown_vm_dir(vm_dir) from net.json
+//! manager start (after reattaching):
+//!          net::host::reconcile(home, &|vm| vm_is_running(vm)).await
+//! ```
+//!
+//! ## Ownership tags
+//!
+//! Every device vm-rs creates carries an interface alias (`ip link` shows it):
+//! `vmrs:<home id>:tap:<vm>:<nic>` on TAPs, `vmrs:<home id>:bridge` on bridges, where the
+//! home id is a short hash of the data dir, so two vm-rs installations (or parallel tests)
+//! never reap each other's devices. A TAP or bridge without such an alias was made by
+//! someone else and is never deleted. NAT rules live in an nftables table
+//! `vmrs_<home id>_<bridge>` (family `ip`), deleted with the bridge.
+
+use super::netns::{self, NetnsError};
+use super::sidecar::{self, SidecarError, SidecarRecord};
+use super::{plan, NetError, NicBackend, NicPlan};
+use crate::config::{Ipv4Cidr, NetworkAttachment};
+use futures::TryStreamExt;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Prefix of the interface alias on every device vm-rs creates.
+pub const ALIAS_PREFIX: &str = "vmrs:";
+/// Version of [`NetState`] records.
+pub const STATE_VERSION: u32 = 1;
+/// File name of the record in the VM directory.
+pub const STATE_FILE: &str = "net.json";
+
+/// Errors setting up or tearing down host networking.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostError {
+    /// The attachments are invalid.
+    #[error("invalid network configuration")]
+    Config(#[from] NetError),
+    /// A netlink request failed.
+    #[error("netlink: cannot {op}")]
+    Netlink {
+        /// What was being done.
+        op: String,
+        /// Cause.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// A TUN/TAP ioctl or sysctl failed.
+    #[error("cannot {op}")]
+    Io {
+        /// What was being done.
+        op: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The network namespace could not be entered.
+    #[error("network namespace")]
+    Netns(#[from] NetnsError),
+    /// `nft` failed.
+    #[error("nft {op} failed: {stderr}")]
+    Firewall {
+        /// What was being done.
+        op: String,
+        /// nft's message.
+        stderr: String,
+    },
+    /// A switch or forwarder sidecar failed.
+    #[error("network sidecar")]
+    Sidecar(#[from] SidecarError),
+    /// Attachments of one VM name different namespaces.
+    #[error("all tap and bridge networks of a vm must use the same namespace")]
+    MixedNamespaces,
+    /// An existing interface has the name vm-rs wanted and is not a TAP/bridge vm-rs made.
+    #[error("interface {name} exists and was not created by vm-rs")]
+    Foreign {
+        /// Its name.
+        name: String,
+    },
+}
+
+fn io_op(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> HostError {
+    let op = op.into();
+    move |source| HostError::Io { op, source }
+}
+
+fn nl_op(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> HostError {
+    let op = op.into();
+    move |source| HostError::Netlink { op, source }
+}
+
+/// A short id of a data dir, used in device tags.
+pub fn home_id(home: &Path) -> String {
+    let canon = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_path_buf());
+    let h = super::hash(&["home", &canon.to_string_lossy()]);
+    hex::encode(&h[..4])
+}
+
+fn tap_alias(home_id: &str, vm: &str, index: usize) -> String {
+    format!("{ALIAS_PREFIX}{home_id}:tap:{vm}:{index}")
+}
+
+fn bridge_alias(home_id: &str) -> String {
+    format!("{ALIAS_PREFIX}{home_id}:bridge")
+}
+
+fn nat_table(home_id: &str, bridge: &str) -> String {
+    let b: String = bridge
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("vmrs_{home_id}_{b}")
+}
+
+/// A device or rule [`prepare`] made (and [`teardown`] removes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum HostDevice {
+    /// A TAP device.
+    Tap {
+        /// Name.
+        name: String,
+    },
+    /// A bridge (deleted only when no interface is attached any more).
+    Bridge {
+        /// Name.
+        name: String,
+        /// Its NAT table, if NAT was asked for.
+        #[serde(default)]
+        nat_table: Option<String>,
+    },
+}
+
+/// Everything host-side about one VM's networking: persisted as `net.json` in the VM
+/// directory so a later process can tear it down.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    /// Record version ([`STATE_VERSION`]).
+    pub version: u32,
+    /// VM name.
+    pub vm_name: String,
+    /// Data dir.
+    pub home: PathBuf,
+    /// Network namespace of the TAP/bridge devices (the VMM must run there).
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// The NICs.
+    pub nics: Vec<NicPlan>,
+    /// Devices created (in creation order).
+    #[serde(default)]
+    pub devices: Vec<HostDevice>,
+    /// Switch networks joined.
+    #[serde(default)]
+    pub switches: Vec<String>,
+    /// Port-forward sidecars started.
+    #[serde(default)]
+    pub forwarders: Vec<SidecarRecord>,
+}
+
+impl NetState {
+    /// All `-netdev`/`-device` arguments, NIC by NIC.
+    pub fn qemu_args(&self) -> Vec<String> {
+        self.nics.iter().flat_map(NicPlan::qemu_args).collect()
+    }
+
+    /// All guest kernel command-line words.
+    pub fn guest_cmdline(&self) -> Vec<String> {
+        self.nics.iter().flat_map(NicPlan::guest_cmdline).collect()
+    }
+
+    /// The namespace the VMM must be started in, if any.
+    pub fn netns(&self) -> Option<&Path> {
+        self.netns.as_deref()
+    }
+
+    /// Write to `<vm_dir>/net.json` (temp file, fsync, rename).
+    pub fn save(&self, vm_dir: &Path) -> Result<(), HostError> {
+        use std::io::Write;
+        let path = vm_dir.join(STATE_FILE);
+        let json = serde_json::to_vec_pretty(self).map_err(|e| io_op("encode net.json")(e.into()))?;
+        let mut tmp =
+            tempfile::NamedTempFile::new_in(vm_dir).map_err(io_op(format!("write {}", path.display())))?;
+        tmp.write_all(&json)
+            .and_then(|()| tmp.as_file().sync_all())
+            .map_err(io_op(format!("write {}", path.display())))?;
+        tmp.persist(&path)
+            .map_err(|e| io_op(format!("write {}", path.display()))(e.error))?;
+        Ok(())
+    }
+
+    /// Read `<vm_dir>/net.json`; `Ok(None)` when there is none.
+    pub fn load(vm_dir: &Path) -> Result<Option<Self>, HostError> {
+        let path = vm_dir.join(STATE_FILE);
+        match std::fs::read(&path) {
+            Ok(d) => serde_json::from_slice(&d)
+                .map(Some)
+                .map_err(|e| io_op(format!("read {}", path.display()))(e.into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_op(format!("read {}", path.display()))(e)),
+        }
+    }
+}
+
+/// A netlink connection, possibly inside a namespace.
+struct Netlink {
+    handle: rtnetlink::Handle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Netlink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Netlink {
+    async fn open(ns: Option<&Path>) -> Result<Self, HostError> {
+        let rt = tokio::runtime::Handle::current();
+        let (conn, handle, _) = netns::run_in(ns, move || {
+            // the socket is created (and bound to the namespace) on this thread; it is
+            // registered with the caller's runtime
+            let _g = rt.enter();
+            rtnetlink::new_connection()
+        })
+        .await?
+        .map_err(io_op("open a netlink socket"))?;
+        let task = tokio::spawn(conn);
+        Ok(Self { handle, task })
+    }
+
+    async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>, HostError> {
+        let mut s = self.handle.link().get().match_name(name.to_string()).execute();
+        match s.try_next().await {
+            Ok(m) => Ok(m),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(nl_op(format!("look up {name}"))(e)),
+        }
+    }
+
+    async fn links(&self) -> Result<Vec<LinkMessage>, HostError> {
+        self.handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_op("list links"))
+    }
+
+    async fn set(&self, msg: LinkMessage, op: String) -> Result<(), HostError> {
+        self.handle.link().set(msg).execute().await.map_err(nl_op(op))
+    }
+
+    async fn del(&self, index: u32, name: &str) -> Result<(), HostError> {
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+            Err(e) => Err(nl_op(format!("delete {name}"))(e)),
+        }
+    }
+
+    async fn add_addr(&self, index: u32, cidr: Ipv4Cidr, dev: &str) -> Result<(), HostError> {
+        match self
+            .handle
+            .address()
+            .add(index, IpAddr::V4(cidr.addr), cidr.prefix_len)
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+            Err(e) => Err(nl_op(format!("add {cidr} to {dev}"))(e)),
+        }
+    }
+}
+
+fn alias_of(m: &LinkMessage) -> Option<&str> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfAlias(s) => Some(s.as_str()),
+        _ => None,
+    })
+}
+
+fn name_of(m: &LinkMessage) -> Option<&str> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(s) => Some(s.as_str()),
+        _ => None,
+    })
+}
+
+fn controller_of(m: &LinkMessage) -> Option<u32> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Controller(i) => Some(*i),
+        _ => None,
+    })
+}
+
+/// Create a persistent TAP device with the TUN ioctls (netlink cannot create TUN/TAP).
+fn create_tap(name: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+    const IFF_TAP: libc::c_short = 0x0002;
+    const IFF_NO_PI: libc::c_short = 0x1000;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "bad interface name",
+        ));
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: IFF_TAP | IFF_NO_PI,
+        _pad: [0; 22],
+    };
+    req.name[..bytes.len()].copy_from_slice(bytes);
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq` (40 bytes, which `IfReq` matches in
+    // size and layout for the fields used) through the pointer, valid for the whole call.
+    if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: TUNSETPERSIST takes an integer argument by value; no memory is passed.
+    if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn enable_forwarding() -> std::io::Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1")
+}
+
+async fn nft(ns: Option<&Path>, op: &str, script: String) -> Result<(), HostError> {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = tokio::process::Command::new("nft");
+    cmd.args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    if let Some(ns) = ns {
+        netns::command_in(&mut cmd, ns)?;
+    }
+    let mut child = cmd.spawn().map_err(io_op("run nft"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .await
+            .map_err(io_op("write to nft"))?;
+    }
+    let out = child.wait_with_output().await.map_err(io_op("run nft"))?;
+    if !out.status.success() {
+        return Err(HostError::Firewall {
+            op: op.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+async fn add_nat(ns: Option<&Path>, table: &str, bridge: &str, subnet: Ipv4Cidr) -> Result<(), HostError> {
+    // names were validated ([A-Za-z0-9_.-]) and the subnet is a parsed CIDR: nothing here can
+    // inject nft syntax
+    let script = format!(
+        "table ip {table} {{\n\
+         \tchain postrouting {{ type nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tip saddr {subnet} oifname != \"{bridge}\" masquerade\n\t}}\n\
+         \tchain forward {{ type filter hook forward priority filter; policy accept;\n\
+         \t\tiifname \"{bridge}\" accept\n\
+         \t\toifname \"{bridge}\" ct state established,related accept\n\t}}\n}}\n",
+        subnet = subnet.network_cidr()
+    );
+    nft(ns, &format!("add nat table {table}"), script).await
+}
+
+async fn delete_nat(ns: Option<&Path>, table: &str) -> Result<(), HostError> {
+    match nft(
+        ns,
+        &format!("delete table {table}"),
+        format!("delete table ip {table}\n"),
+    )
+    .await
+    {
+        Err(HostError::Firewall { stderr, .. }) if stderr.contains("No such file") => Ok(()),
+        other => other,
+    }
+}
+
+/// Set up everything the VM's networks need on the host. Saves the state to
+/// `<vm_dir>/net.json` before creating anything and after each step, so a crash midway
+/// still leaves a record [`teardown_vm_dir`]/[`reconcile`] can use. On failure, what was
+/// created is removed again.
+pub async fn prepare(
+    home: &Path,
+    vm_name: &str,
+    vm_dir: &Path,
+    attachments: &[NetworkAttachment],
+) -> Result<NetState, HostError> {
+    let nics = plan(vm_name, vm_dir, home, attachments)?;
+    // every TAP/bridge NIC must live in the same namespace (the VMM runs in it)
+    let mut namespaces = attachments
+        .iter()
+        .filter(|a| a.needs_host_devices())
+        .map(|a| a.netns().map(Path::to_path_buf));
+    let ns = namespaces.next().flatten();
+    let mut namespaces = attachments
+        .iter()
+        .filter(|a| a.needs_host_devices())
+        .map(|a| a.netns().map(Path::to_path_buf));
+    if namespaces.any(|n| n != ns) {
+        return Err(HostError::MixedNamespaces);
+    }
+    let mut state = NetState {
+        version: STATE_VERSION,
+        vm_name: vm_name.to_string(),
+        home: home.to_path_buf(),
+        netns: ns,
+        nics,
+        devices: Vec::new(),
+        switches: Vec::new(),
+        forwarders: Vec::new(),
+    };
+    state.save(vm_dir)?;
+    match build(&mut state, attachments, vm_dir).await {
+        Ok(()) => {
+            state.save(vm_dir)?;
+            Ok(state)
+        }
+        Err(e) => {
+            if let Err(t) = teardown(&state).await {
+                tracing::warn!(vm = vm_name, error = %t, "cleanup after failed network setup");
+            }
+            let _ = state.save(vm_dir);
+            Err(e)
+        }
+    }
+}
+
+async fn build(
+    state: &mut NetState,
+    attachments: &[NetworkAttachment],
+    vm_dir: &Path,
+) -> Result<(), HostError> {
+    let hid = home_id(&state.home);
+    let ns = state.netns.clone();
+    let nl = if attachments.iter().any(NetworkAttachment::needs_host_devices) {
+        Some(Netlink::open(ns.as_deref()).await?)
+    } else {
+        None
+    };
+    let nics = state.nics.clone();
+    for (nic, a) in nics.iter().zip(attachments) {
+        match (&nic.backend, a) {
+            (NicBackend::Tap { ifname, bridge }, _) => {
+                let Some(nl) = nl.as_ref() else { continue };
+                let bridge_index = match (bridge, a) {
+                    (Some(br), NetworkAttachment::Bridge { gateway, nat, .. }) => {
+                        Some(ensure_bridge(state, nl, &hid, br, *gateway, *nat).await?)
+                    }
+                    _ => None,
+                };
+                ensure_tap(state, nl, &hid, ifname, nic.index, bridge_index).await?;
+                if let (
+                    NetworkAttachment::Tap {
+                        host_address: Some(h),
+                        ..
+                    },
+                    Some(link),
+                ) = (a, nl.link_by_name(ifname).await?)
+                {
+                    nl.add_addr(link.header.index, *h, ifname).await?;
+                }
+                state.save(vm_dir)?;
+            }
+            (NicBackend::Switch { network, .. }, _) => {
+                let dir = super::networks_dir(&state.home);
+                sidecar::join(&dir, network, &state.vm_name)?;
+                state.switches.push(network.clone());
+                state.save(vm_dir)?;
+                sidecar::ensure_switch(&dir, network).await?;
+            }
+            _ => {}
+        }
+        if let (NetworkAttachment::Bridge { port_forwards, .. }, Some(guest)) = (a, nic.guest.address()) {
+            for pf in port_forwards {
+                let listen = SocketAddr::new(pf.bind_ip(), pf.host_port);
+                let target = SocketAddr::new(IpAddr::V4(guest.addr), pf.guest_port);
+                let log = vm_dir.join(format!("forward-{}.log", pf.host_port));
+                let rec = sidecar::spawn_forwarder(listen, target, &log, state.netns.as_deref()).await?;
+                state.forwarders.push(rec);
+                state.save(vm_dir)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn ensure_bridge(
+    state: &mut NetState,
+    nl: &Netlink,
+    hid: &str,
+    name: &str,
+    gateway: Ipv4Cidr,
+    nat: bool,
+) -> Result<u32, HostError> {
+    let ours = bridge_alias(hid);
+    let existing = nl.link_by_name(name).await?;
+    let (index, created) = match existing {
+        Some(m) => (m.header.index, alias_of(&m) == Some(ours.as_str())),
+        None => {
+            match nl
+                .handle
+                .link()
+                .add(rtnetlink::LinkBridge::new(name).build())
+                .execute()
+                .await
+            {
+                Ok(()) => {}
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+                Err(e) => return Err(nl_op(format!("create bridge {name}"))(e)),
+            }
+            let m = nl
+                .link_by_name(name)
+                .await?
+                .ok_or_else(|| HostError::Foreign { name: name.into() })?;
+            nl.set(
+                rtnetlink::LinkUnspec::new_with_index(m.header.index)
+                    .alias(ours.clone())
+                    .build(),
+                format!("tag bridge {name}"),
+            )
+            .await?;
+            (m.header.index, true)
+        }
+    };
+    let nat_table = nat.then(|| nat_table(hid, name));
+    if created
+        && !state
+            .devices
+            .iter()
+            .any(|d| matches!(d, HostDevice::Bridge { name: n, .. } if n == name))
+    {
+        state.devices.push(HostDevice::Bridge {
+            name: name.to_string(),
+            nat_table: nat_table.clone(),
+        });
+    }
+    nl.add_addr(index, gateway, name).await?;
+    nl.set(
+        rtnetlink::LinkUnspec::new_with_index(index).up().build(),
+        format!("bring {name} up"),
+    )
+    .await?;
+    if let Some(table) = nat_table {
+        netns::run_in(state.netns.as_deref(), enable_forwarding)
+            .await?
+            .map_err(io_op("enable ip forwarding"))?;
+        add_nat(state.netns.as_deref(), &table, name, gateway).await?;
+    }
+    Ok(index)
+}
+
+async fn ensure_tap(
+    state: &mut NetState,
+    nl: &Netlink,
+    hid: &str,
+    name: &str,
+    nic: usize,
+    bridge: Option<u32>,
+) -> Result<(), HostError> {
+    let ours = tap_alias(hid, &state.vm_name, nic);
+    let existing = nl.link_by_name(name).await?;
+    let created = match existing {
+        // a leftover of this very VM (crash before teardown): reuse it
+        Some(m) if alias_of(&m) == Some(ours.as_str()) => true,
+        Some(m) if alias_of(&m).is_some_and(|a| a.starts_with(ALIAS_PREFIX)) => {
+            return Err(HostError::Foreign { name: name.into() })
+        }
+        // a device the user made: use it as is
+        Some(_) => false,
+        None => {
+            let n = name.to_string();
+            netns::run_in(state.netns.as_deref(), move || create_tap(&n))
+                .await?
+                .map_err(io_op(format!("create tap {name}")))?;
+            true
+        }
+    };
+    let m = nl
+        .link_by_name(name)
+        .await?
+        .ok_or_else(|| HostError::Foreign { name: name.into() })?;
+    if created {
+        state.devices.push(HostDevice::Tap {
+            name: name.to_string(),
+        });
+    }
+    let mut b = rtnetlink::LinkUnspec::new_with_index(m.header.index).up();
+    if created {
+        b = b.alias(ours);
+    }
+    if let Some(br) = bridge {
+        b = b.controller(br);
+    }
+    nl.set(b.build(), format!("set up tap {name}")).await
+}
+
+/// Remove what [`prepare`] made for this VM: its TAPs, bridges it created that have no
+/// interface attached any more (with their NAT table), its switch memberships (stopping a
+/// switch with no members left) and its port-forward sidecars. Idempotent: missing devices
+/// are fine.
+pub async fn teardown(state: &NetState) -> Result<(), HostError> {
+    let mut first_err: Option<HostError> = None;
+    let mut keep = |r: Result<(), HostError>| {
+        if let Err(e) = r {
+            tracing::warn!(vm = %state.vm_name, error = %e, "network teardown step failed");
+            first_err.get_or_insert(e);
+        }
+    };
+    for f in &state.forwarders {
+        keep(f.stop(Duration::from_secs(2)).await.map_err(HostError::from));
+    }
+    if !state.devices.is_empty() {
+        match Netlink::open(state.netns.as_deref()).await {
+            Ok(nl) => {
+                for d in &state.devices {
+                    if let HostDevice::Tap { name } = d {
+                        keep(delete_link(&nl, name).await);
+                    }
+                }
+                for d in &state.devices {
+                    if let HostDevice::Bridge { name, nat_table } = d {
+                        keep(
+                            delete_bridge_if_unused(&nl, state.netns.as_deref(), name, nat_table.as_deref())
+                                .await,
+                        );
+                    }
+                }
+            }
+            Err(e) => keep(Err(e)),
+        }
+    }
+    let dir = super::networks_dir(&state.home);
+    for net in &state.switches {
+        keep(
+            sidecar::leave(&dir, net, &state.vm_name)
+                .await
+                .map_err(HostError::from),
+        );
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// [`teardown`] from the record in `<vm_dir>/net.json`, then delete the record.
+pub async fn teardown_vm_dir(vm_dir: &Path) -> Result<(), HostError> {
+    if let Some(state) = NetState::load(vm_dir)? {
+        teardown(&state).await?;
+        let _ = std::fs::remove_file(vm_dir.join(STATE_FILE));
+    }
+    Ok(())
+}
+
+async fn delete_link(nl: &Netlink, name: &str) -> Result<(), HostError> {
+    if let Some(m) = nl.link_by_name(name).await? {
+        nl.del(m.header.index, name).await?;
+    }
+    Ok(())
+}
+
+async fn delete_bridge_if_unused(
+    nl: &Netlink,
+    ns: Option<&Path>,
+    name: &str,
+    nat_table: Option<&str>,
+) -> Result<(), HostError> {
+    let Some(m) = nl.link_by_name(name).await? else {
+        if let Some(t) = nat_table {
+            delete_nat(ns, t).await?;
+        }
+        return Ok(());
+    };
+    let index = m.header.index;
+    let in_use = nl.links().await?.iter().any(|l| controller_of(l) == Some(index));
+    if in_use {
+        return Ok(());
+    }
+    nl.del(index, name).await?;
+    if let Some(t) = nat_table {
+        delete_nat(ns, t).await?;
+    }
+    Ok(())
+}
+
+/// Names of the devices in namespace `ns` tagged by the data dir `home` — `(name, alias)`.
+pub async fn tagged_devices(home: &Path, ns: Option<&Path>) -> Result<Vec<(String, String)>, HostError> {
+    let prefix = format!("{ALIAS_PREFIX}{}:", home_id(home));
+    let nl = Netlink::open(ns).await?;
+    Ok(nl
+        .links()
+        .await?
+        .iter()
+        .filter_map(|m| {
+            let alias = alias_of(m)?;
+            alias
+                .starts_with(&prefix)
+                .then(|| (name_of(m).unwrap_or_default().to_string(), alias.to_string()))
+        })
+        .collect())
+}
+
+/// Clean up after crashes: for every VM directory under `<home>/vms` whose VM `is_running`
+/// says is not running, tear down its `net.json`; then, in the default namespace and every
+/// namespace named by a record, delete TAPs tagged by this data dir whose VM is not running
+/// and tagged bridges with nothing attached; finally drop switch members that are not
+/// running and stop switches left without members. Returns the names of deleted devices.
+pub async fn reconcile(
+    home: &Path,
+    is_running: &(dyn Fn(&str) -> bool + Sync),
+) -> Result<Vec<String>, HostError> {
+    let hid = home_id(home);
+    let mut namespaces: Vec<Option<PathBuf>> = vec![None];
+    let vms_dir = crate::paths::vms_dir(home);
+    if let Ok(rd) = std::fs::read_dir(&vms_dir) {
+        for e in rd.flatten() {
+            let dir = e.path();
+            let Ok(Some(state)) = NetState::load(&dir) else {
+                continue;
+            };
+            if !namespaces.contains(&state.netns) && state.netns.as_deref().is_some_and(Path::exists) {
+                namespaces.push(state.netns.clone());
+            }
+            if !is_running(&state.vm_name) {
+                if let Err(e) = teardown(&state).await {
+                    tracing::warn!(vm = %state.vm_name, error = %e, "reconcile teardown");
+                }
+                let _ = std::fs::remove_file(dir.join(STATE_FILE));
+            }
+        }
+    }
+    let mut deleted = Vec::new();
+    let tap_prefix = format!("{ALIAS_PREFIX}{hid}:tap:");
+    let br_alias = bridge_alias(&hid);
+    for ns in &namespaces {
+        let nl = Netlink::open(ns.as_deref()).await?;
+        let links = nl.links().await?;
+        for m in &links {
+            let (Some(alias), Some(name)) = (alias_of(m), name_of(m)) else {
+                continue;
+            };
+            if let Some(rest) = alias.strip_prefix(&tap_prefix) {
+                let vm = rest.rsplit_once(':').map(|(vm, _)| vm).unwrap_or(rest);
+                if !is_running(vm) {
+                    nl.del(m.header.index, name).await?;
+                    deleted.push(name.to_string());
+                }
+            }
+        }
+        for m in &links {
+            let (Some(alias), Some(name)) = (alias_of(m), name_of(m)) else {
+                continue;
+            };
+            if alias == br_alias {
+                let table = nat_table(&hid, name);
+                let before = nl.link_by_name(name).await?.is_some();
+                delete_bridge_if_unused(&nl, ns.as_deref(), name, Some(&table)).await?;
+                if before && nl.link_by_name(name).await?.is_none() {
+                    deleted.push(name.to_string());
+                }
+            }
+        }
+    }
+    let ndir = super::networks_dir(home);
+    for net in sidecar::networks(&ndir) {
+        let members = sidecar::members(&ndir, &net);
+        let dead: Vec<&String> = members.iter().filter(|m| !is_running(m)).collect();
+        for vm in &dead {
+            sidecar::leave(&ndir, &net, vm).await?;
+        }
+        if members.is_empty() {
+            // a network directory with no members (crash between join and start)
+            if let Some(r) = sidecar::switch_record(&ndir, &net) {
+                r.stop(Duration::from_secs(2)).await?;
+            }
+            let _ = std::fs::remove_dir_all(sidecar::network_dir(&ndir, &net));
+        }
+    }
+    Ok(deleted)
+}

@@ -1,0 +1,206 @@
+//! Host devices for TAP and bridge networks, inside a network namespace each test creates:
+//! prepare creates tagged TAPs/bridges/NAT, teardown and reconcile remove exactly what vm-rs
+//! made, and nothing someone else made.
+
+#[path = "support/netns.rs"]
+mod netns_support;
+
+use netns_support::TestNetns;
+use std::path::{Path, PathBuf};
+use vm_rs::config::{GuestAddress, NetworkAttachment};
+use vm_rs::net::host::{self, NetState};
+use vm_rs::net::tap_name;
+
+fn vm_dir(home: &Path, name: &str) -> PathBuf {
+    let d = home.join("vms").join(name);
+    std::fs::create_dir_all(&d).expect("vm dir");
+    d
+}
+
+fn bridge(ns: &TestNetns, name: &str, gw: &str, nat: bool) -> NetworkAttachment {
+    NetworkAttachment::Bridge {
+        bridge: name.into(),
+        gateway: gw.parse().expect("cidr"),
+        nat,
+        address: GuestAddress::Auto,
+        dns: vec![],
+        port_forwards: vec![],
+        mac: None,
+        netns: Some(ns.path()),
+    }
+}
+
+fn nft_tables(ns: &TestNetns) -> String {
+    let out = ns.exec(&["nft", "list", "tables"]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn bridge_with_nat_is_created_tagged_and_removed() {
+    let ns = TestNetns::new("br");
+    let home = tempfile::tempdir().expect("home");
+    let dir = vm_dir(home.path(), "vm1");
+    let att = [bridge(&ns, "vmrsbr0", "10.99.0.1/24", true)];
+    let state = host::prepare(home.path(), "vm1", &dir, &att)
+        .await
+        .expect("prepare");
+    let tap = tap_name("vm1", 0);
+    assert_eq!(state.netns(), Some(ns.path().as_path()));
+    let links = ns.links();
+    assert!(links.contains(&"vmrsbr0".to_string()), "{links:?}");
+    assert!(links.contains(&tap), "{links:?}");
+    let detail = ns.ip(&["-d", "link", "show", &tap]);
+    assert!(detail.contains("master vmrsbr0"), "{detail}");
+    assert!(
+        detail.contains("tun type tap") || detail.contains("tap"),
+        "{detail}"
+    );
+    assert!(detail.contains("alias vmrs:"), "{detail}");
+    let addr = ns.ip(&["-4", "addr", "show", "vmrsbr0"]);
+    assert!(addr.contains("10.99.0.1/24"), "{addr}");
+    assert!(nft_tables(&ns).contains("vmrs_"), "{}", nft_tables(&ns));
+    let fwd = ns.exec(&["cat", "/proc/sys/net/ipv4/ip_forward"]);
+    assert_eq!(String::from_utf8_lossy(&fwd.stdout).trim(), "1");
+    // the record is on disk and says what was made
+    let saved = NetState::load(&dir).expect("load").expect("some");
+    assert_eq!(saved, state);
+    assert_eq!(saved.devices.len(), 2);
+    // the QEMU args name the TAP, and the guest gets an address in the subnet
+    assert!(state
+        .qemu_args()
+        .iter()
+        .any(|a| a.contains(&format!("ifname={tap}"))));
+    let cl = state.guest_cmdline();
+    assert!(cl[0].starts_with("vmrs.ip=10.99.0."), "{cl:?}");
+
+    host::teardown(&state).await.expect("teardown");
+    let links = ns.links();
+    assert!(!links.iter().any(|l| l == &tap || l == "vmrsbr0"), "{links:?}");
+    assert!(!nft_tables(&ns).contains("vmrs_"), "{}", nft_tables(&ns));
+    // teardown twice is fine
+    host::teardown(&state).await.expect("teardown again");
+}
+
+#[tokio::test]
+async fn shared_bridge_lives_until_its_last_vm_and_foreign_devices_are_kept() {
+    let ns = TestNetns::new("shared");
+    // a bridge someone else made
+    ns.ip(&["link", "add", "userbr", "type", "bridge"]);
+    let home = tempfile::tempdir().expect("home");
+    let a_dir = vm_dir(home.path(), "a");
+    let b_dir = vm_dir(home.path(), "b");
+    let att = [
+        bridge(&ns, "vmrsbr1", "10.98.0.1/24", false),
+        bridge(&ns, "userbr", "10.97.0.1/24", false),
+    ];
+    let a = host::prepare(home.path(), "a", &a_dir, &att).await.expect("a");
+    let b = host::prepare(home.path(), "b", &b_dir, &att).await.expect("b");
+    let ip_a = a.nics[0].guest.address().expect("addr");
+    let ip_b = b.nics[0].guest.address().expect("addr");
+    assert_ne!(ip_a, ip_b, "derived addresses differ");
+    let ports = ns.ip(&["link", "show", "master", "vmrsbr1"]);
+    assert!(ports.contains(&tap_name("a", 0)) && ports.contains(&tap_name("b", 0)));
+    host::teardown(&a).await.expect("teardown a");
+    let links = ns.links();
+    assert!(
+        links.contains(&"vmrsbr1".to_string()),
+        "b still uses it: {links:?}"
+    );
+    assert!(!links.contains(&tap_name("a", 0)));
+    host::teardown(&b).await.expect("teardown b");
+    let links = ns.links();
+    assert!(!links.contains(&"vmrsbr1".to_string()), "{links:?}");
+    assert!(
+        links.contains(&"userbr".to_string()),
+        "foreign bridge kept: {links:?}"
+    );
+    assert!(
+        !links.iter().any(|l| l.starts_with("vmrs") && l != "vmrsbr1"),
+        "{links:?}"
+    );
+}
+
+#[tokio::test]
+async fn tap_gets_host_address_and_reconcile_reaps_after_a_crash() {
+    let ns = TestNetns::new("tap");
+    let home = tempfile::tempdir().expect("home");
+    let tap_att = NetworkAttachment::Tap {
+        ifname: None,
+        host_address: Some("10.96.0.1/30".parse().expect("cidr")),
+        address: GuestAddress::Auto,
+        dns: vec![],
+        mac: None,
+        netns: Some(ns.path()),
+    };
+    let dead_dir = vm_dir(home.path(), "dead");
+    let live_dir = vm_dir(home.path(), "live");
+    let dead = host::prepare(home.path(), "dead", &dead_dir, std::slice::from_ref(&tap_att))
+        .await
+        .expect("dead");
+    let live_att = [bridge(&ns, "vmrsbr2", "10.95.0.1/24", true)];
+    let live = host::prepare(home.path(), "live", &live_dir, &live_att)
+        .await
+        .expect("live");
+    let dead_tap = tap_name("dead", 0);
+    let addr = ns.ip(&["-4", "addr", "show", &dead_tap]);
+    assert!(addr.contains("10.96.0.1/30"), "{addr}");
+    assert_eq!(
+        dead.guest_cmdline(),
+        vec![
+            "vmrs.ip=10.96.0.2/30".to_string(),
+            "vmrs.gw=10.96.0.1".to_string()
+        ]
+    );
+    // "crash": the manager forgets everything; only the disk records and tags remain.
+    // A device of `dead` whose record is lost is found by its tag alone.
+    std::fs::remove_file(dead_dir.join(host::STATE_FILE)).expect("rm record");
+    let deleted = host::reconcile(home.path(), &|vm| vm == "live")
+        .await
+        .expect("reconcile");
+    // the dead VM's record is gone; its namespace is still known from `live`'s record, and
+    // the tag on the TAP names the VM, so it is reaped while `live`'s devices stay
+    let links = ns.links();
+    assert!(!links.contains(&dead_tap), "deleted {deleted:?}, left {links:?}");
+    assert!(links.contains(&tap_name("live", 0)));
+    assert!(links.contains(&"vmrsbr2".to_string()));
+    // now `live` is gone too
+    let deleted = host::reconcile(home.path(), &|_| false).await.expect("reconcile");
+    let links = ns.links();
+    assert!(
+        !links.iter().any(|l| l.starts_with("vmrs")),
+        "deleted {deleted:?}, left {links:?}"
+    );
+    assert!(!nft_tables(&ns).contains("vmrs_"));
+    assert!(NetState::load(&live_dir).expect("load").is_none());
+    drop(live);
+}
+
+#[tokio::test]
+async fn another_home_never_reaps_our_devices() {
+    let ns = TestNetns::new("homes");
+    let home = tempfile::tempdir().expect("home");
+    let other = tempfile::tempdir().expect("other home");
+    let dir = vm_dir(home.path(), "mine");
+    let att = [bridge(&ns, "vmrsbr3", "10.94.0.1/24", false)];
+    let st = host::prepare(home.path(), "mine", &dir, &att)
+        .await
+        .expect("prepare");
+    // the other home learns of the namespace through a record of its own
+    let odir = vm_dir(other.path(), "theirs");
+    let ost = host::prepare(
+        other.path(),
+        "theirs",
+        &odir,
+        &[bridge(&ns, "vmrsbr4", "10.93.0.1/24", false)],
+    )
+    .await
+    .expect("prepare other");
+    host::reconcile(other.path(), &|vm| vm == "theirs")
+        .await
+        .expect("reconcile");
+    let links = ns.links();
+    assert!(links.contains(&tap_name("mine", 0)), "{links:?}");
+    host::teardown(&st).await.expect("teardown");
+    host::teardown(&ost).await.expect("teardown");
+    assert!(!ns.links().iter().any(|l| l.starts_with("vmrs")));
+}

@@ -1,0 +1,367 @@
+//! Networking with real guests under TCG: user-mode NAT both ways, VMs on switch networks,
+//! and a VM on a bridge inside a test network namespace, including cleanup after a crash.
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+use support::netns::TestNetns;
+use support::{net_guest, wait_until, TestHome, BOOT_TIMEOUT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vm_rs::config::{GuestAddress, NetworkAttachment, PortForward};
+use vm_rs::{VmConfig, VmManager};
+
+/// Kills the switch and forwarder sidecars recorded under a home when dropped (the VMMs are
+/// killed by [`TestHome`]), so a failing test leaves no `vmrs-net` process behind.
+struct SidecarGuard(std::path::PathBuf);
+
+impl Drop for SidecarGuard {
+    fn drop(&mut self) {
+        let nets = vm_rs::net::networks_dir(&self.0);
+        let mut records: Vec<_> = vm_rs::net::sidecar::networks(&nets)
+            .iter()
+            .filter_map(|n| vm_rs::net::sidecar::switch_record(&nets, n))
+            .collect();
+        if let Ok(rd) = std::fs::read_dir(self.0.join("vms")) {
+            for e in rd.flatten() {
+                if let Ok(Some(st)) = vm_rs::net::NetState::load(&e.path()) {
+                    records.extend(st.forwarders);
+                }
+            }
+        }
+        for r in records {
+            if let Ok(p) = vm_rs::process::VmmProcess::attach(r.pid, r.start_time) {
+                let _ = p.kill();
+            }
+        }
+    }
+}
+
+fn use_built_sidecar() {
+    std::env::set_var("VMRS_NET_BIN", env!("CARGO_BIN_EXE_vmrs-net"));
+}
+
+async fn config(name: &str, cmdline: &str, nets: Vec<NetworkAttachment>) -> VmConfig {
+    let mut b = VmConfig::builder(name)
+        .kernel(net_guest::kernel().await)
+        .initramfs(net_guest::initramfs().await)
+        .memory_mib(256)
+        .cmdline(cmdline);
+    for n in nets {
+        b = b.network(n);
+    }
+    b.build().expect("valid config")
+}
+
+fn serial(mgr: &VmManager, name: &str) -> String {
+    std::fs::read_to_string(mgr.vm_dir(name).join("serial.log")).unwrap_or_default()
+}
+
+/// Wait until the serial log of `name` has a line starting with `prefix`; returns that line.
+async fn wait_serial(mgr: &VmManager, name: &str, prefix: &str, timeout: Duration) -> Option<String> {
+    let mut found = None;
+    wait_until(timeout, || {
+        found = serial(mgr, name)
+            .lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .map(|l| l.trim().to_string());
+        found.is_some()
+    })
+    .await;
+    found
+}
+
+/// A one-shot HTTP/1.0 GET over a fresh TCP connection; returns the body.
+async fn http_get(addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::other("connect timed out"))??;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await?;
+    let mut resp = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut resp))
+        .await
+        .map_err(|_| std::io::Error::other("read timed out"))??;
+    Ok(resp.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+}
+
+/// A tiny HTTP server on 127.0.0.1 answering every request with `body`.
+async fn host_http_server(body: String) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let h = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { return };
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let _ = s.read(&mut buf).await;
+                let resp = format!(
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    (addr, h)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_mode_reaches_host_and_published_port_reaches_guest() {
+    let home = TestHome::new();
+    let _sidecars = SidecarGuard(home.path().to_path_buf());
+    let mgr = VmManager::with_home(home.path()).await.expect("manager");
+    let token = format!("host-page-{}", std::process::id());
+    let (srv, _h) = host_http_server(token.clone()).await;
+    let published = free_port();
+    let nets = vec![NetworkAttachment::user(vec![PortForward::tcp(published, 80)])];
+    let cmdline = format!("nettest.httpd=1 nettest.fetch=http://10.0.2.2:{}/", srv.port());
+    mgr.start(config("user1", &cmdline, nets).await)
+        .await
+        .expect("start");
+    let ip = mgr.wait_ready("user1", BOOT_TIMEOUT).await.expect("ready");
+    assert_eq!(
+        ip.to_string(),
+        "10.0.2.15",
+        "readiness marker carries the guest address"
+    );
+    // guest -> host through the gateway address
+    let line = wait_serial(&mgr, "user1", "NETTEST fetch", Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|| panic!("no fetch result:\n{}", serial(&mgr, "user1")));
+    assert_eq!(
+        line,
+        format!("NETTEST fetch ok: {token}"),
+        "{}",
+        serial(&mgr, "user1")
+    );
+    // host -> guest through the published port
+    wait_serial(&mgr, "user1", "NETTEST httpd up", Duration::from_secs(30))
+        .await
+        .expect("httpd up");
+    let body = http_get(SocketAddr::from((Ipv4Addr::LOCALHOST, published)))
+        .await
+        .expect("published port answers");
+    assert_eq!(body.trim(), "hello from 10.0.2.15");
+    mgr.stop("user1", Duration::from_secs(20)).await.expect("stop");
+    // the published port is closed with the VM
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", published))
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_mode_dhcp_lease_configures_the_guest() {
+    let home = TestHome::new();
+    let _sidecars = SidecarGuard(home.path().to_path_buf());
+    let mgr = VmManager::with_home(home.path()).await.expect("manager");
+    let token = format!("dhcp-page-{}", std::process::id());
+    let (srv, _h) = host_http_server(token.clone()).await;
+    let nets = vec![NetworkAttachment::User {
+        port_forwards: vec![],
+        mac: None,
+        address: GuestAddress::Dhcp,
+    }];
+    let cmdline = format!("nettest.fetch=http://10.0.2.2:{}/", srv.port());
+    mgr.start(config("dhcp1", &cmdline, nets).await)
+        .await
+        .expect("start");
+    let ip = mgr.wait_ready("dhcp1", BOOT_TIMEOUT).await.expect("ready");
+    // QEMU's DHCP server hands out its first address; the marker carries the leased address
+    assert_eq!(ip.to_string(), "10.0.2.15", "{}", serial(&mgr, "dhcp1"));
+    assert!(serial(&mgr, "dhcp1").contains("vmrs.ip=dhcp"));
+    // the default route came from the lease too
+    let line = wait_serial(&mgr, "dhcp1", "NETTEST fetch", Duration::from_secs(60)).await;
+    assert_eq!(
+        line,
+        Some(format!("NETTEST fetch ok: {token}")),
+        "{}",
+        serial(&mgr, "dhcp1")
+    );
+    mgr.stop("dhcp1", Duration::from_secs(20)).await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_network_connects_its_vms_and_isolates_others() {
+    use_built_sidecar();
+    let home = TestHome::new();
+    let _sidecars = SidecarGuard(home.path().to_path_buf());
+    let mgr = VmManager::with_home(home.path()).await.expect("manager");
+    let on = |net: &str, ip: &str| NetworkAttachment::Switch {
+        network: net.into(),
+        subnet: None,
+        address: GuestAddress::Static(ip.parse().expect("cidr")),
+        mac: None,
+    };
+    mgr.start(config("red-a", "", vec![on("red", "10.77.0.10/24")]).await)
+        .await
+        .expect("start red-a");
+    mgr.start(
+        config(
+            "red-b",
+            "nettest.ping=10.77.0.10",
+            vec![on("red", "10.77.0.11/24")],
+        )
+        .await,
+    )
+    .await
+    .expect("start red-b");
+    mgr.start(
+        config(
+            "blue-c",
+            "nettest.ping=10.77.0.10",
+            vec![on("blue", "10.77.0.12/24")],
+        )
+        .await,
+    )
+    .await
+    .expect("start blue-c");
+    for (vm, ip) in [
+        ("red-a", "10.77.0.10"),
+        ("red-b", "10.77.0.11"),
+        ("blue-c", "10.77.0.12"),
+    ] {
+        let got = mgr.wait_ready(vm, BOOT_TIMEOUT).await.expect("ready");
+        assert_eq!(got.to_string(), ip);
+    }
+    let b = wait_serial(&mgr, "red-b", "NETTEST ping", Duration::from_secs(90)).await;
+    assert_eq!(
+        b.as_deref(),
+        Some("NETTEST ping ok 10.77.0.10"),
+        "red-b:\n{}",
+        serial(&mgr, "red-b")
+    );
+    let c = wait_serial(&mgr, "blue-c", "NETTEST ping", Duration::from_secs(120)).await;
+    assert_eq!(
+        c.as_deref(),
+        Some("NETTEST ping failed 10.77.0.10"),
+        "blue-c:\n{}",
+        serial(&mgr, "blue-c")
+    );
+    let nets = vm_rs::net::networks_dir(home.path());
+    let red = vm_rs::net::sidecar::switch_record(&nets, "red").expect("red switch record");
+    assert!(red.is_alive());
+    for vm in ["red-a", "red-b", "blue-c"] {
+        mgr.stop(vm, Duration::from_secs(20)).await.expect("stop");
+    }
+    // the last member left: switch sidecars stopped and their directories gone
+    assert!(!red.is_alive(), "red switch still running");
+    assert!(vm_rs::net::sidecar::networks(&nets).is_empty());
+}
+
+fn vmrs_links(ns: &TestNetns) -> Vec<String> {
+    ns.links().into_iter().filter(|l| l.starts_with("vmrs")).collect()
+}
+
+fn nft_has_vmrs_table(ns: &TestNetns) -> bool {
+    String::from_utf8_lossy(&ns.exec(&["nft", "list", "tables"]).stdout).contains("vmrs_")
+}
+
+fn bridge_net(ns: &TestNetns, port_forwards: Vec<PortForward>) -> NetworkAttachment {
+    NetworkAttachment::Bridge {
+        bridge: "vmrsbr9".into(),
+        gateway: "10.66.0.1/24".parse().expect("cidr"),
+        nat: true,
+        address: GuestAddress::Auto,
+        dns: vec![],
+        port_forwards,
+        mac: None,
+        netns: Some(ns.path()),
+    }
+}
+
+/// `busybox wget` from inside the namespace.
+/// (`addr` is `IP` or `IP:PORT`)
+fn fetch_in_ns(ns: &TestNetns, addr: &str) -> String {
+    let out = ns.exec(&[
+        "timeout",
+        "10",
+        "busybox",
+        "wget",
+        "-q",
+        "-O",
+        "-",
+        &format!("http://{addr}/"),
+    ]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_vm_in_netns_is_reachable_and_leaves_nothing_behind() {
+    use_built_sidecar();
+    let ns = TestNetns::new("vmbr");
+    let home = TestHome::new();
+    let _sidecars = SidecarGuard(home.path().to_path_buf());
+    let mgr = VmManager::with_home(home.path()).await.expect("manager");
+    let published = free_port();
+    let nets = vec![bridge_net(&ns, vec![PortForward::tcp(published, 80)])];
+    mgr.start(config("br1", "nettest.httpd=1", nets).await)
+        .await
+        .expect("start");
+    let ip = mgr
+        .wait_ready("br1", BOOT_TIMEOUT)
+        .await
+        .expect("ready")
+        .to_string();
+    assert!(ip.starts_with("10.66.0."), "{ip}");
+    wait_serial(&mgr, "br1", "NETTEST httpd up", Duration::from_secs(30))
+        .await
+        .expect("httpd up");
+    let mut body = String::new();
+    wait_until(Duration::from_secs(30), || {
+        body = fetch_in_ns(&ns, &ip);
+        !body.is_empty()
+    })
+    .await;
+    assert_eq!(body, format!("hello from {ip}"));
+    // the published port: a PortForwarder sidecar inside the namespace
+    let via_forwarder = fetch_in_ns(&ns, &format!("127.0.0.1:{published}"));
+    assert_eq!(via_forwarder, format!("hello from {ip}"));
+    let state = vm_rs::net::NetState::load(&mgr.vm_dir("br1"))
+        .expect("net.json")
+        .expect("recorded");
+    assert_eq!(state.forwarders.len(), 1);
+    assert!(state.forwarders[0].is_alive());
+    assert_eq!(vmrs_links(&ns).len(), 2, "{:?}", ns.links());
+    assert!(nft_has_vmrs_table(&ns));
+    mgr.stop("br1", Duration::from_secs(20)).await.expect("stop");
+    assert!(vmrs_links(&ns).is_empty(), "left after stop: {:?}", ns.links());
+    assert!(!state.forwarders[0].is_alive(), "forwarder left after stop");
+    assert!(fetch_in_ns(&ns, &format!("127.0.0.1:{published}")).is_empty());
+    assert!(!nft_has_vmrs_table(&ns), "nat table left after stop");
+    mgr.remove("br1", false).await.expect("remove");
+
+    // crash: the manager that started the VM dies (its runtime is dropped, so no watcher sees
+    // the exit) and QEMU is killed with SIGKILL; a new manager must clean up
+    let home2 = home.path().to_path_buf();
+    let cfg = config("br2", "", vec![bridge_net(&ns, vec![])]).await;
+    let handle = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        rt.block_on(async {
+            let m = VmManager::with_home(&home2).await.expect("manager");
+            m.start(cfg).await.expect("start br2");
+            m.wait_ready("br2", BOOT_TIMEOUT).await.expect("ready br2");
+            m.handle("br2").await.expect("handle").expect("some")
+        })
+    })
+    .join()
+    .expect("first manager");
+    assert_eq!(vmrs_links(&ns).len(), 2, "{:?}", ns.links());
+    let qemu = vm_rs::process::VmmProcess::attach(handle.pid, handle.start_time).expect("attach");
+    qemu.kill().expect("kill -9 qemu");
+    assert!(wait_until(Duration::from_secs(10), || !qemu.is_alive()).await);
+    assert_eq!(vmrs_links(&ns).len(), 2, "nobody cleaned up yet");
+    let mgr2 = VmManager::with_home(home.path())
+        .await
+        .expect("restarted manager");
+    assert!(vmrs_links(&ns).is_empty(), "left after crash: {:?}", ns.links());
+    assert!(!nft_has_vmrs_table(&ns));
+    assert!(!mgr2.state("br2").await.expect("state").is_live());
+}

@@ -1,0 +1,766 @@
+//! The vm-rs agent protocol: how the host talks to `vmrs-init` inside a guest over a
+//! virtio-serial port.
+//!
+//! ## Transport
+//!
+//! QEMU exposes a `virtserialport` named [`PORT_NAME`] whose host end is a Unix socket
+//! (`-chardev socket,server=on,wait=off`). The guest agent opens `/dev/vportNpM` whose
+//! `/sys/class/virtio-ports/vportNpM/name` starts with [`PORT_NAME`]. A port is a byte stream
+//! with one host connection at a time; requests are multiplexed over it by stream id.
+//!
+//! ## Framing
+//!
+//! ```text
+//! +----------------+---------+------------------+----------------------+
+//! | len: u32 BE    | type:u8 | stream: u32 BE   | payload (len-5 bytes)|
+//! +----------------+---------+------------------+----------------------+
+//! ```
+//!
+//! `len` counts type + stream + payload, so `5 <= len <= 5 + MAX_PAYLOAD`; a larger or smaller
+//! length is a protocol error and the connection is dropped (a reader never allocates more
+//! than [`MAX_FRAME`] bytes for one frame). Stream 0 is the connection itself (hello, ping,
+//! shutdown); the host picks a fresh non-zero stream id for each exec or copy. Payload fields
+//! are encoded in order: integers big-endian, byte strings as `u32 length + bytes`, lists as
+//! `u32 count + items`, optional byte strings as `u8 present + bytes`. Trailing bytes in a
+//! payload are an error.
+//!
+//! ## Conversation
+//!
+//! ```text
+//! host                                         guest
+//! Hello{version}                  ──►
+//!                                 ◄──          HelloOk{version, agent}     (or Error)
+//! Ping{nonce}                     ──►
+//!                                 ◄──          Pong{nonce}
+//! Exec{argv,env,cwd,user,flags}   ──► stream s
+//!                                 ◄── s        Started{pid}                (or Error)
+//! Stdin{data} ... Stdin{} (EOF)   ──► s
+//! Signal{signo}                   ──► s
+//!                                 ◄── s        Stdout{data} / Stderr{data} ...
+//!                                 ◄── s        Exited{code} | Signaled{signo}
+//! CopyIn{dest,name}               ──► s
+//! Entry{..} Data{..}... End       ──► s
+//!                                 ◄── s        CopyDone                    (or Error)
+//! CopyOut{src}                    ──► s
+//!                                 ◄── s        Entry{..} Data{..}... End   (or Error)
+//! Shutdown                        ──►
+//!                                 ◄──          ShutdownOk, then the guest powers off
+//! ```
+//!
+//! A hello always starts a new conversation: the guest forgets the streams of the previous one
+//! and kills its processes (a quick disconnect + reconnect is not always visible to the guest
+//! otherwise). After a protocol error the guest answers with an `Error` on stream 0 and skips
+//! input until the bytes of a hello frame (`00 00 00 07 01 00 00 00 00`); the host drops
+//! frames that arrive before its `HelloOk`, and reconnects if a torn frame precedes it.
+//!
+//! A copy is a sequence of [`Entry`] records, each followed for regular files by `size` bytes
+//! in [`Message::Data`] frames. The first entry has an empty path and is the copied root
+//! itself; later paths are relative to it, `/`-separated, with no empty, `.` or `..`
+//! components, and parents come before children. Receivers validate every path and never
+//! follow symlinks while writing.
+//!
+//! Exec stdout/stderr frames carry at most [`CHUNK`] bytes. Flow control is the transport's:
+//! a side that stops reading stalls the other's writes.
+
+#![warn(missing_docs)]
+
+use std::fmt;
+
+/// Protocol version spoken by this crate.
+pub const VERSION: u16 = 1;
+/// Name (prefix) of the virtio-serial port carrying the protocol.
+pub const PORT_NAME: &str = "vmrs.agent";
+/// Largest payload of one frame.
+pub const MAX_PAYLOAD: usize = 1 << 20;
+/// Bytes of the fixed header: length, type, stream.
+pub const HEADER_LEN: usize = 9;
+/// Largest whole frame.
+pub const MAX_FRAME: usize = HEADER_LEN + MAX_PAYLOAD;
+/// Preferred data chunk size for stdout/stderr/stdin/copy data.
+pub const CHUNK: usize = 64 * 1024;
+/// Longest path accepted in copy entries and exec fields.
+pub const MAX_PATH: usize = 4096;
+
+/// [`ExecRequest::flags`]: the host will send stdin (otherwise stdin is `/dev/null`).
+pub const EXEC_STDIN: u8 = 1;
+/// [`ExecRequest::flags`]: run detached; no output or exit status is reported, the process
+/// outlives the connection; its output goes to the guest console.
+pub const EXEC_DETACH: u8 = 2;
+
+/// Kind of a copied entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A regular file; `size` bytes of data follow.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link to `target`.
+    Symlink,
+}
+
+impl EntryKind {
+    fn to_u8(self) -> u8 {
+        match self {
+            EntryKind::File => 0,
+            EntryKind::Dir => 1,
+            EntryKind::Symlink => 2,
+        }
+    }
+    fn from_u8(b: u8) -> Result<Self, ProtoError> {
+        Ok(match b {
+            0 => EntryKind::File,
+            1 => EntryKind::Dir,
+            2 => EntryKind::Symlink,
+            _ => return Err(ProtoError::BadValue("entry kind")),
+        })
+    }
+}
+
+/// One file, directory or symlink in a copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// What it is.
+    pub kind: EntryKind,
+    /// Permission bits (`0o7777` mask).
+    pub mode: u32,
+    /// Size in bytes (files only; 0 otherwise).
+    pub size: u64,
+    /// Path relative to the copy root (empty for the root itself).
+    pub path: Vec<u8>,
+    /// Symlink target (symlinks only).
+    pub target: Vec<u8>,
+}
+
+/// A command to run in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExecRequest {
+    /// Program and arguments; `argv[0]` is looked up in `PATH` when it has no `/`.
+    pub argv: Vec<Vec<u8>>,
+    /// `KEY=VALUE` entries laid over the defaults (`PATH`, `HOME`).
+    pub env: Vec<Vec<u8>>,
+    /// Working directory (default `/`).
+    pub cwd: Option<Vec<u8>>,
+    /// `user`, `uid`, `user:group` or `uid:gid` (default root).
+    pub user: Option<Vec<u8>>,
+    /// [`EXEC_STDIN`] | [`EXEC_DETACH`].
+    pub flags: u8,
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Host → guest: open the conversation.
+    Hello {
+        /// The host's protocol version.
+        version: u16,
+    },
+    /// Guest → host: accepted.
+    HelloOk {
+        /// The guest's protocol version.
+        version: u16,
+        /// Agent name and version.
+        agent: Vec<u8>,
+    },
+    /// Host → guest: liveness check.
+    Ping {
+        /// Echoed back.
+        nonce: u64,
+    },
+    /// Guest → host: reply to [`Message::Ping`].
+    Pong {
+        /// The ping's nonce.
+        nonce: u64,
+    },
+    /// Host → guest: power off in an orderly way.
+    Shutdown,
+    /// Guest → host: shutdown begins.
+    ShutdownOk,
+    /// Host → guest: start a process on this stream.
+    Exec(ExecRequest),
+    /// Guest → host: the process started.
+    Started {
+        /// Its pid in the guest.
+        pid: u32,
+    },
+    /// Host → guest: bytes for the process's stdin; empty = end of input.
+    Stdin {
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// Host → guest: send a signal to the process.
+    Signal {
+        /// Signal number.
+        signo: i32,
+    },
+    /// Guest → host: process stdout bytes.
+    Stdout {
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// Guest → host: process stderr bytes.
+    Stderr {
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// Guest → host: the process exited with a code (last message of the stream).
+    Exited {
+        /// Exit code.
+        code: i32,
+    },
+    /// Guest → host: the process was killed by a signal (last message of the stream).
+    Signaled {
+        /// Signal number.
+        signo: i32,
+    },
+    /// Host → guest: entries for `dest` follow on this stream.
+    CopyIn {
+        /// Destination path in the guest.
+        dest: Vec<u8>,
+        /// When `dest` is an existing directory, the root is created inside it with this name.
+        name: Vec<u8>,
+    },
+    /// Host → guest: send the tree at `src` on this stream.
+    CopyOut {
+        /// Source path in the guest.
+        src: Vec<u8>,
+    },
+    /// Either way: one copied entry.
+    Entry(Entry),
+    /// Either way: file data of the current entry.
+    Data {
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// Either way: end of the copied tree.
+    End,
+    /// Guest → host: a [`Message::CopyIn`] completed.
+    CopyDone,
+    /// Guest → host: the request on this stream failed (last message of the stream).
+    Error {
+        /// What went wrong.
+        message: Vec<u8>,
+    },
+}
+
+/// Why bytes are not a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProtoError {
+    /// Declared frame length is above [`MAX_FRAME`] or below the header.
+    BadLength(u64),
+    /// Unknown message type byte.
+    UnknownType(u8),
+    /// The payload ended early.
+    Truncated,
+    /// The payload has bytes after the last field.
+    TrailingBytes,
+    /// A field exceeds its limit.
+    TooLong(&'static str),
+    /// A field has an invalid value.
+    BadValue(&'static str),
+}
+
+impl fmt::Display for ProtoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProtoError::BadLength(n) => write!(f, "invalid frame length {n}"),
+            ProtoError::UnknownType(t) => write!(f, "unknown message type {t:#04x}"),
+            ProtoError::Truncated => write!(f, "truncated payload"),
+            ProtoError::TrailingBytes => write!(f, "trailing bytes after payload"),
+            ProtoError::TooLong(what) => write!(f, "{what} too long"),
+            ProtoError::BadValue(what) => write!(f, "invalid {what}"),
+        }
+    }
+}
+
+impl std::error::Error for ProtoError {}
+
+struct W(Vec<u8>);
+
+impl W {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn i32(&mut self, v: i32) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
+    }
+    fn list(&mut self, l: &[Vec<u8>]) {
+        self.u32(l.len() as u32);
+        for b in l {
+            self.bytes(b);
+        }
+    }
+    fn opt(&mut self, o: &Option<Vec<u8>>) {
+        match o {
+            Some(b) => {
+                self.u8(1);
+                self.bytes(b);
+            }
+            None => self.u8(0),
+        }
+    }
+}
+
+struct R<'a>(&'a [u8]);
+
+impl R<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], ProtoError> {
+        if self.0.len() < n {
+            return Err(ProtoError::Truncated);
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, ProtoError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, ProtoError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, ProtoError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn i32(&mut self) -> Result<i32, ProtoError> {
+        Ok(self.u32()? as i32)
+    }
+    fn u64(&mut self) -> Result<u64, ProtoError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_be_bytes(a))
+    }
+    fn bytes(&mut self, max: usize, what: &'static str) -> Result<Vec<u8>, ProtoError> {
+        let n = self.u32()? as usize;
+        if n > max {
+            return Err(ProtoError::TooLong(what));
+        }
+        Ok(self.take(n)?.to_vec())
+    }
+    fn list(&mut self, max_items: usize, what: &'static str) -> Result<Vec<Vec<u8>>, ProtoError> {
+        let n = self.u32()? as usize;
+        if n > max_items {
+            return Err(ProtoError::TooLong(what));
+        }
+        (0..n).map(|_| self.bytes(MAX_PAYLOAD, what)).collect()
+    }
+    fn opt(&mut self, max: usize, what: &'static str) -> Result<Option<Vec<u8>>, ProtoError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.bytes(max, what)?)),
+            _ => Err(ProtoError::BadValue(what)),
+        }
+    }
+}
+
+impl Message {
+    fn type_byte(&self) -> u8 {
+        match self {
+            Message::Hello { .. } => 0x01,
+            Message::Ping { .. } => 0x02,
+            Message::Shutdown => 0x03,
+            Message::Exec(_) => 0x10,
+            Message::Stdin { .. } => 0x11,
+            Message::Signal { .. } => 0x12,
+            Message::CopyIn { .. } => 0x20,
+            Message::CopyOut { .. } => 0x21,
+            Message::Entry(_) => 0x22,
+            Message::Data { .. } => 0x23,
+            Message::End => 0x24,
+            Message::HelloOk { .. } => 0x81,
+            Message::Pong { .. } => 0x82,
+            Message::ShutdownOk => 0x83,
+            Message::Started { .. } => 0x90,
+            Message::Stdout { .. } => 0x91,
+            Message::Stderr { .. } => 0x92,
+            Message::Exited { .. } => 0x93,
+            Message::Signaled { .. } => 0x94,
+            Message::CopyDone => 0xa0,
+            Message::Error { .. } => 0xe0,
+        }
+    }
+
+    /// Encode as one frame on `stream`. Fails if the payload exceeds [`MAX_PAYLOAD`].
+    pub fn encode(&self, stream: u32) -> Result<Vec<u8>, ProtoError> {
+        let mut w = W(Vec::with_capacity(64));
+        w.u32(0); // length, patched below
+        w.u8(self.type_byte());
+        w.u32(stream);
+        match self {
+            Message::Hello { version } => w.u16(*version),
+            Message::HelloOk { version, agent } => {
+                w.u16(*version);
+                w.bytes(agent);
+            }
+            Message::Ping { nonce } | Message::Pong { nonce } => w.u64(*nonce),
+            Message::Shutdown | Message::ShutdownOk | Message::End | Message::CopyDone => {}
+            Message::Exec(r) => {
+                w.list(&r.argv);
+                w.list(&r.env);
+                w.opt(&r.cwd);
+                w.opt(&r.user);
+                w.u8(r.flags);
+            }
+            Message::Started { pid } => w.u32(*pid),
+            Message::Stdin { data }
+            | Message::Stdout { data }
+            | Message::Stderr { data }
+            | Message::Data { data } => w.bytes(data),
+            Message::Signal { signo } | Message::Signaled { signo } => w.i32(*signo),
+            Message::Exited { code } => w.i32(*code),
+            Message::CopyIn { dest, name } => {
+                w.bytes(dest);
+                w.bytes(name);
+            }
+            Message::CopyOut { src } => w.bytes(src),
+            Message::Entry(e) => {
+                w.u8(e.kind.to_u8());
+                w.u32(e.mode);
+                w.u64(e.size);
+                w.bytes(&e.path);
+                w.bytes(&e.target);
+            }
+            Message::Error { message } => w.bytes(message),
+        }
+        let mut buf = w.0;
+        let len = buf.len() - 4;
+        if len > MAX_FRAME - 4 {
+            return Err(ProtoError::TooLong("frame"));
+        }
+        buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(buf)
+    }
+
+    /// Decode a message from its type byte and payload.
+    pub fn decode(ty: u8, payload: &[u8]) -> Result<Message, ProtoError> {
+        let mut r = R(payload);
+        let m = match ty {
+            0x01 => Message::Hello { version: r.u16()? },
+            0x02 => Message::Ping { nonce: r.u64()? },
+            0x03 => Message::Shutdown,
+            0x10 => Message::Exec(ExecRequest {
+                argv: r.list(4096, "argv")?,
+                env: r.list(4096, "env")?,
+                cwd: r.opt(MAX_PATH, "cwd")?,
+                user: r.opt(256, "user")?,
+                flags: r.u8()?,
+            }),
+            0x11 => Message::Stdin {
+                data: r.bytes(MAX_PAYLOAD, "data")?,
+            },
+            0x12 => Message::Signal { signo: r.i32()? },
+            0x20 => Message::CopyIn {
+                dest: r.bytes(MAX_PATH, "path")?,
+                name: r.bytes(MAX_PATH, "name")?,
+            },
+            0x21 => Message::CopyOut {
+                src: r.bytes(MAX_PATH, "path")?,
+            },
+            0x22 => Message::Entry(Entry {
+                kind: EntryKind::from_u8(r.u8()?)?,
+                mode: r.u32()?,
+                size: r.u64()?,
+                path: r.bytes(MAX_PATH, "path")?,
+                target: r.bytes(MAX_PATH, "link target")?,
+            }),
+            0x23 => Message::Data {
+                data: r.bytes(MAX_PAYLOAD, "data")?,
+            },
+            0x24 => Message::End,
+            0x81 => Message::HelloOk {
+                version: r.u16()?,
+                agent: r.bytes(256, "agent")?,
+            },
+            0x82 => Message::Pong { nonce: r.u64()? },
+            0x83 => Message::ShutdownOk,
+            0x90 => Message::Started { pid: r.u32()? },
+            0x91 => Message::Stdout {
+                data: r.bytes(MAX_PAYLOAD, "data")?,
+            },
+            0x92 => Message::Stderr {
+                data: r.bytes(MAX_PAYLOAD, "data")?,
+            },
+            0x93 => Message::Exited { code: r.i32()? },
+            0x94 => Message::Signaled { signo: r.i32()? },
+            0xa0 => Message::CopyDone,
+            0xe0 => Message::Error {
+                message: r.bytes(64 * 1024, "message")?,
+            },
+            other => return Err(ProtoError::UnknownType(other)),
+        };
+        if !r.0.is_empty() {
+            return Err(ProtoError::TrailingBytes);
+        }
+        Ok(m)
+    }
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Stream id (0 = connection).
+    pub stream: u32,
+    /// The message.
+    pub message: Message,
+}
+
+/// Incremental frame decoder: feed bytes as they arrive, take frames out.
+///
+/// After an error the decoder is poisoned (the stream is out of sync) and keeps returning it.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    start: usize,
+    error: Option<ProtoError>,
+}
+
+impl Decoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Append received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes buffered but not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtoError> {
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        let avail = &self.buf[self.start..];
+        if avail.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+        if !(HEADER_LEN - 4..=MAX_FRAME - 4).contains(&len) {
+            let e = ProtoError::BadLength(len as u64);
+            self.error = Some(e.clone());
+            return Err(e);
+        }
+        if avail.len() < 4 + len {
+            return Ok(None);
+        }
+        let ty = avail[4];
+        let stream = u32::from_be_bytes([avail[5], avail[6], avail[7], avail[8]]);
+        let result = Message::decode(ty, &avail[HEADER_LEN..4 + len]);
+        self.start += 4 + len;
+        if self.start > MAX_FRAME && self.start * 2 > self.buf.len() {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        match result {
+            Ok(message) => Ok(Some(Frame { stream, message })),
+            Err(e) => {
+                self.error = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Validate a relative copy path: `/`-separated components, none empty, `.` or `..`, no NUL.
+/// The empty path (the copy root) is valid.
+pub fn valid_relative_path(path: &[u8]) -> bool {
+    if path.is_empty() {
+        return true;
+    }
+    path.len() <= MAX_PATH
+        && !path.contains(&0)
+        && path
+            .split(|&b| b == b'/')
+            .all(|c| !c.is_empty() && c != b"." && c != b"..")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Hello { version: VERSION },
+            Message::HelloOk {
+                version: 1,
+                agent: b"vmrs-init 0.2".to_vec(),
+            },
+            Message::Ping { nonce: 42 },
+            Message::Pong { nonce: u64::MAX },
+            Message::Shutdown,
+            Message::ShutdownOk,
+            Message::Exec(ExecRequest {
+                argv: vec![b"sh".to_vec(), b"-c".to_vec(), b"echo hi".to_vec()],
+                env: vec![b"A=1".to_vec()],
+                cwd: Some(b"/tmp".to_vec()),
+                user: None,
+                flags: EXEC_STDIN,
+            }),
+            Message::Started { pid: 7 },
+            Message::Stdin { data: vec![] },
+            Message::Signal { signo: 15 },
+            Message::Stdout { data: b"x".to_vec() },
+            Message::Stderr { data: b"y".to_vec() },
+            Message::Exited { code: -1 },
+            Message::Signaled { signo: 9 },
+            Message::CopyIn {
+                dest: b"/root".to_vec(),
+                name: b"dir".to_vec(),
+            },
+            Message::CopyOut {
+                src: b"/etc".to_vec(),
+            },
+            Message::Entry(Entry {
+                kind: EntryKind::Symlink,
+                mode: 0o777,
+                size: 0,
+                path: b"a/b".to_vec(),
+                target: b"../c".to_vec(),
+            }),
+            Message::Data { data: vec![0; 100] },
+            Message::End,
+            Message::CopyDone,
+            Message::Error {
+                message: b"nope".to_vec(),
+            },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips_through_the_decoder() {
+        let mut d = Decoder::new();
+        let mut all = Vec::new();
+        for (i, m) in samples().into_iter().enumerate() {
+            all.extend(m.encode(i as u32).unwrap());
+        }
+        // Feed one byte at a time.
+        let mut out = Vec::new();
+        for b in all {
+            d.push(&[b]);
+            while let Some(f) = d.next_frame().unwrap() {
+                out.push(f);
+            }
+        }
+        assert_eq!(out.len(), samples().len());
+        for (i, (f, m)) in out.iter().zip(samples()).enumerate() {
+            assert_eq!(f.stream, i as u32);
+            assert_eq!(f.message, m);
+        }
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn oversized_and_undersized_lengths_are_rejected_before_buffering() {
+        let mut d = Decoder::new();
+        d.push(&((MAX_FRAME as u32) + 1).to_be_bytes());
+        assert!(matches!(d.next_frame(), Err(ProtoError::BadLength(_))));
+        // Poisoned afterwards.
+        d.push(&Message::End.encode(1).unwrap());
+        assert!(d.next_frame().is_err());
+        let mut d = Decoder::new();
+        d.push(&[0, 0, 0, 2, 0x24, 0]);
+        assert!(matches!(d.next_frame(), Err(ProtoError::BadLength(2))));
+    }
+
+    #[test]
+    fn unknown_types_trailing_bytes_and_bad_fields_are_errors() {
+        let mut f = Message::End.encode(1).unwrap();
+        f[4] = 0x77;
+        let mut d = Decoder::new();
+        d.push(&f);
+        assert_eq!(d.next_frame(), Err(ProtoError::UnknownType(0x77)));
+
+        let mut f = Message::Ping { nonce: 1 }.encode(0).unwrap();
+        f.push(0);
+        let len = (f.len() - 4) as u32;
+        f[..4].copy_from_slice(&len.to_be_bytes());
+        let mut d = Decoder::new();
+        d.push(&f);
+        assert_eq!(d.next_frame(), Err(ProtoError::TrailingBytes));
+
+        // A byte string claiming more than the payload holds.
+        assert_eq!(
+            Message::decode(0x23, &[0, 0, 0, 9, 1]),
+            Err(ProtoError::Truncated)
+        );
+        assert_eq!(
+            Message::decode(0x22, &[9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(ProtoError::BadValue("entry kind"))
+        );
+    }
+
+    #[test]
+    fn oversized_messages_cannot_be_encoded() {
+        let m = Message::Data {
+            data: vec![0; MAX_PAYLOAD + 1],
+        };
+        assert!(m.encode(1).is_err());
+        let m = Message::Data {
+            data: vec![0; MAX_PAYLOAD - 4],
+        };
+        assert!(m.encode(1).is_ok());
+    }
+
+    #[test]
+    fn relative_paths() {
+        for ok in [&b""[..], b"a", b"a/b", b"a.b/..c"] {
+            assert!(valid_relative_path(ok), "{ok:?}");
+        }
+        for bad in [&b"/a"[..], b"a/", b"../a", b"a/../b", b".", b"a//b", b"a\0b"] {
+            assert!(!valid_relative_path(bad), "{bad:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics_on_garbage(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..16)) {
+            let mut d = Decoder::new();
+            for c in chunks {
+                d.push(&c);
+                while let Ok(Some(_)) = d.next_frame() {}
+            }
+        }
+
+        #[test]
+        fn decode_payload_never_panics(ty in any::<u8>(), payload in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = Message::decode(ty, &payload);
+        }
+
+        #[test]
+        fn data_round_trips(stream in any::<u32>(), data in proptest::collection::vec(any::<u8>(), 0..4096), split in 0usize..4200) {
+            let f = Message::Stdout { data: data.clone() }.encode(stream).unwrap();
+            let split = split.min(f.len());
+            let mut d = Decoder::new();
+            d.push(&f[..split]);
+            let first = d.next_frame().unwrap();
+            d.push(&f[split..]);
+            let frame = match first { Some(fr) => fr, None => d.next_frame().unwrap().unwrap() };
+            prop_assert_eq!(frame, Frame { stream, message: Message::Stdout { data } });
+        }
+    }
+}
