@@ -75,6 +75,9 @@ fn ch_cli_verbs() {
         "128",
         "--name",
         "c1",
+        // the backend takes no network attachments from the config yet
+        "--net",
+        "none",
         "--kernel",
     ]
     .iter()

@@ -35,8 +35,10 @@
 //! * serial console in file mode to the VM's serial log, virtio-console off;
 //! * disks as virtio-blk with an explicit `image_type` (`Raw`/`Qcow2`); `cache=none` is
 //!   `direct`, `cache=unsafe` is refused;
-//! * no user-mode networking (Cloud Hypervisor has none): NICs are TAP devices, hot-plugged
-//!   with [`VmDriver::add_net`]; shared directories are not supported yet.
+//! * no network attachments from the config yet (the host-side networking produces QEMU
+//!   arguments; Cloud Hypervisor has no user-mode NAT): NICs are TAP devices hot-plugged with
+//!   [`VmDriver::add_net`]; shared directories are not supported yet;
+//! * `BootSpec::extra_args` (QEMU arguments from other subsystems) are refused.
 //!
 //! Snapshots need a paused VM; restore re-creates the VM from the snapshot's own
 //! configuration, so the restored guest writes to the serial log path recorded there. Saving
@@ -235,7 +237,7 @@ pub fn vm_config_body(
     if !config.networks.is_empty() {
         return Err(DriverError::Unsupported {
             backend: BackendKind::CloudHypervisor,
-            op: "user-mode networking (attach a TAP device with add_net instead)",
+            op: "network attachments in the config yet (hot-plug a TAP device with add_net)",
         });
     }
     if !config.shared_dirs.is_empty() {
@@ -408,7 +410,6 @@ impl CloudHypervisorDriver {
             // info level: the log then ends with "Cloud Hypervisor exited successfully" on an
             // orderly exit (see `events`).
             .arg("-v")
-            .args(&spec.extra_args)
             .stdin(std::process::Stdio::null())
             .stdout(vmm_log)
             .stderr(vmm_log_err)
@@ -521,6 +522,14 @@ impl VmDriver for CloudHypervisorDriver {
                 detail: format!("kernel {}: {e}", spec.config.kernel.display()),
             })?;
         let body = vm_config_body(spec.config, &kernel, &spec.serial_log, &spec.extra_cmdline)?;
+        // Other subsystems contribute QEMU command-line arguments today; Cloud Hypervisor
+        // takes its devices through vm.create instead.
+        if !spec.extra_args.is_empty() {
+            return Err(DriverError::Unsupported {
+                backend: BackendKind::CloudHypervisor,
+                op: "extra VMM command-line arguments",
+            });
+        }
         self.launch_with(
             spec,
             &[
