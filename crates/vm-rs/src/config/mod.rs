@@ -311,6 +311,33 @@ impl VmConfig {
         }
     }
 
+    /// Resolve relative file paths (kernel, initramfs, disks, shared dirs, serial log) against
+    /// the current directory. The VMM runs in the VM's own directory, so a relative path would
+    /// name another file there — and QEMU would read a relative disk path such as `json:{...}`
+    /// as options. The manager calls this before persisting a configuration.
+    pub fn make_paths_absolute(&mut self) {
+        fn abs(p: &mut PathBuf) {
+            if !p.as_os_str().is_empty() && p.is_relative() {
+                if let Ok(a) = std::path::absolute(&*p) {
+                    *p = a;
+                }
+            }
+        }
+        abs(&mut self.kernel);
+        if let Some(i) = self.initramfs.as_mut() {
+            abs(i);
+        }
+        for d in &mut self.disks {
+            abs(&mut d.path);
+        }
+        for d in &mut self.shared_dirs {
+            abs(&mut d.host_path);
+        }
+        if let Some(s) = self.serial_log.as_mut() {
+            abs(s);
+        }
+    }
+
     /// Check the configuration against the rules in [`validate`] and the host (files exist,
     /// memory fits).
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -414,6 +441,21 @@ mod tests {
         let ok: VmConfig = serde_json::from_str(r#"{"name":"a","kernel":"/k"}"#).expect("parse");
         assert_eq!(ok.cpus, 1);
         assert_eq!(ok.memory_mib, 256);
+    }
+
+    #[test]
+    fn relative_paths_become_absolute() {
+        let mut cfg = VmConfig::builder("a")
+            .kernel("vmlinuz")
+            .initramfs("/abs/initrd")
+            .disk(DiskConfig::new("json:{\"file\":\"x\"}"))
+            .build_unchecked();
+        cfg.make_paths_absolute();
+        let cwd = std::env::current_dir().expect("cwd");
+        assert_eq!(cfg.kernel, cwd.join("vmlinuz"));
+        assert_eq!(cfg.initramfs, Some(PathBuf::from("/abs/initrd")));
+        assert!(cfg.disks[0].path.is_absolute());
+        assert!(cfg.disks[0].path.starts_with(&cwd));
     }
 
     #[test]

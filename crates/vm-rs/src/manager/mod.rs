@@ -284,6 +284,8 @@ impl VmManager {
         extra_cmdline: Vec<String>,
         extra_args: Vec<std::ffi::OsString>,
     ) -> Result<VmInfo, ManagerError> {
+        let mut config = config;
+        config.make_paths_absolute();
         config.validate()?;
         let name = config.name.clone();
         let driver = driver::detect(config.backend).map_err(ManagerError::driver(&name))?;
