@@ -301,7 +301,6 @@ impl VmManager {
         // Held until the record names the VMM, so other processes can tell "being started"
         // from "its starter died" (see `start_in_progress`).
         let _start_lock = lock_start(&dir)?;
-        let mut config = config;
         if config.serial_log.is_none() {
             config.serial_log = Some(dir.join(files::SERIAL_LOG));
         }
