@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy -q --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc -q --workspace --no-deps
 cargo nextest run --workspace --no-fail-fast "$@"
 cargo test -q --workspace --doc

@@ -20,6 +20,9 @@
 //!
 //! Exit codes: see [`exit`].
 
+// Doc comments on the argument structs are clap help text (`PATH[,ro]`, `<hash>`), not rustdoc.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
+
 mod cmd;
 mod exit;
 

@@ -1,5 +1,6 @@
 //! VM configuration: the data types a caller fills in ([`VmConfig`] and its parts) and the
-//! builder. Validation lives in [`validate`], apart from the data.
+//! builder. Validation lives in the private `validate` module, apart from the data; its rules are
+//! documented on [`ConfigError`] and [`validate_name`].
 //!
 //! A `VmConfig` is what the caller *asks for*; the manager persists it as `config.json` in the VM's
 //! directory so a later process can show and restart the VM.
@@ -338,7 +339,7 @@ impl VmConfig {
         }
     }
 
-    /// Check the configuration against the rules in [`validate`] and the host (files exist,
+    /// Check the configuration against the naming and resource rules and the host (files exist,
     /// memory fits).
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate::validate(self)
