@@ -94,4 +94,33 @@ fn run_image_prints_output_and_exits_with_the_commands_code() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".ext4"))
         .collect();
     assert_eq!(cached.len(), 1);
+
+    // -d: the image's process (here the image's own cmd, with its env) starts detached and the
+    // VM stays up for exec; the cached rootfs is reused.
+    let out = home
+        .vmrs()
+        .args(["run", "-d", "--name", "runbg", &reference, "--"])
+        .args(["sh", "-c", "echo started-with-$PATH > /etc/marker"])
+        .output()
+        .expect("run -d");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "runbg\n");
+    let out = home
+        .vmrs()
+        .args(["exec", "runbg", "--", "sh", "-c"])
+        .arg("while ! test -e /etc/marker; do :; done; cat /etc/marker; exit 4")
+        .output()
+        .expect("exec");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "started-with-/bin\n");
+    assert_eq!(out.status.code(), Some(4));
+    let out = home.vmrs().args(["rm", "-f", "runbg"]).output().expect("rm");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        std::fs::read_dir(home.0.path().join("rootfs"))
+            .expect("rootfs cache")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".ext4"))
+            .count(),
+        1
+    );
 }
