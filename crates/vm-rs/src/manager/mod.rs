@@ -4,7 +4,9 @@
 //! ## Persistence and reattach
 //!
 //! Each VM lives in `$VMRS_HOME/vms/<name>/` ([`record::files`]): `config.json`, `state.json`
-//! (written atomically), `serial.log`, `vmm.log` and the VMM's sockets. The VMM runs in its own
+//! (written atomically), `serial.log`, `vmm.log`, the VMM's sockets, the guest agent's socket
+//! `agent.sock` (see [`VmManager::exec`]) and, for VMs started from an image, `root.qcow2`
+//! (see [`VmManager::start_with_rootfs`]). The VMM runs in its own
 //! session, so it outlives the process that started it. Any manager, in any process, *attaches*
 //! to a VM before acting on it: it opens a pidfd for the recorded pid, checks the recorded start
 //! time (a reused pid is never signalled), asks the VMM for its status, scans the serial log for
