@@ -50,10 +50,7 @@ async fn main() {
         .build()
         .expect("config");
     let sock = mgr.vm_dir("agentbench").join("agent.sock");
-    let info = mgr
-        .start_with(cfg, Vec::new(), vm_rs::agent::qemu_args(&sock))
-        .await
-        .expect("start");
+    let info = mgr.start_with(cfg, Vec::new(), Vec::new()).await.expect("start");
     // Kill QEMU even if a step below panics.
     let _guard = KillOnDrop(
         mgr.handle("agentbench")

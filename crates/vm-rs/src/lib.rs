@@ -69,6 +69,7 @@ pub mod net;
 pub mod oci;
 pub mod paths;
 pub mod process;
+pub mod rootfs;
 pub mod setup;
 pub mod state;
 pub mod storage;

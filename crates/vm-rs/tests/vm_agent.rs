@@ -88,6 +88,18 @@ async fn exec_streams_status_env_stdin_and_signals() {
     let out = p.wait_with_output().await.expect("wait");
     assert_eq!(out.status, ExitStatus::Signaled(9));
 
+    // The workload does not inherit PID 1's blocked signals: SIGTERM ends it.
+    let out = agent
+        .exec(ExecCommand::new(["sh", "-c", "kill -TERM $$; echo survived"]))
+        .await
+        .expect("exec sigterm");
+    assert_eq!(
+        out.status,
+        ExitStatus::Signaled(15),
+        "stdout: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
     // A program that does not exist.
     match agent.exec(ExecCommand::new(["/no/such/program"])).await {
         Err(AgentError::Exec { message }) => assert!(message.contains("No such file"), "{message}"),
@@ -315,25 +327,73 @@ async fn agent_through_vm_manager() {
     support::guest::assets().await;
     let home = support::TestHome::new();
     let mgr = vm_rs::VmManager::with_home(home.path()).await.expect("manager");
-    let sock = mgr.vm_dir("ag").join("agent.sock");
-    mgr.start_with(
-        support::test_config("ag"),
-        Vec::new(),
-        vm_rs::agent::qemu_args(&sock),
-    )
-    .await
-    .expect("start");
+    // The manager adds the agent port itself.
+    mgr.start(support::test_config("ag")).await.expect("start");
     mgr.wait_ready("ag", support::BOOT_TIMEOUT).await.expect("ready");
-    let agent = AgentClient::connect_timeout(&sock, Duration::from_secs(30))
-        .await
-        .expect("connect");
-    let out = agent
-        .exec(ExecCommand::new(["sh", "-c", "echo from-manager; exit 7"]))
+
+    // stdout and stderr separated, stdin piped, the exit code reported.
+    let out = mgr
+        .exec(
+            "ag",
+            ExecCommand::new(["sh", "-c", "echo from-manager; cat >&2; exit 7"]).stdin(&b"in-put"[..]),
+        )
         .await
         .expect("exec");
     assert_eq!(out.stdout, b"from-manager\n");
+    assert_eq!(out.stderr, b"in-put");
     assert_eq!(out.status.code(), Some(7));
+
+    // Streaming: events arrive per stream, then the exit status.
+    let mut p = mgr
+        .exec_streaming(
+            "ag",
+            ExecCommand::new(["sh", "-c", "echo a; echo b >&2; kill -9 $$"]),
+        )
+        .await
+        .expect("spawn");
+    let (mut so, mut se, mut status) = (Vec::new(), Vec::new(), None);
+    while let Some(ev) = p.next_event().await {
+        match ev.expect("event") {
+            ExecEvent::Stdout(d) => so.extend(d),
+            ExecEvent::Stderr(d) => se.extend(d),
+            ExecEvent::Exit(s) => status = Some(s),
+        }
+    }
+    assert_eq!((so.as_slice(), se.as_slice()), (&b"a\n"[..], &b"b\n"[..]));
+    assert_eq!(status.map(|s| s.shell_code()), Some(128 + 9));
+
+    // Copy a tree in and back out; modes survive both ways.
+    let host = tempfile::tempdir().expect("tempdir");
+    let src = host.path().join("tree");
+    std::fs::create_dir_all(src.join("sub")).expect("mkdir");
+    std::fs::write(src.join("sub/run.sh"), b"#!/bin/sh\necho ran\n").expect("write");
+    std::fs::write(src.join("secret"), b"s3cret").expect("write");
+    std::fs::set_permissions(src.join("sub/run.sh"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(src.join("secret"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::set_permissions(src.join("sub"), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    mgr.copy_to("ag", &src, "/tmp").await.expect("copy_to");
+    let out = mgr
+        .exec(
+            "ag",
+            ExecCommand::new(["sh", "-c", "/tmp/tree/sub/run.sh && echo x >> /tmp/tree/secret"]),
+        )
+        .await
+        .expect("run copied script");
+    assert_eq!(out.stdout, b"ran\n");
+    let back = host.path().join("back");
+    mgr.copy_from("ag", "/tmp/tree", &back).await.expect("copy_from");
+    assert_eq!(std::fs::read(back.join("secret")).expect("read"), b"s3cretx\n");
+    assert_eq!(mode(&back.join("secret")), 0o600);
+    assert_eq!(mode(&back.join("sub")), 0o711);
+    assert_eq!(mode(&back.join("sub/run.sh")), 0o755);
+
     let st = mgr.stop("ag", Duration::from_secs(60)).await.expect("stop");
     assert_eq!(st, vm_rs::VmState::Stopped);
+    // Exec is refused once the VM is no longer ready, with a typed state error.
+    let err = mgr
+        .exec("ag", ExecCommand::new(["true"]))
+        .await
+        .expect_err("exec on a stopped vm");
+    assert!(matches!(err, vm_rs::ManagerError::State(_)), "{err:?}");
     mgr.remove("ag", false).await.expect("rm");
 }

@@ -336,11 +336,10 @@ async fn guest_reads_and_writes_data_disks_through_the_agent() {
     cfg.disks.push(DiskConfig::new(&ext4));
     cfg.disks.push(ov);
     cfg.disks.push(seed_disk);
-    let sock = home.path().join("agent.sock");
     let mgr = VmManager::with_home(home.path()).await.expect("manager");
-    mgr.start_with(cfg, Vec::new(), vm_rs::agent::qemu_args(&sock))
-        .await
-        .expect("start");
+    // The manager gives every QEMU VM the agent port.
+    let sock = mgr.agent_socket("disky2");
+    mgr.start_with(cfg, Vec::new(), Vec::new()).await.expect("start");
     let agent = AgentClient::connect_timeout(&sock, BOOT_TIMEOUT)
         .await
         .expect("agent");

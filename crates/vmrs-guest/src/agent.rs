@@ -440,6 +440,20 @@ fn start_exec(out: &Arc<Output>, gen: u64, stream: u32, req: ExecRequest) -> Res
         cmd.gid(user.gid).uid(user.uid);
     }
     cmd.process_group(0);
+    // PID 1 blocks the signals it reads through a signalfd; the mask is inherited across exec,
+    // so clear it or the workload could never be stopped with SIGTERM.
+    // SAFETY: runs in the child between fork and exec and only calls sigemptyset and
+    // sigprocmask, which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let detach = req.flags & EXEC_DETACH != 0;
     if detach {
         cmd.stdin(Stdio::null())

@@ -90,7 +90,6 @@ fn oci_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     /// Bad input the library never saw.
-    #[allow(dead_code)]
     #[error("{0}")]
     Invalid(String),
     /// Something does not exist.

@@ -7,6 +7,8 @@
 //! vmrs stop|kill|pause|resume N   lifecycle
 //! vmrs logs [-f] N                serial console
 //! vmrs inspect N                  JSON details
+//! vmrs exec [-e K=V] [-w D] [-u U] N -- CMD...   run a command in a VM
+//! vmrs cp SRC DST                 copy files in/out (NAME:/path on one side)
 //! vmrs rm [-f] N                  remove
 //! vmrs pull REF [--platform P]     pull an OCI image into the store
 //! vmrs images [--json]            list stored images

@@ -203,3 +203,91 @@ fn foreground_run_streams_console_and_stops_on_sigint() {
     assert_eq!(status.code(), Some(0));
     assert_eq!(row(&home.ps(), "fg")["state"], "stopped");
 }
+
+#[test]
+fn exec_and_cp_on_a_detached_vm() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = Home::new();
+    let out = home
+        .vmrs()
+        .args(["run", "-d", "--name", "ex"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // stdout/stderr separated, stdin piped, env and workdir applied, the exit code passed on.
+    let out = home
+        .vmrs()
+        .args(["exec", "-e", "GREETING=hello there", "-w", "/tmp", "ex", "--"])
+        .args(["sh", "-c", "echo \"$GREETING from $(pwd)\"; cat >&2; exit 5"])
+        .write_stdin("piped-in")
+        .output()
+        .expect("exec");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello there from /tmp\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "piped-in");
+    assert_eq!(out.status.code(), Some(5));
+    // Killed by a signal: 128 + signal.
+    let out = home
+        .vmrs()
+        .args(["exec", "ex", "--", "sh", "-c", "kill -KILL $$"])
+        .output()
+        .expect("exec");
+    assert_eq!(out.status.code(), Some(128 + 9));
+
+    // cp round trip of a directory, modes kept.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("data");
+    std::fs::create_dir_all(src.join("bin")).expect("mkdir");
+    std::fs::write(src.join("bin/tool"), b"#!/bin/sh\necho tool ran\n").expect("write");
+    std::fs::write(src.join("note"), b"note\n").expect("write");
+    std::fs::set_permissions(src.join("bin/tool"), std::fs::Permissions::from_mode(0o750)).expect("chmod");
+    std::fs::set_permissions(src.join("note"), std::fs::Permissions::from_mode(0o604)).expect("chmod");
+    let out = home
+        .vmrs()
+        .args(["cp"])
+        .arg(&src)
+        .arg("ex:/tmp")
+        .output()
+        .expect("cp in");
+    assert!(
+        out.status.success(),
+        "cp in: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = home
+        .vmrs()
+        .args(["exec", "ex", "--", "/tmp/data/bin/tool"])
+        .output()
+        .expect("exec tool");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "tool ran\n");
+    let back = tmp.path().join("back");
+    let out = home
+        .vmrs()
+        .args(["cp", "ex:/tmp/data"])
+        .arg(&back)
+        .output()
+        .expect("cp out");
+    assert!(
+        out.status.success(),
+        "cp out: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+    assert_eq!(std::fs::read(back.join("note")).expect("read"), b"note\n");
+    assert_eq!(mode(&back.join("note")), 0o604);
+    assert_eq!(mode(&back.join("bin/tool")), 0o750);
+    // Neither side a VM path: a usage error, code 5.
+    let out = home.vmrs().args(["cp", "/a", "/b"]).output().expect("cp");
+    assert_eq!(out.status.code(), Some(5));
+
+    let out = home.vmrs().args(["rm", "-f", "ex"]).output().expect("rm");
+    assert!(
+        out.status.success(),
+        "rm: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

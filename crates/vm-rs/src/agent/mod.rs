@@ -457,6 +457,16 @@ impl AgentClient {
         }
     }
 
+    /// Whether the connection has ended (the guest went away, or a protocol error closed it);
+    /// a closed client fails every operation, so connect again.
+    pub fn is_closed(&self) -> bool {
+        self.inner
+            .closed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
     /// Use an already connected stream (e.g. one end of a socket pair). Exchanges hellos.
     pub async fn from_stream(stream: UnixStream) -> Result<AgentClient, AgentError> {
         Self::handshake(stream).await

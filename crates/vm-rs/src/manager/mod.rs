@@ -4,7 +4,9 @@
 //! ## Persistence and reattach
 //!
 //! Each VM lives in `$VMRS_HOME/vms/<name>/` ([`record::files`]): `config.json`, `state.json`
-//! (written atomically), `serial.log`, `vmm.log` and the VMM's sockets. The VMM runs in its own
+//! (written atomically), `serial.log`, `vmm.log`, the VMM's sockets, the guest agent's socket
+//! `agent.sock` (see [`VmManager::exec`]) and, for VMs started from an image, `root.qcow2`
+//! (see [`VmManager::start_with_rootfs`]). The VMM runs in its own
 //! session, so it outlives the process that started it. Any manager, in any process, *attaches*
 //! to a VM before acting on it: it opens a pidfd for the recorded pid, checks the recorded start
 //! time (a reused pid is never signalled), asks the VMM for its status, scans the serial log for
@@ -18,6 +20,7 @@
 //! starts with one name, exactly one succeeds and the other gets
 //! [`ManagerError::AlreadyExists`].
 
+mod exec;
 mod monitor;
 pub mod record;
 
@@ -105,6 +108,24 @@ pub enum ManagerError {
         #[source]
         source: crate::net::HostError,
     },
+    /// The root filesystem overlay could not be created.
+    #[error("vm {name:?}: root filesystem setup failed")]
+    Rootfs {
+        /// VM name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: Box<crate::rootfs::RootfsError>,
+    },
+    /// Talking to the guest agent failed.
+    #[error("vm {name:?}: guest agent error")]
+    Agent {
+        /// VM name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: crate::agent::AgentError,
+    },
     /// Waiting timed out.
     #[error("timed out after {secs:.1}s waiting for vm {name:?} to become {what}")]
     Timeout {
@@ -172,6 +193,8 @@ struct Inner {
     home: PathBuf,
     vms_dir: PathBuf,
     entries: tokio::sync::Mutex<HashMap<String, Arc<VmEntry>>>,
+    /// One agent connection per VM (the agent socket takes one client at a time).
+    agents: tokio::sync::Mutex<HashMap<String, crate::agent::AgentClient>>,
 }
 
 /// How long a graceful stop waits before forcing.
@@ -197,6 +220,7 @@ impl VmManager {
                 home,
                 vms_dir,
                 entries: tokio::sync::Mutex::new(HashMap::new()),
+                agents: tokio::sync::Mutex::new(HashMap::new()),
             }),
         };
         // Reattach to everything recorded here, marking dead VMs failed.
@@ -284,6 +308,31 @@ impl VmManager {
         extra_cmdline: Vec<String>,
         extra_args: Vec<std::ffi::OsString>,
     ) -> Result<VmInfo, ManagerError> {
+        self.start_impl(config, None, extra_cmdline, extra_args).await
+    }
+
+    /// [`start_with`](Self::start_with) booting into the root filesystem image `rootfs`
+    /// ([`crate::rootfs::build_rootfs`]): the VM gets its own qcow2 overlay of it in its
+    /// directory (the image itself is never written) as the root disk, and the guest init
+    /// switches root to it.
+    pub async fn start_with_rootfs(
+        &self,
+        config: VmConfig,
+        rootfs: &Path,
+        extra_cmdline: Vec<String>,
+        extra_args: Vec<std::ffi::OsString>,
+    ) -> Result<VmInfo, ManagerError> {
+        self.start_impl(config, Some(rootfs), extra_cmdline, extra_args)
+            .await
+    }
+
+    async fn start_impl(
+        &self,
+        config: VmConfig,
+        rootfs: Option<&Path>,
+        extra_cmdline: Vec<String>,
+        extra_args: Vec<std::ffi::OsString>,
+    ) -> Result<VmInfo, ManagerError> {
         let mut config = config;
         config.make_paths_absolute();
         config.validate()?;
@@ -320,6 +369,17 @@ impl VmManager {
         // Host side of the networks (TAPs, bridges, switch sidecars, forwarders); recorded in
         // net.json and torn down when the VM stops, is removed, or is found dead.
         let (mut extra_cmdline, mut extra_args) = (extra_cmdline, extra_args);
+        if let Some(rootfs) = rootfs {
+            let (_, args) =
+                crate::rootfs::vm_overlay(rootfs, &dir)
+                    .await
+                    .map_err(|e| ManagerError::Rootfs {
+                        name: name.clone(),
+                        source: Box::new(e),
+                    })?;
+            extra_args.extend(args);
+            extra_cmdline.extend(crate::rootfs::root_cmdline());
+        }
         let net = if config.networks.is_empty() {
             None
         } else {
@@ -333,6 +393,10 @@ impl VmManager {
             extra_args.extend(st.qemu_args().into_iter().map(std::ffi::OsString::from));
             Some(st)
         };
+        // The guest agent's port (exec, copy); its host end is `<vm dir>/agent.sock`.
+        if driver.kind() == BackendKind::Qemu {
+            extra_args.extend(crate::agent::qemu_args(&dir.join(exec::AGENT_SOCKET)));
+        }
         let booted = self
             .boot(&dir, &config, &mut rec, driver, extra_cmdline, extra_args)
             .await;
@@ -515,6 +579,7 @@ impl VmManager {
         let entry = self.entry(name).await?;
         entry.state().check(name, Operation::Stop)?;
         entry.set_stop_requested();
+        self.drop_agent(name).await;
         let handle = entry.require_handle(name).await?;
         let driver = entry.driver();
         // A paused guest cannot react to the power button.
@@ -550,6 +615,7 @@ impl VmManager {
         let entry = self.entry(name).await?;
         entry.state().check(name, Operation::Kill)?;
         entry.set_stop_requested();
+        self.drop_agent(name).await;
         entry.kill().await.map_err(|source| ManagerError::Process {
             name: name.to_string(),
             source,
@@ -571,6 +637,7 @@ impl VmManager {
         }
         entry.retire().await;
         self.inner.entries.lock().await.remove(name);
+        self.drop_agent(name).await;
         let dir = self.vm_dir(name);
         crate::net::host::teardown_vm_dir(&dir)
             .await

@@ -1,5 +1,6 @@
 //! Subcommands. Each area has its own module; [`Command`] lists them all.
 
+pub mod agent;
 pub mod disk;
 pub mod image;
 pub mod net;
@@ -33,6 +34,10 @@ pub enum Command {
     Inspect(vm::NamesArgs),
     /// Remove stopped VMs (-f: also running ones).
     Rm(vm::RmArgs),
+    /// Run a command in a ready VM (exit code = the command's).
+    Exec(agent::ExecArgs),
+    /// Copy files between the host and a VM (NAME:/path on one side).
+    Cp(agent::CpArgs),
     /// Pull an OCI image into the local store.
     Pull(image::PullArgs),
     /// List stored images.
@@ -83,6 +88,8 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Logs(a) => vm::logs(a).await,
         Command::Inspect(a) => vm::inspect(a).await,
         Command::Rm(a) => vm::rm(a).await,
+        Command::Exec(a) => agent::exec(a).await,
+        Command::Cp(a) => agent::cp(a).await,
         Command::Pull(a) => image::pull(a).await,
         Command::Images(a) => image::images(a).await,
         Command::Rmi(a) => image::rmi(a).await,

@@ -58,6 +58,12 @@ pub struct RunArgs {
     /// Networking (`--net`, `-p`).
     #[command(flatten)]
     pub net: super::net::NetArgs,
+    /// OCI image to run: its root filesystem becomes the VM's root, and its process (entrypoint
+    /// + cmd, env, working dir, user) runs through the guest agent. Pulled when not stored.
+    pub image: Option<String>,
+    /// With IMAGE: the command replacing the image's cmd.
+    #[arg(last = true)]
+    pub command: Vec<String>,
 }
 
 /// Built-in guest assets: the kernel and initramfs written by `vmrs setup`.
@@ -116,6 +122,12 @@ pub fn run_config(a: &RunArgs) -> anyhow::Result<VmConfig> {
 
 /// `vmrs run`
 pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
+    if let Some(image) = a.image.clone() {
+        return super::agent::run_image(a, image).await;
+    }
+    if !a.command.is_empty() {
+        return Err(CliError::Invalid("a command after `--` needs an IMAGE".to_string()).into());
+    }
     let config = run_config(&a)?;
     let name = config.name.clone();
     let mgr = VmManager::new().await?;

@@ -1,0 +1,92 @@
+//! The agent verbs of [`VmManager`]: exec (collected or streamed) and copying files in and out.
+//!
+//! Every QEMU VM the manager starts gets the agent's virtio-serial port with its host end at
+//! `<vm dir>/agent.sock` ([`AGENT_SOCKET`]). The socket takes one connection at a time, so the
+//! manager keeps one [`AgentClient`] per VM and clones it for every operation; a connection
+//! that has ended (the VM restarted or stopped) is replaced on next use.
+
+use super::{ManagerError, VmManager};
+use crate::agent::{AgentClient, AgentError, ExecCommand, ExecOutput, ExecProcess};
+use crate::state::Operation;
+use std::path::Path;
+use std::time::Duration;
+
+/// File name of the agent socket in the VM directory.
+pub(crate) const AGENT_SOCKET: &str = "agent.sock";
+
+/// How long connecting to a ready VM's agent may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl VmManager {
+    /// Path of `name`'s agent socket.
+    pub fn agent_socket(&self, name: &str) -> std::path::PathBuf {
+        self.vm_dir(name).join(AGENT_SOCKET)
+    }
+
+    /// The agent connection of a ready VM (connecting on first use).
+    pub async fn agent(&self, name: &str) -> Result<AgentClient, ManagerError> {
+        let entry = self.entry(name).await?;
+        entry.state().check(name, Operation::Exec)?;
+        let mut agents = self.inner.agents.lock().await;
+        if let Some(a) = agents.get(name) {
+            if !a.is_closed() {
+                return Ok(a.clone());
+            }
+        }
+        agents.remove(name);
+        let client = AgentClient::connect_timeout(self.agent_socket(name), CONNECT_TIMEOUT)
+            .await
+            .map_err(agent_err(name))?;
+        agents.insert(name.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Run `cmd` in VM `name` to completion, collecting its output.
+    pub async fn exec(&self, name: &str, cmd: ExecCommand) -> Result<ExecOutput, ManagerError> {
+        let agent = self.agent(name).await?;
+        agent.exec(cmd).await.map_err(agent_err(name))
+    }
+
+    /// Start `cmd` in VM `name` and stream its output and exit status ([`ExecProcess`]).
+    pub async fn exec_streaming(&self, name: &str, cmd: ExecCommand) -> Result<ExecProcess, ManagerError> {
+        let agent = self.agent(name).await?;
+        agent.spawn(cmd).await.map_err(agent_err(name))
+    }
+
+    /// Copy the host file or directory `host_path` into VM `name` at `guest_path` (`docker cp`
+    /// rules; modes kept).
+    pub async fn copy_to(&self, name: &str, host_path: &Path, guest_path: &str) -> Result<(), ManagerError> {
+        let agent = self.agent(name).await?;
+        agent
+            .copy_to(host_path, guest_path)
+            .await
+            .map_err(agent_err(name))
+    }
+
+    /// Copy the file or directory `guest_path` out of VM `name` to `host_path` on the host
+    /// (every path the guest sends stays inside `host_path`).
+    pub async fn copy_from(
+        &self,
+        name: &str,
+        guest_path: &str,
+        host_path: &Path,
+    ) -> Result<(), ManagerError> {
+        let agent = self.agent(name).await?;
+        agent
+            .copy_from(guest_path, host_path)
+            .await
+            .map_err(agent_err(name))
+    }
+
+    /// Forget the cached agent connection of `name` (it stopped or is being removed).
+    pub(super) async fn drop_agent(&self, name: &str) {
+        self.inner.agents.lock().await.remove(name);
+    }
+}
+
+fn agent_err(name: &str) -> impl FnOnce(AgentError) -> ManagerError + '_ {
+    move |source| ManagerError::Agent {
+        name: name.to_string(),
+        source,
+    }
+}

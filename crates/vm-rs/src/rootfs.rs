@@ -1,0 +1,273 @@
+//! Root filesystems built from OCI images: an ext4 image per image manifest, cached, and a
+//! copy-on-write overlay per VM.
+//!
+//! [`build_rootfs`] unpacks a stored image ([`ImageStore::unpack`]) into a temporary directory
+//! and runs `mkfs.ext4 -d DIR` on it (ownership and modes come from the unpacked tree), sized
+//! to the content plus a margin. The result is cached as `$VMRS_HOME/rootfs/<manifest hex>.ext4`
+//! — written to a temporary name, fsynced and renamed, so a cache file is always complete — and
+//! a later build of the same manifest is a cache hit. [`vm_overlay`] puts a qcow2 overlay backed
+//! by the cached image into a VM's directory: the VM writes only to its overlay, the cache is
+//! never modified. The guest init finds the disk by its serial [`ROOT_SERIAL`] (see
+//! [`root_cmdline`]) and switches root to it.
+
+use crate::agent::ImageProcess;
+use crate::config::{DiskConfig, DiskFormat};
+use crate::oci::{Digest, ImageConfig, ImageStore, UnpackError, UnpackOptions};
+use crate::storage::DiskError;
+use std::path::{Path, PathBuf};
+
+/// Serial number of the root disk; the guest init looks for it (`vmrs.root=serial:…`).
+pub const ROOT_SERIAL: &str = "vmrs-root";
+
+/// Errors building or attaching an image root filesystem.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RootfsError {
+    /// Reading the image from the store failed.
+    #[error("image {reference:?} is not usable")]
+    Store {
+        /// The image reference.
+        reference: String,
+        /// Cause.
+        #[source]
+        source: crate::oci::StoreError,
+    },
+    /// Unpacking the image failed.
+    #[error("cannot unpack image {reference:?}")]
+    Unpack {
+        /// The image reference.
+        reference: String,
+        /// Cause.
+        #[source]
+        source: UnpackError,
+    },
+    /// File-system work failed.
+    #[error("cannot {op} {}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `mkfs.ext4` failed.
+    #[error("mkfs.ext4 failed ({status}): {stderr}")]
+    Mkfs {
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// The end of its error output.
+        stderr: String,
+    },
+    /// Creating the VM's overlay failed.
+    #[error("cannot create the root overlay")]
+    Overlay(#[source] DiskError),
+    /// A blocking task failed.
+    #[error("background task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// A cached root filesystem image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rootfs {
+    /// The ext4 image (read-only by convention: only overlays are written).
+    pub path: PathBuf,
+    /// The manifest digest it was built from.
+    pub manifest: Digest,
+    /// The image's process settings (entrypoint, cmd, env, working dir, user).
+    pub process: ImageProcess,
+    /// Whether this call built it (false: cache hit).
+    pub built: bool,
+}
+
+/// Directory of cached root filesystems under a data dir.
+pub fn cache_dir(home: &Path) -> PathBuf {
+    home.join("rootfs")
+}
+
+/// The process part of an image config.
+pub fn image_process(config: &ImageConfig) -> ImageProcess {
+    ImageProcess {
+        entrypoint: config.entrypoint.clone(),
+        cmd: config.cmd.clone(),
+        env: config.env.clone(),
+        working_dir: config.working_dir.clone(),
+        user: config.user.clone(),
+    }
+}
+
+/// Kernel parameters that make the guest init switch root to the disk [`vm_overlay`] made.
+pub fn root_cmdline() -> Vec<String> {
+    vec![
+        format!("vmrs.root=serial:{ROOT_SERIAL}"),
+        "vmrs.rootfstype=ext4".to_string(),
+    ]
+}
+
+/// The ext4 root filesystem for `reference` (a stored image), built on a cache miss.
+pub async fn build_rootfs(store: &ImageStore, home: &Path, reference: &str) -> Result<Rootfs, RootfsError> {
+    let image = store
+        .image(reference)
+        .await
+        .map_err(|source| RootfsError::Store {
+            reference: reference.to_string(),
+            source,
+        })?;
+    let manifest = image.record.manifest.clone();
+    let process = image_process(&image.config);
+    let dir = cache_dir(home);
+    let path = dir.join(format!("{}.ext4", manifest.hex()));
+    if path.is_file() {
+        return Ok(Rootfs {
+            path,
+            manifest,
+            process,
+            built: false,
+        });
+    }
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(io_err("create", &dir))?;
+    let work = tempfile::Builder::new()
+        .prefix(".build-")
+        .tempdir_in(&dir)
+        .map_err(io_err("create a build directory in", &dir))?;
+    let tree = work.path().join("tree");
+    store
+        .unpack(reference, &tree, &UnpackOptions::default())
+        .await
+        .map_err(|source| RootfsError::Unpack {
+            reference: reference.to_string(),
+            source,
+        })?;
+    let tmp = work.path().join("rootfs.ext4");
+    let (tree2, tmp2, path2) = (tree.clone(), tmp.clone(), path.clone());
+    tokio::task::spawn_blocking(move || make_ext4(&tree2, &tmp2, &path2))
+        .await
+        .map_err(RootfsError::Task)??;
+    Ok(Rootfs {
+        path,
+        manifest,
+        process,
+        built: true,
+    })
+}
+
+/// `mkfs.ext4 -d tree tmp SIZE`, fsync, rename to `dest` (blocking).
+fn make_ext4(tree: &Path, tmp: &Path, dest: &Path) -> Result<(), RootfsError> {
+    let (bytes, entries) = tree_usage(tree)?;
+    // Content plus a quarter for metadata and block rounding, plus 64 MiB of free space.
+    let size_mib = (bytes + bytes / 4 + entries * 4096) / (1 << 20) + 64;
+    let inodes = entries * 2 + 4096;
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", ROOT_SERIAL, "-N"])
+        .arg(inodes.to_string())
+        .arg("-d")
+        .arg(tree)
+        .arg(tmp)
+        .arg(format!("{size_mib}M"))
+        .output()
+        .map_err(io_err("run mkfs.ext4 for", tmp))?;
+    if !out.status.success() {
+        let text = String::from_utf8_lossy(&out.stderr);
+        let tail: String = text
+            .chars()
+            .rev()
+            .take(2000)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        return Err(RootfsError::Mkfs {
+            status: out.status,
+            stderr: tail,
+        });
+    }
+    let f = std::fs::File::open(tmp).map_err(io_err("open", tmp))?;
+    f.sync_all().map_err(io_err("sync", tmp))?;
+    std::fs::rename(tmp, dest).map_err(io_err("rename into place", dest))?;
+    if let Some(parent) = dest.parent() {
+        if let Ok(d) = std::fs::File::open(parent) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of regular-file content and number of entries under `root` (not following links).
+fn tree_usage(root: &Path) -> Result<(u64, u64), RootfsError> {
+    let (mut bytes, mut entries) = (0u64, 0u64);
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let rd = std::fs::read_dir(&dir).map_err(io_err("read", &dir))?;
+        for e in rd {
+            let e = e.map_err(io_err("read", &dir))?;
+            let ft = e.file_type().map_err(io_err("stat", &e.path()))?;
+            entries += 1;
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                bytes += e.metadata().map_err(io_err("stat", &e.path()))?.len();
+            }
+        }
+    }
+    Ok((bytes, entries))
+}
+
+/// Create `<vm_dir>/root.qcow2`, a qcow2 overlay backed by `rootfs`, and return the QEMU
+/// arguments attaching it as the root disk (serial [`ROOT_SERIAL`]).
+pub async fn vm_overlay(
+    rootfs: &Path,
+    vm_dir: &Path,
+) -> Result<(DiskConfig, Vec<std::ffi::OsString>), RootfsError> {
+    let target = vm_dir.join("root.qcow2");
+    let disk = crate::storage::create_overlay(rootfs, DiskFormat::Raw, &target)
+        .await
+        .map_err(RootfsError::Overlay)?;
+    let mut file = std::ffi::OsString::from("file=");
+    file.push(escape_commas(&disk.path));
+    file.push(",if=none,format=qcow2,id=vmrs-root,cache=writeback");
+    let args = vec![
+        "-drive".into(),
+        file,
+        "-device".into(),
+        format!("virtio-blk-device,drive=vmrs-root,serial={ROOT_SERIAL}").into(),
+    ];
+    Ok((disk, args))
+}
+
+fn escape_commas(p: &Path) -> std::ffi::OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut out = Vec::new();
+    for b in p.as_os_str().as_bytes() {
+        out.push(*b);
+        if *b == b',' {
+            out.push(b',');
+        }
+    }
+    std::ffi::OsString::from_vec(out)
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError {
+    let path = path.to_path_buf();
+    move |source| RootfsError::Io { op, path, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commas_are_doubled() {
+        assert_eq!(escape_commas(Path::new("/a,b/c")), "/a,,b/c");
+    }
+
+    #[test]
+    fn cmdline_names_the_root_serial() {
+        assert_eq!(
+            root_cmdline(),
+            ["vmrs.root=serial:vmrs-root", "vmrs.rootfstype=ext4"]
+        );
+    }
+}
