@@ -1,70 +1,10 @@
 //! The `vmrs` binary against real QEMU guests: every invocation is a new process, so these tests
 //! also cover reattaching (start detached in one process, list/pause/stop from others).
 
-use assert_cmd::Command;
+mod support;
 use serde_json::Value;
 use std::path::Path;
-
-/// The guest assets `vmrs setup` wrote for the default data dir (tests use their own VMRS_HOME).
-fn assets_dir() -> std::path::PathBuf {
-    std::env::var_os("VMRS_ASSETS")
-        .map(Into::into)
-        .unwrap_or_else(|| dirs::data_dir().expect("data dir").join("vmrs").join("assets"))
-}
-
-/// An isolated VMRS_HOME whose VMMs are killed on drop, even when the test fails.
-struct Home(tempfile::TempDir);
-
-impl Home {
-    fn new() -> Self {
-        Home(
-            tempfile::Builder::new()
-                .prefix("vmrs-c")
-                .tempdir_in("/tmp")
-                .expect("tmp"),
-        )
-    }
-    fn vmrs(&self) -> Command {
-        let mut c = Command::cargo_bin("vmrs").expect("binary");
-        c.env("VMRS_HOME", self.0.path())
-            .env("VMRS_ASSETS", assets_dir())
-            .env_remove("RUST_LOG");
-        c.timeout(std::time::Duration::from_secs(180));
-        c
-    }
-    fn ps(&self) -> Vec<Value> {
-        let out = self.vmrs().args(["ps", "-a", "--json"]).output().expect("ps");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice::<Vec<Value>>(&out.stdout).expect("json")
-    }
-}
-
-impl Drop for Home {
-    fn drop(&mut self) {
-        let Ok(rd) = std::fs::read_dir(self.0.path().join("vms")) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let Ok(b) = std::fs::read(e.path().join("state.json")) else {
-                continue;
-            };
-            let Ok(v) = serde_json::from_slice::<Value>(&b) else {
-                continue;
-            };
-            if let (Some(pid), Some(st)) = (v["handle"]["pid"].as_u64(), v["handle"]["start_time"].as_u64()) {
-                if let Ok(p) = vm_rs::process::VmmProcess::attach(pid as u32, st) {
-                    let _ = p.kill();
-                }
-            }
-        }
-    }
-}
-
-fn row<'a>(rows: &'a [Value], name: &str) -> &'a Value {
-    rows.iter()
-        .find(|r| r["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not in ps: {rows:?}"))
-}
+use support::*;
 
 #[test]
 fn run_detached_then_ps_pause_resume_stop_from_other_processes() {

@@ -4,53 +4,11 @@
 mod oci_layout;
 #[path = "../../vm-rs/tests/support/registry.rs"]
 mod registry;
+mod support;
 
-use assert_cmd::Command;
 use oci_layout::{busybox_layer, Comp};
 use registry::Registry;
-use serde_json::Value;
-
-fn assets_dir() -> std::path::PathBuf {
-    std::env::var_os("VMRS_ASSETS")
-        .map(Into::into)
-        .unwrap_or_else(|| dirs::data_dir().expect("data dir").join("vmrs").join("assets"))
-}
-
-/// An isolated data dir whose VMMs are killed on drop, even when the test fails.
-struct Home(tempfile::TempDir);
-
-impl Home {
-    fn vmrs(&self) -> Command {
-        let mut c = Command::cargo_bin("vmrs").expect("binary");
-        c.env("VMRS_HOME", self.0.path())
-            .env("VMRS_ASSETS", assets_dir())
-            .env("DOCKER_CONFIG", self.0.path().join("docker"))
-            .env_remove("RUST_LOG");
-        c.timeout(std::time::Duration::from_secs(300));
-        c
-    }
-}
-
-impl Drop for Home {
-    fn drop(&mut self) {
-        let Ok(rd) = std::fs::read_dir(self.0.path().join("vms")) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let Ok(b) = std::fs::read(e.path().join("state.json")) else {
-                continue;
-            };
-            let Ok(v) = serde_json::from_slice::<Value>(&b) else {
-                continue;
-            };
-            if let (Some(pid), Some(st)) = (v["handle"]["pid"].as_u64(), v["handle"]["start_time"].as_u64()) {
-                if let Ok(p) = vm_rs::process::VmmProcess::attach(pid as u32, st) {
-                    let _ = p.kill();
-                }
-            }
-        }
-    }
-}
+use support::*;
 
 #[test]
 fn run_image_prints_output_and_exits_with_the_commands_code() {

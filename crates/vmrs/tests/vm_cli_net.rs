@@ -2,77 +2,9 @@
 //! host, switch networks listed by `vmrs network` and stopped with their last VM, bad specs
 //! rejected with exit code 5.
 
-use assert_cmd::Command;
-use serde_json::Value;
+mod support;
 use std::time::Duration;
-
-fn assets_dir() -> std::path::PathBuf {
-    std::env::var_os("VMRS_ASSETS")
-        .map(Into::into)
-        .unwrap_or_else(|| dirs::data_dir().expect("data dir").join("vmrs").join("assets"))
-}
-
-/// An isolated VMRS_HOME whose VMMs and switch sidecars are killed on drop.
-struct Home(tempfile::TempDir);
-
-impl Home {
-    fn new() -> Self {
-        Home(
-            tempfile::Builder::new()
-                .prefix("vmrs-n")
-                .tempdir_in("/tmp")
-                .expect("tmp"),
-        )
-    }
-    fn vmrs(&self) -> Command {
-        let mut c = Command::cargo_bin("vmrs").expect("binary");
-        c.env("VMRS_HOME", self.0.path())
-            .env("VMRS_ASSETS", assets_dir())
-            .env_remove("RUST_LOG");
-        c.timeout(Duration::from_secs(180));
-        c
-    }
-    fn json(&self, args: &[&str]) -> Value {
-        let out = self.vmrs().args(args).output().expect("run");
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("json")
-    }
-}
-
-impl Drop for Home {
-    fn drop(&mut self) {
-        let vms = self.0.path().join("vms");
-        if let Ok(rd) = std::fs::read_dir(vms) {
-            for e in rd.flatten() {
-                let Ok(b) = std::fs::read(e.path().join("state.json")) else {
-                    continue;
-                };
-                let Ok(v) = serde_json::from_slice::<Value>(&b) else {
-                    continue;
-                };
-                if let (Some(pid), Some(st)) =
-                    (v["handle"]["pid"].as_u64(), v["handle"]["start_time"].as_u64())
-                {
-                    if let Ok(p) = vm_rs::process::VmmProcess::attach(pid as u32, st) {
-                        let _ = p.kill();
-                    }
-                }
-            }
-        }
-        let nets = vm_rs::net::networks_dir(self.0.path());
-        for n in vm_rs::net::sidecar::networks(&nets) {
-            if let Some(r) = vm_rs::net::sidecar::switch_record(&nets, &n) {
-                if let Ok(p) = vm_rs::process::VmmProcess::attach(r.pid, r.start_time) {
-                    let _ = p.kill();
-                }
-            }
-        }
-    }
-}
+use support::*;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
