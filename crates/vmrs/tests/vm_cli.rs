@@ -231,3 +231,25 @@ fn exec_and_cp_on_a_detached_vm() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn ready_timeout_kills_the_vm_and_shows_its_console() {
+    let home = Home::new();
+    // a guest cannot reach its marker in well under a second under TCG
+    let out = home
+        .vmrs()
+        .args(["run", "-d", "--name", "slow", "--ready-timeout", "0"])
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("did not become ready"), "{stderr}");
+    let rows = home.ps();
+    assert_eq!(row(&rows, "slow")["state"], "stopped");
+    assert!(row(&rows, "slow")["pid"].is_null());
+}

@@ -139,6 +139,11 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         let ready = mgr.wait_ready(&name, Duration::from_secs(a.ready_timeout)).await;
         if let Err(e) = ready {
             let _ = mgr.kill(&name).await;
+            // The console tail is usually what explains a guest that never got ready.
+            let tail = vm_rs::driver::qemu::tail_lines(&info.serial_log, 15);
+            if !tail.is_empty() {
+                eprintln!("vmrs: last console lines of {name}:\n{tail}");
+            }
             return Err(
                 anyhow::Error::new(e).context(format!("vm {name:?} did not become ready; it was killed"))
             );
