@@ -99,12 +99,7 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Find the `cloud-hypervisor` binary: `explicit`, else `VMRS_CLOUD_HYPERVISOR`, else `PATH`.
 pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf, DriverError> {
     let mut searched = Vec::new();
-    let candidate_ok = |p: &Path| {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(p)
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    };
+    let candidate_ok = crate::driver::is_executable;
     if let Some(p) = explicit {
         if candidate_ok(p) {
             return Ok(p.to_path_buf());
@@ -118,13 +113,10 @@ pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf, DriverError> {
         }
         searched.push(format!("{BINARY_ENV}={}", p.display()));
     }
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let p = dir.join(PROGRAM);
-            if candidate_ok(&p) {
-                return Ok(p);
-            }
-        }
+    if let Some(p) = crate::driver::find_on_path(PROGRAM) {
+        return Ok(p);
+    }
+    if std::env::var_os("PATH").is_some() {
         searched.push("PATH".into());
     }
     Err(DriverError::BinaryNotFound {

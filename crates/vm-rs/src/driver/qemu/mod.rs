@@ -89,16 +89,7 @@ impl QemuDriver {
     }
 }
 
-/// Find an executable called `name` on `PATH`.
-pub fn find_on_path(name: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| {
-        std::fs::metadata(p)
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    })
-}
+pub use super::find_on_path;
 
 /// Last `n` lines of a log file, for error messages.
 pub fn tail_lines(path: &Path, n: usize) -> String {
