@@ -50,7 +50,7 @@ async fn main() {
         .build()
         .expect("config");
     let sock = mgr.vm_dir("agentbench").join("agent.sock");
-    let info = mgr.start_with(cfg, Vec::new(), Vec::new()).await.expect("start");
+    let info = mgr.start(cfg).await.expect("start");
     // Kill QEMU even if a step below panics.
     let _guard = KillOnDrop(
         mgr.handle("agentbench")

@@ -36,12 +36,22 @@ fn config(name: &str, assets: &Path) -> VmConfig {
 async fn raw_boot(cfg: &VmConfig, dir: &Path, accel: Accel) -> Duration {
     let paths = args::QemuPaths::in_dir(dir, dir.join("serial.log"));
     std::fs::File::create(&paths.serial_log).expect("log");
+    // The devices the manager gives this VM (agent port, entropy device).
+    let home = dir.parent().expect("home");
+    let devices = vm_rs::manager::plan_devices(
+        cfg,
+        dir,
+        home,
+        &vm_rs::manager::StartOptions::default(),
+        &vm_rs::driver::qemu::QemuDriver::new(),
+    )
+    .expect("devices");
     let input = args::QemuArgsInput {
         config: cfg,
         accel,
         paths: &paths,
-        extra_args: &[],
-        extra_cmdline: &[],
+        devices: &devices,
+        guest_params: &[],
         tsc_khz: args::tsc_khz(),
     };
     let argv = args::build(&input);

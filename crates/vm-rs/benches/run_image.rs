@@ -119,9 +119,7 @@ async fn main() {
             .build()
             .expect("config");
         let t = Instant::now();
-        mgr.start_with_rootfs(cfg, &hit.path, Vec::new(), Vec::new())
-            .await
-            .expect("start");
+        mgr.start_with_rootfs(cfg, &hit.path).await.expect("start");
         mgr.wait_ready(&name, Duration::from_secs(120))
             .await
             .expect("ready");

@@ -62,6 +62,7 @@
 pub mod agent;
 pub mod config;
 pub mod console;
+pub mod devices;
 pub mod driver;
 pub mod guest;
 pub mod manager;

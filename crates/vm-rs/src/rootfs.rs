@@ -11,7 +11,7 @@
 //! [`root_cmdline`]) and switches root to it.
 
 use crate::agent::ImageProcess;
-use crate::config::{DiskConfig, DiskFormat};
+use crate::config::DiskFormat;
 use crate::oci::{Digest, ImageConfig, ImageStore, UnpackError, UnpackOptions};
 use crate::storage::DiskError;
 use std::path::{Path, PathBuf};
@@ -215,38 +215,32 @@ fn tree_usage(root: &Path) -> Result<(u64, u64), RootfsError> {
     Ok((bytes, entries))
 }
 
-/// Create `<vm_dir>/root.qcow2`, a qcow2 overlay backed by `rootfs`, and return the QEMU
-/// arguments attaching it as the root disk (serial [`ROOT_SERIAL`]).
-pub async fn vm_overlay(
-    rootfs: &Path,
-    vm_dir: &Path,
-) -> Result<(DiskConfig, Vec<std::ffi::OsString>), RootfsError> {
-    let target = vm_dir.join("root.qcow2");
-    let disk = crate::storage::create_overlay(rootfs, DiskFormat::Raw, &target)
-        .await
-        .map_err(RootfsError::Overlay)?;
-    let mut file = std::ffi::OsString::from("file=");
-    file.push(escape_commas(&disk.path));
-    file.push(",if=none,format=qcow2,id=vmrs-root,cache=writeback");
-    let args = vec![
-        "-drive".into(),
-        file,
-        "-device".into(),
-        format!("virtio-blk-device,drive=vmrs-root,serial={ROOT_SERIAL}").into(),
-    ];
-    Ok((disk, args))
+/// File name of a VM's root overlay inside its directory.
+pub const ROOT_OVERLAY: &str = "root.qcow2";
+
+/// The root disk device of a VM booted from an image: `<vm_dir>/root.qcow2`, found by the guest
+/// by its serial [`ROOT_SERIAL`]. Pure: see [`vm_overlay`] for creating the file.
+pub fn root_disk(vm_dir: &Path) -> crate::devices::Disk {
+    crate::devices::Disk {
+        id: "vmrs-root".into(),
+        path: vm_dir.join(ROOT_OVERLAY),
+        format: DiskFormat::Qcow2,
+        read_only: false,
+        cache: crate::config::CacheMode::Writeback,
+        serial: Some(ROOT_SERIAL.into()),
+    }
 }
 
-fn escape_commas(p: &Path) -> std::ffi::OsString {
-    use std::os::unix::ffi::{OsStrExt, OsStringExt};
-    let mut out = Vec::new();
-    for b in p.as_os_str().as_bytes() {
-        out.push(*b);
-        if *b == b',' {
-            out.push(b',');
-        }
+/// Create `<vm_dir>/root.qcow2`, a qcow2 overlay backed by `rootfs` (never written), unless it
+/// exists already (a restarted VM keeps its root disk), and return it as the root disk.
+pub async fn vm_overlay(rootfs: &Path, vm_dir: &Path) -> Result<crate::devices::Disk, RootfsError> {
+    let disk = root_disk(vm_dir);
+    if !disk.path.exists() {
+        crate::storage::create_overlay(rootfs, DiskFormat::Raw, &disk.path)
+            .await
+            .map_err(RootfsError::Overlay)?;
     }
-    std::ffi::OsString::from_vec(out)
+    Ok(disk)
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError {
@@ -259,8 +253,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn commas_are_doubled() {
-        assert_eq!(escape_commas(Path::new("/a,b/c")), "/a,,b/c");
+    fn root_disk_is_the_overlay_with_the_serial() {
+        let d = root_disk(Path::new("/v"));
+        assert_eq!(d.path, Path::new("/v/root.qcow2"));
+        assert_eq!(d.format, DiskFormat::Qcow2);
+        assert_eq!(d.serial.as_deref(), Some(ROOT_SERIAL));
+        assert!(!d.read_only);
     }
 
     #[test]

@@ -65,11 +65,11 @@ async fn bridge_with_nat_is_created_tagged_and_removed() {
     let saved = NetState::load(&dir).expect("load").expect("some");
     assert_eq!(saved, state);
     assert_eq!(saved.devices.len(), 2);
-    // the QEMU args name the TAP, and the guest gets an address in the subnet
+    // the NIC names the TAP, and the guest gets an address in the subnet
     assert!(state
-        .qemu_args()
+        .nics
         .iter()
-        .any(|a| a.contains(&format!("ifname={tap}"))));
+        .any(|n| matches!(&n.backend, vm_rs::net::NicBackend::Tap { ifname, .. } if *ifname == tap)));
     let cl = state.guest_cmdline();
     assert!(cl[0].starts_with("vmrs.ip=10.99.0."), "{cl:?}");
 

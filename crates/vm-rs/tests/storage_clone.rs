@@ -199,13 +199,14 @@ async fn empty_qcow2_and_raw_disks() {
     assert!(allocated(&r) < 1 << 20);
 }
 
-/// QEMU itself accepts `qemu_disk_args` — for a path full of QEMU option syntax, a read-only
+/// QEMU itself accepts the driver's `disk_args` — for a path full of QEMU option syntax, a read-only
 /// raw disk and a writable qcow2 overlay — and reports the format, mode and cache we asked for.
 #[tokio::test]
 async fn qemu_accepts_disk_args_even_for_hostile_paths() {
     use std::io::Write;
     use vm_rs::config::{CacheMode, DiskConfig};
-    use vm_rs::storage::qemu_disk_args;
+    use vm_rs::devices::Disk;
+    use vm_rs::driver::qemu::args::disk_args;
     let dir = tempfile::tempdir().expect("tempdir");
     let base = dir.path().join("a,file.driver=nbd json:{}.img");
     create_disk(&base, 4 << 20, DiskFormat::Raw)
@@ -219,9 +220,9 @@ async fn qemu_accepts_disk_args_even_for_hostile_paths() {
     let mut ro = DiskConfig::new(&base);
     ro.read_only = true;
 
-    let mut args: Vec<String> = [
+    let mut args: Vec<std::ffi::OsString> = [
         "-machine",
-        "pc",
+        "microvm",
         "-nodefaults",
         "-display",
         "none",
@@ -229,10 +230,17 @@ async fn qemu_accepts_disk_args_even_for_hostile_paths() {
         "-monitor",
         "stdio",
     ]
-    .map(String::from)
+    .map(std::ffi::OsString::from)
     .to_vec();
-    args.extend(qemu_disk_args(&ro, 0).expect("args"));
-    args.extend(qemu_disk_args(&ov, 1).expect("args"));
+    args.extend(disk_args(&Disk {
+        id: "vmrs-disk0".into(),
+        ..Disk::from_config(0, &ro)
+    }));
+    args.extend(disk_args(&Disk {
+        id: "vmrs-disk1".into(),
+        serial: Some("a,b".into()),
+        ..Disk::from_config(1, &ov)
+    }));
     let mut child = std::process::Command::new("qemu-system-x86_64")
         .args(&args)
         .stdin(std::process::Stdio::piped())

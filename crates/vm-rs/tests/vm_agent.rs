@@ -10,6 +10,13 @@ use std::time::Duration;
 use support::qemu::RawQemu;
 use vm_rs::agent::{AgentClient, AgentError, ExecCommand, ExecEvent, ExitStatus};
 
+/// The QEMU arguments of an agent port whose host end is `sock`.
+fn agent_args(sock: &std::path::Path) -> Vec<std::ffi::OsString> {
+    vm_rs::driver::qemu::args::agent_args(&vm_rs::devices::AgentChannel::VirtioSerial {
+        socket: sock.to_path_buf(),
+    })
+}
+
 const BOOT: Duration = Duration::from_secs(120);
 
 /// Boot a guest whose agent socket lives in the VM's temp dir.
@@ -17,7 +24,7 @@ async fn boot_with_agent() -> (RawQemu, AgentClient) {
     let assets = support::guest::assets().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("agent.sock");
-    let vm = RawQemu::boot_in(dir, &assets, "", &vm_rs::agent::qemu_args(&sock));
+    let vm = RawQemu::boot_in(dir, &assets, "", &agent_args(&sock));
     let agent = AgentClient::connect_timeout(&sock, BOOT).await;
     let agent = match agent {
         Ok(a) => a,
@@ -31,7 +38,7 @@ async fn exec_streams_status_env_stdin_and_signals() {
     let assets = support::guest::assets().await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let sock = tmp.path().join("agent.sock");
-    let vm = RawQemu::boot(&assets, "", &vm_rs::agent::qemu_args(&sock));
+    let vm = RawQemu::boot(&assets, "", &agent_args(&sock));
     let agent = match AgentClient::connect_timeout(&sock, BOOT).await {
         Ok(a) => a,
         Err(e) => panic!("agent connect: {e:?}\n{}", vm.log()),

@@ -339,7 +339,7 @@ async fn guest_reads_and_writes_data_disks_through_the_agent() {
     let mgr = VmManager::with_home(home.path()).await.expect("manager");
     // The manager gives every QEMU VM the agent port.
     let sock = mgr.agent_socket("disky2");
-    mgr.start_with(cfg, Vec::new(), Vec::new()).await.expect("start");
+    mgr.start(cfg).await.expect("start");
     let agent = AgentClient::connect_timeout(&sock, BOOT_TIMEOUT)
         .await
         .expect("agent");

@@ -55,7 +55,7 @@ async fn two_vms_from_one_image_keep_their_writes_and_the_cache_unchanged() {
 
     let mgr = VmManager::with_home(home.path()).await.expect("manager");
     for name in ["img-a", "img-b"] {
-        mgr.start_with_rootfs(support::test_config(name), &rootfs.path, Vec::new(), Vec::new())
+        mgr.start_with_rootfs(support::test_config(name), &rootfs.path)
             .await
             .expect("start");
     }

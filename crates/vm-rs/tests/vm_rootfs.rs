@@ -53,7 +53,9 @@ async fn switches_root_and_applies_user_cwd_env() {
     assert!(status.success());
 
     let sock = dir.path().join("agent.sock");
-    let mut extra = vm_rs::agent::qemu_args(&sock);
+    let mut extra = vm_rs::driver::qemu::args::agent_args(&vm_rs::devices::AgentChannel::VirtioSerial {
+        socket: sock.clone(),
+    });
     // A scratch disk next to the root disk: the root is found by its serial, not its order.
     let scratch = dir.path().join("scratch.img");
     std::fs::write(&scratch, vec![0u8; 1 << 20]).expect("scratch");

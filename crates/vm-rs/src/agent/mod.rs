@@ -4,7 +4,8 @@
 //! ## Wiring
 //!
 //! The VMM gives the guest a virtio-serial port named [`proto::PORT_NAME`] whose host end is a
-//! Unix socket on which QEMU listens ([`qemu_args`]):
+//! Unix socket on which QEMU listens ([`crate::devices::AgentChannel`], rendered by the QEMU
+//! driver as):
 //!
 //! ```text
 //! -device virtio-serial-device,id=vmrs-vser0
@@ -62,32 +63,6 @@ use vmrs_proto::{Decoder, ExecRequest, Message, ProtoError, CHUNK, EXEC_DETACH, 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Frames buffered per stream before the reader waits for the consumer.
 const STREAM_QUEUE: usize = 64;
-
-/// QEMU arguments that give a guest the agent port with its host end at `socket` (QEMU
-/// listens; commas in the path are escaped).
-pub fn qemu_args(socket: &Path) -> Vec<std::ffi::OsString> {
-    use std::os::unix::ffi::{OsStrExt, OsStringExt};
-    let mut chardev = b"socket,id=vmrs-agent0,path=".to_vec();
-    for &b in socket.as_os_str().as_bytes() {
-        chardev.push(b);
-        if b == b',' {
-            chardev.push(b',');
-        }
-    }
-    chardev.extend_from_slice(b",server=on,wait=off");
-    vec![
-        "-device".into(),
-        "virtio-serial-device,id=vmrs-vser0".into(),
-        "-chardev".into(),
-        std::ffi::OsString::from_vec(chardev),
-        "-device".into(),
-        format!(
-            "virtserialport,bus=vmrs-vser0.0,chardev=vmrs-agent0,name={}",
-            proto::PORT_NAME
-        )
-        .into(),
-    ]
-}
 
 /// Errors of agent operations.
 #[derive(Debug, thiserror::Error)]
@@ -945,17 +920,6 @@ async fn read_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn qemu_args_escape_commas() {
-        let a = qemu_args(Path::new("/tmp/a,b/agent.sock"));
-        assert_eq!(a.len(), 6);
-        assert_eq!(
-            a[3],
-            std::ffi::OsString::from("socket,id=vmrs-agent0,path=/tmp/a,,b/agent.sock,server=on,wait=off")
-        );
-        assert!(a[5].to_string_lossy().ends_with("name=vmrs.agent"));
-    }
 
     #[test]
     fn image_process_follows_docker_rules() {

@@ -18,10 +18,13 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// What the manager hands a driver to boot one VM.
+/// What the manager hands a driver to boot one VM: the configuration and the typed devices
+/// built from it ([`crate::devices`]), already checked against [`VmDriver::capabilities`].
+/// Drivers render `devices`; they do not read devices from `config` again.
 #[derive(Debug, Clone)]
 pub struct BootSpec<'a> {
-    /// The validated configuration.
+    /// The validated configuration (name, CPUs, memory, kernel, initramfs, user command line,
+    /// accelerator).
     pub config: &'a VmConfig,
     /// The VM's own directory; the driver keeps its sockets and files here.
     pub vm_dir: &'a Path,
@@ -29,11 +32,11 @@ pub struct BootSpec<'a> {
     pub serial_log: PathBuf,
     /// File the VMM's own stdout/stderr go to.
     pub vmm_log: PathBuf,
-    /// Extra kernel command line parameters contributed by other subsystems (network config,
-    /// agent channel, root disk).
-    pub extra_cmdline: Vec<String>,
-    /// Extra backend-specific VMM arguments contributed by other subsystems.
-    pub extra_args: Vec<std::ffi::OsString>,
+    /// Every device of the VM.
+    pub devices: crate::devices::DeviceSet,
+    /// Kernel parameters for the guest init from other subsystems (network addressing, root
+    /// disk); the same words on every backend.
+    pub guest_params: Vec<String>,
 }
 
 /// Identity of a running VMM and how to reach it; persisted in the VM's state record.
@@ -163,13 +166,13 @@ pub enum DriverError {
         /// How long we waited.
         secs: f64,
     },
-    /// This backend cannot do the operation.
-    #[error("{backend} backend does not support {op}")]
+    /// This backend cannot do what was asked (a device, a setting or a verb).
+    #[error("the {backend} backend does not support {feature}")]
     Unsupported {
         /// Backend.
         backend: BackendKind,
-        /// Operation.
-        op: &'static str,
+        /// What it cannot do.
+        feature: &'static str,
     },
     /// Process bookkeeping failed.
     #[error(transparent)]
@@ -217,6 +220,10 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug {
     /// Which backend this is.
     fn kind(&self) -> BackendKind;
 
+    /// What this backend can run; the manager checks a VM's devices against it before
+    /// creating anything ([`crate::devices::Capabilities::check`]).
+    fn capabilities(&self) -> crate::devices::Capabilities;
+
     /// Launch the VMM for `spec` and return once its control socket answers. The guest boots
     /// asynchronously; readiness comes from the serial console.
     async fn boot(&self, spec: &BootSpec<'_>) -> Result<Launched, DriverError>;
@@ -242,7 +249,7 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug {
         let _ = handle;
         Err(DriverError::Unsupported {
             backend: self.kind(),
-            op: "events",
+            feature: "events",
         })
     }
 
@@ -251,7 +258,7 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug {
         let _ = (handle, dir);
         Err(DriverError::Unsupported {
             backend: self.kind(),
-            op: "snapshot",
+            feature: "snapshot",
         })
     }
 
@@ -260,7 +267,7 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug {
         let _ = (spec, dir);
         Err(DriverError::Unsupported {
             backend: self.kind(),
-            op: "restore",
+            feature: "restore",
         })
     }
 
@@ -274,7 +281,7 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug {
         let _ = (handle, cpus, memory_mib);
         Err(DriverError::Unsupported {
             backend: self.kind(),
-            op: "resize",
+            feature: "resize",
         })
     }
 
@@ -287,7 +294,7 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug {
         let _ = (handle, disk);
         Err(DriverError::Unsupported {
             backend: self.kind(),
-            op: "add disk",
+            feature: "add disk",
         })
     }
 
@@ -296,7 +303,7 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug {
         let _ = (handle, net);
         Err(DriverError::Unsupported {
             backend: self.kind(),
-            op: "add net",
+            feature: "add net",
         })
     }
 
@@ -305,7 +312,7 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug {
         let _ = (handle, id);
         Err(DriverError::Unsupported {
             backend: self.kind(),
-            op: "remove device",
+            feature: "remove device",
         })
     }
 
@@ -314,7 +321,7 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug {
         let _ = handle;
         Err(DriverError::Unsupported {
             backend: self.kind(),
-            op: "counters",
+            feature: "counters",
         })
     }
 
@@ -323,7 +330,7 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug {
         let _ = handle;
         Err(DriverError::Unsupported {
             backend: self.kind(),
-            op: "info",
+            feature: "info",
         })
     }
 
@@ -359,7 +366,7 @@ pub fn detect(kind: BackendKind) -> Result<Arc<dyn VmDriver>, DriverError> {
         BackendKind::Auto => match std::env::var("VMRS_BACKEND") {
             Ok(v) if !v.is_empty() && v != "auto" => v.parse().map_err(|_| DriverError::Unsupported {
                 backend: BackendKind::Auto,
-                op: "VMRS_BACKEND value",
+                feature: "VMRS_BACKEND value",
             })?,
             _ => auto_backend(),
         },
@@ -391,7 +398,7 @@ pub fn driver_for(kind: BackendKind) -> Result<Arc<dyn VmDriver>, DriverError> {
         #[allow(unreachable_patterns)]
         other => Err(DriverError::Unsupported {
             backend: other,
-            op: "this host (backend not built in)",
+            feature: "this host (backend not built in)",
         }),
     }
 }

@@ -25,6 +25,7 @@ mod monitor;
 pub mod record;
 
 use crate::config::{BackendKind, ConfigError, VmConfig};
+use crate::devices::{AgentChannel, AgentTransport, DeviceSet, Disk, MemoryBackend, Nic, SharedFs};
 use crate::driver::{self, BootSpec, DriverError, VmDriver, VmHandle};
 use crate::process::{ProcessError, VmmProcess};
 use crate::state::{Operation, StateError, VmState};
@@ -297,48 +298,38 @@ impl VmManager {
     /// Validate `config`, create the VM's directory and boot it. Returns once the VMM runs; use
     /// [`wait_ready`](Self::wait_ready) for the guest. On any error nothing is left behind.
     pub async fn start(&self, config: VmConfig) -> Result<VmInfo, ManagerError> {
-        self.start_with(config, Vec::new(), Vec::new()).await
+        self.start_with(config, StartOptions::default()).await
     }
 
-    /// [`start`](Self::start) with extra kernel parameters and VMM arguments contributed by
-    /// other subsystems (networking, agent).
-    pub async fn start_with(
-        &self,
-        config: VmConfig,
-        extra_cmdline: Vec<String>,
-        extra_args: Vec<std::ffi::OsString>,
-    ) -> Result<VmInfo, ManagerError> {
-        self.start_impl(config, None, extra_cmdline, extra_args).await
+    /// [`start`](Self::start) booting into the root filesystem image `rootfs`
+    /// ([`crate::rootfs::build_rootfs`]) with a guest agent: the VM gets its own qcow2 overlay
+    /// of it in its directory (the image itself is never written) as the root disk, and the
+    /// guest init switches root to it.
+    pub async fn start_with_rootfs(&self, config: VmConfig, rootfs: &Path) -> Result<VmInfo, ManagerError> {
+        let opts = StartOptions {
+            rootfs: Some(rootfs.to_path_buf()),
+            require_agent: true,
+        };
+        self.start_with(config, opts).await
     }
 
-    /// [`start_with`](Self::start_with) booting into the root filesystem image `rootfs`
-    /// ([`crate::rootfs::build_rootfs`]): the VM gets its own qcow2 overlay of it in its
-    /// directory (the image itself is never written) as the root disk, and the guest init
-    /// switches root to it.
-    pub async fn start_with_rootfs(
-        &self,
-        config: VmConfig,
-        rootfs: &Path,
-        extra_cmdline: Vec<String>,
-        extra_args: Vec<std::ffi::OsString>,
-    ) -> Result<VmInfo, ManagerError> {
-        self.start_impl(config, Some(rootfs), extra_cmdline, extra_args)
-            .await
-    }
-
-    async fn start_impl(
-        &self,
-        config: VmConfig,
-        rootfs: Option<&Path>,
-        extra_cmdline: Vec<String>,
-        extra_args: Vec<std::ffi::OsString>,
-    ) -> Result<VmInfo, ManagerError> {
+    /// [`start`](Self::start) with what other subsystems add to the VM ([`StartOptions`]).
+    ///
+    /// The order is what makes a refused VM leave nothing behind: the configuration is
+    /// validated, the backend chosen, the VM's devices planned and checked against the
+    /// backend's [`capabilities`](crate::driver::VmDriver::capabilities) — and only then are
+    /// the VM directory, root overlay, host network devices and sidecars created.
+    pub async fn start_with(&self, config: VmConfig, opts: StartOptions) -> Result<VmInfo, ManagerError> {
         let mut config = config;
         config.make_paths_absolute();
         config.validate()?;
         let name = config.name.clone();
-        let driver = driver::detect(config.backend).map_err(ManagerError::driver(&name))?;
+        let driver = self
+            .resolve_driver(config.backend)
+            .map_err(ManagerError::driver(&name))?;
         let dir = self.vm_dir(&name);
+        // Planned (and refused) before anything exists on the host.
+        let devices = plan_devices(&config, &dir, self.home(), &opts, driver.as_ref())?;
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -354,6 +345,7 @@ impl VmManager {
             config.serial_log = Some(dir.join(files::SERIAL_LOG));
         }
         record::write_json_atomic(&dir.join(files::CONFIG), &config)?;
+        record::write_json_atomic(&dir.join(files::START), &opts)?;
         let mut rec = VmRecord {
             version: RECORD_VERSION,
             name: name.clone(),
@@ -366,50 +358,9 @@ impl VmManager {
             finished_at: None,
         };
         record::write_json_atomic(&dir.join(files::STATE), &rec)?;
-        // Host side of the networks (TAPs, bridges, switch sidecars, forwarders); recorded in
-        // net.json and torn down when the VM stops, is removed, or is found dead.
-        let (mut extra_cmdline, mut extra_args) = (extra_cmdline, extra_args);
-        if let Some(rootfs) = rootfs {
-            let (_, args) =
-                crate::rootfs::vm_overlay(rootfs, &dir)
-                    .await
-                    .map_err(|e| ManagerError::Rootfs {
-                        name: name.clone(),
-                        source: Box::new(e),
-                    })?;
-            extra_args.extend(args);
-            extra_cmdline.extend(crate::rootfs::root_cmdline());
-        }
-        let net = if config.networks.is_empty() {
-            None
-        } else {
-            let st = crate::net::host::prepare(&self.inner.home, &name, &dir, &config.networks)
-                .await
-                .map_err(|source| ManagerError::Network {
-                    name: name.clone(),
-                    source,
-                })?;
-            extra_cmdline.extend(st.guest_cmdline());
-            extra_args.extend(st.qemu_args().into_iter().map(std::ffi::OsString::from));
-            Some(st)
-        };
-        // The guest agent's port (exec, copy); its host end is `<vm dir>/agent.sock`.
-        if driver.kind() == BackendKind::Qemu {
-            extra_args.extend(crate::agent::qemu_args(&dir.join(exec::AGENT_SOCKET)));
-        }
-        let booted = self
-            .boot(&dir, &config, &mut rec, driver, extra_cmdline, extra_args)
-            .await;
-        let entry = match (booted, net) {
-            (Ok(e), _) => e,
-            (Err(e), Some(st)) => {
-                if let Err(t) = crate::net::host::teardown(&st).await {
-                    tracing::warn!(vm = %name, error = %t, "network teardown after failed boot");
-                }
-                return Err(e);
-            }
-            (Err(e), None) => return Err(e),
-        };
+        let entry = self
+            .launch(&dir, &config, &opts, devices, &mut rec, driver)
+            .await?;
         cleanup.disarm();
         self.inner
             .entries
@@ -419,14 +370,116 @@ impl VmManager {
         Ok(entry.info().await)
     }
 
+    /// Boot a stopped or failed VM again with the configuration, disks and networks it was
+    /// created with (`vmrs start NAME`, docker's habit). An image VM keeps its root overlay, so
+    /// what the guest wrote survives. Starting a live VM is a conflict
+    /// ([`StateError`]); if the boot fails the VM is left `failed` with the reason.
+    pub async fn start_existing(&self, name: &str) -> Result<VmInfo, ManagerError> {
+        let dir = self.vm_dir(name);
+        let entry = self.entry(name).await?;
+        entry.state().check(name, Operation::Start)?;
+        let _start_lock = lock_start(&dir)?;
+        // Another process may have started it while we waited for the lock: the record on disk
+        // is the truth.
+        let mut rec = record::load_record(&dir)?;
+        rec.state.check(name, Operation::Start)?;
+        let config = record::load_config(&dir)?;
+        let opts: StartOptions = record::load_json_or_default(&dir.join(files::START))?;
+        let driver = self
+            .resolve_driver(rec.backend)
+            .map_err(ManagerError::driver(name))?;
+        config.validate()?;
+        let devices = plan_devices(&config, &dir, self.home(), &opts, driver.as_ref())?;
+        entry.retire().await;
+        self.inner.entries.lock().await.remove(name);
+        self.drop_agent(name).await;
+        rec.state = VmState::Starting;
+        rec.handle = None;
+        rec.ip = None;
+        rec.started_at = Some(now());
+        rec.finished_at = None;
+        record::write_json_atomic(&dir.join(files::STATE), &rec)?;
+        match self.launch(&dir, &config, &opts, devices, &mut rec, driver).await {
+            Ok(entry) => {
+                self.inner
+                    .entries
+                    .lock()
+                    .await
+                    .insert(name.to_string(), entry.clone());
+                Ok(entry.info().await)
+            }
+            Err(e) => {
+                rec.state = VmState::Failed {
+                    reason: format!("start failed: {}", error_chain(&e)),
+                };
+                rec.finished_at = Some(now());
+                if let Err(w) = record::write_json_atomic(&dir.join(files::STATE), &rec) {
+                    tracing::warn!(vm = %name, error = %w, "cannot record the failed start");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Create the host side of `devices` (root overlay, networks) and boot the VMM. On error,
+    /// what was created here is removed again.
+    async fn launch(
+        &self,
+        dir: &Path,
+        config: &VmConfig,
+        opts: &StartOptions,
+        mut devices: DeviceSet,
+        rec: &mut VmRecord,
+        driver: Arc<dyn VmDriver>,
+    ) -> Result<Arc<VmEntry>, ManagerError> {
+        let name = &config.name;
+        let mut guest_params = Vec::new();
+        if let Some(rootfs) = &opts.rootfs {
+            crate::rootfs::vm_overlay(rootfs, dir)
+                .await
+                .map_err(|e| ManagerError::Rootfs {
+                    name: name.clone(),
+                    source: Box::new(e),
+                })?;
+            guest_params.extend(crate::rootfs::root_cmdline());
+        }
+        // Host side of the networks (TAPs, bridges, switch sidecars, forwarders); recorded in
+        // net.json and torn down when the VM stops, is removed, or is found dead.
+        let net = if config.networks.is_empty() {
+            None
+        } else {
+            let st = crate::net::host::prepare(&self.inner.home, name, dir, &config.networks)
+                .await
+                .map_err(|source| ManagerError::Network {
+                    name: name.clone(),
+                    source,
+                })?;
+            guest_params.extend(st.guest_cmdline());
+            devices.nics = st.nics.iter().map(Nic::from).collect();
+            devices.netns = st.netns.clone();
+            Some(st)
+        };
+        let booted = self.boot(dir, config, rec, driver, devices, guest_params).await;
+        match (booted, net) {
+            (Ok(e), _) => Ok(e),
+            (Err(e), Some(st)) => {
+                if let Err(t) = crate::net::host::teardown(&st).await {
+                    tracing::warn!(vm = %name, error = %t, "network teardown after failed boot");
+                }
+                Err(e)
+            }
+            (Err(e), None) => Err(e),
+        }
+    }
+
     async fn boot(
         &self,
         dir: &Path,
         config: &VmConfig,
         rec: &mut VmRecord,
         driver: Arc<dyn VmDriver>,
-        extra_cmdline: Vec<String>,
-        extra_args: Vec<std::ffi::OsString>,
+        devices: DeviceSet,
+        guest_params: Vec<String>,
     ) -> Result<Arc<VmEntry>, ManagerError> {
         let serial_log = config
             .serial_log
@@ -437,8 +490,8 @@ impl VmManager {
             vm_dir: dir,
             serial_log,
             vmm_log: dir.join(files::VMM_LOG),
-            extra_cmdline,
-            extra_args,
+            devices,
+            guest_params,
         };
         let launched = driver
             .boot(&spec)
@@ -457,6 +510,10 @@ impl VmManager {
             driver,
             launched.process,
         ))
+    }
+
+    fn resolve_driver(&self, kind: BackendKind) -> Result<Arc<dyn VmDriver>, DriverError> {
+        driver::detect(kind)
     }
 
     /// Current state of `name`.
@@ -648,6 +705,100 @@ impl VmManager {
         std::fs::remove_dir_all(&dir).map_err(|source| ManagerError::Io { path: dir, source })?;
         Ok(())
     }
+}
+
+/// What other subsystems add to a VM at start; saved as `start.json` in the VM's directory so
+/// [`VmManager::start_existing`] boots the same machine again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct StartOptions {
+    /// Boot into this root filesystem image (an ext4 image from
+    /// [`crate::rootfs::build_rootfs`]) through a per-VM qcow2 overlay.
+    #[serde(default)]
+    pub rootfs: Option<PathBuf>,
+    /// The VM needs the guest agent (exec, copy, an image's process): refused up front on a
+    /// backend with no agent transport. Without it the VM gets an agent whenever the backend
+    /// can give it one.
+    #[serde(default)]
+    pub require_agent: bool,
+}
+
+/// The devices [`VmManager::start_with`] gives a VM whose directory is `dir` under the data dir
+/// `home`, planned without touching the host and checked against `driver`'s capabilities: an
+/// `Err` here means the VM cannot run on that backend, and nothing was created. (Host-side
+/// details such as a TAP device's namespace are final only after the network is prepared.)
+pub fn plan_devices(
+    config: &VmConfig,
+    dir: &Path,
+    home: &Path,
+    opts: &StartOptions,
+    driver: &dyn VmDriver,
+) -> Result<DeviceSet, ManagerError> {
+    let caps = driver.capabilities();
+    let name = &config.name;
+    let unsupported = |feature| ManagerError::Driver {
+        name: name.clone(),
+        source: DriverError::Unsupported {
+            backend: driver.kind(),
+            feature,
+        },
+    };
+    let mut devices = DeviceSet {
+        disks: config
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Disk::from_config(i, d))
+            .collect(),
+        shared_dirs: config
+            .shared_dirs
+            .iter()
+            .map(|d| SharedFs {
+                tag: d.tag.clone(),
+                host_path: d.host_path.clone(),
+                read_only: d.read_only,
+            })
+            .collect(),
+        entropy: caps.entropy,
+        memory: MemoryBackend::Anonymous,
+        ..DeviceSet::default()
+    };
+    if opts.rootfs.is_some() {
+        devices.disks.push(crate::rootfs::root_disk(dir));
+    }
+    if !config.networks.is_empty() {
+        let nics =
+            crate::net::plan(name, dir, home, &config.networks).map_err(|source| ManagerError::Network {
+                name: name.clone(),
+                source: source.into(),
+            })?;
+        devices.nics = nics.iter().map(Nic::from).collect();
+        devices.netns = crate::net::vmm_netns(&config.networks).map(Path::to_path_buf);
+    }
+    // The agent's channel (exec, copy): the backend's best transport, if it has one.
+    match caps.agent_transports.first() {
+        Some(AgentTransport::VirtioSerial) => {
+            devices.agent = Some(AgentChannel::VirtioSerial {
+                socket: dir.join(exec::AGENT_SOCKET),
+            });
+        }
+        None if opts.require_agent => return Err(unsupported("the guest agent (exec, cp, images)")),
+        None => {}
+    }
+    caps.check(driver.kind(), config, &devices)
+        .map_err(ManagerError::driver(name))?;
+    Ok(devices)
+}
+
+/// An error and its causes on one line, for a state record's reason.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
 }
 
 const START_LOCK: &str = "start.lock";

@@ -24,6 +24,8 @@ pub mod files {
     pub const SERIAL_LOG: &str = "serial.log";
     /// VMM stdout/stderr.
     pub const VMM_LOG: &str = "vmm.log";
+    /// What other subsystems added at start ([`super::super::StartOptions`]), for restarts.
+    pub const START: &str = "start.json";
 }
 
 /// The state record of one VM.
@@ -117,6 +119,15 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, RecordE
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Read JSON from `path`, or `T::default()` when the file does not exist (records written by
+/// older versions).
+pub fn load_json_or_default<T: for<'de> Deserialize<'de> + Default>(path: &Path) -> Result<T, RecordError> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        _ => read_json(path),
+    }
 }
 
 /// Load a VM's config.

@@ -8,8 +8,8 @@
 //! ```text
 //! start:   let state = net::host::prepare(home, name, vm_dir, &config.networks).await?;
 //!          // state is saved as <vm_dir>/net.json before any device is made
-//!          args.extend(state.qemu_args());  cmdline.extend(state.guest_cmdline());
-//!          if let Some(ns) = state.netns() { net::netns::command_in(&mut qemu_cmd, ns)? }
+//!          devices.nics = state.nics (typed NICs);  cmdline.extend(state.guest_cmdline());
+//!          devices.netns = state.netns   (the driver starts the VMM in it)
 //!          (if QEMU fails to start: net::host::teardown(&state).await)
 //! stop / kill / QEMU exited / remove:
 //!          net::host::teardown(&state).await   // or teardown_vm_dir(vm_dir) from net.json
@@ -173,11 +173,6 @@ pub struct NetState {
 }
 
 impl NetState {
-    /// All `-netdev`/`-device` arguments, NIC by NIC.
-    pub fn qemu_args(&self) -> Vec<String> {
-        self.nics.iter().flat_map(NicPlan::qemu_args).collect()
-    }
-
     /// All guest kernel command-line words.
     pub fn guest_cmdline(&self) -> Vec<String> {
         self.nics.iter().flat_map(NicPlan::guest_cmdline).collect()

@@ -4,8 +4,8 @@
 //!
 //! * **planning** — [`plan`] resolves each attachment into a [`NicPlan`]: the guest MAC
 //!   ([`derive_mac`]: locally administered, derived from the VM name and NIC index unless
-//!   given), the guest address ([`derive_ip`]), the host device or socket it uses, and from that
-//!   the QEMU `-netdev`/`-device` arguments ([`NicPlan::qemu_args`]) and the guest kernel
+//!   given), the guest address ([`derive_ip`]), the host device or socket it uses ([`NicBackend`],
+//!   which becomes a typed [`crate::devices::Nic`] each driver renders) and the guest kernel
 //!   command line ([`NicPlan::guest_cmdline`]);
 //! * **host devices** — [`host`]: TAP devices, bridges, addresses and NAT through netlink
 //!   (nftables for the masquerade rule), optionally inside a network namespace ([`netns`]),
@@ -23,7 +23,7 @@
 //! For further NICs the same keys carry the interface: `vmrs.ip.eth1=...`, `vmrs.dns.eth1=...`
 //! (no gateway: the default route stays on `eth0`).
 //!
-//! ## QEMU wiring (microvm, virtio-mmio)
+//! ## QEMU wiring (microvm, virtio-mmio; rendered by `driver::qemu::args::nic_args`)
 //!
 //! | attachment | `-netdev` |
 //! |------------|-----------|
@@ -292,60 +292,10 @@ pub struct NicPlan {
     pub guest: GuestIpConfig,
 }
 
-/// Escape a value for a QEMU option string (commas are doubled).
-fn qemu_escape(s: &str) -> String {
-    s.replace(',', ",,")
-}
-
 impl NicPlan {
     /// QEMU id of the netdev (`net<index>`).
     pub fn netdev_id(&self) -> String {
         format!("net{}", self.index)
-    }
-
-    /// The `-netdev ... -device virtio-net-device,...` arguments for this NIC (microvm,
-    /// virtio-mmio; QEMU 7.2 syntax).
-    pub fn qemu_args(&self) -> Vec<String> {
-        let id = self.netdev_id();
-        let netdev = match &self.backend {
-            NicBackend::User {
-                net,
-                host,
-                dns,
-                guest,
-                port_forwards,
-            } => {
-                let mut s = format!(
-                    "user,id={id},net={},host={host},dns={dns},dhcpstart={guest},ipv6=off",
-                    net.network_cidr()
-                );
-                for pf in port_forwards {
-                    s.push_str(&format!(
-                        ",hostfwd={}:{}:{}-{guest}:{}",
-                        pf.protocol,
-                        pf.bind_ip(),
-                        pf.host_port,
-                        pf.guest_port
-                    ));
-                }
-                s
-            }
-            NicBackend::Tap { ifname, .. } => format!(
-                "tap,id={id},ifname={},script=no,downscript=no",
-                qemu_escape(ifname)
-            ),
-            NicBackend::Switch { local, remote, .. } => format!(
-                "dgram,id={id},local.type=unix,local.path={},remote.type=unix,remote.path={}",
-                qemu_escape(&local.to_string_lossy()),
-                qemu_escape(&remote.to_string_lossy())
-            ),
-        };
-        vec![
-            "-netdev".to_string(),
-            netdev,
-            "-device".to_string(),
-            format!("virtio-net-device,netdev={id},mac={}", self.mac),
-        ]
     }
 
     /// Kernel command-line words telling the guest init how to configure this NIC (see the
@@ -659,18 +609,6 @@ pub fn plan(
         .collect()
 }
 
-/// The QEMU `-netdev`/`-device` arguments for NIC `index` of `vm_name` (shorthand for
-/// [`plan_nic`] + [`NicPlan::qemu_args`]).
-pub fn qemu_netdev_args(
-    attachment: &NetworkAttachment,
-    index: usize,
-    vm_name: &str,
-    vm_dir: &Path,
-    home: &Path,
-) -> Result<Vec<String>, NetError> {
-    Ok(plan_nic(attachment, index, vm_name, vm_dir, home)?.qemu_args())
-}
-
 /// The guest kernel command-line words for NIC `index` of `vm_name` (shorthand for
 /// [`plan_nic`] + [`NicPlan::guest_cmdline`]).
 pub fn guest_cmdline(
@@ -733,17 +671,23 @@ mod tests {
             },
         ]);
         let p = plan_nic(&a, 0, "vm", Path::new("/d/vms/vm"), Path::new("/d")).expect("plan");
-        let args = p.qemu_args();
-        assert_eq!(args[0], "-netdev");
-        assert_eq!(
-            args[1],
-            "user,id=net0,net=10.0.2.0/24,host=10.0.2.2,dns=10.0.2.3,dhcpstart=10.0.2.15,ipv6=off,\
-             hostfwd=tcp:127.0.0.1:8080-10.0.2.15:80,hostfwd=udp:0.0.0.0:5353-10.0.2.15:53"
-        );
-        assert_eq!(
-            args[3],
-            format!("virtio-net-device,netdev=net0,mac={}", derive_mac("vm", 0))
-        );
+        assert_eq!(p.mac, derive_mac("vm", 0));
+        match &p.backend {
+            NicBackend::User {
+                net,
+                host,
+                dns,
+                guest,
+                port_forwards,
+            } => {
+                assert_eq!(net.network_cidr().to_string(), "10.0.2.0/24");
+                assert_eq!(host.to_string(), "10.0.2.2");
+                assert_eq!(dns.to_string(), "10.0.2.3");
+                assert_eq!(guest.to_string(), "10.0.2.15");
+                assert_eq!(port_forwards.len(), 2);
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             p.guest_cmdline(),
             vec!["vmrs.ip=10.0.2.15/24", "vmrs.gw=10.0.2.2", "vmrs.dns=10.0.2.3"]
@@ -762,8 +706,12 @@ mod tests {
         let sw = NetworkAttachment::switch("blue");
         let p = plan_nic(&sw, 0, "vm", Path::new("/d/vms/vm"), Path::new("/d")).expect("plan");
         assert_eq!(
-            p.qemu_args()[1],
-            "dgram,id=net0,local.type=unix,local.path=/d/vms/vm/net0.sock,remote.type=unix,remote.path=/d/networks/blue/switch.sock"
+            p.backend,
+            NicBackend::Switch {
+                network: "blue".into(),
+                local: "/d/vms/vm/net0.sock".into(),
+                remote: "/d/networks/blue/switch.sock".into(),
+            }
         );
         let ip = p.guest.address().expect("static");
         assert!(DEFAULT_SWITCH_SUBNET.contains(ip.addr));
@@ -778,9 +726,10 @@ mod tests {
             netns: None,
         };
         let p = plan_nic(&br, 0, "vm", Path::new("/d/vms/vm"), Path::new("/d")).expect("plan");
-        assert_eq!(
-            p.qemu_args()[1],
-            format!("tap,id=net0,ifname={},script=no,downscript=no", tap_name("vm", 0))
+        assert!(
+            matches!(&p.backend, NicBackend::Tap { ifname, bridge: Some(b) } if *ifname == tap_name("vm", 0) && b == "vmrsbr0"),
+            "{:?}",
+            p.backend
         );
         let cl = p.guest_cmdline();
         assert!(cl[0].starts_with("vmrs.ip=10.88.0."));

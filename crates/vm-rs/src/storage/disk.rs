@@ -352,44 +352,6 @@ pub async fn probe_disk(path: &Path) -> Result<DiskConfig, DiskError> {
     Ok(disk)
 }
 
-/// QEMU arguments attaching `disk` as virtio-blk number `index`: a `-blockdev` given as JSON
-/// (so no path needs QEMU's comma escaping and no `json:`/protocol prefix in a file name is
-/// ever interpreted) and a `-device virtio-blk-pci`. Read-only and the cache mode map to
-/// `read-only`, `cache.direct` and `cache.no-flush`; a qcow2 overlay's backing file is opened
-/// from its header. Fails only for a path that is not UTF-8.
-pub fn qemu_disk_args(disk: &DiskConfig, index: usize) -> Result<Vec<String>, DiskError> {
-    use crate::config::CacheMode;
-    let path = disk.path.to_str().ok_or_else(|| DiskError::Io {
-        op: "attach",
-        path: disk.path.clone(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "path is not UTF-8"),
-    })?;
-    let (direct, no_flush) = match disk.cache {
-        CacheMode::Writeback => (false, false),
-        CacheMode::None => (true, false),
-        CacheMode::Unsafe => (false, true),
-    };
-    let node = format!("vmrs-disk{index}");
-    let blockdev = serde_json::json!({
-        "driver": disk.format.to_string(),
-        "node-name": node,
-        "read-only": disk.read_only,
-        "cache": {"direct": direct, "no-flush": no_flush},
-        "file": {
-            "driver": "file",
-            "filename": path,
-            "read-only": disk.read_only,
-            "cache": {"direct": direct, "no-flush": no_flush},
-        },
-    });
-    Ok(vec![
-        "-blockdev".to_string(),
-        blockdev.to_string(),
-        "-device".to_string(),
-        format!("virtio-blk-pci,drive={node},id=vmrs-vblk{index}"),
-    ])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -412,21 +374,6 @@ mod tests {
         ));
         // No temp files left behind.
         assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 1);
-    }
-
-    #[test]
-    fn qemu_args_are_json_and_escape_nothing() {
-        let mut d = DiskConfig::new("/tmp/a,file.driver=nbd,json:{x}.img");
-        d.read_only = true;
-        d.format = DiskFormat::Qcow2;
-        let args = qemu_disk_args(&d, 2).expect("args");
-        assert_eq!(args[0], "-blockdev");
-        let v: serde_json::Value = serde_json::from_str(&args[1]).expect("json");
-        assert_eq!(v["driver"], "qcow2");
-        assert_eq!(v["node-name"], "vmrs-disk2");
-        assert_eq!(v["read-only"], true);
-        assert_eq!(v["file"]["filename"], "/tmp/a,file.driver=nbd,json:{x}.img");
-        assert_eq!(args[3], "virtio-blk-pci,drive=vmrs-disk2,id=vmrs-vblk2");
     }
 
     #[test]

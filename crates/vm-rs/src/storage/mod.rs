@@ -28,9 +28,7 @@ mod yaml;
 
 pub use catalog::{AssetKind, CatalogEntry, CatalogError, CatalogFile, ImageCatalog};
 pub use clone::{clone_disk, clone_disk_with, CloneError, CloneMethod, ClonePolicy};
-pub use disk::{
-    create_disk, create_overlay, grow_disk, image_info, probe_disk, qemu_disk_args, DiskError, ImageInfo,
-};
+pub use disk::{create_disk, create_overlay, grow_disk, image_info, probe_disk, DiskError, ImageInfo};
 pub use download::{download_verified, DownloadError, DownloadOptions, DownloadOutcome, Progress};
 pub use seed::{write_seed_image, SeedConfig, SeedError, SeedFile, SeedFiles, SeedMount, SeedNic, SeedUser};
 pub use size::{format_size, parse_size, SizeError};

@@ -70,15 +70,23 @@ impl Fixture {
         self.vm_dir.join("serial.log")
     }
 
-    /// Boot spec for `config`.
+    /// Boot spec for `config`, with the devices the manager would give it.
     pub fn spec<'a>(&'a self, config: &'a VmConfig) -> BootSpec<'a> {
+        let devices = vm_rs::manager::plan_devices(
+            config,
+            &self.vm_dir,
+            self.tmp.path(),
+            &vm_rs::manager::StartOptions::default(),
+            &self.driver,
+        )
+        .expect("devices");
         BootSpec {
             config,
             vm_dir: &self.vm_dir,
             serial_log: self.serial(),
             vmm_log: self.vm_dir.join("vmm.log"),
-            extra_cmdline: Vec::new(),
-            extra_args: Vec::new(),
+            devices,
+            guest_params: Vec::new(),
         }
     }
 

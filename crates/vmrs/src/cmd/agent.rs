@@ -108,7 +108,7 @@ pub async fn run_image(a: super::vm::RunArgs, image: String) -> anyhow::Result<i
     let mut cmd = rootfs.process.command(override_cmd)?;
     cmd.detach = a.detach;
     let mgr = VmManager::new().await?;
-    mgr.start_with_rootfs(config, &rootfs.path, Vec::new(), Vec::new())
+    mgr.start_with_rootfs(config, &rootfs.path)
         .await
         .with_context(|| format!("cannot start vm {name:?}"))?;
     let result = async {

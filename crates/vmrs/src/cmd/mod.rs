@@ -20,6 +20,8 @@ pub enum Command {
     /// List VMs.
     #[command(alias = "ls")]
     Ps(vm::PsArgs),
+    /// Boot stopped VMs again with their saved configuration, disks and networks.
+    Start(vm::StartArgs),
     /// Stop VMs gracefully (power button), killing them after --timeout.
     Stop(vm::StopArgs),
     /// Kill VMs immediately.
@@ -81,6 +83,7 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Setup(a) => setup::run(a).await.map(|()| 0),
         Command::Run(a) => vm::run(a).await,
         Command::Ps(a) => vm::ps(a).await,
+        Command::Start(a) => vm::start(a).await,
         Command::Stop(a) => vm::stop(a).await,
         Command::Kill(a) => vm::kill(a).await,
         Command::Pause(a) => vm::pause(a).await,

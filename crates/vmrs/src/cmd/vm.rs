@@ -339,6 +339,41 @@ pub struct StopArgs {
     pub names: Vec<String>,
 }
 
+/// `vmrs start`
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// Seconds to wait for each guest's readiness marker.
+    #[arg(long, default_value_t = 120)]
+    pub ready_timeout: u64,
+    /// Stopped or failed VMs to boot again.
+    #[arg(required = true)]
+    pub names: Vec<String>,
+}
+
+/// `vmrs start`: boot stopped VMs again with their saved configuration, disks and networks;
+/// returns once each is ready (a VM that does not get ready in time is killed, as with
+/// `run -d`).
+pub async fn start(a: StartArgs) -> anyhow::Result<i32> {
+    let mgr = VmManager::new().await?;
+    let t = Duration::from_secs(a.ready_timeout);
+    each(&a.names, |n| {
+        let mgr = mgr.clone();
+        async move {
+            mgr.start_existing(&n)
+                .await
+                .with_context(|| format!("cannot start vm {n:?}"))?;
+            if let Err(e) = mgr.wait_ready(&n, t).await {
+                let _ = mgr.kill(&n).await;
+                return Err(
+                    anyhow::Error::new(e).context(format!("vm {n:?} did not become ready; it was killed"))
+                );
+            }
+            Ok(())
+        }
+    })
+    .await
+}
+
 /// Run `op` on each name, printing the name on success; the first error is returned after
 /// trying all of them.
 async fn each<F, Fut>(names: &[String], op: F) -> anyhow::Result<i32>

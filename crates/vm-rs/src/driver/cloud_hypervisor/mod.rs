@@ -35,10 +35,13 @@
 //! * serial console in file mode to the VM's serial log, virtio-console off;
 //! * disks as virtio-blk with an explicit `image_type` (`Raw`/`Qcow2`); `cache=none` is
 //!   `direct`, `cache=unsafe` is refused;
-//! * no network attachments from the config yet (the host-side networking produces QEMU
-//!   arguments; Cloud Hypervisor has no user-mode NAT): NICs are TAP devices hot-plugged with
-//!   [`VmDriver::add_net`]; shared directories are not supported yet;
-//! * `BootSpec::extra_args` (QEMU arguments from other subsystems) are refused.
+//! * disks carry their serial (the image root disk is found by it);
+//! * TAP NICs (plain or on a bridge) in `net` at `vm.create`, and hot-plugged with
+//!   [`VmDriver::add_net`]; the VMM runs in the NICs' network namespace when they have one;
+//!   user-mode NAT and switch networks are refused by [`VmDriver::capabilities`] before anything
+//!   is created (Cloud Hypervisor has neither);
+//! * an entropy device (`rng` from `/dev/urandom`); guest RAM anonymous or `shared`;
+//! * no guest agent (it needs vsock) and no shared directories yet: refused up front too.
 //!
 //! Snapshots need a paused VM; restore re-creates the VM from the snapshot's own
 //! configuration, so the restored guest writes to the serial log path recorded there. Saving
@@ -67,7 +70,9 @@ use super::{
     BootSpec, Counters, DriverError, EventStream, Launched, TapNetwork, VmDriver, VmHandle, VmmEvent,
     VmmStatus,
 };
-use crate::config::{BackendKind, CacheMode, DiskConfig, DiskFormat, VmConfig};
+use crate::config::{Accel, BackendKind, CacheMode, DiskConfig, DiskFormat, VmConfig};
+use crate::devices::{Capabilities, DeviceSet, Disk, MemoryBackend, MemoryKind};
+use crate::net::NicBackend;
 use crate::process::VmmProcess;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -218,32 +223,27 @@ fn log_tail(path: &Path, max: usize) -> String {
     String::from_utf8_lossy(&bytes[start..]).trim().to_string()
 }
 
-/// Build the `vm.create` body for `config`, booting `kernel` with `extra_cmdline` appended to
-/// the command line and writing the serial console to `serial_log`.
+/// Build the `vm.create` body for `config` and its `devices`, booting `kernel` with
+/// `guest_params` appended to the command line and writing the serial console to `serial_log`.
+/// The devices were checked against [`CloudHypervisorDriver`]'s capabilities; one this body
+/// cannot express is still refused here rather than dropped.
 pub fn vm_config_body(
     config: &VmConfig,
+    devices: &DeviceSet,
     kernel: &Path,
     serial_log: &Path,
-    extra_cmdline: &[String],
+    guest_params: &[String],
 ) -> Result<serde_json::Value, DriverError> {
-    if !config.networks.is_empty() {
-        return Err(DriverError::Unsupported {
-            backend: BackendKind::CloudHypervisor,
-            op: "network attachments in the config yet (hot-plug a TAP device with add_net)",
-        });
-    }
-    if !config.shared_dirs.is_empty() {
-        return Err(DriverError::Unsupported {
-            backend: BackendKind::CloudHypervisor,
-            op: "shared directories",
-        });
-    }
-    let path_str = |p: &Path| -> Result<String, DriverError> {
-        p.to_str().map(str::to_string).ok_or_else(|| DriverError::Io {
-            path: p.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "path is not valid utf-8"),
-        })
+    let unsupported = |feature| DriverError::Unsupported {
+        backend: BackendKind::CloudHypervisor,
+        feature,
     };
+    if !devices.shared_dirs.is_empty() {
+        return Err(unsupported("shared directories (virtio-fs)"));
+    }
+    if devices.agent.is_some() {
+        return Err(unsupported("the guest agent over virtio-serial"));
+    }
     let host_cpus = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
@@ -256,7 +256,7 @@ pub fn vm_config_body(
             message: format!("memory of {} MiB is too large", config.memory_mib),
         })?;
     let mut cmdline = String::from("console=ttyS0");
-    for part in std::iter::once(&config.cmdline).chain(extra_cmdline) {
+    for part in std::iter::once(&config.cmdline).chain(guest_params) {
         if !part.is_empty() {
             cmdline.push(' ');
             cmdline.push_str(part);
@@ -269,15 +269,35 @@ pub fn vm_config_body(
     if let Some(initrd) = &config.initramfs {
         payload["initramfs"] = path_str(initrd)?.into();
     }
-    let disks = config
+    let disks = devices
         .disks
         .iter()
-        .enumerate()
-        .map(|(i, d)| disk_body(d, Some(format!("disk{i}"))))
+        .map(disk_body)
         .collect::<Result<Vec<_>, _>>()?;
+    let nets = devices
+        .nics
+        .iter()
+        .map(|n| match &n.backend {
+            NicBackend::Tap { ifname, .. } => Ok(serde_json::json!({
+                "id": n.id(),
+                "tap": ifname,
+                "mac": n.mac.to_string(),
+            })),
+            NicBackend::User { .. } => Err(unsupported(
+                "user-mode networking (--net user, -p without a bridge)",
+            )),
+            NicBackend::Switch { .. } => Err(unsupported("switch networks")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut memory_body = serde_json::json!({ "size": memory, "hotplug_size": memory });
+    match &devices.memory {
+        MemoryBackend::Anonymous => {}
+        MemoryBackend::Memfd { shared } => memory_body["shared"] = (*shared).into(),
+        MemoryBackend::File { .. } => return Err(unsupported("file-backed guest memory")),
+    }
     let mut body = serde_json::json!({
         "cpus": { "boot_vcpus": config.cpus, "max_vcpus": max_vcpus },
-        "memory": { "size": memory, "hotplug_size": memory },
+        "memory": memory_body,
         "payload": payload,
         "serial": { "mode": "File", "file": path_str(serial_log)? },
         "console": { "mode": "Off" },
@@ -285,23 +305,32 @@ pub fn vm_config_body(
     if !disks.is_empty() {
         body["disks"] = disks.into();
     }
+    if !nets.is_empty() {
+        body["net"] = nets.into();
+    }
+    if devices.entropy {
+        body["rng"] = serde_json::json!({ "src": "/dev/urandom" });
+    }
     Ok(body)
 }
 
-/// Build a `DiskConfig` body.
-pub fn disk_body(disk: &DiskConfig, id: Option<String>) -> Result<serde_json::Value, DriverError> {
-    let path = disk.path.to_str().ok_or_else(|| DriverError::Io {
-        path: disk.path.clone(),
+fn path_str(p: &Path) -> Result<String, DriverError> {
+    p.to_str().map(str::to_string).ok_or_else(|| DriverError::Io {
+        path: p.to_path_buf(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "path is not valid utf-8"),
-    })?;
+    })
+}
+
+/// Build a `DiskConfig` body (also used for hot-plug, where the id is the backend's choice).
+pub fn disk_body(disk: &Disk) -> Result<serde_json::Value, DriverError> {
     if disk.cache == CacheMode::Unsafe {
         return Err(DriverError::Unsupported {
             backend: BackendKind::CloudHypervisor,
-            op: "cache=unsafe disks",
+            feature: "cache=unsafe disks",
         });
     }
     let mut body = serde_json::json!({
-        "path": path,
+        "path": path_str(&disk.path)?,
         "readonly": disk.read_only,
         "direct": disk.cache == CacheMode::None,
         "image_type": match disk.format {
@@ -309,8 +338,11 @@ pub fn disk_body(disk: &DiskConfig, id: Option<String>) -> Result<serde_json::Va
             DiskFormat::Qcow2 => "Qcow2",
         },
     });
-    if let Some(id) = id {
-        body["id"] = id.into();
+    if !disk.id.is_empty() {
+        body["id"] = disk.id.clone().into();
+    }
+    if let Some(serial) = &disk.serial {
+        body["serial"] = serial.clone().into();
     }
     Ok(body)
 }
@@ -393,6 +425,13 @@ impl CloudHypervisorDriver {
             .map_err(io_err(&spec.vmm_log))?;
         let vmm_log_err = vmm_log.try_clone().map_err(io_err(&spec.vmm_log))?;
         let mut cmd = tokio::process::Command::new(&program);
+        // TAP devices in a network namespace are only found from inside it
+        if let Some(ns) = spec.devices.netns.as_deref() {
+            crate::net::netns::command_in(&mut cmd, ns).map_err(|e| DriverError::Io {
+                path: ns.to_path_buf(),
+                source: std::io::Error::other(e),
+            })?;
+        }
         cmd.arg("--api-socket")
             .arg(format!("path={}", files.api_socket.display()))
             .arg("--event-monitor")
@@ -505,6 +544,30 @@ impl VmDriver for CloudHypervisorDriver {
         BackendKind::CloudHypervisor
     }
 
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            // Cloud Hypervisor runs on KVM only (Accel::Auto means KVM here).
+            accels: &[Accel::Kvm],
+            disk_formats: &[DiskFormat::Raw, DiskFormat::Qcow2],
+            cache_modes: &[CacheMode::Writeback, CacheMode::None],
+            disk_serial: true,
+            nic_user: false,
+            nic_tap: true,
+            nic_switch: false,
+            netns: true,
+            // The agent needs vsock here (hybrid vsock over the VM's Unix socket): not built yet.
+            agent_transports: &[],
+            shared_dirs: false,
+            entropy: true,
+            memory: &[MemoryKind::Anonymous, MemoryKind::Memfd],
+            pause: true,
+            snapshot: true,
+            resize: true,
+            hotplug: true,
+            counters: true,
+        }
+    }
+
     async fn boot(&self, spec: &BootSpec<'_>) -> Result<Launched, DriverError> {
         // Check what can be checked before starting a process.
         let kernel = vmlinux::prepare_vmlinux(&spec.config.kernel, spec.vm_dir)
@@ -513,15 +576,13 @@ impl VmDriver for CloudHypervisorDriver {
                 program: PROGRAM.into(),
                 detail: format!("kernel {}: {e}", spec.config.kernel.display()),
             })?;
-        let body = vm_config_body(spec.config, &kernel, &spec.serial_log, &spec.extra_cmdline)?;
-        // Other subsystems contribute QEMU command-line arguments today; Cloud Hypervisor
-        // takes its devices through vm.create instead.
-        if !spec.extra_args.is_empty() {
-            return Err(DriverError::Unsupported {
-                backend: BackendKind::CloudHypervisor,
-                op: "extra VMM command-line arguments",
-            });
-        }
+        let body = vm_config_body(
+            spec.config,
+            &spec.devices,
+            &kernel,
+            &spec.serial_log,
+            &spec.guest_params,
+        )?;
         self.launch_with(
             spec,
             &[
@@ -703,7 +764,10 @@ impl VmDriver for CloudHypervisorDriver {
     }
 
     async fn add_disk(&self, handle: &VmHandle, disk: &DiskConfig) -> Result<String, DriverError> {
-        let body = disk_body(disk, None)?;
+        let body = disk_body(&Disk {
+            id: String::new(),
+            ..Disk::from_config(0, disk)
+        })?;
         let info: PciDeviceInfo = Self::client(handle)
             .call_json(Method::Put, "vm.add-disk", Some(&body))
             .await?;
@@ -767,6 +831,18 @@ where
 mod tests {
     use super::*;
 
+    fn devices_of(cfg: &VmConfig) -> DeviceSet {
+        DeviceSet {
+            disks: cfg
+                .disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| Disk::from_config(i, d))
+                .collect(),
+            ..DeviceSet::default()
+        }
+    }
+
     #[test]
     fn config_body_follows_the_api_schema() {
         let cfg = VmConfig::builder("a")
@@ -778,11 +854,34 @@ mod tests {
             .disk(DiskConfig::parse("/d/root.img,ro,format=qcow2,cache=none").expect("disk"))
             .build_unchecked();
         let extra = vec!["vmrs.net=1".to_string()];
-        let body =
-            vm_config_body(&cfg, Path::new("/k/vmlinux"), Path::new("/v/serial.log"), &extra).expect("body");
+        let mut devices = devices_of(&cfg);
+        devices.disks[0].serial = Some("vmrs-root".into());
+        let br = crate::config::NetworkAttachment::Bridge {
+            bridge: "vmrsbr0".into(),
+            gateway: "10.88.0.1/24".parse().expect("cidr"),
+            nat: false,
+            address: crate::config::GuestAddress::Auto,
+            dns: vec![],
+            port_forwards: vec![],
+            mac: None,
+            netns: None,
+        };
+        let nics = crate::net::plan("a", Path::new("/v"), Path::new("/h"), &[br]).expect("plan");
+        devices.nics = nics.iter().map(crate::devices::Nic::from).collect();
+        devices.entropy = true;
+        devices.memory = MemoryBackend::Memfd { shared: true };
+        let body = vm_config_body(
+            &cfg,
+            &devices,
+            Path::new("/k/vmlinux"),
+            Path::new("/v/serial.log"),
+            &extra,
+        )
+        .expect("body");
         assert_eq!(body["cpus"]["boot_vcpus"], 2);
         assert!(body["cpus"]["max_vcpus"].as_u64().expect("max") >= 2);
         assert_eq!(body["memory"]["size"], 128u64 << 20);
+        assert_eq!(body["memory"]["shared"], true);
         assert_eq!(body["payload"]["kernel"], "/k/vmlinux");
         assert_eq!(body["payload"]["initramfs"], "/k/initrd");
         assert_eq!(body["payload"]["cmdline"], "console=ttyS0 quiet vmrs.net=1");
@@ -793,19 +892,44 @@ mod tests {
         assert_eq!(body["console"]["mode"], "Off");
         assert_eq!(
             body["disks"][0],
-            serde_json::json!({"path": "/d/root.img", "readonly": true, "direct": true, "image_type": "Qcow2", "id": "disk0"})
+            serde_json::json!({"path": "/d/root.img", "readonly": true, "direct": true,
+                "image_type": "Qcow2", "id": "disk0", "serial": "vmrs-root"})
         );
+        assert_eq!(
+            body["net"][0],
+            serde_json::json!({"id": "net0", "tap": crate::net::tap_name("a", 0),
+                "mac": crate::net::derive_mac("a", 0).to_string()})
+        );
+        assert_eq!(body["rng"]["src"], "/dev/urandom");
     }
 
     #[test]
-    fn unsupported_config_is_typed() {
-        let cfg = VmConfig::builder("a")
-            .kernel("/k")
-            .network(crate::config::NetworkAttachment::user(vec![]))
-            .build_unchecked();
+    fn unsupported_devices_are_typed() {
+        let cfg = VmConfig::builder("a").kernel("/k").build_unchecked();
+        let user = crate::net::plan(
+            "a",
+            Path::new("/v"),
+            Path::new("/h"),
+            &[crate::config::NetworkAttachment::user(vec![])],
+        )
+        .expect("plan");
+        let devices = DeviceSet {
+            nics: user.iter().map(crate::devices::Nic::from).collect(),
+            ..DeviceSet::default()
+        };
         assert!(matches!(
-            vm_config_body(&cfg, Path::new("/k"), Path::new("/s"), &[]),
+            vm_config_body(&cfg, &devices, Path::new("/k"), Path::new("/s"), &[]),
             Err(DriverError::Unsupported { .. })
+        ));
+        let caps = CloudHypervisorDriver::new().capabilities();
+        assert!(caps.check(BackendKind::CloudHypervisor, &cfg, &devices).is_err());
+        let tcg = VmConfig {
+            accel: Accel::Tcg,
+            ..cfg
+        };
+        assert!(matches!(
+            caps.check(BackendKind::CloudHypervisor, &tcg, &DeviceSet::default()),
+            Err(DriverError::Unsupported { feature, .. }) if feature.contains("tcg")
         ));
     }
 

@@ -1,15 +1,24 @@
 //! The QEMU command line for a VM: `-M microvm,acpi=on` with virtio-mmio devices, the serial
-//! console written to a file, and two QMP monitors (one for commands, one held open for events).
+//! console written to a file, two QMP monitors (one for commands, one held open for events), and
+//! every [`DeviceSet`] device rendered in QEMU 7.2's syntax.
 //!
-//! Kept a pure function of its inputs so it can be unit-tested and reused by the benchmark that
-//! compares vm-rs against running the same command line by hand.
+//! All QEMU option syntax of vm-rs lives in this file: one escaper ([`escape_opt`], commas are
+//! doubled), one disk renderer ([`disk_args`], a JSON `-blockdev`, so no file name is ever parsed
+//! as options or as a `json:`/protocol prefix), one NIC renderer ([`nic_args`]) and the agent
+//! port ([`agent_args`]). Kept pure functions of their inputs so they can be unit-tested and
+//! reused by the benchmark that compares vm-rs against running the same command line by hand.
 
-use crate::config::{Accel, CacheMode, DiskFormat, VmConfig};
-use std::ffi::OsString;
+use crate::config::{Accel, CacheMode, VmConfig};
+use crate::devices::{AgentChannel, DeviceSet, Disk, MemoryBackend, Nic};
+use crate::net::NicBackend;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
 /// Unix socket paths are limited to 108 bytes (including the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
+
+/// QEMU id of the guest RAM backend object.
+const MEMORY_ID: &str = "vmrs-mem";
 
 /// Files and sockets of one QEMU instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +42,7 @@ impl QemuPaths {
     }
 }
 
-/// Everything that shapes the command line besides the config.
+/// Everything that shapes the command line.
 #[derive(Debug, Clone)]
 pub struct QemuArgsInput<'a> {
     /// The VM.
@@ -42,19 +51,20 @@ pub struct QemuArgsInput<'a> {
     pub accel: Accel,
     /// Sockets and logs.
     pub paths: &'a QemuPaths,
-    /// Extra device arguments (network, agent channel, shared dirs) from other subsystems.
-    pub extra_args: &'a [OsString],
-    /// Extra kernel command line parameters from other subsystems (e.g. `vmrs.ip=`).
-    pub extra_cmdline: &'a [String],
+    /// The VM's devices.
+    pub devices: &'a DeviceSet,
+    /// Kernel parameters for the guest init from other subsystems (e.g. `vmrs.ip=`).
+    pub guest_params: &'a [String],
     /// Host TSC frequency in kHz (TCG guests are told it; see [`tsc_khz`]).
     pub tsc_khz: Option<u64>,
 }
 
 /// Escape a value for QEMU's `key=value,key=value` option syntax (commas are doubled).
-pub fn escape_opt(value: &Path) -> OsString {
+pub fn escape_opt(value: impl AsRef<OsStr>) -> OsString {
     use std::os::unix::ffi::{OsStrExt, OsStringExt};
-    let mut out = Vec::with_capacity(value.as_os_str().len());
-    for &b in value.as_os_str().as_bytes() {
+    let value = value.as_ref().as_bytes();
+    let mut out = Vec::with_capacity(value.len());
+    for &b in value {
         out.push(b);
         if b == b',' {
             out.push(b',');
@@ -63,9 +73,10 @@ pub fn escape_opt(value: &Path) -> OsString {
     OsString::from_vec(out)
 }
 
-fn opt(prefix: &str, path: &Path, suffix: &str) -> OsString {
+/// `prefix` + escaped `value` + `suffix`.
+fn opt(prefix: &str, value: impl AsRef<OsStr>, suffix: &str) -> OsString {
     let mut s = OsString::from(prefix);
-    s.push(escape_opt(path));
+    s.push(escape_opt(value));
     s.push(suffix);
     s
 }
@@ -88,22 +99,157 @@ pub fn kernel_cmdline(input: &QemuArgsInput<'_>) -> String {
         parts.push(format!("tsc_early_khz={}", input.tsc_khz.unwrap_or(2_000_000)));
     }
     parts.push(format!("vmrs.name={}", input.config.name));
-    parts.extend(input.extra_cmdline.iter().cloned());
+    parts.extend(input.guest_params.iter().cloned());
     if !input.config.cmdline.trim().is_empty() {
         parts.push(input.config.cmdline.trim().to_string());
     }
     parts.join(" ")
 }
 
+/// `-blockdev` + `-device virtio-blk-device` for one disk. The blockdev is JSON, so the path
+/// needs no escaping and is never read as options; the format is always explicit. Read-only
+/// and the cache mode map to `read-only`, `cache.direct` and `cache.no-flush`. A qcow2 image's
+/// backing file is opened from its header (see the storage module's checks of user images).
+pub fn disk_args(disk: &Disk) -> Vec<OsString> {
+    let (direct, no_flush) = match disk.cache {
+        CacheMode::Writeback => (false, false),
+        CacheMode::None => (true, false),
+        CacheMode::Unsafe => (false, true),
+    };
+    let cache = serde_json::json!({"direct": direct, "no-flush": no_flush});
+    // JSON carries text: paths that are not UTF-8 are refused by config validation.
+    let filename = disk.path.to_string_lossy();
+    let blockdev = serde_json::json!({
+        "driver": disk.format.to_string(),
+        "node-name": disk.id,
+        "read-only": disk.read_only,
+        "cache": cache,
+        "file": {
+            "driver": "file",
+            "filename": filename,
+            "read-only": disk.read_only,
+            "cache": cache,
+        },
+    });
+    let mut device = opt("virtio-blk-device,drive=", &disk.id, "");
+    if let Some(serial) = &disk.serial {
+        device.push(opt(",serial=", serial, ""));
+    }
+    vec![
+        "-blockdev".into(),
+        blockdev.to_string().into(),
+        "-device".into(),
+        device,
+    ]
+}
+
+/// `-netdev ... -device virtio-net-device,...` for one NIC.
+pub fn nic_args(nic: &Nic) -> Vec<OsString> {
+    let id = nic.id();
+    let netdev: OsString = match &nic.backend {
+        NicBackend::User {
+            net,
+            host,
+            dns,
+            guest,
+            port_forwards,
+        } => {
+            let mut s = format!(
+                "user,id={id},net={},host={host},dns={dns},dhcpstart={guest},ipv6=off",
+                net.network_cidr()
+            );
+            for pf in port_forwards {
+                s.push_str(&format!(
+                    ",hostfwd={}:{}:{}-{guest}:{}",
+                    pf.protocol,
+                    pf.bind_ip(),
+                    pf.host_port,
+                    pf.guest_port
+                ));
+            }
+            s.into()
+        }
+        NicBackend::Tap { ifname, .. } => opt(
+            &format!("tap,id={id},ifname="),
+            ifname,
+            ",script=no,downscript=no",
+        ),
+        NicBackend::Switch { local, remote, .. } => {
+            let mut s = opt(&format!("dgram,id={id},local.type=unix,local.path="), local, "");
+            s.push(opt(",remote.type=unix,remote.path=", remote, ""));
+            s
+        }
+    };
+    vec![
+        "-netdev".into(),
+        netdev,
+        "-device".into(),
+        format!("virtio-net-device,netdev={id},mac={}", nic.mac).into(),
+    ]
+}
+
+/// The guest agent's virtio-serial port, with QEMU listening on the channel's socket.
+pub fn agent_args(agent: &AgentChannel) -> Vec<OsString> {
+    match agent {
+        AgentChannel::VirtioSerial { socket } => vec![
+            "-device".into(),
+            "virtio-serial-device,id=vmrs-vser0".into(),
+            "-chardev".into(),
+            opt("socket,id=vmrs-agent0,path=", socket, ",server=on,wait=off"),
+            "-device".into(),
+            format!(
+                "virtserialport,bus=vmrs-vser0.0,chardev=vmrs-agent0,name={}",
+                vmrs_proto::PORT_NAME
+            )
+            .into(),
+        ],
+    }
+}
+
+/// `-object memory-backend-...` for guest RAM (nothing for anonymous memory); the machine is
+/// pointed at it with `memory-backend=` (see [`build`]).
+fn memory_args(memory: &MemoryBackend, mib: u64) -> Vec<OsString> {
+    let share = |shared: bool| if shared { "on" } else { "off" };
+    match memory {
+        MemoryBackend::Anonymous => Vec::new(),
+        MemoryBackend::Memfd { shared } => vec![
+            "-object".into(),
+            format!(
+                "memory-backend-memfd,id={MEMORY_ID},size={mib}M,share={}",
+                share(*shared)
+            )
+            .into(),
+        ],
+        MemoryBackend::File { path, shared } => vec![
+            "-object".into(),
+            opt(
+                &format!(
+                    "memory-backend-file,id={MEMORY_ID},size={mib}M,share={},mem-path=",
+                    share(*shared)
+                ),
+                path,
+                "",
+            ),
+        ],
+    }
+}
+
 /// Build the argument vector (without the program name).
 pub fn build(input: &QemuArgsInput<'_>) -> Vec<OsString> {
     let cfg = input.config;
+    let devices = input.devices;
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |s: &str| a.push(OsString::from(s));
     push("-name");
     push(&format!("guest={},debug-threads=on", cfg.name));
     push("-M");
-    push("microvm,acpi=on,x-option-roms=off,rtc=on");
+    if devices.memory == MemoryBackend::Anonymous {
+        push("microvm,acpi=on,x-option-roms=off,rtc=on");
+    } else {
+        push(&format!(
+            "microvm,acpi=on,x-option-roms=off,rtc=on,memory-backend={MEMORY_ID}"
+        ));
+    }
     push("-accel");
     match input.accel {
         Accel::Kvm => {
@@ -124,6 +270,7 @@ pub fn build(input: &QemuArgsInput<'_>) -> Vec<OsString> {
     for s in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
         push(s);
     }
+    a.extend(memory_args(&devices.memory, cfg.memory_mib));
     a.push("-kernel".into());
     a.push(cfg.kernel.clone().into_os_string());
     if let Some(initrd) = &cfg.initramfs {
@@ -152,44 +299,49 @@ pub fn build(input: &QemuArgsInput<'_>) -> Vec<OsString> {
     ));
     a.push("-mon".into());
     a.push("chardev=qmp1,mode=control".into());
-    for (i, disk) in cfg.disks.iter().enumerate() {
-        let format = match disk.format {
-            DiskFormat::Raw => "raw",
-            DiskFormat::Qcow2 => "qcow2",
-        };
-        let cache = match disk.cache {
-            CacheMode::Writeback => "writeback",
-            CacheMode::None => "none",
-            CacheMode::Unsafe => "unsafe",
-        };
-        let ro = if disk.read_only { ",readonly=on" } else { "" };
-        a.push("-drive".into());
-        a.push(opt(
-            &format!("id=disk{i},if=none,format={format},cache={cache}{ro},file="),
-            &disk.path,
-            "",
-        ));
-        a.push("-device".into());
-        a.push(format!("virtio-blk-device,drive=disk{i}").into());
+    for disk in &devices.disks {
+        a.extend(disk_args(disk));
     }
-    a.extend(input.extra_args.iter().cloned());
+    for nic in &devices.nics {
+        a.extend(nic_args(nic));
+    }
+    if let Some(agent) = &devices.agent {
+        a.extend(agent_args(agent));
+    }
+    if devices.entropy {
+        a.extend([
+            "-object".into(),
+            "rng-random,id=vmrs-rng0,filename=/dev/urandom".into(),
+            "-device".into(),
+            "virtio-rng-device,rng=vmrs-rng0".into(),
+        ]);
+    }
     a
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DiskConfig;
+    use crate::config::{DiskConfig, DiskFormat, NetworkAttachment, PortForward};
 
-    fn input_for<'a>(cfg: &'a VmConfig, paths: &'a QemuPaths, accel: Accel) -> QemuArgsInput<'a> {
+    fn input_for<'a>(
+        cfg: &'a VmConfig,
+        paths: &'a QemuPaths,
+        devices: &'a DeviceSet,
+        accel: Accel,
+    ) -> QemuArgsInput<'a> {
         QemuArgsInput {
             config: cfg,
             accel,
             paths,
-            extra_args: &[],
-            extra_cmdline: &[],
+            devices,
+            guest_params: &[],
             tsc_khz: Some(2_600_000),
         }
+    }
+
+    fn strings(args: Vec<OsString>) -> Vec<String> {
+        args.into_iter().map(|s| s.into_string().expect("utf8")).collect()
     }
 
     #[test]
@@ -200,17 +352,18 @@ mod tests {
             .cpus(2)
             .memory_mib(300)
             .cmdline("foo=bar")
-            .disk(DiskConfig {
-                read_only: true,
-                format: DiskFormat::Qcow2,
-                ..DiskConfig::new("/d/a,b.img")
-            })
             .build_unchecked();
+        let disk = DiskConfig {
+            read_only: true,
+            format: DiskFormat::Qcow2,
+            ..DiskConfig::new("/d/a,b.img")
+        };
+        let devices = DeviceSet {
+            disks: vec![Disk::from_config(0, &disk)],
+            ..DeviceSet::default()
+        };
         let paths = QemuPaths::in_dir(Path::new("/vms/t1"), "/vms/t1/serial.log".into());
-        let args: Vec<String> = build(&input_for(&cfg, &paths, Accel::Tcg))
-            .into_iter()
-            .map(|s| s.into_string().expect("utf8"))
-            .collect();
+        let args = strings(build(&input_for(&cfg, &paths, &devices, Accel::Tcg)));
         let joined = args.join(" ");
         assert!(joined.contains("-M microvm,acpi=on"), "{joined}");
         assert!(joined.contains("-accel tcg -cpu max"));
@@ -221,24 +374,108 @@ mod tests {
             "console=ttyS0 reboot=t panic=-1 tsc_early_khz=2600000 vmrs.name=t1 foo=bar"
         );
         assert!(args.contains(&"file,id=serial0,path=/vms/t1/serial.log".to_string()));
-        assert!(args.contains(
-            &"id=disk0,if=none,format=qcow2,cache=writeback,readonly=on,file=/d/a,,b.img".to_string()
-        ));
+        let bd = &args[args.iter().position(|a| a == "-blockdev").expect("blockdev") + 1];
+        let bd: serde_json::Value = serde_json::from_str(bd).expect("json");
+        assert_eq!(bd["driver"], "qcow2");
+        assert_eq!(bd["read-only"], true);
+        assert_eq!(bd["file"]["filename"], "/d/a,b.img");
         assert!(args.contains(&"virtio-blk-device,drive=disk0".to_string()));
         assert!(args.iter().any(|a| a.ends_with("path=/vms/t1/qmp.sock")));
         assert!(args.iter().any(|a| a.ends_with("path=/vms/t1/qmp-events.sock")));
+        assert!(!joined.contains("virtio-rng"), "no entropy device unless asked");
     }
 
     #[test]
     fn kvm_gets_host_cpu_and_no_tsc_hint() {
         let cfg = VmConfig::builder("t2").kernel("/k").build_unchecked();
         let paths = QemuPaths::in_dir(Path::new("/v"), "/v/s".into());
-        let input = input_for(&cfg, &paths, Accel::Kvm);
-        let joined: Vec<String> = build(&input)
-            .into_iter()
-            .map(|s| s.into_string().expect("utf8"))
-            .collect();
-        assert!(joined.join(" ").contains("-accel kvm -cpu host"));
+        let devices = DeviceSet::default();
+        let input = input_for(&cfg, &paths, &devices, Accel::Kvm);
+        assert!(strings(build(&input)).join(" ").contains("-accel kvm -cpu host"));
         assert!(!kernel_cmdline(&input).contains("tsc_early_khz"));
+    }
+
+    #[test]
+    fn commas_in_every_path_are_escaped() {
+        let cfg = VmConfig::builder("t3").kernel("/k").build_unchecked();
+        let paths = QemuPaths::in_dir(Path::new("/v,x"), "/v,x/serial.log".into());
+        let sw = crate::net::plan(
+            "t3",
+            Path::new("/v,x"),
+            Path::new("/h,y"),
+            &[NetworkAttachment::switch("lab")],
+        )
+        .expect("plan");
+        let devices = DeviceSet {
+            disks: vec![Disk {
+                serial: Some("a,b".into()),
+                ..Disk::from_config(0, &DiskConfig::new("/d,1/img"))
+            }],
+            nics: sw.iter().map(Nic::from).collect(),
+            agent: Some(AgentChannel::VirtioSerial {
+                socket: "/v,x/agent.sock".into(),
+            }),
+            memory: MemoryBackend::File {
+                path: "/m,1/ram".into(),
+                shared: true,
+            },
+            ..DeviceSet::default()
+        };
+        let args = strings(build(&input_for(&cfg, &paths, &devices, Accel::Tcg)));
+        for a in &args {
+            if a.starts_with('{') {
+                continue; // JSON blockdev: no option syntax
+            }
+            for path in ["/v,x", "/h,y", "/m,1", "a,b"] {
+                assert!(
+                    !a.contains(path) || a.contains(&path.replace(',', ",,")),
+                    "unescaped {path} in {a}"
+                );
+            }
+        }
+        assert!(args.contains(&"virtio-blk-device,drive=disk0,serial=a,,b".to_string()));
+        assert!(args.iter().any(|a| a.contains("chardev=vmrs-agent0")));
+        assert!(args
+            .iter()
+            .any(|a| a == "memory-backend-file,id=vmrs-mem,size=256M,share=on,mem-path=/m,,1/ram"));
+        assert!(args.iter().any(|a| a.ends_with("memory-backend=vmrs-mem")));
+    }
+
+    #[test]
+    fn user_nic_and_entropy() {
+        let nics = crate::net::plan(
+            "vm",
+            Path::new("/d/vms/vm"),
+            Path::new("/d"),
+            &[NetworkAttachment::user(vec![PortForward::tcp(8080, 80)])],
+        )
+        .expect("plan");
+        let args = strings(nic_args(&Nic::from(&nics[0])));
+        assert_eq!(args[0], "-netdev");
+        assert_eq!(
+            args[1],
+            "user,id=net0,net=10.0.2.0/24,host=10.0.2.2,dns=10.0.2.3,dhcpstart=10.0.2.15,ipv6=off,\
+             hostfwd=tcp:127.0.0.1:8080-10.0.2.15:80"
+        );
+        assert_eq!(
+            args[3],
+            format!(
+                "virtio-net-device,netdev=net0,mac={}",
+                crate::net::derive_mac("vm", 0)
+            )
+        );
+        let cfg = VmConfig::builder("t4").kernel("/k").build_unchecked();
+        let paths = QemuPaths::in_dir(Path::new("/v"), "/v/s".into());
+        let devices = DeviceSet {
+            entropy: true,
+            memory: MemoryBackend::Memfd { shared: true },
+            ..DeviceSet::default()
+        };
+        let joined = strings(build(&input_for(&cfg, &paths, &devices, Accel::Tcg))).join(" ");
+        assert!(
+            joined.contains("-device virtio-rng-device,rng=vmrs-rng0"),
+            "{joined}"
+        );
+        assert!(joined.contains("memory-backend-memfd,id=vmrs-mem,size=256M,share=on"));
     }
 }

@@ -17,10 +17,10 @@ pub mod args;
 pub mod qmp;
 
 use super::{BootSpec, DriverError, EventStream, Launched, VmDriver, VmHandle, VmmEvent, VmmStatus};
-use crate::config::{Accel, BackendKind};
+use crate::config::{Accel, BackendKind, CacheMode, DiskFormat};
+use crate::devices::{AgentTransport, Capabilities, MemoryKind};
 use crate::process::VmmProcess;
 use qmp::Qmp;
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -106,6 +106,29 @@ impl VmDriver for QemuDriver {
         BackendKind::Qemu
     }
 
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            accels: &[Accel::Kvm, Accel::Tcg],
+            disk_formats: &[DiskFormat::Raw, DiskFormat::Qcow2],
+            cache_modes: &[CacheMode::Writeback, CacheMode::None, CacheMode::Unsafe],
+            disk_serial: true,
+            nic_user: true,
+            nic_tap: true,
+            nic_switch: true,
+            netns: true,
+            agent_transports: &[AgentTransport::VirtioSerial],
+            // virtio-fs needs a virtiofsd sidecar per share; not built yet.
+            shared_dirs: false,
+            entropy: true,
+            memory: &[MemoryKind::Anonymous, MemoryKind::Memfd, MemoryKind::File],
+            pause: true,
+            snapshot: false,
+            resize: false,
+            hotplug: false,
+            counters: false,
+        }
+    }
+
     async fn boot(&self, spec: &BootSpec<'_>) -> Result<Launched, DriverError> {
         let binary = self.find_binary()?;
         let choice =
@@ -140,19 +163,18 @@ impl VmDriver for QemuDriver {
             path: spec.vmm_log.clone(),
             source,
         })?;
-        let extra_args: Vec<OsString> = spec.extra_args.clone();
         let input = args::QemuArgsInput {
             config: spec.config,
             accel: choice.accel,
             paths: &paths,
-            extra_args: &extra_args,
-            extra_cmdline: &spec.extra_cmdline,
+            devices: &spec.devices,
+            guest_params: &spec.guest_params,
             tsc_khz: args::tsc_khz(),
         };
         let argv = args::build(&input);
         let mut cmd = tokio::process::Command::new(&binary);
         // TAP devices in a network namespace are only found from inside it
-        if let Some(ns) = crate::net::vmm_netns(&spec.config.networks) {
+        if let Some(ns) = spec.devices.netns.as_deref() {
             crate::net::netns::command_in(&mut cmd, ns).map_err(|e| DriverError::Io {
                 path: ns.to_path_buf(),
                 source: std::io::Error::other(e),

@@ -1,0 +1,338 @@
+//! One device model for every backend: every config feature is either rendered by a backend
+//! (checked in its argv / API body) or refused before any host side effect — no VM directory,
+//! no TAP or bridge, no nftables table, no process afterwards.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use support::netns::TestNetns;
+use vm_rs::config::{
+    Accel, BackendKind, CacheMode, DiskConfig, DiskFormat, GuestAddress, NetworkAttachment, SharedDir,
+};
+use vm_rs::devices::DeviceSet;
+use vm_rs::driver::cloud_hypervisor::{vm_config_body, CloudHypervisorDriver};
+use vm_rs::driver::qemu::{args, QemuDriver};
+use vm_rs::driver::{DriverError, VmDriver};
+use vm_rs::manager::{plan_devices, ManagerError, StartOptions};
+use vm_rs::{VmConfig, VmManager};
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    kernel: PathBuf,
+    disk: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::Builder::new()
+        .prefix("vmrs-dev")
+        .tempdir_in("/tmp")
+        .expect("tmp");
+    let kernel = dir.path().join("vmlinuz");
+    std::fs::write(&kernel, b"not a kernel, never booted").expect("kernel");
+    let disk = dir.path().join("d,1.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+    Fixture { dir, kernel, disk }
+}
+
+fn bridge(netns: Option<PathBuf>) -> NetworkAttachment {
+    NetworkAttachment::Bridge {
+        bridge: "vmrsbrT".into(),
+        gateway: "10.97.0.1/24".parse().expect("cidr"),
+        nat: true,
+        address: GuestAddress::Auto,
+        dns: vec![],
+        port_forwards: vec![],
+        mac: None,
+        netns,
+    }
+}
+
+/// A feature of a config, with how to turn it on and what its rendering must contain.
+struct Feature {
+    name: &'static str,
+    apply: fn(&mut VmConfig, &mut StartOptions, &Fixture),
+    /// Text the QEMU argv must contain when QEMU renders it.
+    qemu: &'static str,
+    /// Text the Cloud Hypervisor `vm.create` body must contain when it renders it.
+    ch: &'static str,
+}
+
+fn features() -> Vec<Feature> {
+    vec![
+        Feature {
+            name: "raw disk",
+            apply: |c, _, f| c.disks.push(DiskConfig::new(&f.disk)),
+            qemu: "virtio-blk-device,drive=disk0",
+            ch: "\"image_type\":\"Raw\"",
+        },
+        Feature {
+            name: "qcow2 read-only disk",
+            apply: |c, _, f| {
+                c.disks.push(DiskConfig {
+                    format: DiskFormat::Qcow2,
+                    read_only: true,
+                    ..DiskConfig::new(&f.disk)
+                })
+            },
+            qemu: "\"driver\":\"qcow2\"",
+            ch: "\"readonly\":true",
+        },
+        Feature {
+            name: "cache=none disk",
+            apply: |c, _, f| {
+                c.disks.push(DiskConfig {
+                    cache: CacheMode::None,
+                    ..DiskConfig::new(&f.disk)
+                })
+            },
+            qemu: "\"direct\":true",
+            ch: "\"direct\":true",
+        },
+        Feature {
+            name: "cache=unsafe disk",
+            apply: |c, _, f| {
+                c.disks.push(DiskConfig {
+                    cache: CacheMode::Unsafe,
+                    ..DiskConfig::new(&f.disk)
+                })
+            },
+            qemu: "\"no-flush\":true",
+            ch: "",
+        },
+        Feature {
+            name: "image root disk",
+            apply: |_, o, f| o.rootfs = Some(f.disk.clone()),
+            qemu: "serial=vmrs-root",
+            ch: "\"serial\":\"vmrs-root\"",
+        },
+        Feature {
+            name: "user network with a published port",
+            apply: |c, _, _| {
+                c.networks
+                    .push(NetworkAttachment::user(vec![vm_rs::config::PortForward::tcp(
+                        18080, 80,
+                    )]))
+            },
+            qemu: "hostfwd=tcp:127.0.0.1:18080-10.0.2.15:80",
+            ch: "",
+        },
+        Feature {
+            name: "bridge network",
+            apply: |c, _, _| c.networks.push(bridge(None)),
+            qemu: "tap,id=net0,ifname=vmrs",
+            ch: "\"tap\":\"vmrs",
+        },
+        Feature {
+            name: "switch network",
+            apply: |c, _, _| c.networks.push(NetworkAttachment::switch("lab")),
+            qemu: "dgram,id=net0",
+            ch: "",
+        },
+        Feature {
+            name: "shared directory",
+            apply: |c, _, f| {
+                c.shared_dirs.push(SharedDir {
+                    host_path: f.dir.path().to_path_buf(),
+                    tag: "share".into(),
+                    read_only: false,
+                })
+            },
+            qemu: "",
+            ch: "",
+        },
+        Feature {
+            name: "tcg acceleration",
+            apply: |c, _, _| c.accel = Accel::Tcg,
+            qemu: "-accel tcg",
+            ch: "",
+        },
+        Feature {
+            name: "guest agent required",
+            apply: |_, o, _| o.require_agent = true,
+            qemu: "virtserialport,bus=vmrs-vser0.0",
+            ch: "",
+        },
+    ]
+}
+
+fn base_config(f: &Fixture, backend: BackendKind) -> VmConfig {
+    VmConfig::builder("feat")
+        .kernel(&f.kernel)
+        .backend(backend)
+        .build_unchecked()
+}
+
+fn render_qemu(cfg: &VmConfig, dir: &Path, devices: &DeviceSet) -> String {
+    let paths = args::QemuPaths::in_dir(dir, dir.join("serial.log"));
+    let accel = if cfg.accel == Accel::Kvm {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
+    let input = args::QemuArgsInput {
+        config: cfg,
+        accel,
+        paths: &paths,
+        devices,
+        guest_params: &[],
+        tsc_khz: Some(1),
+    };
+    args::build(&input)
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Every feature on every backend: rendered (the text its backend uses appears) or refused with
+/// `Unsupported` naming a feature. A `""` expectation means the backend must refuse it.
+#[test]
+fn every_feature_is_rendered_or_refused() {
+    let f = fixture();
+    let home = f.dir.path().join("home");
+    let vm_dir = home.join("vms").join("feat");
+    let drivers: Vec<(Box<dyn VmDriver>, BackendKind)> = vec![
+        (Box::new(QemuDriver::new()), BackendKind::Qemu),
+        (
+            Box::new(CloudHypervisorDriver::new()),
+            BackendKind::CloudHypervisor,
+        ),
+    ];
+    for feat in features() {
+        for (driver, backend) in &drivers {
+            let mut cfg = base_config(&f, *backend);
+            let mut opts = StartOptions::default();
+            (feat.apply)(&mut cfg, &mut opts, &f);
+            let expect = match backend {
+                BackendKind::Qemu => feat.qemu,
+                _ => feat.ch,
+            };
+            let planned = plan_devices(&cfg, &vm_dir, &home, &opts, driver.as_ref());
+            match (planned, expect) {
+                (Ok(devices), "") => panic!(
+                    "{backend} accepted {} but renders nothing: {devices:?}",
+                    feat.name
+                ),
+                (Ok(devices), want) => {
+                    let rendered = match backend {
+                        BackendKind::Qemu => render_qemu(&cfg, &vm_dir, &devices),
+                        _ => vm_config_body(&cfg, &devices, &f.kernel, &vm_dir.join("serial.log"), &[])
+                            .unwrap_or_else(|e| panic!("{backend} {}: {e}", feat.name))
+                            .to_string(),
+                    };
+                    assert!(
+                        rendered.contains(want),
+                        "{backend} {}: {want:?} not in {rendered}",
+                        feat.name
+                    );
+                }
+                (
+                    Err(ManagerError::Driver {
+                        source: DriverError::Unsupported { backend: b, feature },
+                        ..
+                    }),
+                    "",
+                ) => {
+                    assert_eq!(b, *backend);
+                    assert!(!feature.is_empty());
+                }
+                (Err(e), want) => panic!("{backend} refused {} (expected {want:?}): {e:?}", feat.name),
+            }
+        }
+    }
+}
+
+/// The QEMU backend gives every VM an entropy device and the agent port; Cloud Hypervisor an
+/// entropy device and no agent (it has no transport yet), and says KVM honestly.
+#[test]
+fn defaults_per_backend() {
+    let f = fixture();
+    let home = f.dir.path().join("home");
+    let dir = home.join("vms/feat");
+    let opts = StartOptions::default();
+    let q = plan_devices(
+        &base_config(&f, BackendKind::Qemu),
+        &dir,
+        &home,
+        &opts,
+        &QemuDriver::new(),
+    )
+    .expect("qemu");
+    assert!(q.entropy && q.agent.is_some());
+    let argv = render_qemu(&base_config(&f, BackendKind::Qemu), &dir, &q);
+    assert!(argv.contains("virtio-rng-device"), "{argv}");
+    let cfg = base_config(&f, BackendKind::CloudHypervisor);
+    let c = plan_devices(&cfg, &dir, &home, &opts, &CloudHypervisorDriver::new()).expect("ch");
+    assert!(c.entropy && c.agent.is_none());
+    let body = vm_config_body(&cfg, &c, &f.kernel, &dir.join("serial.log"), &[]).expect("body");
+    assert_eq!(body["rng"]["src"], "/dev/urandom");
+}
+
+fn vms_in(home: &Path) -> Vec<String> {
+    std::fs::read_dir(home.join("vms"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Through the manager: a config the backend cannot run fails with `Unsupported` and leaves
+/// no VM directory, no TAP or bridge (a bridge in a test namespace comes first in the config,
+/// the refused switch network second), no nftables table and no VMM process.
+#[tokio::test]
+async fn refused_configs_leave_nothing_behind() {
+    let f = fixture();
+    // Any executable will do: the VMM is never launched for a refused config.
+    std::env::set_var("VMRS_CLOUD_HYPERVISOR", "/bin/true");
+    let home = f.dir.path().join("home");
+    let mgr = VmManager::with_home(&home).await.expect("manager");
+    let ns = TestNetns::new("devref");
+    let before = ns.links();
+
+    let mut cases: Vec<(VmConfig, StartOptions)> = Vec::new();
+    let mut c = base_config(&f, BackendKind::CloudHypervisor);
+    c.networks = vec![bridge(Some(ns.path())), NetworkAttachment::switch("lab")];
+    cases.push((c, StartOptions::default()));
+    let mut c = base_config(&f, BackendKind::CloudHypervisor);
+    c.networks = vec![NetworkAttachment::user(vec![])];
+    cases.push((c, StartOptions::default()));
+    let mut c = base_config(&f, BackendKind::CloudHypervisor);
+    c.accel = Accel::Tcg;
+    cases.push((c, StartOptions::default()));
+    cases.push((
+        base_config(&f, BackendKind::CloudHypervisor),
+        StartOptions {
+            rootfs: Some(f.disk.clone()),
+            require_agent: true,
+        },
+    ));
+    let mut c = base_config(&f, BackendKind::Qemu);
+    c.networks = vec![bridge(Some(ns.path()))];
+    c.shared_dirs.push(SharedDir {
+        host_path: f.dir.path().to_path_buf(),
+        tag: "t".into(),
+        read_only: true,
+    });
+    cases.push((c, StartOptions::default()));
+
+    for (cfg, opts) in cases {
+        let what = format!("{:?} {:?} {opts:?}", cfg.backend, cfg.networks);
+        match mgr.start_with(cfg, opts).await {
+            Err(ManagerError::Driver {
+                source: DriverError::Unsupported { feature, .. },
+                ..
+            }) => assert!(!feature.is_empty()),
+            other => panic!("{what}: expected unsupported, got {other:?}"),
+        }
+        assert!(vms_in(&home).is_empty(), "{what}: {:?}", vms_in(&home));
+        assert_eq!(ns.links(), before, "{what}: devices left in the namespace");
+        let nft = ns.exec(&["nft", "list", "tables"]);
+        assert!(
+            !String::from_utf8_lossy(&nft.stdout).contains("vmrs"),
+            "{what}: nftables table left"
+        );
+    }
+    assert!(mgr.list().await.expect("list").is_empty());
+}
