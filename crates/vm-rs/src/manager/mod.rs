@@ -1,18 +1,27 @@
 //! [`VmManager`]: the verbs (start, stop, kill, pause, resume, state, list, remove, wait_ready,
-//! wait_all_ready), one directory per VM, and reattaching to VMs started by other processes.
+//! wait_all_ready, exec/copy, and the VMM verbs snapshot, resize, add_disk, add_net,
+//! remove_device, counters, vmm_info), one directory per VM, and reattaching to VMs started by
+//! other processes. Every verb checks the VM's state against [`crate::state`] first.
+//!
+//! [`VmManager::builder`] sets the data dir and, for tests and embedders, the one driver every
+//! VM of the manager runs on — started or reattached (see [`VmManagerBuilder`]); by default the
+//! backend is detected per VM.
 //!
 //! ## Persistence and reattach
 //!
 //! Each VM lives in `$VMRS_HOME/vms/<name>/` ([`record::files`]): `config.json`, `state.json`
 //! (written atomically), `serial.log`, `vmm.log`, the VMM's sockets, the guest agent's socket
-//! `agent.sock` (see [`VmManager::exec`]) and, for VMs started from an image, `root.qcow2`
-//! (see [`VmManager::start_with_rootfs`]). The VMM runs in its own
-//! session, so it outlives the process that started it. Any manager, in any process, *attaches*
+//! `agent.sock` (see [`VmManager::exec`]), for VMs started from an image `root.qcow2`
+//! (see [`VmManager::start_with_rootfs`]), while the VMM runs `live.json` (what the VMM verbs
+//! changed: sizes, hot-plugged devices) and, once a stop or kill was asked for,
+//! `exit-request.json` (so every process watching records the exit as a stop). The VMM runs
+//! in its own session, so it outlives the process that started it. Any manager, in any process, *attaches*
 //! to a VM before acting on it: it opens a pidfd for the recorded pid, checks the recorded start
 //! time (a reused pid is never signalled), asks the VMM for its status, scans the serial log for
 //! the readiness marker, and from then on watches the VM: process exit through the pidfd, VMM
 //! events (QMP `STOP`/`RESUME`/`SHUTDOWN`) and serial output through inotify. A VM whose VMM is
-//! gone is marked stopped (when the guest powered itself off) or failed, with the reason.
+//! gone is marked stopped (a stop was asked for, or the guest powered itself off) or failed,
+//! with the reason (a guest kernel panic is a failure; see `monitor`).
 //!
 //! ## Concurrency
 //!
