@@ -18,7 +18,7 @@ async fn boot_ready_pause_resume_stop() {
     assert_eq!(
         mgr.state("life").await.expect("state"),
         VmState::Ready {
-            ip: "127.0.0.1".into()
+            ip: std::net::IpAddr::from([127, 0, 0, 1])
         }
     );
 
@@ -41,7 +41,7 @@ async fn boot_ready_pause_resume_stop() {
     assert_eq!(
         mgr.state("life").await.expect("state"),
         VmState::Ready {
-            ip: "127.0.0.1".into()
+            ip: std::net::IpAddr::from([127, 0, 0, 1])
         }
     );
 
@@ -144,4 +144,42 @@ async fn concurrent_start_same_name_exactly_one_wins() {
     assert!(matches!(err, ManagerError::AlreadyExists { .. }), "{err:?}");
     assert_eq!(home.recorded_pids().len(), 1);
     mgr.kill("dup").await.expect("kill");
+}
+
+/// A guest whose kernel panics (no init to run) resets at once (`panic=-1`), which QEMU
+/// (`-no-reboot`) reports as a guest-initiated shutdown: the VM is failed, naming the panic.
+#[tokio::test]
+async fn guest_kernel_panic_is_failed() {
+    let home = TestHome::new();
+    let mgr = VmManager::with_home(home.path()).await.expect("manager");
+    let (kernel, initramfs) = guest_assets();
+    let cfg = vm_rs::VmConfig::builder("panics")
+        .kernel(kernel)
+        .initramfs(initramfs)
+        .memory_mib(256)
+        .cmdline("rdinit=/nonexistent")
+        .build()
+        .expect("config");
+    mgr.start(cfg).await.expect("start");
+    let err = mgr
+        .wait_ready("panics", BOOT_TIMEOUT)
+        .await
+        .expect_err("never ready");
+    let state = match err {
+        ManagerError::NotRunning { state, .. } => state,
+        other => panic!("expected the vm to end, got {other:?}"),
+    };
+    let serial = std::fs::read_to_string(home.path().join("vms/panics/serial.log")).expect("serial");
+    assert!(
+        serial.contains("Kernel panic - not syncing"),
+        "no panic on the console:\n{serial}"
+    );
+    match &state {
+        VmState::Failed { reason } => assert!(reason.starts_with("guest kernel panic: "), "{reason}"),
+        other => panic!("a panicked guest must be failed, got {other}"),
+    }
+    // a new manager (a new process) reads the same verdict
+    let mgr2 = VmManager::with_home(home.path()).await.expect("manager2");
+    assert_eq!(mgr2.state("panics").await.expect("state"), state);
+    mgr.remove("panics", false).await.expect("rm");
 }

@@ -41,7 +41,7 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
             return match m {
                 ManagerError::NotFound { .. } => NOT_FOUND,
                 ManagerError::AlreadyExists { .. } | ManagerError::State(_) => CONFLICT,
-                ManagerError::Config(_) => INVALID,
+                ManagerError::Config(_) | ManagerError::InvalidRequest { .. } => INVALID,
                 ManagerError::Driver { .. } | ManagerError::Process { .. } => BACKEND,
                 ManagerError::Timeout { .. } => TIMEOUT,
                 ManagerError::NotRunning { .. } => GENERAL,

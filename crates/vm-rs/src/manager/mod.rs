@@ -1,18 +1,27 @@
 //! [`VmManager`]: the verbs (start, stop, kill, pause, resume, state, list, remove, wait_ready,
-//! wait_all_ready), one directory per VM, and reattaching to VMs started by other processes.
+//! wait_all_ready, exec/copy, and the VMM verbs snapshot, resize, add_disk, add_net,
+//! remove_device, counters, vmm_info), one directory per VM, and reattaching to VMs started by
+//! other processes. Every verb checks the VM's state against [`crate::state`] first.
+//!
+//! [`VmManager::builder`] sets the data dir and, for tests and embedders, the one driver every
+//! VM of the manager runs on — started or reattached (see [`VmManagerBuilder`]); by default the
+//! backend is detected per VM.
 //!
 //! ## Persistence and reattach
 //!
 //! Each VM lives in `$VMRS_HOME/vms/<name>/` ([`record::files`]): `config.json`, `state.json`
 //! (written atomically), `serial.log`, `vmm.log`, the VMM's sockets, the guest agent's socket
-//! `agent.sock` (see [`VmManager::exec`]) and, for VMs started from an image, `root.qcow2`
-//! (see [`VmManager::start_with_rootfs`]). The VMM runs in its own
-//! session, so it outlives the process that started it. Any manager, in any process, *attaches*
+//! `agent.sock` (see [`VmManager::exec`]), for VMs started from an image `root.qcow2`
+//! (see [`VmManager::start_with_rootfs`]), while the VMM runs `live.json` (what the VMM verbs
+//! changed: sizes, hot-plugged devices) and, once a stop or kill was asked for,
+//! `exit-request.json` (so every process watching records the exit as a stop). The VMM runs
+//! in its own session, so it outlives the process that started it. Any manager, in any process, *attaches*
 //! to a VM before acting on it: it opens a pidfd for the recorded pid, checks the recorded start
 //! time (a reused pid is never signalled), asks the VMM for its status, scans the serial log for
 //! the readiness marker, and from then on watches the VM: process exit through the pidfd, VMM
 //! events (QMP `STOP`/`RESUME`/`SHUTDOWN`) and serial output through inotify. A VM whose VMM is
-//! gone is marked stopped (when the guest powered itself off) or failed, with the reason.
+//! gone is marked stopped (a stop was asked for, or the guest powered itself off) or failed,
+//! with the reason (a guest kernel panic is a failure; see `monitor`).
 //!
 //! ## Concurrency
 //!
@@ -20,17 +29,23 @@
 //! starts with one name, exactly one succeeds and the other gets
 //! [`ManagerError::AlreadyExists`].
 
+mod builder;
 mod exec;
 mod monitor;
 pub mod record;
+#[cfg(test)]
+mod tests;
+mod vmm;
 
 use crate::config::{BackendKind, ConfigError, VmConfig};
 use crate::devices::{AgentChannel, AgentTransport, DeviceSet, Disk, MemoryBackend, Nic, SharedFs};
-use crate::driver::{self, BootSpec, DriverError, VmDriver, VmHandle};
+use crate::driver::{BootSpec, DriverError, VmDriver, VmHandle};
 use crate::process::{ProcessError, VmmProcess};
 use crate::state::{Operation, StateError, VmState};
+use builder::Drivers;
+pub use builder::VmManagerBuilder;
 use monitor::VmEntry;
-use record::{files, now, RecordError, VmRecord, RECORD_VERSION};
+use record::{files, now, PluggedDevice, RecordError, VmRecord, RECORD_VERSION};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -127,6 +142,14 @@ pub enum ManagerError {
         #[source]
         source: crate::agent::AgentError,
     },
+    /// A verb was called with arguments that ask for nothing or contradict themselves.
+    #[error("vm {name:?}: {reason}")]
+    InvalidRequest {
+        /// VM name.
+        name: String,
+        /// What is wrong with the request.
+        reason: &'static str,
+    },
     /// Waiting timed out.
     #[error("timed out after {secs:.1}s waiting for vm {name:?} to become {what}")]
     Timeout {
@@ -156,17 +179,19 @@ pub struct VmInfo {
     /// State.
     pub state: VmState,
     /// Address from the readiness marker, when known.
-    pub ip: Option<String>,
+    pub ip: Option<IpAddr>,
     /// Backend.
     pub backend: BackendKind,
     /// VMM pid while live.
     pub pid: Option<u32>,
     /// Accelerator used (`kvm`/`tcg`).
     pub accel: Option<String>,
-    /// vCPUs.
+    /// vCPUs (after the last [`VmManager::resize`] while the VMM runs).
     pub cpus: u32,
-    /// Memory in MiB.
+    /// Memory in MiB (after the last [`VmManager::resize`] while the VMM runs).
     pub memory_mib: u64,
+    /// Devices hot-plugged into the running VMM ([`VmManager::add_disk`], [`VmManager::add_net`]).
+    pub devices: Vec<PluggedDevice>,
     /// Unix time created.
     pub created_at: u64,
     /// Unix time of the last start.
@@ -193,6 +218,8 @@ pub struct VmManager {
 struct Inner {
     home: PathBuf,
     vms_dir: PathBuf,
+    /// Where every VM's driver comes from (host detection, or the one injected).
+    drivers: Drivers,
     entries: tokio::sync::Mutex<HashMap<String, Arc<VmEntry>>>,
     /// One agent connection per VM (the agent socket takes one client at a time).
     agents: tokio::sync::Mutex<HashMap<String, crate::agent::AgentClient>>,
@@ -205,12 +232,23 @@ impl VmManager {
     /// A manager for the default data dir ([`crate::paths::data_dir`], `VMRS_HOME` overrides).
     /// Reattaches to VMs that are still running.
     pub async fn new() -> Result<Self, ManagerError> {
-        Self::with_home(crate::paths::data_dir()).await
+        Self::builder().build().await
     }
 
     /// A manager for a specific data dir.
     pub async fn with_home(home: impl Into<PathBuf>) -> Result<Self, ManagerError> {
-        let home = home.into();
+        Self::builder().home(home).build().await
+    }
+
+    /// Configure a manager: its data dir and, for tests and embedders, the driver every VM
+    /// of it runs on.
+    pub fn builder() -> VmManagerBuilder {
+        VmManagerBuilder::default()
+    }
+
+    /// Open the data dir, reattach to everything recorded there and clean up after VMs that
+    /// died unwatched.
+    async fn open(home: PathBuf, drivers: Drivers) -> Result<Self, ManagerError> {
         let vms_dir = crate::paths::vms_dir(&home);
         std::fs::create_dir_all(&vms_dir).map_err(|source| ManagerError::Io {
             path: vms_dir.clone(),
@@ -220,6 +258,7 @@ impl VmManager {
             inner: Arc::new(Inner {
                 home,
                 vms_dir,
+                drivers,
                 entries: tokio::sync::Mutex::new(HashMap::new()),
                 agents: tokio::sync::Mutex::new(HashMap::new()),
             }),
@@ -287,7 +326,7 @@ impl VmManager {
         }
         let record = record::load_record(&dir)?;
         let config = record::load_config(&dir)?;
-        let entry = VmEntry::attach(dir, config, record).await?;
+        let entry = VmEntry::attach(dir, config, record, &self.inner.drivers).await?;
         // A VM another process is still starting is not cached: ask again next time.
         if !(entry.state() == VmState::Starting && entry.handle().await.is_none()) {
             entries.insert(name.to_string(), entry.clone());
@@ -324,9 +363,7 @@ impl VmManager {
         config.make_paths_absolute();
         config.validate()?;
         let name = config.name.clone();
-        let driver = self
-            .resolve_driver(config.backend)
-            .map_err(ManagerError::driver(&name))?;
+        let driver = self.start_driver(&config)?;
         let dir = self.vm_dir(&name);
         // Planned (and refused) before anything exists on the host.
         let devices = plan_devices(&config, &dir, self.home(), &opts, driver.as_ref())?;
@@ -386,7 +423,9 @@ impl VmManager {
         let config = record::load_config(&dir)?;
         let opts: StartOptions = record::load_json_or_default(&dir.join(files::START))?;
         let driver = self
-            .resolve_driver(rec.backend)
+            .inner
+            .drivers
+            .for_start(rec.backend)
             .map_err(ManagerError::driver(name))?;
         config.validate()?;
         let devices = plan_devices(&config, &dir, self.home(), &opts, driver.as_ref())?;
@@ -512,10 +551,6 @@ impl VmManager {
         ))
     }
 
-    fn resolve_driver(&self, kind: BackendKind) -> Result<Arc<dyn VmDriver>, DriverError> {
-        driver::detect(kind)
-    }
-
     /// Current state of `name`.
     pub async fn state(&self, name: &str) -> Result<VmState, ManagerError> {
         Ok(self.entry(name).await?.state())
@@ -557,13 +592,7 @@ impl VmManager {
             loop {
                 let st = rx.borrow_and_update().clone();
                 match &st {
-                    VmState::Ready { ip } => {
-                        return ip.parse::<IpAddr>().map_err(|_| ManagerError::NotRunning {
-                            name: name.to_string(),
-                            state: st.clone(),
-                            serial_log: entry.serial_log(),
-                        })
-                    }
+                    VmState::Ready { ip } => return Ok(*ip),
                     s if !s.is_live() => {
                         return Err(ManagerError::NotRunning {
                             name: name.to_string(),
@@ -612,7 +641,7 @@ impl VmManager {
             .pause(&handle)
             .await
             .map_err(ManagerError::driver(name))?;
-        entry.transition(VmState::Paused).await;
+        entry.transition(VmState::Paused).await?;
         Ok(())
     }
 
@@ -626,7 +655,7 @@ impl VmManager {
             .resume(&handle)
             .await
             .map_err(ManagerError::driver(name))?;
-        entry.resumed().await;
+        entry.resumed().await?;
         Ok(())
     }
 
@@ -635,7 +664,7 @@ impl VmManager {
     pub async fn stop(&self, name: &str, timeout: Duration) -> Result<VmState, ManagerError> {
         let entry = self.entry(name).await?;
         entry.state().check(name, Operation::Stop)?;
-        entry.set_stop_requested();
+        entry.request_exit(Operation::Stop).await?;
         self.drop_agent(name).await;
         let handle = entry.require_handle(name).await?;
         let driver = entry.driver();
@@ -671,7 +700,7 @@ impl VmManager {
     pub async fn kill(&self, name: &str) -> Result<VmState, ManagerError> {
         let entry = self.entry(name).await?;
         entry.state().check(name, Operation::Kill)?;
-        entry.set_stop_requested();
+        entry.request_exit(Operation::Kill).await?;
         self.drop_agent(name).await;
         entry.kill().await.map_err(|source| ManagerError::Process {
             name: name.to_string(),

@@ -1,16 +1,27 @@
 //! One watched VM ([`VmEntry`]): its state channel, persisted record and the tasks that watch
 //! it — VMM process exit (pidfd / child wait), VMM events, and the serial console (inotify) for
 //! the readiness marker. State changes go through [`VmEntry::transition`], which applies the
-//! state machine's transition table and persists the record.
+//! state machine's transition table (an illegal change is a [`StateError`] for the caller) and
+//! persists the record.
+//!
+//! ## Why a VM ended
+//!
+//! Evidence about an exit arrives before the exit itself: a verb asked for it, the VMM reported
+//! a guest shutdown or a guest panic. It is kept as one [`ExitCause`] per VM, and when the VMM
+//! process is gone [`classify_exit`] turns it, the serial log and the backend's own account into
+//! the final state. The guest runs with `panic=-1 reboot=t` and QEMU with `-no-reboot`, so a
+//! kernel panic reaches the VMM as a guest reset; the serial log's `Kernel panic - not syncing`
+//! line is what tells it from a reboot, and makes it `failed`.
 
-use super::record::{self, files, now, VmRecord};
-use super::ManagerError;
-use crate::config::VmConfig;
+use super::record::{self, files, now, ExitRequest, LiveChanges, VmRecord};
+use super::{Drivers, ManagerError};
+use crate::config::{BackendKind, VmConfig};
 use crate::console::{LogFollower, ReadinessParser};
-use crate::driver::{self, VmDriver, VmHandle, VmmEvent, VmmStatus};
+use crate::driver::{VmDriver, VmHandle, VmmEvent, VmmStatus};
 use crate::process::{ExitInfo, ProcessError, VmmProcess};
-use crate::state::VmState;
+use crate::state::{Operation, StateError, VmState};
 use futures::StreamExt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,6 +32,134 @@ use tokio::task::JoinHandle;
 /// Kernel message printed when the guest powers itself off.
 const POWER_OFF_MARKERS: [&str; 2] = ["reboot: Power down", "vmrs-init: power off"];
 
+/// What the kernel prints when it panics (then resets at once, `panic=-1`).
+const PANIC_MARKER: &str = "Kernel panic - not syncing";
+
+/// How much of the serial log's end is searched for the markers above.
+const SERIAL_TAIL: usize = 64 * 1024;
+
+/// What is known, before the VMM exits, about why it will: one value per VM, replaced only by
+/// stronger evidence (see [`ExitCause::rank`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum ExitCause {
+    /// Nobody asked for an exit: one now is a failure unless the guest or the backend shows an
+    /// orderly shutdown.
+    Unrequested,
+    /// The VMM reported a shutdown: the guest powered off or reset (`guest`), or someone asked
+    /// the VMM to quit through its control socket. `reason` is the VMM's word for it.
+    VmmShutdown {
+        /// The guest initiated it.
+        guest: bool,
+        /// e.g. QEMU's `guest-shutdown`, `guest-reset`, `host-qmp-quit`.
+        reason: String,
+    },
+    /// A manager verb (stop or kill) asked for the exit.
+    Requested(Operation),
+    /// The VMM reported a guest error (pvpanic, vCPU failure).
+    GuestError {
+        /// The VMM's description.
+        reason: String,
+    },
+}
+
+impl ExitCause {
+    /// Strength of the evidence: a request outranks a shutdown event (stopping presses the
+    /// power button, so the guest then shuts down), a guest error outranks both.
+    fn rank(&self) -> u8 {
+        match self {
+            ExitCause::Unrequested => 0,
+            ExitCause::VmmShutdown { .. } => 1,
+            ExitCause::Requested(_) => 2,
+            ExitCause::GuestError { .. } => 3,
+        }
+    }
+}
+
+/// The serial log's end, as text.
+fn serial_tail(path: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if f.seek(SeekFrom::Start(len.saturating_sub(SERIAL_TAIL as u64)))
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut buf = Vec::with_capacity(SERIAL_TAIL);
+    let _ = f.take(SERIAL_TAIL as u64).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// The kernel's panic message in `serial` (`Kernel panic - not syncing: <this>`), if it
+/// panicked.
+pub(super) fn panic_message(serial: &str) -> Option<String> {
+    let line = serial.lines().rev().find(|l| l.contains(PANIC_MARKER))?;
+    let after = &line[line.find(PANIC_MARKER)? + PANIC_MARKER.len()..];
+    let msg = after.trim_start_matches(':').trim().trim_end_matches('\r');
+    Some(msg.chars().take(200).collect())
+}
+
+/// How the end of a VMM process was seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SeenExit {
+    /// A watcher saw it exit, with this status.
+    Watched(ExitInfo),
+    /// A manager attaching found the process `pid` gone (or its pid reused).
+    Unwatched {
+        /// The VMM's pid.
+        pid: u32,
+    },
+}
+
+/// The state a VM ends in once its VMM process is gone, from what was known before
+/// (`cause`), the serial log's end, the backend's account (`reported`, see
+/// [`VmDriver::exit_reason`]) and the exit status.
+pub(super) fn classify_exit(
+    cause: &ExitCause,
+    serial: &str,
+    reported: Option<&VmmEvent>,
+    exit: SeenExit,
+    backend: BackendKind,
+    vmm_log: &Path,
+) -> VmState {
+    let failed = |why: String| VmState::Failed {
+        reason: format!("{backend} {why}; see {}", vmm_log.display()),
+    };
+    let panic = panic_message(serial);
+    match cause {
+        ExitCause::GuestError { reason } => {
+            return match panic {
+                Some(p) => VmState::Failed {
+                    reason: format!("guest kernel panic: {p}"),
+                },
+                None => failed(format!("reported a guest error: {reason}")),
+            }
+        }
+        ExitCause::Requested(_) => return VmState::Stopped,
+        ExitCause::VmmShutdown { .. } | ExitCause::Unrequested => {}
+    }
+    if let Some(p) = panic {
+        return VmState::Failed {
+            reason: format!("guest kernel panic: {p}"),
+        };
+    }
+    let orderly = matches!(cause, ExitCause::VmmShutdown { .. })
+        || POWER_OFF_MARKERS.iter().any(|m| serial.contains(m))
+        || matches!(reported, Some(VmmEvent::Shutdown { .. }));
+    if orderly {
+        return VmState::Stopped;
+    }
+    match (reported, exit) {
+        (Some(VmmEvent::Error { reason }), _) => failed(reason.clone()),
+        (_, SeenExit::Watched(status)) => failed(format!("exited unexpectedly ({status})")),
+        (_, SeenExit::Unwatched { pid }) => failed(format!(
+            "process (pid {pid}) exited while no vm-rs process was watching"
+        )),
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct VmEntry {
     name: String,
@@ -28,11 +167,12 @@ pub(super) struct VmEntry {
     config: VmConfig,
     driver: Arc<dyn VmDriver>,
     record: tokio::sync::Mutex<VmRecord>,
+    /// What verbs changed in the running VMM (`live.json`); emptied when it exits.
+    live: tokio::sync::Mutex<LiveChanges>,
     state_tx: watch::Sender<VmState>,
     /// A pidfd-based handle for signalling (the exit task owns the waitable one).
     killer: std::sync::Mutex<Option<Arc<VmmProcess>>>,
-    stop_requested: AtomicBool,
-    guest_shutdown: AtomicBool,
+    exit_cause: std::sync::Mutex<ExitCause>,
     /// Set (under the record lock) when the VM's directory is being removed: no more writes.
     retired: AtomicBool,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -48,15 +188,14 @@ impl Drop for VmEntry {
     }
 }
 
-fn serial_shows_power_off(path: &Path) -> bool {
-    let tail = std::fs::read(path).unwrap_or_default();
-    let start = tail.len().saturating_sub(64 * 1024);
-    let text = String::from_utf8_lossy(&tail[start..]);
-    POWER_OFF_MARKERS.iter().any(|m| text.contains(m))
-}
-
 impl VmEntry {
-    fn new(dir: PathBuf, config: VmConfig, record: VmRecord, driver: Arc<dyn VmDriver>) -> Arc<Self> {
+    fn new(
+        dir: PathBuf,
+        config: VmConfig,
+        record: VmRecord,
+        live: LiveChanges,
+        driver: Arc<dyn VmDriver>,
+    ) -> Arc<Self> {
         let (state_tx, _) = watch::channel(record.state.clone());
         Arc::new(VmEntry {
             name: record.name.clone(),
@@ -64,10 +203,10 @@ impl VmEntry {
             config,
             driver,
             record: tokio::sync::Mutex::new(record),
+            live: tokio::sync::Mutex::new(live),
             state_tx,
             killer: std::sync::Mutex::new(None),
-            stop_requested: AtomicBool::new(false),
-            guest_shutdown: AtomicBool::new(false),
+            exit_cause: std::sync::Mutex::new(ExitCause::Unrequested),
             retired: AtomicBool::new(false),
             tasks: std::sync::Mutex::new(Vec::new()),
         })
@@ -82,7 +221,7 @@ impl VmEntry {
         process: VmmProcess,
     ) -> Arc<Self> {
         let handle = record.handle.clone();
-        let entry = Self::new(dir, config, record, driver);
+        let entry = Self::new(dir, config, record, LiveChanges::default(), driver);
         if let Some(handle) = handle {
             if let Ok(k) = VmmProcess::attach(process.pid(), process.start_time()) {
                 *entry.killer.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(k));
@@ -97,14 +236,22 @@ impl VmEntry {
         dir: PathBuf,
         config: VmConfig,
         record: VmRecord,
+        drivers: &Drivers,
     ) -> Result<Arc<Self>, ManagerError> {
-        let driver = driver::driver_for(record.backend).map_err(|source| ManagerError::Driver {
-            name: record.name.clone(),
-            source,
-        })?;
+        let driver = drivers
+            .for_record(record.backend)
+            .map_err(|source| ManagerError::Driver {
+                name: record.name.clone(),
+                source,
+            })?;
         let handle = record.handle.clone();
         let live = record.state.is_live();
-        let entry = Self::new(dir, config, record, driver);
+        let changes = if live {
+            record::load_live(&dir)?
+        } else {
+            LiveChanges::default()
+        };
+        let entry = Self::new(dir, config, record, changes, driver);
         let Some(handle) = handle.filter(|_| live) else {
             // Live without a VMM recorded: either another process is starting it right now
             // (it holds the start lock) or that process died mid-start.
@@ -113,7 +260,7 @@ impl VmEntry {
                     .transition(VmState::Failed {
                         reason: "the process starting it exited before the vmm ran".into(),
                     })
-                    .await;
+                    .await?;
             }
             return Ok(entry);
         };
@@ -128,35 +275,36 @@ impl VmEntry {
                     .ok()
                     .and_then(|r| r.ok());
                 let ready_ip = crate::console::scan_log(&handle.serial_log).ok().flatten();
-                match (status, ready_ip) {
-                    (Some(VmmStatus::Paused), _) => entry.transition(VmState::Paused).await,
-                    (Some(VmmStatus::Running), Some(ip)) => {
-                        entry.transition(VmState::Ready { ip: ip.to_string() }).await
-                    }
-                    (Some(VmmStatus::Running), None) if entry.state() == VmState::Starting => {
-                        entry.transition(VmState::Running).await
-                    }
-                    _ => {}
+                // Bring the record up to what the VMM says, where the table has an edge for it
+                // (a VM recorded paused that runs again resumes; one recorded ready stays ready).
+                let now = entry.state();
+                let seen = match (status, ready_ip) {
+                    (Some(VmmStatus::Paused), _) => Some(VmState::Paused),
+                    (Some(VmmStatus::Running), Some(ip)) => Some(VmState::Ready { ip }),
+                    (Some(VmmStatus::Running), None) => Some(VmState::Running),
+                    _ => None,
+                };
+                if let Some(seen) = seen.filter(|s| *s != now && now.can_transition_to(s)) {
+                    entry.transition(seen).await?;
                 }
                 if let Some(ip) = ready_ip {
-                    entry.record.lock().await.ip = Some(ip.to_string());
+                    entry.record.lock().await.ip = Some(ip);
                 }
                 let follow_console = ready_ip.is_none();
                 entry.spawn_watchers(process, handle, follow_console);
             }
             Err(ProcessError::Gone { .. }) | Err(ProcessError::Reused { .. }) => {
-                let state = if serial_shows_power_off(&handle.serial_log) {
-                    VmState::Stopped
-                } else {
-                    VmState::Failed {
-                        reason: format!(
-                            "vmm process (pid {}) exited while no vm-rs process was watching; see {}",
-                            handle.pid,
-                            entry.dir.join(files::VMM_LOG).display()
-                        ),
-                    }
-                };
-                entry.transition(state).await;
+                let reported = entry.driver.exit_reason(&handle).await.ok().flatten();
+                let cause = entry.requested_exit(&handle).unwrap_or(ExitCause::Unrequested);
+                let state = classify_exit(
+                    &cause,
+                    &serial_tail(&handle.serial_log),
+                    reported.as_ref(),
+                    SeenExit::Unwatched { pid: handle.pid },
+                    entry.driver.kind(),
+                    &entry.dir.join(files::VMM_LOG),
+                );
+                entry.transition(state).await?;
             }
             Err(source) => {
                 return Err(ManagerError::Process {
@@ -187,7 +335,7 @@ impl VmEntry {
                         let mut buf = vec![0u8; 8192];
                         while let Ok(Some(n)) = f.next_chunk(&mut buf).await {
                             if let Some(ip) = parser.feed(&buf[..n]) {
-                                me.on_ready(ip.to_string()).await;
+                                me.on_ready(ip).await;
                                 break;
                             }
                         }
@@ -202,30 +350,94 @@ impl VmEntry {
             let events = tokio::time::timeout(Duration::from_secs(2), me.driver.events(&handle)).await;
             let Ok(Ok(mut events)) = events else { return };
             while let Some(ev) = events.next().await {
-                match ev {
-                    VmmEvent::Paused => me.transition(VmState::Paused).await,
-                    VmmEvent::Resumed => me.resumed().await,
-                    VmmEvent::Shutdown { guest, .. } => {
-                        if guest {
-                            me.guest_shutdown.store(true, Ordering::SeqCst);
-                        }
-                    }
-                    VmmEvent::Error { reason } => {
-                        tracing::warn!(vm = %me.name, %reason, "vmm reported an error");
-                    }
-                }
+                me.on_event(ev).await;
             }
         }));
         let mut guard = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         guard.extend(tasks);
     }
 
-    async fn on_ready(&self, ip: String) {
-        let cur = self.state();
-        if matches!(cur, VmState::Starting | VmState::Running) {
-            self.transition(VmState::Ready { ip: ip.clone() }).await;
-        }
+    /// The readiness marker appeared on the console.
+    async fn on_ready(&self, ip: IpAddr) {
+        // Paused in between (the marker was read late): the address is kept for the resume.
+        let result = match self.state() {
+            VmState::Starting | VmState::Running | VmState::Ready { .. } => {
+                self.transition(VmState::Ready { ip }).await
+            }
+            _ => Ok(()),
+        };
+        self.settle("readiness marker", result);
         self.record.lock().await.ip = Some(ip);
+    }
+
+    /// An event from the VMM's event channel.
+    pub(super) async fn on_event(&self, ev: VmmEvent) {
+        match ev {
+            VmmEvent::Paused => {
+                let result = match self.state() {
+                    VmState::Running | VmState::Ready { .. } => self.transition(VmState::Paused).await,
+                    _ => Ok(()),
+                };
+                self.settle("vmm paused event", result);
+            }
+            VmmEvent::Resumed => {
+                if self.state() == VmState::Paused {
+                    let result = self.resumed().await;
+                    self.settle("vmm resumed event", result);
+                }
+            }
+            VmmEvent::Shutdown { guest, reason } => self.note_exit(ExitCause::VmmShutdown { guest, reason }),
+            VmmEvent::Error { reason } => {
+                tracing::warn!(vm = %self.name, %reason, "vmm reported a guest error");
+                self.note_exit(ExitCause::GuestError { reason });
+            }
+        }
+    }
+
+    /// The watchers check the state before asking for a change; one still refused lost a race
+    /// with another change (usually the exit) and is moot, but worth a warning.
+    fn settle(&self, what: &'static str, result: Result<(), StateError>) {
+        if let Err(e) = result {
+            tracing::warn!(vm = %self.name, error = %e, "{what} not applied");
+        }
+    }
+
+    /// Record evidence about a coming exit (kept unless the new evidence is stronger).
+    pub(super) fn note_exit(&self, cause: ExitCause) {
+        let mut cur = self.exit_cause.lock().unwrap_or_else(|p| p.into_inner());
+        if cause.rank() >= cur.rank() {
+            *cur = cause;
+        }
+    }
+
+    /// A verb asks for the exit (`Stop` or `Kill`): noted here and recorded for the other
+    /// processes watching the VM.
+    pub(super) async fn request_exit(&self, op: Operation) -> Result<(), ManagerError> {
+        self.note_exit(ExitCause::Requested(op));
+        let Some(handle) = self.handle().await else {
+            return Ok(());
+        };
+        let req = ExitRequest {
+            pid: handle.pid,
+            start_time: handle.start_time,
+            kill: op == Operation::Kill,
+        };
+        record::write_json_atomic(&self.dir.join(files::EXIT_REQUEST), &req)?;
+        Ok(())
+    }
+
+    /// The exit some process asked for of the VMM `handle` names, from the VM directory.
+    fn requested_exit(&self, handle: &VmHandle) -> Option<ExitCause> {
+        let req = record::load_exit_request(&self.dir).filter(|r| r.is_for(handle))?;
+        Some(ExitCause::Requested(if req.kill {
+            Operation::Kill
+        } else {
+            Operation::Stop
+        }))
+    }
+
+    pub(super) fn exit_cause(&self) -> ExitCause {
+        self.exit_cause.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     async fn on_exit(&self, exit: ExitInfo) {
@@ -237,74 +449,94 @@ impl VmEntry {
             Some(h) => self.driver.exit_reason(h).await.ok().flatten(),
             None => None,
         };
-        let state = if self.stop_requested.load(Ordering::SeqCst)
-            || self.guest_shutdown.load(Ordering::SeqCst)
-            || serial_shows_power_off(&self.serial_log())
-            || matches!(reported, Some(VmmEvent::Shutdown { .. }))
-        {
-            VmState::Stopped
-        } else {
-            let why = match reported {
-                Some(VmmEvent::Error { reason }) => reason,
-                _ => format!("exited unexpectedly ({exit})"),
-            };
-            VmState::Failed {
-                reason: format!(
-                    "{} {why}; see {}",
-                    self.driver.kind(),
-                    self.dir.join(files::VMM_LOG).display()
-                ),
-            }
-        };
+        // another process may have asked for this exit
+        if let Some(cause) = handle.as_ref().and_then(|h| self.requested_exit(h)) {
+            self.note_exit(cause);
+        }
+        let state = classify_exit(
+            &self.exit_cause(),
+            &serial_tail(&self.serial_log()),
+            reported.as_ref(),
+            SeenExit::Watched(exit),
+            self.driver.kind(),
+            &self.dir.join(files::VMM_LOG),
+        );
         // the VM is gone: remove its TAPs/bridges, leave switches, stop forwarders (before the
         // state is published, so whoever waits for the stop finds the host clean)
         if let Err(e) = crate::net::host::teardown_vm_dir(&self.dir).await {
             tracing::warn!(vm = %self.name, error = %e, "network teardown failed");
         }
-        self.transition(state).await;
+        let result = match self.state() {
+            s if s.is_live() => self.transition(state).await,
+            // already recorded as ended (e.g. found dead by an attach racing this task)
+            _ => Ok(()),
+        };
+        self.settle("exit", result);
         for sock in ["qmp.sock", "qmp-events.sock"] {
             let _ = std::fs::remove_file(self.dir.join(sock));
         }
     }
 
-    /// Apply a state change if the transition table allows it; persist and publish it.
-    pub(super) async fn transition(&self, to: VmState) {
+    /// Apply a state change the transition table allows; persist and publish it. Asking for
+    /// the state the VM is in already is a no-op; a change the table has no edge for is
+    /// refused with [`StateError::IllegalTransition`] and changes nothing.
+    pub(super) async fn transition(&self, to: VmState) -> Result<(), StateError> {
         let mut rec = self.record.lock().await;
         if rec.state == to {
-            return;
+            return Ok(());
         }
         if !rec.state.can_transition_to(&to) {
-            tracing::debug!(vm = %self.name, from = %rec.state, to = %to, "ignoring invalid transition");
-            return;
+            return Err(StateError::IllegalTransition {
+                vm: self.name.clone(),
+                from: rec.state.kind(),
+                to: to.kind(),
+            });
         }
         if let VmState::Ready { ip } = &to {
-            rec.ip = Some(ip.clone());
+            rec.ip = Some(*ip);
         }
         if !to.is_live() {
             rec.finished_at = Some(now());
             rec.handle = None;
             *self.killer.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            // the VMM's devices and sizes went with it
+            *self.live.lock().await = LiveChanges::default();
+            if !self.retired.load(Ordering::SeqCst) {
+                let _ = std::fs::remove_file(self.dir.join(files::LIVE));
+            }
         }
         rec.state = to.clone();
         // Publish first: waiters should not pay for the fsync. The record lock is still held,
         // so records are persisted in the order states are published.
         self.state_tx.send_replace(to);
         if self.retired.load(Ordering::SeqCst) {
-            return;
+            return Ok(());
         }
         if let Err(e) = record::write_json_atomic(&self.dir.join(files::STATE), &*rec) {
             // the directory may have been removed (vm removed while tasks wind down)
             tracing::debug!(vm = %self.name, error = %e, "cannot persist state");
         }
+        Ok(())
     }
 
     /// Resumed: back to ready when the guest was ready before, else running.
-    pub(super) async fn resumed(&self) {
-        let ip = self.record.lock().await.ip.clone();
+    pub(super) async fn resumed(&self) -> Result<(), StateError> {
+        let ip = self.record.lock().await.ip;
         match ip {
             Some(ip) => self.transition(VmState::Ready { ip }).await,
             None => self.transition(VmState::Running).await,
         }
+    }
+
+    /// Change what verbs record about the running VMM and persist it (`live.json`).
+    pub(super) async fn update_live(
+        &self,
+        change: impl FnOnce(&mut LiveChanges),
+    ) -> Result<(), ManagerError> {
+        let mut live = self.live.lock().await;
+        change(&mut live);
+        record::write_json_atomic(&self.dir.join(files::LIVE), &*live)?;
+        Ok(())
     }
 
     pub(super) fn state(&self) -> VmState {
@@ -336,10 +568,6 @@ impl VmEntry {
             state: self.state(),
             serial_log: self.serial_log(),
         })
-    }
-
-    pub(super) fn set_stop_requested(&self) {
-        self.stop_requested.store(true, Ordering::SeqCst);
     }
 
     pub(super) async fn kill(&self) -> Result<(), ProcessError> {
@@ -385,19 +613,21 @@ impl VmEntry {
 
     pub(super) async fn info(&self) -> super::VmInfo {
         let rec = self.record.lock().await.clone();
+        let live = self.live.lock().await.clone();
         super::VmInfo {
             name: self.name.clone(),
             ip: match &rec.state {
-                VmState::Ready { ip } => Some(ip.clone()),
-                s if s.is_live() => rec.ip.clone(),
+                VmState::Ready { ip } => Some(*ip),
+                s if s.is_live() => rec.ip,
                 _ => None,
             },
             state: rec.state.clone(),
             backend: rec.backend,
             pid: rec.handle.as_ref().map(|h| h.pid),
             accel: rec.handle.as_ref().and_then(|h| h.accel.clone()),
-            cpus: self.config.cpus,
-            memory_mib: self.config.memory_mib,
+            cpus: live.cpus.unwrap_or(self.config.cpus),
+            memory_mib: live.memory_mib.unwrap_or(self.config.memory_mib),
+            devices: live.devices,
             created_at: rec.created_at,
             started_at: rec.started_at,
             finished_at: rec.finished_at,
@@ -406,5 +636,114 @@ impl VmEntry {
             vmm_log: self.dir.join(files::VMM_LOG),
             config: self.config.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classify(cause: ExitCause, serial: &str, reported: Option<VmmEvent>, exit: SeenExit) -> VmState {
+        classify_exit(
+            &cause,
+            serial,
+            reported.as_ref(),
+            exit,
+            BackendKind::Qemu,
+            Path::new("/vm/vmm.log"),
+        )
+    }
+
+    const PANIC: &str = "[ 1.0] Kernel panic - not syncing: No working init found.  Try passing init=\r\n";
+    const KILLED: SeenExit = SeenExit::Watched(ExitInfo::Signal(libc::SIGKILL));
+    const CLEAN: SeenExit = SeenExit::Watched(ExitInfo::Code(0));
+
+    fn reset() -> ExitCause {
+        ExitCause::VmmShutdown {
+            guest: true,
+            reason: "guest-reset".into(),
+        }
+    }
+
+    #[test]
+    fn exit_classification() {
+        use VmState::{Failed, Stopped};
+        let stop = ExitCause::Requested(Operation::Stop);
+        let kill = ExitCause::Requested(Operation::Kill);
+        assert_eq!(classify(stop.clone(), "", None, KILLED), Stopped);
+        assert_eq!(classify(kill, "", None, KILLED), Stopped);
+        assert_eq!(
+            classify(ExitCause::Unrequested, "reboot: Power down\n", None, CLEAN),
+            Stopped
+        );
+        assert_eq!(
+            classify(reset(), "", None, CLEAN),
+            Stopped,
+            "a guest reboot without a panic"
+        );
+        let panic = Failed {
+            reason: "guest kernel panic: No working init found.  Try passing init=".into(),
+        };
+        assert_eq!(classify(reset(), PANIC, None, CLEAN), panic);
+        assert_eq!(classify(ExitCause::Unrequested, PANIC, None, CLEAN), panic);
+        assert_eq!(
+            classify(
+                ExitCause::Unrequested,
+                "reboot: Power down\n",
+                Some(shutdown()),
+                CLEAN
+            ),
+            Stopped
+        );
+        let crash = classify(ExitCause::Unrequested, "booting\n", None, KILLED);
+        assert_eq!(
+            crash,
+            Failed {
+                reason: "qemu exited unexpectedly (killed by signal 9 (SIGKILL)); see /vm/vmm.log".into()
+            }
+        );
+        // the backend's account of an unrequested exit
+        let vcpu = VmmEvent::Error {
+            reason: "vcpu failed: internal error".into(),
+        };
+        assert!(matches!(
+            classify(ExitCause::Unrequested, "", Some(vcpu), CLEAN),
+            Failed { reason } if reason.contains("vcpu failed")
+        ));
+        // a pvpanic-style event outranks a stop that raced it
+        let mut cause = stop;
+        for next in [
+            ExitCause::GuestError {
+                reason: "guest kernel panicked".into(),
+            },
+            reset(),
+            ExitCause::Unrequested,
+        ] {
+            if next.rank() >= cause.rank() {
+                cause = next;
+            }
+        }
+        assert!(
+            matches!(classify(cause, "", None, CLEAN), Failed { reason } if reason.contains("guest error"))
+        );
+        assert!(matches!(
+            classify(ExitCause::Unrequested, "", None, SeenExit::Unwatched { pid: 7 }),
+            Failed { reason } if reason.contains("pid 7") && reason.contains("no vm-rs process was watching")
+        ));
+    }
+
+    fn shutdown() -> VmmEvent {
+        VmmEvent::Shutdown {
+            guest: true,
+            reason: "guest powered off".into(),
+        }
+    }
+
+    #[test]
+    fn panic_message_is_the_last_panic_line() {
+        assert_eq!(panic_message("ok\nall fine\n"), None);
+        let two = "Kernel panic - not syncing: first\nKernel panic - not syncing: second\r\n";
+        assert_eq!(panic_message(two).as_deref(), Some("second"));
+        assert_eq!(panic_message("Kernel panic - not syncing").as_deref(), Some(""));
     }
 }

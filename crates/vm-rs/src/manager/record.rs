@@ -4,11 +4,12 @@
 //! `state.json` carries a `version`; readers accept unknown fields so older binaries can read
 //! newer records and vice versa.
 
-use crate::config::{BackendKind, VmConfig};
-use crate::driver::VmHandle;
+use crate::config::{BackendKind, DiskConfig, VmConfig};
+use crate::driver::{TapNetwork, VmHandle};
 use crate::state::VmState;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 /// Current `state.json` format version.
@@ -26,6 +27,37 @@ pub mod files {
     pub const VMM_LOG: &str = "vmm.log";
     /// What other subsystems added at start ([`super::super::StartOptions`]), for restarts.
     pub const START: &str = "start.json";
+    /// What verbs changed in the running VMM ([`super::LiveChanges`]).
+    pub const LIVE: &str = "live.json";
+    /// A stop or kill asked for by some process ([`super::ExitRequest`]).
+    pub const EXIT_REQUEST: &str = "exit-request.json";
+}
+
+/// A stop or kill one process asked for, so that every process watching the VM — not only the
+/// one that asked — records the exit that follows as `stopped`. It names the VMM it was meant
+/// for (pid + start time), so a request left from an earlier run never applies to a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRequest {
+    /// VMM pid.
+    pub pid: u32,
+    /// VMM start time.
+    pub start_time: u64,
+    /// A kill (else a graceful stop).
+    #[serde(default)]
+    pub kill: bool,
+}
+
+impl ExitRequest {
+    /// Whether the request was meant for the VMM `handle` names.
+    pub fn is_for(&self, handle: &VmHandle) -> bool {
+        self.pid == handle.pid && self.start_time == handle.start_time
+    }
+}
+
+/// The exit request recorded for the VM in `dir`, if any (an unreadable one counts as none:
+/// it only refines how an exit is explained).
+pub fn load_exit_request(dir: &Path) -> Option<ExitRequest> {
+    read_json(&dir.join(files::EXIT_REQUEST)).ok()
 }
 
 /// The state record of one VM.
@@ -44,7 +76,7 @@ pub struct VmRecord {
     pub handle: Option<VmHandle>,
     /// Last address the guest reported (kept across pause/resume).
     #[serde(default)]
-    pub ip: Option<String>,
+    pub ip: Option<IpAddr>,
     /// Unix time the VM was created.
     pub created_at: u64,
     /// Unix time of the last start.
@@ -53,6 +85,61 @@ pub struct VmRecord {
     /// Unix time the VM last stopped or failed.
     #[serde(default)]
     pub finished_at: Option<u64>,
+}
+
+/// What verbs changed in a running VMM — vCPUs and memory after a resize, hot-plugged
+/// devices — kept in `live.json` while the VMM runs and dropped when it exits (the VMM's
+/// devices go with it; a restart boots the saved `config.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveChanges {
+    /// vCPUs after the last resize.
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    /// Memory (MiB) after the last resize.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// Devices hot-plugged and not unplugged yet, in plug order.
+    #[serde(default)]
+    pub devices: Vec<PluggedDevice>,
+}
+
+/// A device hot-plugged into a running VMM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum PluggedDevice {
+    /// A disk ([`crate::VmManager::add_disk`]).
+    Disk {
+        /// The backend's device id.
+        id: String,
+        /// What was plugged.
+        disk: DiskConfig,
+    },
+    /// A NIC ([`crate::VmManager::add_net`]).
+    Net {
+        /// The backend's device id.
+        id: String,
+        /// What was plugged.
+        net: TapNetwork,
+    },
+}
+
+impl PluggedDevice {
+    /// The backend's device id (what [`crate::VmManager::remove_device`] takes).
+    pub fn id(&self) -> &str {
+        match self {
+            PluggedDevice::Disk { id, .. } | PluggedDevice::Net { id, .. } => id,
+        }
+    }
+}
+
+/// Load a VM's live changes (none when the file is absent).
+pub fn load_live(dir: &Path) -> Result<LiveChanges, RecordError> {
+    let path = dir.join(files::LIVE);
+    if !path.exists() {
+        return Ok(LiveChanges::default());
+    }
+    read_json(&path)
 }
 
 /// Seconds since the Unix epoch.
@@ -151,11 +238,11 @@ mod tests {
             version: RECORD_VERSION,
             name: "a".into(),
             state: VmState::Ready {
-                ip: "10.0.2.15".into(),
+                ip: IpAddr::from([10, 0, 2, 15]),
             },
             backend: BackendKind::Qemu,
             handle: None,
-            ip: Some("10.0.2.15".into()),
+            ip: Some(IpAddr::from([10, 0, 2, 15])),
             created_at: 1,
             started_at: Some(2),
             finished_at: None,

@@ -424,7 +424,7 @@ pub async fn manager_lifecycle(bin: PathBuf) {
     assert_eq!(
         mgr.state("life").await.expect("state"),
         vm_rs::VmState::Ready {
-            ip: "10.0.0.2".into()
+            ip: std::net::IpAddr::from([10, 0, 0, 2])
         }
     );
     assert_eq!(driver.status(&handle).await.expect("status"), VmmStatus::Running);
@@ -464,7 +464,7 @@ pub async fn manager_reattach(bin: PathBuf) {
     assert_eq!(
         mgr.state("re").await.expect("state"),
         vm_rs::VmState::Ready {
-            ip: "10.0.0.2".into()
+            ip: std::net::IpAddr::from([10, 0, 0, 2])
         }
     );
     mgr.pause("re").await.expect("pause after reattach");

@@ -259,7 +259,7 @@ impl From<&VmInfo> for PsRow {
                 VmState::Failed { reason } => Some(reason.clone()),
                 _ => None,
             },
-            ip: i.ip.clone(),
+            ip: i.ip.map(|ip| ip.to_string()),
             backend: i.backend,
             pid: i.pid,
             accel: i.accel.clone(),

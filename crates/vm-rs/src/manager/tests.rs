@@ -1,0 +1,662 @@
+//! The manager and its exit monitor with an injected [`VmDriver`]: a fake whose "VMM" is a real
+//! child process (`sleep`), so pidfd waits, start-time identity and signals are exercised for
+//! real, while the guest's side (serial console, VMM events) is written by the test.
+
+use super::record::{self, files, PluggedDevice, VmRecord, RECORD_VERSION};
+use super::{ManagerError, VmManager};
+use crate::config::{BackendKind, DiskConfig, VmConfig};
+use crate::driver::{
+    BootSpec, Counters, DriverError, EventStream, Launched, TapNetwork, VmDriver, VmHandle, VmmEvent,
+    VmmStatus,
+};
+use crate::process::VmmProcess;
+use crate::state::{Operation, StateError, StateKind, VmState};
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const GUEST_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 2, 15));
+const WAIT: Duration = Duration::from_secs(10);
+
+/// What the fake guest does when the power button is pressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Button {
+    /// Print the kernel's power-off line and let the VMM exit.
+    PowerOff,
+    /// Nothing (a hung guest): the manager must quit/kill the VMM.
+    Ignore,
+}
+
+#[derive(Debug)]
+struct Fake {
+    button: Button,
+    /// Every call, in order (`boot`, `pause`, `resize 2 -`, ...).
+    calls: Mutex<Vec<String>>,
+    status: Mutex<VmmStatus>,
+    events: tokio::sync::broadcast::Sender<VmmEvent>,
+}
+
+impl Fake {
+    fn new(button: Button) -> Arc<Self> {
+        Arc::new(Fake {
+            button,
+            calls: Mutex::new(Vec::new()),
+            status: Mutex::new(VmmStatus::Running),
+            events: tokio::sync::broadcast::channel(16).0,
+        })
+    }
+
+    fn call(&self, c: impl Into<String>) {
+        self.calls.lock().unwrap().push(c.into());
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn end_vmm(handle: &VmHandle) {
+        if let Ok(p) = VmmProcess::attach(handle.pid, handle.start_time) {
+            let _ = p.kill();
+        }
+    }
+}
+
+fn append(path: &Path, text: &str) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+#[async_trait::async_trait]
+impl VmDriver for Fake {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    fn capabilities(&self) -> crate::devices::Capabilities {
+        crate::driver::qemu::QemuDriver::new().capabilities()
+    }
+
+    async fn boot(&self, spec: &BootSpec<'_>) -> Result<Launched, DriverError> {
+        self.call("boot");
+        let mut cmd = tokio::process::Command::new("sleep");
+        cmd.arg("1000");
+        let process = VmmProcess::spawn(cmd)?;
+        append(&spec.serial_log, "[    0.1] booting\nVMRS_READY 10.0.2.15\n");
+        Ok(Launched {
+            handle: VmHandle {
+                name: spec.config.name.clone(),
+                backend: BackendKind::Qemu,
+                pid: process.pid(),
+                start_time: process.start_time(),
+                api_socket: spec.vm_dir.join("fake.sock"),
+                event_socket: None,
+                serial_log: spec.serial_log.clone(),
+                accel: Some("tcg".into()),
+            },
+            process,
+        })
+    }
+
+    async fn status(&self, _: &VmHandle) -> Result<VmmStatus, DriverError> {
+        Ok(*self.status.lock().unwrap())
+    }
+
+    async fn pause(&self, _: &VmHandle) -> Result<(), DriverError> {
+        self.call("pause");
+        *self.status.lock().unwrap() = VmmStatus::Paused;
+        Ok(())
+    }
+
+    async fn resume(&self, _: &VmHandle) -> Result<(), DriverError> {
+        self.call("resume");
+        *self.status.lock().unwrap() = VmmStatus::Running;
+        Ok(())
+    }
+
+    async fn request_shutdown(&self, handle: &VmHandle) -> Result<(), DriverError> {
+        self.call("power button");
+        if self.button == Button::PowerOff {
+            append(&handle.serial_log, "reboot: Power down\n");
+            Self::end_vmm(handle);
+        }
+        Ok(())
+    }
+
+    async fn quit(&self, handle: &VmHandle) -> Result<(), DriverError> {
+        self.call("quit");
+        Self::end_vmm(handle);
+        Ok(())
+    }
+
+    async fn events(&self, _: &VmHandle) -> Result<EventStream, DriverError> {
+        let rx = self.events.subscribe();
+        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.ok().map(|ev| (ev, rx))
+        })))
+    }
+
+    async fn snapshot(&self, _: &VmHandle, dir: &Path) -> Result<(), DriverError> {
+        self.call(format!("snapshot {}", dir.display()));
+        Ok(())
+    }
+
+    async fn resize(&self, _: &VmHandle, cpus: Option<u32>, mem: Option<u64>) -> Result<(), DriverError> {
+        let show = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        self.call(format!(
+            "resize {} {}",
+            show(cpus.map(|c| c.to_string())),
+            show(mem.map(|m| m.to_string()))
+        ));
+        Ok(())
+    }
+
+    async fn add_disk(&self, _: &VmHandle, disk: &DiskConfig) -> Result<String, DriverError> {
+        self.call(format!("add disk {}", disk.path.display()));
+        Ok("disk7".into())
+    }
+
+    async fn add_net(&self, _: &VmHandle, net: &TapNetwork) -> Result<String, DriverError> {
+        self.call(format!("add net {:?}", net.tap));
+        Ok("net3".into())
+    }
+
+    async fn remove_device(&self, _: &VmHandle, id: &str) -> Result<(), DriverError> {
+        self.call(format!("remove {id}"));
+        Ok(())
+    }
+
+    async fn counters(&self, _: &VmHandle) -> Result<Counters, DriverError> {
+        let mut c = Counters::new();
+        c.entry("disk7".into())
+            .or_default()
+            .insert("read_bytes".into(), 512);
+        Ok(c)
+    }
+    // `info` keeps the trait's default: "not supported".
+}
+
+struct Home {
+    dir: tempfile::TempDir,
+    kernel: PathBuf,
+}
+
+impl Home {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::write(&kernel, b"not booted by the fake").unwrap();
+        Home { dir, kernel }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn config(&self, name: &str) -> VmConfig {
+        VmConfig::builder(name)
+            .kernel(&self.kernel)
+            .memory_mib(64)
+            .build_unchecked()
+    }
+
+    async fn manager(&self, fake: &Arc<Fake>) -> VmManager {
+        VmManager::builder()
+            .home(self.path())
+            .driver(fake.clone())
+            .build()
+            .await
+            .unwrap()
+    }
+}
+
+/// Start `name` and wait until the fake guest's marker made it ready.
+async fn started(mgr: &VmManager, home: &Home, name: &str) -> VmHandle {
+    mgr.start(home.config(name)).await.unwrap();
+    assert_eq!(mgr.wait_ready(name, WAIT).await.unwrap(), GUEST_IP);
+    mgr.handle(name).await.unwrap().unwrap()
+}
+
+async fn finished(mgr: &VmManager, name: &str) -> VmState {
+    let entry = mgr.entry(name).await.unwrap();
+    entry.wait_finished(WAIT).await.expect("vm did not finish")
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn failed_reason(st: &VmState) -> &str {
+    match st {
+        VmState::Failed { reason } => reason,
+        other => panic!("expected failed, got {other}"),
+    }
+}
+
+fn alive(h: &VmHandle) -> bool {
+    crate::process::is_same_process_alive(h.pid, h.start_time)
+}
+
+#[tokio::test]
+async fn lifecycle_through_the_injected_driver() {
+    let home = Home::new();
+    let fake = Fake::new(Button::PowerOff);
+    let mgr = home.manager(&fake).await;
+    let h = started(&mgr, &home, "a").await;
+    assert!(alive(&h));
+    assert_eq!(mgr.state("a").await.unwrap(), VmState::Ready { ip: GUEST_IP });
+    assert_eq!(mgr.inspect("a").await.unwrap().ip, Some(GUEST_IP));
+
+    mgr.pause("a").await.unwrap();
+    assert_eq!(mgr.state("a").await.unwrap(), VmState::Paused);
+    let twice = mgr.pause("a").await.unwrap_err();
+    assert!(
+        matches!(
+            twice,
+            ManagerError::State(StateError::InvalidOperation {
+                op: Operation::Pause,
+                state: "paused",
+                ..
+            })
+        ),
+        "{twice:?}"
+    );
+    mgr.resume("a").await.unwrap();
+    assert_eq!(mgr.state("a").await.unwrap(), VmState::Ready { ip: GUEST_IP });
+
+    assert_eq!(mgr.stop("a", WAIT).await.unwrap(), VmState::Stopped);
+    assert!(!alive(&h));
+    assert_eq!(fake.calls(), ["boot", "pause", "resume", "power button"]);
+    // persisted, and the record forgets the VMM
+    let rec = record::load_record(&mgr.vm_dir("a")).unwrap();
+    assert_eq!(rec.state, VmState::Stopped);
+    assert!(rec.handle.is_none());
+    assert!(matches!(mgr.resume("a").await, Err(ManagerError::State(_))));
+    mgr.remove("a", false).await.unwrap();
+    assert!(!mgr.vm_dir("a").exists());
+}
+
+#[tokio::test]
+async fn a_hung_guest_is_quit_and_still_stopped() {
+    let home = Home::new();
+    let fake = Fake::new(Button::Ignore);
+    let mgr = home.manager(&fake).await;
+    let h = started(&mgr, &home, "hung").await;
+    let st = mgr.stop("hung", Duration::from_millis(200)).await.unwrap();
+    assert_eq!(st, VmState::Stopped);
+    assert!(!alive(&h));
+    assert_eq!(fake.calls(), ["boot", "power button", "quit"]);
+}
+
+#[tokio::test]
+async fn kill_verb_is_stopped_but_kill_9_from_outside_is_failed() {
+    let home = Home::new();
+    let fake = Fake::new(Button::PowerOff);
+    let mgr = home.manager(&fake).await;
+    started(&mgr, &home, "k").await;
+    assert_eq!(mgr.kill("k").await.unwrap(), VmState::Stopped);
+
+    let h = started(&mgr, &home, "crash").await;
+    // SAFETY: kill(2) on the pid of the fake VMM this test spawned and that is still alive
+    // (checked through its start time just above by `started`).
+    assert_eq!(unsafe { libc::kill(h.pid as i32, libc::SIGKILL) }, 0);
+    let st = finished(&mgr, "crash").await;
+    let reason = failed_reason(&st);
+    assert!(
+        reason.contains("exited unexpectedly") && reason.contains("SIGKILL"),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
+async fn guest_power_off_is_stopped_from_the_serial_log_or_the_vmm_event() {
+    let home = Home::new();
+    let fake = Fake::new(Button::PowerOff);
+    let mgr = home.manager(&fake).await;
+
+    // the kernel's own line on the console
+    let h = started(&mgr, &home, "serial").await;
+    append(&h.serial_log, "reboot: Power down\n");
+    Fake::end_vmm(&h);
+    assert_eq!(finished(&mgr, "serial").await, VmState::Stopped);
+
+    // only the VMM's shutdown event (the console said nothing)
+    let h = started(&mgr, &home, "event").await;
+    wait_until("events subscriber", || fake.events.receiver_count() > 0).await;
+    let entry = mgr.entry("event").await.unwrap();
+    fake.events
+        .send(VmmEvent::Shutdown {
+            guest: true,
+            reason: "guest-shutdown".into(),
+        })
+        .unwrap();
+    wait_until("exit cause", || {
+        matches!(
+            entry.exit_cause(),
+            super::monitor::ExitCause::VmmShutdown { guest: true, .. }
+        )
+    })
+    .await;
+    Fake::end_vmm(&h);
+    assert_eq!(finished(&mgr, "event").await, VmState::Stopped);
+}
+
+#[tokio::test]
+async fn guest_kernel_panic_is_failed_not_stopped() {
+    let home = Home::new();
+    let fake = Fake::new(Button::PowerOff);
+    let mgr = home.manager(&fake).await;
+    let h = started(&mgr, &home, "panic").await;
+    wait_until("events subscriber", || fake.events.receiver_count() > 0).await;
+    let entry = mgr.entry("panic").await.unwrap();
+    // panic=-1 resets at once and QEMU -no-reboot reports the reset as a guest shutdown
+    append(
+        &h.serial_log,
+        "[    0.52] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\r\n\
+         [    0.52] Rebooting in 1 seconds..\r\n",
+    );
+    fake.events
+        .send(VmmEvent::Shutdown {
+            guest: true,
+            reason: "guest-reset".into(),
+        })
+        .unwrap();
+    wait_until("exit cause", || {
+        matches!(entry.exit_cause(), super::monitor::ExitCause::VmmShutdown { .. })
+    })
+    .await;
+    Fake::end_vmm(&h);
+    let st = finished(&mgr, "panic").await;
+    assert_eq!(
+        failed_reason(&st),
+        "guest kernel panic: Attempted to kill init! exitcode=0x00000100"
+    );
+}
+
+#[tokio::test]
+async fn a_second_manager_reattaches_and_its_kill_is_a_stop_for_both() {
+    let home = Home::new();
+    let first = Fake::new(Button::PowerOff);
+    let mgr1 = home.manager(&first).await;
+    let h = started(&mgr1, &home, "r").await;
+    let id = mgr1.add_disk("r", DiskConfig::new(&home.kernel)).await.unwrap();
+
+    let second = Fake::new(Button::PowerOff);
+    let mgr2 = home.manager(&second).await;
+    assert_eq!(mgr2.state("r").await.unwrap(), VmState::Ready { ip: GUEST_IP });
+    assert_eq!(mgr2.handle("r").await.unwrap(), Some(h.clone()));
+    // what the first manager's verbs changed is known to the second
+    let info = mgr2.inspect("r").await.unwrap();
+    assert_eq!(info.devices.len(), 1);
+    assert_eq!(info.devices[0].id(), id);
+    // the second manager drives the VM through its own (injected) driver
+    mgr2.pause("r").await.unwrap();
+    assert_eq!(second.calls(), ["pause"]);
+    assert!(!first.calls().contains(&"pause".to_string()));
+    // a third one sees it paused (the VMM says so)
+    let third = Fake::new(Button::PowerOff);
+    *third.status.lock().unwrap() = VmmStatus::Paused;
+    let mgr3 = home.manager(&third).await;
+    assert_eq!(mgr3.state("r").await.unwrap(), VmState::Paused);
+
+    assert_eq!(mgr2.kill("r").await.unwrap(), VmState::Stopped);
+    assert!(!alive(&h));
+    // the first manager's watcher saw a SIGKILL it did not send, yet records a stop
+    assert_eq!(finished(&mgr1, "r").await, VmState::Stopped);
+    assert_eq!(
+        record::load_record(&mgr1.vm_dir("r")).unwrap().state,
+        VmState::Stopped
+    );
+}
+
+/// Write the records of a VM that was live when the last manager looked, with the VMM `handle`.
+fn recorded_live(home: &Home, name: &str, handle: VmHandle, serial: &str) {
+    let dir = crate::paths::vms_dir(home.path()).join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut config = home.config(name);
+    config.serial_log = Some(handle.serial_log.clone());
+    std::fs::write(&handle.serial_log, serial).unwrap();
+    record::write_json_atomic(&dir.join(files::CONFIG), &config).unwrap();
+    let rec = VmRecord {
+        version: RECORD_VERSION,
+        name: name.into(),
+        state: VmState::Ready { ip: GUEST_IP },
+        backend: BackendKind::Qemu,
+        handle: Some(handle),
+        ip: Some(GUEST_IP),
+        created_at: 1,
+        started_at: Some(1),
+        finished_at: None,
+    };
+    record::write_json_atomic(&dir.join(files::STATE), &rec).unwrap();
+}
+
+#[tokio::test]
+async fn vms_that_ended_unwatched_are_classified_on_attach() {
+    let home = Home::new();
+    // a real process that has exited: its pid + start time name nothing alive
+    let mut cmd = tokio::process::Command::new("true");
+    cmd.kill_on_drop(false);
+    let mut gone = VmmProcess::spawn(cmd).unwrap();
+    gone.wait().await.unwrap();
+    let handle = |name: &str| VmHandle {
+        name: name.into(),
+        backend: BackendKind::Qemu,
+        pid: gone.pid(),
+        start_time: gone.start_time(),
+        api_socket: home.path().join(format!("{name}.sock")),
+        event_socket: None,
+        serial_log: home.path().join(format!("{name}.log")),
+        accel: None,
+    };
+    recorded_live(
+        &home,
+        "off",
+        handle("off"),
+        "VMRS_READY 10.0.2.15\nreboot: Power down\n",
+    );
+    recorded_live(
+        &home,
+        "panicked",
+        handle("panicked"),
+        "Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)\n",
+    );
+    recorded_live(&home, "crashed", handle("crashed"), "VMRS_READY 10.0.2.15\n");
+    // the pid is alive but belongs to another process (start time differs)
+    let mut reused = handle("reused");
+    reused.pid = std::process::id();
+    recorded_live(&home, "reused", reused, "VMRS_READY 10.0.2.15\n");
+
+    let fake = Fake::new(Button::PowerOff);
+    let mgr = home.manager(&fake).await;
+    assert_eq!(mgr.state("off").await.unwrap(), VmState::Stopped);
+    let st = mgr.state("panicked").await.unwrap();
+    assert_eq!(
+        failed_reason(&st),
+        "guest kernel panic: VFS: Unable to mount root fs on unknown-block(0,0)"
+    );
+    for name in ["crashed", "reused"] {
+        let st = mgr.state(name).await.unwrap();
+        assert!(
+            failed_reason(&st).contains("no vm-rs process was watching"),
+            "{st}"
+        );
+        // and persisted
+        assert_eq!(record::load_record(&mgr.vm_dir(name)).unwrap().state, st);
+    }
+    assert!(
+        fake.calls().is_empty(),
+        "nothing was signalled: {:?}",
+        fake.calls()
+    );
+}
+
+#[tokio::test]
+async fn illegal_transitions_are_errors_and_change_nothing() {
+    let home = Home::new();
+    let fake = Fake::new(Button::PowerOff);
+    let mgr = home.manager(&fake).await;
+    started(&mgr, &home, "t").await;
+    let entry = mgr.entry("t").await.unwrap();
+    let err = entry.transition(VmState::Starting).await.unwrap_err();
+    assert_eq!(
+        err,
+        StateError::IllegalTransition {
+            vm: "t".into(),
+            from: StateKind::Ready,
+            to: StateKind::Starting
+        }
+    );
+    assert_eq!(mgr.state("t").await.unwrap(), VmState::Ready { ip: GUEST_IP });
+    // the same state again is a no-op, not an error
+    entry.transition(VmState::Ready { ip: GUEST_IP }).await.unwrap();
+
+    mgr.kill("t").await.unwrap();
+    let before = std::fs::read(mgr.vm_dir("t").join(files::STATE)).unwrap();
+    for to in [VmState::Paused, VmState::Running, VmState::Ready { ip: GUEST_IP }] {
+        let err = entry.transition(to.clone()).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StateError::IllegalTransition {
+                    from: StateKind::Stopped,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+    assert_eq!(mgr.state("t").await.unwrap(), VmState::Stopped);
+    assert_eq!(std::fs::read(mgr.vm_dir("t").join(files::STATE)).unwrap(), before);
+}
+
+#[tokio::test]
+async fn vmm_verbs_check_state_reach_the_driver_and_record_changes() {
+    let home = Home::new();
+    let fake = Fake::new(Button::PowerOff);
+    let mgr = home.manager(&fake).await;
+    started(&mgr, &home, "v").await;
+
+    mgr.resize("v", Some(2), None).await.unwrap();
+    mgr.resize("v", None, Some(128)).await.unwrap();
+    assert!(matches!(
+        mgr.resize("v", None, None).await,
+        Err(ManagerError::InvalidRequest { .. })
+    ));
+    let info = mgr.inspect("v").await.unwrap();
+    assert_eq!((info.cpus, info.memory_mib), (2, 128));
+
+    let disk = mgr.add_disk("v", DiskConfig::new(&home.kernel)).await.unwrap();
+    let nic = mgr
+        .add_net(
+            "v",
+            TapNetwork {
+                tap: Some("tap9".into()),
+                mac: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        mgr.add_disk("v", DiskConfig::new(home.path().join("missing.img")))
+            .await,
+        Err(ManagerError::Io { .. })
+    ));
+    mgr.remove_device("v", &disk).await.unwrap();
+    let info = mgr.inspect("v").await.unwrap();
+    assert!(matches!(&info.devices[..], [PluggedDevice::Net { id, .. }] if *id == nic));
+    let live = record::load_live(&mgr.vm_dir("v")).unwrap();
+    assert_eq!((live.cpus, live.devices.len()), (Some(2), 1));
+
+    assert_eq!(mgr.counters("v").await.unwrap()["disk7"]["read_bytes"], 512);
+    let unsupported = mgr.vmm_info("v").await.unwrap_err();
+    assert!(
+        matches!(
+            &unsupported,
+            ManagerError::Driver {
+                source: DriverError::Unsupported { feature: "info", .. },
+                ..
+            }
+        ),
+        "{unsupported:?}"
+    );
+    mgr.pause("v").await.unwrap();
+    mgr.snapshot("v", Path::new("snap")).await.unwrap();
+    let snap = std::env::current_dir().unwrap().join("snap");
+    assert_eq!(
+        fake.calls()[1..],
+        [
+            "resize 2 -".to_string(),
+            "resize - 128".into(),
+            format!("add disk {}", home.kernel.display()),
+            "add net Some(\"tap9\")".into(),
+            format!("remove {disk}"),
+            "pause".into(),
+            format!("snapshot {}", snap.display()),
+        ]
+    );
+
+    // the VMM's changes go with it
+    mgr.kill("v").await.unwrap();
+    let info = mgr.inspect("v").await.unwrap();
+    assert_eq!((info.cpus, info.memory_mib, info.devices.len()), (1, 64, 0));
+    assert!(!mgr.vm_dir("v").join(files::LIVE).exists());
+
+    // stopped: every verb is refused by the state machine before the driver is called
+    let calls = fake.calls().len();
+    let refused: Vec<(Operation, ManagerError)> = vec![
+        (
+            Operation::Resize,
+            mgr.resize("v", Some(1), None).await.unwrap_err(),
+        ),
+        (
+            Operation::AddDevice,
+            mgr.add_disk("v", DiskConfig::new(&home.kernel))
+                .await
+                .unwrap_err(),
+        ),
+        (
+            Operation::AddDevice,
+            mgr.add_net("v", TapNetwork::default()).await.unwrap_err(),
+        ),
+        (
+            Operation::RemoveDevice,
+            mgr.remove_device("v", "net3").await.unwrap_err(),
+        ),
+        (Operation::Counters, mgr.counters("v").await.unwrap_err()),
+        (Operation::VmmInfo, mgr.vmm_info("v").await.unwrap_err()),
+        (
+            Operation::Snapshot,
+            mgr.snapshot("v", Path::new("s")).await.unwrap_err(),
+        ),
+        (Operation::Pause, mgr.pause("v").await.unwrap_err()),
+        (Operation::Stop, mgr.stop("v", WAIT).await.unwrap_err()),
+        (Operation::Exec, mgr.agent("v").await.unwrap_err()),
+    ];
+    for (op, err) in refused {
+        assert!(
+            matches!(
+                &err,
+                ManagerError::State(StateError::InvalidOperation { op: o, state: "stopped", .. }) if *o == op
+            ),
+            "{op}: {err:?}"
+        );
+    }
+    assert_eq!(
+        fake.calls().len(),
+        calls,
+        "the driver was called for a stopped vm"
+    );
+}
