@@ -32,6 +32,8 @@ binaries=(
     "cloud-init cloud-init"
     "ip iproute2"
     "nft nftables"
+    "zsh zsh"
+    "fish fish"
 )
 
 mapfile -t pkgs < <(grep -v '^\s*#' scripts/apt-packages.txt | sed 's/#.*//' | xargs -n1 | sort -u)

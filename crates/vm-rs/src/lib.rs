@@ -21,6 +21,8 @@
 //! * [`config`] — what the caller asks for: [`VmConfig`], disks, networks, shared dirs.
 //! * [`state`] — the lifecycle state machine ([`VmState`]).
 //! * [`driver`] — the [`VmDriver`] trait and backends; [`driver::detect`] picks one.
+//! * [`error`] — [`ErrorKind`]: every public error's `kind()` (not found, conflict, invalid, ...),
+//!   looking through wrappers to the cause.
 //! * [`process`] — VMM process identity and signalling (never signals a reused pid).
 //! * [`console`] — serial console following and readiness detection ([`READY_MARKER`]).
 //! * [`manager`] — [`VmManager`], the verbs users call; persistence and reattach.
@@ -64,6 +66,7 @@ pub mod config;
 pub mod console;
 pub mod devices;
 pub mod driver;
+pub mod error;
 pub mod guest;
 pub mod manager;
 pub mod net;
@@ -78,6 +81,7 @@ pub mod storage;
 pub use config::{Accel, BackendKind, DiskConfig, NetworkAttachment, SharedDir, VmConfig};
 pub use console::READY_MARKER;
 pub use driver::{VmDriver, VmHandle};
+pub use error::ErrorKind;
 pub use manager::{ManagerError, VmInfo, VmManager};
 pub use oci::ImageStore;
 pub use state::VmState;

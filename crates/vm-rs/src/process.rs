@@ -58,6 +58,18 @@ pub enum ProcessError {
     },
 }
 
+impl ProcessError {
+    /// What kind of failure this is (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            ProcessError::Gone { .. } | ProcessError::Reused { .. } => K::NotFound,
+            ProcessError::Spawn { .. } => K::Backend,
+            ProcessError::Inspect { .. } | ProcessError::Signal { .. } => K::Other,
+        }
+    }
+}
+
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitInfo {

@@ -68,6 +68,20 @@ pub enum RootfsError {
     Task(#[source] tokio::task::JoinError),
 }
 
+impl RootfsError {
+    /// What kind of failure this is, looking through to the cause (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            RootfsError::Store { source, .. } => source.kind(),
+            RootfsError::Unpack { source, .. } => source.kind(),
+            RootfsError::Io { .. } | RootfsError::Task(_) => K::Other,
+            RootfsError::Mkfs { .. } => K::Backend,
+            RootfsError::Overlay(e) => e.kind(),
+        }
+    }
+}
+
 /// A cached root filesystem image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rootfs {

@@ -153,6 +153,24 @@ pub enum SetupError {
     },
 }
 
+impl SetupError {
+    /// What kind of failure this is, looking through to the cause (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            SetupError::Seed { source, .. } => source.kind(),
+            SetupError::SshKey { source, .. } => source.kind(),
+            SetupError::Catalog { source, .. } => source.kind(),
+            SetupError::Download { source, .. } => source.kind(),
+            SetupError::FormatMismatch { .. } | SetupError::HasBackingFile { .. } => K::Invalid,
+            SetupError::NotADisk { .. } => K::Invalid,
+            SetupError::Disk { source, .. } => source.kind(),
+            SetupError::Clone { source, .. } => source.kind(),
+            SetupError::Io { source, .. } => K::of_io(source),
+        }
+    }
+}
+
 /// Write the NoCloud seed for `config` to `path` (replacing an older seed) and return it as a
 /// read-only raw disk to attach.
 pub async fn create_seed_iso(path: &Path, config: &SeedConfig) -> Result<DiskConfig, SetupError> {

@@ -331,6 +331,13 @@ pub enum StateError {
     },
 }
 
+impl StateError {
+    /// What kind of failure this is (see [`crate::error`]): a state conflict.
+    pub fn kind(&self) -> crate::ErrorKind {
+        crate::ErrorKind::Conflict
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,29 +2,62 @@
 //!
 //! | code | meaning |
 //! |------|---------|
-//! | 0    | success |
-//! | 1    | any other error (or, for `run` in the foreground, the VM failed) |
-//! | 2    | usage error (bad flags or arguments) |
+//! | 0    | success (also `stop` of a VM that is already stopped) |
+//! | 1    | any other error (or, for `run`, the VM failed) |
+//! | 2    | usage error (bad flags or arguments, a flag value that is not one of its choices) |
 //! | 3    | no such VM or image |
-//! | 4    | conflict: the name is taken, or the VM's state does not allow the operation |
-//! | 5    | invalid configuration or input |
-//! | 6    | hypervisor/backend error (QEMU missing, failed to boot, QMP error) |
+//! | 4    | conflict: the name is taken, a host port is in use, or the VM's state does not allow the operation |
+//! | 5    | invalid configuration or input, or something the chosen backend or host does not support |
+//! | 6    | hypervisor/backend error (QEMU missing or refusing to boot, QMP error, registry error) |
 //! | 7    | timed out |
+//!
+//! `exec` and `run IMAGE` exit with the guest command's own code instead. The code of an error
+//! comes from the [`ErrorKind`] of the first vm-rs error in its chain, which already looks
+//! through the wrappers below it (a TAP failure deep in a start is a network error, not a
+//! "start failed").
 
-use vm_rs::manager::ManagerError;
+use vm_rs::ErrorKind;
 
-/// Any other error.
-pub const GENERAL: i32 = 1;
-/// No such VM or image.
-pub const NOT_FOUND: i32 = 3;
-/// Name taken or invalid state.
-pub const CONFLICT: i32 = 4;
-/// Invalid configuration or input.
-pub const INVALID: i32 = 5;
-/// Backend error.
-pub const BACKEND: i32 = 6;
-/// Timeout.
-pub const TIMEOUT: i32 = 7;
+/// The documented exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitCode {
+    /// 0: success.
+    Success = 0,
+    /// 1: any other error.
+    Failure = 1,
+    /// 2: bad flags or arguments.
+    Usage = 2,
+    /// 3: no such VM or image.
+    NotFound = 3,
+    /// 4: name taken, host port in use, or the state does not allow the operation.
+    Conflict = 4,
+    /// 5: invalid configuration or input (also: not supported by the backend).
+    Invalid = 5,
+    /// 6: hypervisor or backend error.
+    Backend = 6,
+    /// 7: timed out.
+    Timeout = 7,
+}
+
+impl ExitCode {
+    /// The process exit status.
+    pub fn code(self) -> i32 {
+        self as i32
+    }
+}
+
+impl From<ErrorKind> for ExitCode {
+    fn from(k: ErrorKind) -> Self {
+        match k {
+            ErrorKind::NotFound => ExitCode::NotFound,
+            ErrorKind::Conflict => ExitCode::Conflict,
+            ErrorKind::Invalid | ErrorKind::Unsupported => ExitCode::Invalid,
+            ErrorKind::Backend => ExitCode::Backend,
+            ErrorKind::Timeout => ExitCode::Timeout,
+            _ => ExitCode::Failure,
+        }
+    }
+}
 
 /// Print `error: ...` and each cause on its own line.
 pub fn print_error(err: &anyhow::Error) {
@@ -34,56 +67,20 @@ pub fn print_error(err: &anyhow::Error) {
     }
 }
 
-/// Map an error to its documented exit code.
-pub fn code_for(err: &anyhow::Error) -> i32 {
-    for cause in err.chain() {
-        if let Some(m) = cause.downcast_ref::<ManagerError>() {
-            return match m {
-                ManagerError::NotFound { .. } => NOT_FOUND,
-                ManagerError::AlreadyExists { .. } | ManagerError::State(_) => CONFLICT,
-                ManagerError::Config(_) | ManagerError::InvalidRequest { .. } => INVALID,
-                ManagerError::Driver { .. } | ManagerError::Process { .. } => BACKEND,
-                ManagerError::Timeout { .. } => TIMEOUT,
-                ManagerError::NotRunning { .. } => GENERAL,
-                _ => GENERAL,
-            };
-        }
-        if cause.downcast_ref::<vm_rs::config::ConfigError>().is_some()
-            || cause.downcast_ref::<vm_rs::net::NetError>().is_some()
-        {
-            return INVALID;
-        }
-        if let Some(code) = oci_code(cause) {
-            return code;
-        }
-        if let Some(c) = cause.downcast_ref::<CliError>() {
-            return c.code();
-        }
-        if let Some(code) = crate::cmd::disk::exit_code(cause) {
-            return code;
-        }
-    }
-    GENERAL
+/// The kind of an error chain: the first cause that has one decides (a vm-rs error answers
+/// for everything below it; `anyhow` context has none); `Other` when no cause has one.
+pub fn kind_of(err: &anyhow::Error) -> ErrorKind {
+    err.chain()
+        .find_map(|cause| match cause.downcast_ref::<CliError>() {
+            Some(c) => Some(c.kind()),
+            None => ErrorKind::of(cause),
+        })
+        .unwrap_or(ErrorKind::Other)
 }
 
-/// Exit codes for image errors: unknown image → 3, bad reference/platform → 5.
-fn oci_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
-    use vm_rs::oci::{PullError, ReferenceError, StoreError};
-    if let Some(e) = cause.downcast_ref::<StoreError>() {
-        return match e {
-            StoreError::NotFound { .. } => Some(NOT_FOUND),
-            StoreError::Ambiguous { .. } | StoreError::Reference(_) => Some(INVALID),
-            _ => None,
-        };
-    }
-    if cause.downcast_ref::<ReferenceError>().is_some() {
-        return Some(INVALID);
-    }
-    match cause.downcast_ref::<PullError>() {
-        Some(PullError::NoMatchingPlatform { .. }) => Some(NOT_FOUND),
-        Some(PullError::Reference(_)) => Some(INVALID),
-        _ => None,
-    }
+/// Map an error to its documented exit code.
+pub fn code_for(err: &anyhow::Error) -> ExitCode {
+    kind_of(err).into()
 }
 
 /// Errors raised by the CLI itself.
@@ -95,13 +92,46 @@ pub enum CliError {
     /// Something does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// `rm` of a live VM without `-f`.
+    #[error("cannot remove vm {name:?}: it is {state}; stop it first (`vmrs stop {name}`) or use `vmrs rm -f {name}`")]
+    RemoveLive {
+        /// VM name.
+        name: String,
+        /// Its state.
+        state: &'static str,
+    },
 }
 
 impl CliError {
-    fn code(&self) -> i32 {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            CliError::Invalid(_) => INVALID,
-            CliError::NotFound(_) => NOT_FOUND,
+            CliError::Invalid(_) => ErrorKind::Invalid,
+            CliError::NotFound(_) => ErrorKind::NotFound,
+            CliError::RemoveLive { .. } => ErrorKind::Conflict,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_rs::manager::ManagerError;
+
+    #[test]
+    fn the_deepest_known_kind_is_not_hidden_by_context() {
+        let e = anyhow::Error::new(ManagerError::Network {
+            name: "a".into(),
+            source: vm_rs::net::HostError::MixedNamespaces,
+        })
+        .context("cannot start vm \"a\"");
+        assert_eq!(code_for(&e), ExitCode::Invalid);
+        let e = anyhow::Error::new(std::io::Error::other("x")).context("y");
+        assert_eq!(code_for(&e), ExitCode::Failure);
+        let e = anyhow::Error::new(CliError::RemoveLive {
+            name: "a".into(),
+            state: "running",
+        });
+        assert_eq!(code_for(&e).code(), 4);
     }
 }

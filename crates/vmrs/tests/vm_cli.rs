@@ -96,10 +96,11 @@ fn bad_input_exits_with_codes_and_leaves_nothing() {
         .args(["run", "-d", "--name", "m", "--memory", "0"])
         .assert()
         .code(5);
+    // a value outside a flag's choices is a usage error
     home.vmrs()
         .args(["run", "-d", "--accel", "warp"])
         .assert()
-        .code(5);
+        .code(2);
     home.vmrs().args(["stop", "nosuchvm"]).assert().code(3);
     home.vmrs().args(["frobnicate"]).assert().code(2);
     assert!(home.ps().is_empty());

@@ -149,6 +149,27 @@ pub enum AgentError {
     Task(#[source] tokio::task::JoinError),
 }
 
+impl AgentError {
+    /// What kind of failure this is (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            AgentError::Connect { .. }
+            | AgentError::Refused { .. }
+            | AgentError::Protocol { .. }
+            | AgentError::Unexpected { .. }
+            | AgentError::Io { .. }
+            | AgentError::Closed
+            | AgentError::UnsafePath { .. } => K::Backend,
+            AgentError::Timeout { .. } => K::Timeout,
+            AgentError::Exec { .. } | AgentError::GuestCopy { .. } => K::Other,
+            AgentError::HostCopy { source, .. } => K::of_io(source),
+            AgentError::NoCommand => K::Invalid,
+            AgentError::Task(_) => K::Other,
+        }
+    }
+}
+
 /// Why the connection ended, shared with every waiting stream.
 #[derive(Debug, Clone)]
 enum Closed {

@@ -93,6 +93,15 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// What kind of failure this is (see [`crate::error`]): always
+    /// [`Invalid`](crate::ErrorKind::Invalid), a missing kernel or disk included (the
+    /// configuration names a file that is not there).
+    pub fn kind(&self) -> crate::ErrorKind {
+        crate::ErrorKind::Invalid
+    }
+}
+
 /// Smallest guest memory we let a VM boot with.
 pub const MIN_MEMORY_MIB: u64 = 32;
 /// Most vCPUs we accept (QEMU microvm's limit is far above what users need here).

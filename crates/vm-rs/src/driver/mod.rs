@@ -130,6 +130,18 @@ pub enum DriverError {
         /// Last lines of the VMM log or exit status.
         detail: String,
     },
+    /// A host port the VM publishes is taken by another program, so the VMM refused to start.
+    #[error("host port {addr}/{protocol} is already in use ({program}: {vmm_message})")]
+    HostPortInUse {
+        /// Host address and port.
+        addr: std::net::SocketAddr,
+        /// Protocol.
+        protocol: crate::config::Protocol,
+        /// Program.
+        program: String,
+        /// The VMM's own words.
+        vmm_message: String,
+    },
     /// Hardware acceleration was requested but cannot be used.
     #[error("kvm acceleration is not usable: {reason}")]
     AccelUnavailable {
@@ -186,6 +198,26 @@ pub enum DriverError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl DriverError {
+    /// What kind of failure this is (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            DriverError::BinaryNotFound { .. }
+            | DriverError::Spawn { .. }
+            | DriverError::BootFailed { .. }
+            | DriverError::Connect { .. }
+            | DriverError::Command { .. }
+            | DriverError::Protocol(_) => K::Backend,
+            DriverError::AccelUnavailable { .. } | DriverError::Unsupported { .. } => K::Unsupported,
+            DriverError::HostPortInUse { .. } => K::Conflict,
+            DriverError::Timeout { .. } => K::Timeout,
+            DriverError::Process(e) => e.kind(),
+            DriverError::Io { .. } => K::Other,
+        }
+    }
 }
 
 /// A launched VMM: its handle to persist and the process to watch.

@@ -196,6 +196,29 @@ pub enum GuestError {
     Task(#[source] tokio::task::JoinError),
 }
 
+impl GuestError {
+    /// What kind of failure this is (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            GuestError::NotSetUp { .. }
+            | GuestError::InitNotFound { .. }
+            | GuestError::MissingFile { .. } => K::NotFound,
+            GuestError::BadManifest { .. } | GuestError::ManifestVersion { .. } => K::Invalid,
+            GuestError::Spawn { .. } | GuestError::AptDownload { .. } => K::Backend,
+            GuestError::MissingPackageFile { .. }
+            | GuestError::BadPackage { .. }
+            | GuestError::NoKernelDependency { .. }
+            | GuestError::MissingFromPackages { .. }
+            | GuestError::BadModule { .. }
+            | GuestError::UnknownModule { .. }
+            | GuestError::ModuleCycle { .. } => K::Backend,
+            GuestError::BadGuestPath { .. } | GuestError::InitNotStatic { .. } => K::Invalid,
+            GuestError::Io { .. } | GuestError::Task(_) => K::Other,
+        }
+    }
+}
+
 /// `manifest.json`: what an assets dir holds.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Manifest {

@@ -163,6 +163,33 @@ pub enum ManagerError {
 }
 
 impl ManagerError {
+    /// What kind of failure this is, looking through to the cause (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            ManagerError::Config(e) => e.kind(),
+            ManagerError::AlreadyExists { .. } | ManagerError::State(_) => K::Conflict,
+            ManagerError::NotFound { .. } => K::NotFound,
+            ManagerError::Driver { source, .. } => source.kind(),
+            ManagerError::Process { source, .. } => source.kind(),
+            ManagerError::Record(e) => e.kind(),
+            ManagerError::Io { .. } => K::Other,
+            // The VM failed on its own: not something the caller's input or state caused.
+            ManagerError::NotRunning {
+                state: VmState::Failed { .. },
+                ..
+            } => K::Other,
+            ManagerError::NotRunning { .. } => K::Conflict,
+            ManagerError::Network { source, .. } => source.kind(),
+            ManagerError::Rootfs { source, .. } => source.kind(),
+            ManagerError::Agent { source, .. } => source.kind(),
+            ManagerError::Timeout { .. } => K::Timeout,
+            ManagerError::InvalidRequest { .. } => K::Invalid,
+        }
+    }
+}
+
+impl ManagerError {
     fn driver(name: &str) -> impl FnOnce(DriverError) -> ManagerError + '_ {
         move |source| ManagerError::Driver {
             name: name.to_string(),
@@ -661,9 +688,16 @@ impl VmManager {
 
     /// Graceful stop: press the power button, wait up to `timeout` for the guest to power off,
     /// then ask the VMM to quit, then kill it.
+    ///
+    /// Stopping a VM that is not running (stopped or failed) is a no-op that returns its state,
+    /// as `docker stop` of an exited container is: the caller wanted it off, and it is.
     pub async fn stop(&self, name: &str, timeout: Duration) -> Result<VmState, ManagerError> {
         let entry = self.entry(name).await?;
-        entry.state().check(name, Operation::Stop)?;
+        let current = entry.state();
+        if !current.is_live() {
+            return Ok(current);
+        }
+        current.check(name, Operation::Stop)?;
         entry.request_exit(Operation::Stop).await?;
         self.drop_agent(name).await;
         let handle = entry.require_handle(name).await?;

@@ -174,6 +174,13 @@ pub enum RecordError {
     },
 }
 
+impl RecordError {
+    /// What kind of failure this is (see [`crate::error`]): always [`Other`](crate::ErrorKind::Other).
+    pub fn kind(&self) -> crate::ErrorKind {
+        crate::ErrorKind::Other
+    }
+}
+
 /// Write `value` as pretty JSON to `path` atomically.
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), RecordError> {
     let io = |source| RecordError::Io {

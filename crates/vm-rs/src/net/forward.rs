@@ -39,6 +39,15 @@ pub enum ForwardError {
     },
 }
 
+impl ForwardError {
+    /// What kind of failure this is (see [`crate::error`]): an address in use is a conflict.
+    pub fn kind(&self) -> crate::ErrorKind {
+        match self {
+            ForwardError::Bind { source, .. } => crate::ErrorKind::of_io(source),
+        }
+    }
+}
+
 /// Counters of a [`PortForwarder`].
 #[derive(Debug, Default)]
 struct Stats {

@@ -94,6 +94,22 @@ pub enum HostError {
     },
 }
 
+impl HostError {
+    /// What kind of failure this is, looking through to the cause (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            HostError::Config(e) => e.kind(),
+            HostError::Netlink { .. } | HostError::Firewall { .. } => K::Backend,
+            HostError::Io { source, .. } => K::of_io(source),
+            HostError::Netns(e) => e.kind(),
+            HostError::Sidecar(e) => e.kind(),
+            HostError::MixedNamespaces => K::Invalid,
+            HostError::Foreign { .. } => K::Conflict,
+        }
+    }
+}
+
 fn io_op(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> HostError {
     let op = op.into();
     move |source| HostError::Io { op, source }

@@ -130,6 +130,21 @@ pub enum NetError {
     },
 }
 
+impl NetError {
+    /// What kind of failure this is (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            NetError::Unsupported { .. } => K::Unsupported,
+            NetError::DuplicatePort { .. } => K::Conflict,
+            NetError::InvalidSpec { .. }
+            | NetError::InvalidName { .. }
+            | NetError::Address { .. }
+            | NetError::SocketPathTooLong { .. } => K::Invalid,
+        }
+    }
+}
+
 /// A locally administered unicast MAC derived from the VM name and NIC index. The same name
 /// and index always give the same address, so a restarted VM keeps its DHCP lease and ARP
 /// entries.

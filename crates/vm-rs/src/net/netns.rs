@@ -34,6 +34,17 @@ pub enum NetnsError {
     Thread(#[source] std::io::Error),
 }
 
+impl NetnsError {
+    /// What kind of failure this is (see [`crate::error`]): a namespace that does not exist is
+    /// not found.
+    pub fn kind(&self) -> crate::ErrorKind {
+        match self {
+            NetnsError::Open { source, .. } => crate::ErrorKind::of_io(source),
+            NetnsError::Enter { .. } | NetnsError::Thread(_) => crate::ErrorKind::Other,
+        }
+    }
+}
+
 fn open_ns(path: &Path) -> Result<OwnedFd, NetnsError> {
     let f = std::fs::File::open(path).map_err(|source| NetnsError::Open {
         path: path.to_path_buf(),

@@ -57,6 +57,17 @@ pub enum SidecarError {
     },
 }
 
+impl SidecarError {
+    /// What kind of failure this is (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        match self {
+            SidecarError::Io { .. } => crate::ErrorKind::Other,
+            SidecarError::Process(e) => e.kind(),
+            SidecarError::StartTimeout { .. } => crate::ErrorKind::Timeout,
+        }
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SidecarError + '_ {
     move |source| SidecarError::Io {
         path: path.to_path_buf(),

@@ -101,6 +101,17 @@ pub enum AuthError {
     },
 }
 
+impl AuthError {
+    /// What kind of failure this is (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        match self {
+            AuthError::Read { .. } => crate::ErrorKind::Other,
+            AuthError::Parse { .. } | AuthError::MalformedAuth { .. } => crate::ErrorKind::Invalid,
+            AuthError::Helper { .. } => crate::ErrorKind::Backend,
+        }
+    }
+}
+
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct DockerConfig {

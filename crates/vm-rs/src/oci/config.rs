@@ -84,6 +84,13 @@ pub enum ConfigError {
     Json(#[source] serde_json::Error),
 }
 
+impl ConfigError {
+    /// What kind of failure this is (see [`crate::error`]): always invalid input.
+    pub fn kind(&self) -> crate::ErrorKind {
+        crate::ErrorKind::Invalid
+    }
+}
+
 #[derive(Deserialize, Default)]
 struct RawConfig {
     #[serde(default)]

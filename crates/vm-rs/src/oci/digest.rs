@@ -33,6 +33,16 @@ pub enum DigestError {
     },
 }
 
+impl DigestError {
+    /// What kind of failure this is (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        match self {
+            DigestError::UnsupportedAlgorithm { .. } => crate::ErrorKind::Unsupported,
+            DigestError::Malformed { .. } => crate::ErrorKind::Invalid,
+        }
+    }
+}
+
 impl Digest {
     /// Parses `sha256:<64 lower-case hex>`.
     pub fn parse(s: &str) -> Result<Self, DigestError> {

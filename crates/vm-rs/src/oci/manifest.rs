@@ -145,6 +145,20 @@ pub enum ManifestError {
     },
 }
 
+impl ManifestError {
+    /// What kind of failure this is (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        match self {
+            ManifestError::SchemaVersion { .. }
+            | ManifestError::MediaType { .. }
+            | ManifestError::LayerMediaType { .. } => crate::ErrorKind::Unsupported,
+            ManifestError::TooLarge { .. }
+            | ManifestError::Json(_)
+            | ManifestError::TooManyEntries { .. } => crate::ErrorKind::Invalid,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawManifest {

@@ -182,6 +182,17 @@ pub enum TransferError {
 }
 
 impl TransferError {
+    /// What kind of failure this is (see [`crate::error`]): the registry misbehaved
+    /// ([`Backend`](crate::ErrorKind::Backend)) unless the store failed.
+    pub fn kind(&self) -> crate::ErrorKind {
+        match self {
+            TransferError::Store(e) => e.kind(),
+            _ => crate::ErrorKind::Backend,
+        }
+    }
+}
+
+impl TransferError {
     fn retryable(&self) -> bool {
         match self {
             Self::Registry(e) => retryable(e),
@@ -283,6 +294,26 @@ pub enum PullError {
     /// A store operation failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl PullError {
+    /// What kind of failure this is, looking through to the cause (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            PullError::Reference(e) => e.kind(),
+            PullError::Credentials(e) => e.kind(),
+            PullError::NoMatchingPlatform { .. } => K::NotFound,
+            PullError::NestedIndex { .. } => K::Unsupported,
+            PullError::Unauthorized { .. }
+            | PullError::Manifest { .. }
+            | PullError::InvalidManifest { .. }
+            | PullError::ManifestDigestMismatch { .. }
+            | PullError::Config { .. } => K::Backend,
+            PullError::Blob { source, .. } => source.kind(),
+            PullError::Store(e) => e.kind(),
+        }
+    }
 }
 
 fn retryable(e: &OciDistributionError) -> bool {

@@ -42,6 +42,13 @@ pub enum ReferenceError {
     },
 }
 
+impl ReferenceError {
+    /// What kind of failure this is (see [`crate::error`]): always invalid input.
+    pub fn kind(&self) -> crate::ErrorKind {
+        crate::ErrorKind::Invalid
+    }
+}
+
 impl ImageReference {
     /// Parses and normalises a reference.
     pub fn parse(s: &str) -> Result<Self, ReferenceError> {

@@ -114,6 +114,26 @@ pub enum StoreError {
     Task(#[source] tokio::task::JoinError),
 }
 
+impl StoreError {
+    /// What kind of failure this is (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            StoreError::NotFound { .. } => K::NotFound,
+            StoreError::Ambiguous { .. } => K::Invalid,
+            StoreError::Reference(e) => e.kind(),
+            StoreError::Io { .. }
+            | StoreError::BlobMissing { .. }
+            | StoreError::DigestMismatch { .. }
+            | StoreError::Corrupt { .. }
+            | StoreError::Manifest { .. }
+            | StoreError::NotAnImage { .. }
+            | StoreError::Config { .. }
+            | StoreError::Task(_) => K::Other,
+        }
+    }
+}
+
 pub(crate) fn io_err(
     op: &'static str,
     path: impl Into<PathBuf>,

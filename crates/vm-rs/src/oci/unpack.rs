@@ -200,6 +200,24 @@ pub enum UnpackError {
     Task(#[source] tokio::task::JoinError),
 }
 
+impl UnpackError {
+    /// What kind of failure this is (see [`crate::error`]): a hostile or broken layer is
+    /// invalid input.
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            UnpackError::Store(e) => e.kind(),
+            UnpackError::Root { source, .. } => K::of_io(source),
+            UnpackError::UnsafePath { .. }
+            | UnpackError::Limit { .. }
+            | UnpackError::Archive { .. }
+            | UnpackError::DiffIdMismatch { .. }
+            | UnpackError::DiffIdCount { .. } => K::Invalid,
+            UnpackError::Io { .. } | UnpackError::Task(_) => K::Other,
+        }
+    }
+}
+
 fn io_at(op: &'static str, path: &[u8]) -> impl FnOnce(Errno) -> UnpackError {
     let path = String::from_utf8_lossy(path).into_owned();
     move |e| UnpackError::Io {

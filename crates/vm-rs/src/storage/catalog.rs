@@ -88,6 +88,20 @@ pub enum CatalogError {
     },
 }
 
+impl CatalogError {
+    /// What kind of failure this is (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            CatalogError::UnknownImage { .. } => K::NotFound,
+            CatalogError::Read { source, .. } => K::of_io(source),
+            CatalogError::Parse { .. } | CatalogError::InvalidEntry { .. } => K::Invalid,
+            CatalogError::NotInSums { .. } => K::Backend,
+            CatalogError::Fetch { source, .. } => source.kind(),
+        }
+    }
+}
+
 /// What a catalog entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -97,6 +97,21 @@ pub enum CloneError {
     Join(#[source] tokio::task::JoinError),
 }
 
+impl CloneError {
+    /// What kind of failure this is (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            CloneError::NotAFile { .. } => K::Invalid,
+            CloneError::TargetExists { .. } => K::Conflict,
+            CloneError::ReflinkUnsupported { .. } => K::Unsupported,
+            CloneError::Io { source, .. } => K::of_io(source),
+            CloneError::BaseChanged { .. } => K::Conflict,
+            CloneError::Join(_) => K::Other,
+        }
+    }
+}
+
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CloneError {
     let path = path.to_path_buf();
     move |source| CloneError::Io { op, path, source }

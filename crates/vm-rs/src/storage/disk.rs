@@ -96,6 +96,23 @@ pub enum DiskError {
     Join(#[source] tokio::task::JoinError),
 }
 
+impl DiskError {
+    /// What kind of failure this is (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            DiskError::ZeroSize | DiskError::Shrink { .. } => K::Invalid,
+            DiskError::Exists { .. } => K::Conflict,
+            DiskError::Io { source, .. } => K::of_io(source),
+            DiskError::ToolMissing { .. } | DiskError::ToolFailed { .. } | DiskError::BadInfo { .. } => {
+                K::Backend
+            }
+            DiskError::UnsupportedFormat { .. } => K::Unsupported,
+            DiskError::Join(_) => K::Other,
+        }
+    }
+}
+
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DiskError {
     let path = path.to_path_buf();
     move |source| {

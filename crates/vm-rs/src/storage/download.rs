@@ -125,6 +125,31 @@ pub enum DownloadError {
     },
 }
 
+impl DownloadError {
+    /// What kind of failure this is (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            DownloadError::BadDigest { .. } => K::Invalid,
+            DownloadError::Status { status, .. } if *status == reqwest::StatusCode::NOT_FOUND => K::NotFound,
+            DownloadError::Request { source, .. } | DownloadError::Transfer { source, .. }
+                if source.is_timeout() =>
+            {
+                K::Timeout
+            }
+            DownloadError::Request { .. }
+            | DownloadError::Status { .. }
+            | DownloadError::Transfer { .. }
+            | DownloadError::Truncated { .. }
+            | DownloadError::TooLarge { .. }
+            | DownloadError::BadRange { .. }
+            | DownloadError::ChecksumMismatch { .. } => K::Backend,
+            DownloadError::InProgress { .. } => K::Conflict,
+            DownloadError::Io { source, .. } => K::of_io(source),
+        }
+    }
+}
+
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DownloadError {
     let path = path.to_path_buf();
     move |source| DownloadError::Io { op, path, source }

@@ -75,6 +75,18 @@ pub enum SeedError {
     Join(#[source] tokio::task::JoinError),
 }
 
+impl SeedError {
+    /// What kind of failure this is (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            SeedError::Invalid { .. } | SeedError::TooLarge { .. } => K::Invalid,
+            SeedError::Io { source, .. } => K::of_io(source),
+            SeedError::Fat(_) | SeedError::Join(_) => K::Other,
+        }
+    }
+}
+
 fn invalid(field: impl Into<String>, value: &str, reason: &'static str) -> SeedError {
     SeedError::Invalid {
         field: field.into(),

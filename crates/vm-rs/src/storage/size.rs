@@ -23,6 +23,13 @@ pub enum SizeError {
     },
 }
 
+impl SizeError {
+    /// What kind of failure this is (see [`crate::error`]): always invalid input.
+    pub fn kind(&self) -> crate::ErrorKind {
+        crate::ErrorKind::Invalid
+    }
+}
+
 /// Parse a size: a decimal number of bytes, optionally followed by a binary unit
 /// `K`, `M`, `G`, `T` (also written `KiB`, `KB`, `k`, ...). `10G` is 10 GiB.
 ///

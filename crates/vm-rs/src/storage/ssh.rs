@@ -46,6 +46,19 @@ pub enum SshKeyError {
     Join(#[source] tokio::task::JoinError),
 }
 
+impl SshKeyError {
+    /// What kind of failure this is (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            SshKeyError::Exists { .. } => K::Conflict,
+            SshKeyError::BadPublicKey { .. } => K::Invalid,
+            SshKeyError::Io { source, .. } => K::of_io(source),
+            SshKeyError::Key(_) | SshKeyError::Join(_) => K::Other,
+        }
+    }
+}
+
 /// A key pair on disk.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SshKeyPair {

@@ -22,11 +22,32 @@ pub struct ExecArgs {
     /// User in the guest: user, uid, user:group or uid:gid.
     #[arg(short = 'u', long = "user")]
     pub user: Option<String>,
-    /// VM name.
-    pub name: String,
-    /// Command and arguments.
-    #[arg(last = true, required = true, num_args = 1..)]
-    pub command: Vec<String>,
+    /// The VM name, then the command and its arguments. Everything after NAME belongs to the
+    /// command, flags included (`vmrs exec web ls -l`); a `--` after NAME is accepted too.
+    #[arg(
+        required = true,
+        num_args = 2..,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_names = ["NAME", "COMMAND"]
+    )]
+    pub args: Vec<String>,
+}
+
+impl ExecArgs {
+    /// The VM name and the command (without a leading `--`).
+    fn split(mut self) -> Result<(String, Vec<String>, Self), CliError> {
+        let mut rest = std::mem::take(&mut self.args).into_iter();
+        let name = rest.next().unwrap_or_default();
+        let mut command: Vec<String> = rest.collect();
+        if command.first().is_some_and(|a| a == "--") {
+            command.remove(0);
+        }
+        if command.is_empty() {
+            return Err(CliError::Invalid(format!("exec {name}: no command given")));
+        }
+        Ok((name, command, self))
+    }
 }
 
 /// `vmrs cp`
@@ -40,7 +61,8 @@ pub struct CpArgs {
 
 /// Run a command in a VM; the exit code is the command's (128+signal when killed).
 pub async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
-    let mut cmd = ExecCommand::new(a.command);
+    let (name, command, a) = a.split()?;
+    let mut cmd = ExecCommand::new(command);
     for kv in &a.env {
         let (k, v) = kv
             .split_once('=')
@@ -61,8 +83,8 @@ pub async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
         cmd = cmd.stdin(data);
     }
     let mgr = VmManager::new().await?;
-    let process = mgr.exec_streaming(&a.name, cmd).await?;
-    relay(process, &a.name).await
+    let process = mgr.exec_streaming(&name, cmd).await?;
+    relay(process, &name).await
 }
 
 /// Copy a process's stdout/stderr to ours as it arrives; returns its shell exit code.

@@ -234,30 +234,6 @@ pub struct DownloadArgs {
     pub json: bool,
 }
 
-/// The documented exit code for a storage error in an error chain (see `exit.rs`).
-pub fn exit_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
-    use crate::exit::{CONFLICT, INVALID, NOT_FOUND};
-    use storage::{CatalogError, CloneError, DiskError, SeedError, SizeError};
-    if cause.is::<SizeError>() || cause.is::<SeedError>() {
-        return Some(INVALID);
-    }
-    match cause.downcast_ref::<CatalogError>() {
-        Some(CatalogError::UnknownImage { .. }) => return Some(NOT_FOUND),
-        Some(CatalogError::Parse { .. } | CatalogError::InvalidEntry { .. }) => return Some(INVALID),
-        _ => {}
-    }
-    match cause.downcast_ref::<DiskError>() {
-        Some(DiskError::Exists { .. }) => return Some(CONFLICT),
-        Some(DiskError::ZeroSize | DiskError::Shrink { .. }) => return Some(INVALID),
-        _ => {}
-    }
-    match cause.downcast_ref::<CloneError>() {
-        Some(CloneError::TargetExists { .. }) => Some(CONFLICT),
-        Some(CloneError::NotAFile { .. }) => Some(INVALID),
-        _ => None,
-    }
-}
-
 fn parse_size(s: &str) -> Result<u64> {
     storage::parse_size(s).with_context(|| format!("--size {s:?}"))
 }

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod disk;
 pub mod image;
+pub mod meta;
 pub mod net;
 pub mod setup;
 pub mod vm;
@@ -75,6 +76,10 @@ pub enum Command {
     Counters(vmm::NameArg),
     /// Show the VMM's own description of a VM as JSON (Cloud Hypervisor).
     VmmInfo(vmm::NameArg),
+    /// Show the version, the agent protocol and the backends found on this host.
+    Version(meta::VersionArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion(meta::CompletionArgs),
 }
 
 /// Run a subcommand; returns the process exit code.
@@ -108,5 +113,7 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Device(c) => vmm::device(c).await,
         Command::Counters(a) => vmm::counters(a).await,
         Command::VmmInfo(a) => vmm::vmm_info(a).await,
+        Command::Version(a) => meta::version(a),
+        Command::Completion(a) => meta::completion(a),
     }
 }

@@ -8,6 +8,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 use vm_rs::config::{Accel, BackendKind, DiskConfig};
+use vm_rs::manager::ManagerError;
+use vm_rs::state::{Operation, StateError};
 use vm_rs::{VmConfig, VmInfo, VmManager, VmState};
 
 /// `vmrs run`
@@ -22,8 +24,8 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
-    /// Memory in MiB.
-    #[arg(short, long, default_value_t = 256)]
+    /// Memory: MiB, or with a unit (`512m`, `1G`, `1.5g`).
+    #[arg(short, long, default_value = "256", value_parser = parse_memory_mib, value_name = "SIZE")]
     pub memory: u64,
     /// Kernel image (default: the built-in guest's, from `vmrs setup`).
     #[arg(long)]
@@ -37,12 +39,12 @@ pub struct RunArgs {
     /// Attach a disk: PATH[,ro][,format=raw|qcow2][,cache=writeback|none|unsafe] (repeatable).
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
-    /// Acceleration: auto (probe KVM, fall back to TCG), kvm, tcg.
-    #[arg(long, default_value = "auto")]
-    pub accel: String,
-    /// Backend: auto, qemu, cloud-hypervisor.
-    #[arg(long, default_value = "auto")]
-    pub backend: String,
+    /// Acceleration (auto: probe KVM, fall back to TCG).
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
+    /// Backend (auto: the best one this host has).
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    pub backend: BackendArg,
     /// Seconds to wait for the guest's readiness marker (with --detach).
     #[arg(long, default_value_t = 120)]
     pub ready_timeout: u64,
@@ -64,6 +66,84 @@ pub struct RunArgs {
     /// With IMAGE: the command replacing the image's cmd.
     #[arg(last = true)]
     pub command: Vec<String>,
+}
+
+/// `--accel` values (mirrors [`Accel`], which does not depend on clap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccelArg {
+    /// Probe KVM and use it when usable, else TCG.
+    Auto,
+    /// Hardware virtualization; fails when KVM is not usable.
+    Kvm,
+    /// QEMU's software emulation.
+    Tcg,
+}
+
+impl From<AccelArg> for Accel {
+    fn from(a: AccelArg) -> Self {
+        match a {
+            AccelArg::Auto => Accel::Auto,
+            AccelArg::Kvm => Accel::Kvm,
+            AccelArg::Tcg => Accel::Tcg,
+        }
+    }
+}
+
+/// `--backend` values (mirrors [`BackendKind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendArg {
+    /// The best backend this host has.
+    Auto,
+    /// QEMU over QMP.
+    Qemu,
+    /// Cloud Hypervisor over its REST API.
+    #[value(alias = "ch")]
+    CloudHypervisor,
+}
+
+impl From<BackendArg> for BackendKind {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Auto => BackendKind::Auto,
+            BackendArg::Qemu => BackendKind::Qemu,
+            BackendArg::CloudHypervisor => BackendKind::CloudHypervisor,
+        }
+    }
+}
+
+/// A memory size in MiB: a bare number is MiB (docker would read bytes, but nobody means 256
+/// bytes); `b` is bytes; `k`, `m`, `g`, `t` (optionally followed by `b` or `ib`, any case) are
+/// binary units.
+/// The result must be a whole number of MiB.
+pub fn parse_memory_mib(s: &str) -> Result<u64, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    let t = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
+    let bytes = t.len() != lower.len() && t.ends_with(|c: char| c.is_ascii_digit());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let kib: f64 = match unit {
+        "k" => 1.0,
+        "" if bytes => 1.0 / 1024.0,
+        "" | "m" => 1024.0,
+        "g" => 1024.0 * 1024.0,
+        "t" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(format!("unknown unit in {s:?} (expected e.g. 256, 512m, 1G)")),
+    };
+    let value: f64 = num
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite())
+        .ok_or_else(|| format!("{s:?} is not a size (expected e.g. 256, 512m, 1G)"))?;
+    let mib = value * kib / 1024.0;
+    if mib.fract() != 0.0 || mib > u32::MAX as f64 {
+        return Err(format!("{s:?} is not a whole number of MiB"));
+    }
+    Ok(mib as u64)
 }
 
 /// Built-in guest assets: the kernel and initramfs written by `vmrs setup`.
@@ -106,8 +186,8 @@ pub fn run_config(a: &RunArgs) -> anyhow::Result<VmConfig> {
         .memory_mib(a.memory)
         .kernel(kernel)
         .cmdline(a.cmdline.clone())
-        .accel(a.accel.parse::<Accel>()?)
-        .backend(a.backend.parse::<BackendKind>()?);
+        .accel(a.accel.into())
+        .backend(a.backend.into());
     if let Some(i) = initrd {
         b = b.initramfs(i);
     }
@@ -160,7 +240,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         "vmrs: started {name} (pid {}); Ctrl-C stops it",
         info.pid.unwrap_or(0)
     );
-    let follow = tokio::spawn(follow_log(info.serial_log.clone()));
+    let follow = tokio::spawn(follow_log(info.serial_log.clone(), 0));
     let mut rx = mgr.subscribe(&name).await?;
     let mut interrupts = 0;
     let final_state = loop {
@@ -200,8 +280,8 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     Ok(code)
 }
 
-async fn follow_log(path: PathBuf) -> std::io::Result<()> {
-    let mut f = vm_rs::console::LogFollower::open(&path, 0).await?;
+async fn follow_log(path: PathBuf, offset: u64) -> std::io::Result<()> {
+    let mut f = vm_rs::console::LogFollower::open(&path, offset).await?;
     let mut buf = vec![0u8; 16384];
     let mut out = std::io::stdout();
     while let Some(n) = f.next_chunk(&mut buf).await? {
@@ -218,8 +298,11 @@ pub struct PsArgs {
     #[arg(short, long)]
     pub all: bool,
     /// JSON output: an array of objects.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "quiet")]
     pub json: bool,
+    /// Only names, one per line.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 /// One `ps --json` row.
@@ -295,6 +378,12 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<i32> {
         .filter(|v| a.all || v.state.is_live())
         .collect();
     let rows: Vec<PsRow> = vms.iter().map(PsRow::from).collect();
+    if a.quiet {
+        for r in &rows {
+            println!("{}", r.name);
+        }
+        return Ok(0);
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(0);
@@ -447,6 +536,9 @@ pub struct LogsArgs {
     /// Keep following until the VM stops.
     #[arg(short, long)]
     pub follow: bool,
+    /// Only the last N lines (then follow, with -f).
+    #[arg(short = 'n', long, value_name = "N")]
+    pub tail: Option<usize>,
     /// VM name.
     pub name: String,
 }
@@ -455,13 +547,14 @@ pub struct LogsArgs {
 pub async fn logs(a: LogsArgs) -> anyhow::Result<i32> {
     let mgr = VmManager::new().await?;
     let info = mgr.inspect(&a.name).await?;
+    let bytes = std::fs::read(&info.serial_log)
+        .with_context(|| format!("cannot read {}", info.serial_log.display()))?;
+    let start = a.tail.map_or(0, |n| tail_start(&bytes, n));
     if !a.follow || !info.state.is_live() {
-        let bytes = std::fs::read(&info.serial_log)
-            .with_context(|| format!("cannot read {}", info.serial_log.display()))?;
-        std::io::stdout().write_all(&bytes)?;
+        std::io::stdout().write_all(&bytes[start..])?;
         return Ok(0);
     }
-    let follow = tokio::spawn(follow_log(info.serial_log.clone()));
+    let follow = tokio::spawn(follow_log(info.serial_log.clone(), start as u64));
     let mut rx = mgr.subscribe(&a.name).await?;
     loop {
         tokio::select! {
@@ -474,6 +567,21 @@ pub async fn logs(a: LogsArgs) -> anyhow::Result<i32> {
     tokio::time::sleep(Duration::from_millis(100)).await;
     follow.abort();
     Ok(0)
+}
+
+/// Byte offset where the last `n` lines of `bytes` start (a final newline ends the last line,
+/// it does not start an empty one).
+fn tail_start(bytes: &[u8], n: usize) -> usize {
+    if n == 0 {
+        return bytes.len();
+    }
+    let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    body.iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(n - 1)
+        .map_or(0, |(i, _)| i + 1)
 }
 
 /// `vmrs inspect`
@@ -504,7 +612,68 @@ pub async fn rm(a: RmArgs) -> anyhow::Result<i32> {
     let force = a.force;
     each(&a.names, |n| {
         let mgr = mgr.clone();
-        async move { mgr.remove(&n, force).await.map_err(Into::into) }
+        async move {
+            mgr.remove(&n, force).await.map_err(|e| match e {
+                ManagerError::State(StateError::InvalidOperation {
+                    op: Operation::Remove,
+                    state,
+                    ..
+                }) => CliError::RemoveLive {
+                    name: n.clone(),
+                    state,
+                }
+                .into(),
+                other => other.into(),
+            })
+        }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes_read_like_docker_with_mib_as_the_bare_unit() {
+        for (input, mib) in [
+            ("256", 256),
+            ("512m", 512),
+            ("512M", 512),
+            ("512MiB", 512),
+            ("1G", 1024),
+            ("1gb", 1024),
+            ("1.5g", 1536),
+            ("2048k", 2),
+            ("1048576b", 1),
+        ] {
+            assert_eq!(parse_memory_mib(input), Ok(mib), "{input}");
+        }
+        for bad in [
+            "",
+            "m",
+            "1b",
+            "1.5",
+            "100k",
+            "12q",
+            "-1",
+            "1e3",
+            "99999999999g",
+            "1.2.3m",
+        ] {
+            assert!(parse_memory_mib(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tail_starts_at_the_last_n_lines() {
+        let log = b"one\ntwo\nthree\n";
+        assert_eq!(&log[tail_start(log, 1)..], b"three\n");
+        assert_eq!(&log[tail_start(log, 2)..], b"two\nthree\n");
+        assert_eq!(&log[tail_start(log, 9)..], &log[..]);
+        assert_eq!(&log[tail_start(log, 0)..], b"");
+        assert_eq!(&b"no newline"[tail_start(b"no newline", 1)..], b"no newline");
+        assert_eq!(&b"a\nb"[tail_start(b"a\nb", 1)..], b"b");
+        assert_eq!(tail_start(b"", 3), 0);
+    }
 }

@@ -33,8 +33,8 @@ pub struct ResizeArgs {
     /// New number of vCPUs.
     #[arg(long)]
     pub cpus: Option<u32>,
-    /// New memory size in MiB.
-    #[arg(long)]
+    /// New memory size: MiB, or with a unit (`512m`, `1G`).
+    #[arg(long, value_parser = super::vm::parse_memory_mib, value_name = "SIZE")]
     pub memory: Option<u64>,
 }
 

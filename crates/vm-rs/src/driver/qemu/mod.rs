@@ -10,16 +10,20 @@
 //!   polling.
 //! * QEMU runs in its own session (see [`crate::process`]) so it outlives a detached CLI.
 //!
+//! * When QEMU exits during boot, the error carries its own words from `vmm.log`
+//!   ([`refusal`]); a published host port that is taken is a typed conflict.
+//!
 //! QEMU 7.2 (Debian 12) is the oldest version supported.
 
 pub mod accel;
 pub mod args;
 pub mod qmp;
+pub mod refusal;
 
 use super::{BootSpec, DriverError, EventStream, Launched, VmDriver, VmHandle, VmmEvent, VmmStatus};
 use crate::config::{Accel, BackendKind, CacheMode, DiskFormat};
 use crate::devices::{AgentTransport, Capabilities, MemoryKind};
-use crate::process::VmmProcess;
+use crate::process::{ExitInfo, VmmProcess};
 use qmp::Qmp;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -186,7 +190,7 @@ impl VmDriver for QemuDriver {
             .stdout(vmm_log)
             .stderr(vmm_log_err);
         tracing::debug!(vm = %spec.config.name, ?argv, "launching qemu");
-        let process = VmmProcess::spawn(cmd)?;
+        let mut process = VmmProcess::spawn(cmd)?;
         let handle = VmHandle {
             name: spec.config.name.clone(),
             backend: BackendKind::Qemu,
@@ -201,17 +205,22 @@ impl VmDriver for QemuDriver {
         let started = Instant::now();
         loop {
             if !process.is_alive() {
-                let _ = process.kill();
-                return Err(DriverError::BootFailed {
-                    program: binary.display().to_string(),
-                    detail: tail_lines(&spec.vmm_log, 5),
-                });
+                let exit = refusal::exited_within(&mut process, refusal::EXIT_GRACE).await;
+                return Err(refusal::refusal(
+                    &binary,
+                    &spec.vmm_log,
+                    exit.unwrap_or(ExitInfo::Unknown),
+                ));
             }
             if paths.qmp.exists() {
                 match Qmp::connect(&paths.qmp, QMP_TIMEOUT).await {
                     Ok(_) => break,
                     Err(DriverError::Connect { .. }) => {}
                     Err(e) => {
+                        // A QEMU refusing its kernel resets the QMP connection as it exits.
+                        if let Some(exit) = refusal::exited_within(&mut process, refusal::EXIT_GRACE).await {
+                            return Err(refusal::refusal(&binary, &spec.vmm_log, exit));
+                        }
                         let _ = process.kill();
                         return Err(e);
                     }

@@ -61,6 +61,16 @@ pub enum ServeError {
     },
 }
 
+impl ServeError {
+    /// What kind of failure this is (see [`crate::error`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        match self {
+            ServeError::Bind { source, .. } => crate::ErrorKind::of_io(source),
+            ServeError::Io { .. } => crate::ErrorKind::Other,
+        }
+    }
+}
+
 /// What to serve.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
