@@ -52,7 +52,7 @@ async fn raw_boot(cfg: &VmConfig, dir: &Path, accel: Accel) -> Duration {
         paths: &paths,
         devices: &devices,
         guest_params: &[],
-        tsc_khz: args::tsc_khz(),
+        tsc_khz: vm_rs::host::cpu_khz(),
     };
     let argv = args::build(&input);
     let t0 = Instant::now();

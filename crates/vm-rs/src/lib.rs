@@ -30,6 +30,8 @@
 //! * [`guest`] — guest assets: kernel, modules, busybox, vmrs-init, and the initramfs builder.
 //! * [`net`] — networking: user-mode NAT, TAP/bridge/NAT, the userspace switch, port forwarding.
 //! * [`oci`] — OCI images: pull into a content-addressed store ([`ImageStore`]), unpack safely.
+//! * [`devices`] — the device model every backend renders, and backend capabilities.
+//! * [`host`] — host facts: KVM usability, program lookup, CPU clock.
 //! * [`paths`] — where data lives (`VMRS_HOME`).
 //! * [`setup`] — one-call helpers: seed image, SSH key, catalog image → per-VM disk.
 //! * [`storage`] — disks, copy-on-write clones, cloud-init seeds, SSH keys, verified downloads.
@@ -67,7 +69,9 @@ pub mod console;
 pub mod devices;
 pub mod driver;
 pub mod error;
+mod fsutil;
 pub mod guest;
+pub mod host;
 pub mod manager;
 pub mod net;
 pub mod oci;

@@ -374,22 +374,6 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// Whether `path` is a regular file with an execute bit.
-pub fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
-}
-
-/// Find an executable called `name` on `PATH`.
-pub fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| is_executable(p))
-}
-
 /// Resolve [`BackendKind::Auto`] (and check an explicit choice is available), returning a
 /// driver. `VMRS_BACKEND` overrides `Auto`. `Auto` prefers Cloud Hypervisor when its binary is
 /// found and KVM is usable, else QEMU.

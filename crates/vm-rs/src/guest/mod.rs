@@ -331,20 +331,6 @@ impl GuestAssets {
     }
 }
 
-/// The `cpu MHz` of `/proc/cpuinfo` text, in kHz (used for the TCG `tsc_early_khz=` hint; see
-/// [`crate::driver::qemu::args::tsc_khz`]).
-pub(crate) fn parse_cpu_khz(cpuinfo: &str) -> Option<u64> {
-    let mhz: f64 = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
-    (mhz.is_finite() && mhz > 1.0 && mhz < 100_000.0).then(|| (mhz * 1000.0).round() as u64)
-}
-
 /// A step of [`setup`], reported to [`SetupOptions::progress`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -804,16 +790,6 @@ mod tests {
             Err(GuestError::InitNotStatic { .. })
         ));
         assert!(!is_static_x86_64(b"#!/bin/sh\n"));
-    }
-
-    #[test]
-    fn cpu_khz_from_cpuinfo() {
-        assert_eq!(
-            parse_cpu_khz("processor\t: 0\ncpu MHz\t\t: 2599.998\n"),
-            Some(2_599_998)
-        );
-        assert_eq!(parse_cpu_khz("cpu MHz : nan\n"), None);
-        assert_eq!(parse_cpu_khz("nothing"), None);
     }
 
     #[test]

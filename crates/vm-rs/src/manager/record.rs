@@ -8,7 +8,6 @@ use crate::config::{BackendKind, DiskConfig, VmConfig};
 use crate::driver::{TapNetwork, VmHandle};
 use crate::state::VmState;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -181,26 +180,15 @@ impl RecordError {
     }
 }
 
-/// Write `value` as pretty JSON to `path` atomically.
+/// Write `value` as pretty JSON to `path` atomically ([`crate::fsutil::write_atomic`]).
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), RecordError> {
     let io = |source| RecordError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .map_err(io)?;
-    let bytes = serde_json::to_vec_pretty(value).map_err(|e| io(std::io::Error::other(e)))?;
-    tmp.write_all(&bytes).map_err(io)?;
-    tmp.write_all(b"\n").map_err(io)?;
-    tmp.as_file().sync_all().map_err(io)?;
-    tmp.persist(path).map_err(|e| io(e.error))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| io(std::io::Error::other(e)))?;
+    bytes.push(b'\n');
+    crate::fsutil::write_atomic(path, &bytes).map_err(io)
 }
 
 /// Read JSON from `path`.

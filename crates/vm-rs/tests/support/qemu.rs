@@ -35,7 +35,7 @@ impl RawQemu {
         let serial = dir.path().join("serial.log");
         let qmp = dir.path().join("qmp.sock");
         let mut cmdline = format!("console=ttyS0 reboot=t panic=-1 {append}");
-        if let Some(khz) = vm_rs::driver::qemu::args::tsc_khz() {
+        if let Some(khz) = vm_rs::host::cpu_khz() {
             cmdline = format!("{cmdline} tsc_early_khz={khz}");
         }
         let mut cmd = Command::new("qemu-system-x86_64");

@@ -104,7 +104,7 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Find the `cloud-hypervisor` binary: `explicit`, else `VMRS_CLOUD_HYPERVISOR`, else `PATH`.
 pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf, DriverError> {
     let mut searched = Vec::new();
-    let candidate_ok = crate::driver::is_executable;
+    let candidate_ok = crate::host::is_executable;
     if let Some(p) = explicit {
         if candidate_ok(p) {
             return Ok(p.to_path_buf());
@@ -118,7 +118,7 @@ pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf, DriverError> {
         }
         searched.push(format!("{BINARY_ENV}={}", p.display()));
     }
-    if let Some(p) = crate::driver::find_on_path(PROGRAM) {
+    if let Some(p) = crate::host::find_on_path(PROGRAM) {
         return Ok(p);
     }
     if std::env::var_os("PATH").is_some() {
@@ -131,31 +131,10 @@ pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf, DriverError> {
     })
 }
 
-/// Whether KVM is usable for Cloud Hypervisor, which has no software fallback: the shared
-/// probe that runs a tiny guest and requires hardware speed (see
-/// [`crate::driver::qemu::accel::kvm_usable`]). Without the QEMU backend built in, only whether
-/// `/dev/kvm` opens and creates a VM.
+/// Whether KVM is usable for Cloud Hypervisor, which has no software fallback: the host probe
+/// that runs a tiny guest and requires hardware speed ([`crate::host::kvm::usable`]).
 pub fn kvm_usable() -> Result<(), String> {
-    #[cfg(feature = "qemu")]
-    {
-        crate::driver::qemu::accel::kvm_usable().map(drop)
-    }
-    #[cfg(not(feature = "qemu"))]
-    {
-        kvm_opens()
-    }
-}
-
-/// Whether `/dev/kvm` can be opened and a VM created on it (says nothing about speed).
-pub fn kvm_opens() -> Result<(), String> {
-    let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
-    let version = kvm.get_api_version();
-    if version != 12 {
-        return Err(format!("unexpected KVM API version {version}"));
-    }
-    kvm.create_vm()
-        .map_err(|e| format!("cannot create a KVM VM: {e}"))?;
-    Ok(())
+    crate::host::kvm::usable().map(drop)
 }
 
 /// The Cloud Hypervisor driver.
@@ -466,7 +445,7 @@ impl CloudHypervisorDriver {
                     detail.push_str(&log);
                 }
                 // The usual reason for a VMM dying at once is KVM; say so when it is.
-                if let Err(reason) = kvm_opens() {
+                if let Err(reason) = crate::host::kvm::opens() {
                     return Err(DriverError::AccelUnavailable { reason });
                 }
                 return Err(DriverError::BootFailed {

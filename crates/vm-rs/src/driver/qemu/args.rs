@@ -55,7 +55,7 @@ pub struct QemuArgsInput<'a> {
     pub devices: &'a DeviceSet,
     /// Kernel parameters for the guest init from other subsystems (e.g. `vmrs.ip=`).
     pub guest_params: &'a [String],
-    /// Host TSC frequency in kHz (TCG guests are told it; see [`tsc_khz`]).
+    /// Host TSC frequency in kHz (TCG guests are told it; [`crate::host::cpu_khz`]).
     pub tsc_khz: Option<u64>,
 }
 
@@ -81,16 +81,11 @@ fn opt(prefix: &str, value: impl AsRef<OsStr>, suffix: &str) -> OsString {
     s
 }
 
-/// The host's TSC frequency in kHz, read from `/proc/cpuinfo`.
-///
-/// Under TCG the guest's TSC runs at the host TSC rate, but the microvm machine has no PIT
-/// speaker gate, HPET or ACPI PM timer to calibrate it against; on a busy host the quick PIT
-/// calibration fails too, and without `tsc_early_khz=` a Debian kernel then hangs after
-/// "tsc: Marking TSC unstable" waiting for timer ticks that never arrive.
-pub fn tsc_khz() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    crate::guest::parse_cpu_khz(&text)
-}
+// The TSC hint: under TCG the guest's TSC runs at the host TSC rate, but the microvm machine has
+// no PIT speaker gate, HPET or ACPI PM timer to calibrate it against; on a busy host the quick
+// PIT calibration fails too, and without `tsc_early_khz=` a Debian kernel then hangs after
+// "tsc: Marking TSC unstable" waiting for timer ticks that never arrive. The caller passes
+// `crate::host::cpu_khz()`.
 
 /// Kernel command line for the VM.
 pub fn kernel_cmdline(input: &QemuArgsInput<'_>) -> String {

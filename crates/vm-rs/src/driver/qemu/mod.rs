@@ -93,7 +93,7 @@ impl QemuDriver {
     }
 }
 
-pub use super::find_on_path;
+use crate::host::find_on_path;
 
 /// Last `n` lines of a log file, for error messages.
 pub fn tail_lines(path: &Path, n: usize) -> String {
@@ -173,7 +173,7 @@ impl VmDriver for QemuDriver {
             paths: &paths,
             devices: &spec.devices,
             guest_params: &spec.guest_params,
-            tsc_khz: args::tsc_khz(),
+            tsc_khz: crate::host::cpu_khz(),
         };
         let argv = args::build(&input);
         let mut cmd = tokio::process::Command::new(&binary);
