@@ -174,6 +174,10 @@ pub enum DriverError {
     /// Process bookkeeping failed.
     #[error(transparent)]
     Process(#[from] ProcessError),
+    /// What the backend would pass the VMM breaks a limit of the configuration (the whole
+    /// kernel command line); found before anything starts.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// File I/O in the VM directory failed.
     #[error("i/o error on {}", path.display())]
     Io {

@@ -140,9 +140,12 @@ pub enum ManagerError {
 
 impl ManagerError {
     fn driver(name: &str) -> impl FnOnce(DriverError) -> ManagerError + '_ {
-        move |source| ManagerError::Driver {
-            name: name.to_string(),
-            source,
+        move |source| match source {
+            DriverError::Config(e) => ManagerError::Config(e),
+            source => ManagerError::Driver {
+                name: name.to_string(),
+                source,
+            },
         }
     }
 }

@@ -269,6 +269,8 @@ pub async fn create_overlay(
         .map_err(io_err("publish", target))?;
     let mut disk = DiskConfig::new(target);
     disk.format = DiskFormat::Qcow2;
+    // vm-rs made this chain and named the base itself.
+    disk.backing = crate::config::BackingPolicy::Allow;
     Ok(disk)
 }
 

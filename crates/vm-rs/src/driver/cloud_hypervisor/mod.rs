@@ -262,6 +262,7 @@ pub fn vm_config_body(
             cmdline.push_str(part);
         }
     }
+    crate::config::check_kernel_cmdline(&config.kernel, &cmdline)?;
     let mut payload = serde_json::json!({
         "kernel": path_str(kernel)?,
         "cmdline": cmdline,

@@ -149,6 +149,7 @@ impl VmDriver for QemuDriver {
             extra_cmdline: &spec.extra_cmdline,
             tsc_khz: args::tsc_khz(),
         };
+        crate::config::check_kernel_cmdline(&spec.config.kernel, &args::kernel_cmdline(&input))?;
         let argv = args::build(&input);
         let mut cmd = tokio::process::Command::new(&binary);
         // TAP devices in a network namespace are only found from inside it
