@@ -214,10 +214,13 @@ impl VmManager {
     pub async fn with_home(home: impl Into<PathBuf>) -> Result<Self, ManagerError> {
         let home = home.into();
         let vms_dir = crate::paths::vms_dir(&home);
-        std::fs::create_dir_all(&vms_dir).map_err(|source| ManagerError::Io {
-            path: vms_dir.clone(),
-            source,
-        })?;
+        crate::paths::create_private_dir_all(&home)
+            .and_then(|()| crate::paths::create_private_dir_all(&vms_dir))
+            .and_then(|()| crate::paths::make_private(&vms_dir))
+            .map_err(|source| ManagerError::Io {
+                path: vms_dir.clone(),
+                source,
+            })?;
         let mgr = VmManager {
             inner: Arc::new(Inner {
                 home,
@@ -342,7 +345,7 @@ impl VmManager {
         let name = config.name.clone();
         let driver = driver::detect(config.backend).map_err(ManagerError::driver(&name))?;
         let dir = self.vm_dir(&name);
-        match std::fs::create_dir(&dir) {
+        match crate::paths::create_private_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(ManagerError::AlreadyExists { name });
@@ -662,7 +665,12 @@ fn lock_start(dir: &Path) -> Result<std::fs::File, ManagerError> {
         path: path.clone(),
         source,
     };
-    let f = std::fs::File::create(&path).map_err(io)?;
+    let f = crate::paths::private_file()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(io)?;
     rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive).map_err(|e| io(e.into()))?;
     Ok(f)
 }

@@ -434,6 +434,7 @@ impl Ctx<'_> {
             .truncate(false)
             .read(true)
             .write(true)
+            .mode(crate::paths::PRIVATE_FILE_MODE)
             .open(&partial)
             .await
             .map_err(io_err("open", &partial))?;

@@ -387,7 +387,7 @@ impl CloudHypervisorDriver {
         for f in [&files.api_socket, &files.events, &files.quit_marker, &files.log] {
             remove_if_exists(f)?;
         }
-        let vmm_log = std::fs::OpenOptions::new()
+        let vmm_log = crate::paths::private_file()
             .create(true)
             .append(true)
             .open(&spec.vmm_log)
@@ -573,7 +573,12 @@ impl VmDriver for CloudHypervisorDriver {
 
     async fn quit(&self, handle: &VmHandle) -> Result<(), DriverError> {
         let files = VmFiles::of_handle(handle);
-        std::fs::write(&files.quit_marker, b"").map_err(io_err(&files.quit_marker))?;
+        crate::paths::private_file()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&files.quit_marker)
+            .map_err(io_err(&files.quit_marker))?;
         match Self::client(handle).call(Method::Put, "vmm.shutdown", None).await {
             Ok(_) => Ok(()),
             // The VMM may exit before its answer is read.
@@ -651,7 +656,7 @@ impl VmDriver for CloudHypervisorDriver {
 
     async fn snapshot(&self, handle: &VmHandle, dir: &Path) -> Result<(), DriverError> {
         let dir = std::path::absolute(dir).map_err(io_err(dir))?;
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        crate::paths::create_private_dir_all(&dir).map_err(io_err(&dir))?;
         let body = serde_json::json!({ "destination_url": format!("file://{}", dir.display()) });
         Self::client(handle)
             .with_timeout(SNAPSHOT_TIMEOUT)

@@ -124,11 +124,16 @@ impl VmDriver for QemuDriver {
             let _ = std::fs::remove_file(sock);
         }
         // Create the serial log up front so followers can watch it before QEMU writes.
-        std::fs::File::create(&paths.serial_log).map_err(|source| DriverError::Io {
-            path: paths.serial_log.clone(),
-            source,
-        })?;
-        let vmm_log = std::fs::OpenOptions::new()
+        crate::paths::private_file()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&paths.serial_log)
+            .map_err(|source| DriverError::Io {
+                path: paths.serial_log.clone(),
+                source,
+            })?;
+        let vmm_log = crate::paths::private_file()
             .create(true)
             .append(true)
             .open(&spec.vmm_log)
