@@ -32,6 +32,7 @@ binaries=(
     "cloud-init cloud-init"
     "ip iproute2"
     "nft nftables"
+    "openssl openssl"
 )
 
 mapfile -t pkgs < <(grep -v '^\s*#' scripts/apt-packages.txt | sed 's/#.*//' | xargs -n1 | sort -u)
