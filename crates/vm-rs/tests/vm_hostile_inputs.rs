@@ -138,6 +138,28 @@ async fn overlays_vm_rs_creates_keep_working() {
         ..DiskConfig::new(&overlay)
     };
     assert!(vm_rs::storage::image_refs::check_disk(&user).is_err());
+    // An overlay on a qcow2 base that names a host file itself is refused: the overlay would
+    // come back allowed, and vm-rs never named /etc/shadow.
+    let evil = disks.path().join("evil-base.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "/etc/shadow",
+        "-F",
+        "raw",
+        evil.to_str().expect("utf8"),
+        "1M",
+    ]);
+    assert!(matches!(
+        vm_rs::storage::create_overlay(&evil, DiskFormat::Qcow2, &disks.path().join("on-evil.qcow2")).await,
+        Err(vm_rs::storage::DiskError::Base(
+            ImageRefError::RefersElsewhere { .. }
+        ))
+    ));
+    assert!(!disks.path().join("on-evil.qcow2").exists());
     // A plain qcow2 qemu-img made names nothing.
     let plain = disks.path().join("plain.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", plain.to_str().expect("utf8"), "1M"]);

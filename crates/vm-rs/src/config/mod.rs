@@ -12,8 +12,8 @@ pub use network::{
     AddrParseError, GuestAddress, Ipv4Cidr, MacAddr, NetworkAttachment, PortForward, Protocol,
 };
 pub use validate::{
-    bzimage_cmdline_size, check_kernel_cmdline, host_memory_mib, kernel_cmdline_limit, validate_name,
-    ConfigError, COMMAND_LINE_SIZE, MAX_NAME_LEN,
+    bzimage_cmdline_size, check_kernel_cmdline, host_memory_mib, kernel_cmdline_limit, validate_disk,
+    validate_name, ConfigError, COMMAND_LINE_SIZE, MAX_NAME_LEN,
 };
 
 use serde::{Deserialize, Serialize};

@@ -257,6 +257,18 @@ fn require_file(what: &'static str, path: &std::path::Path) -> Result<u64, Confi
     Ok(meta.len())
 }
 
+/// Check one disk: a non-empty regular file that names no other host file unless it allows it
+/// (see [`crate::storage::image_refs`]). Used for the config's disks and for hot-plugged ones.
+pub fn validate_disk(disk: &super::DiskConfig) -> Result<(), ConfigError> {
+    if require_file("disk", &disk.path)? == 0 {
+        return Err(ConfigError::EmptyDisk {
+            path: disk.path.clone(),
+        });
+    }
+    crate::storage::image_refs::check_disk(disk)?;
+    Ok(())
+}
+
 pub(super) fn validate(cfg: &VmConfig) -> Result<(), ConfigError> {
     validate_name(&cfg.name)?;
     if cfg.cpus == 0 {
@@ -298,12 +310,7 @@ pub(super) fn validate(cfg: &VmConfig) -> Result<(), ConfigError> {
         require_file("initramfs", initrd)?;
     }
     for disk in &cfg.disks {
-        if require_file("disk", &disk.path)? == 0 {
-            return Err(ConfigError::EmptyDisk {
-                path: disk.path.clone(),
-            });
-        }
-        crate::storage::image_refs::check_disk(disk)?;
+        validate_disk(disk)?;
     }
     for dir in &cfg.shared_dirs {
         if !dir.host_path.is_dir() {

@@ -23,6 +23,10 @@ const MAX_INFO_JSON: usize = 1 << 20;
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum DiskError {
+    /// An overlay's base names host files of its own (the overlay vm-rs returns allows the one
+    /// backing file it named, not a chain it did not).
+    #[error("overlay base refused")]
+    Base(#[source] super::image_refs::ImageRefError),
     /// A disk of size zero was requested.
     #[error("disk size must be greater than zero")]
     ZeroSize,
@@ -228,7 +232,9 @@ pub async fn create_disk(path: &Path, size: u64, format: DiskFormat) -> Result<(
 
 /// Create a qcow2 overlay at `target` whose backing file is `base` (in `base_format`).
 /// Guest writes land in the overlay; `base` is only ever read. The backing path is recorded
-/// as an absolute path so the overlay can be moved. Returns a [`DiskConfig`] for the overlay.
+/// as an absolute path so the overlay can be moved. Returns a [`DiskConfig`] for the overlay,
+/// with [`crate::config::BackingPolicy::Allow`]: vm-rs named its one backing file. A qcow2 base
+/// that itself names other host files is refused ([`DiskError::Base`]).
 pub async fn create_overlay(
     base: &Path,
     base_format: DiskFormat,
@@ -242,6 +248,14 @@ pub async fn create_overlay(
             path: target.to_path_buf(),
         });
     }
+    let base_disk = DiskConfig {
+        format: base_format,
+        ..DiskConfig::new(&base_abs)
+    };
+    tokio::task::spawn_blocking(move || super::image_refs::check_disk(&base_disk))
+        .await
+        .map_err(DiskError::Join)?
+        .map_err(DiskError::Base)?;
     let dest = target.to_path_buf();
     let tmp = tokio::task::spawn_blocking({
         let dest = dest.clone();

@@ -300,17 +300,32 @@ pub fn check_disk(disk: &DiskConfig) -> Result<Vec<ChainLink>, ImageRefError> {
         });
     }
     let chain = backing_chain(&disk.path, refs);
-    for link in &chain {
-        tracing::info!(
-            disk = %disk.path.display(),
-            image = %link.path.display(),
-            backing_file = link.backing_file.as_deref().unwrap_or("-"),
-            backing_format = link.backing_format.as_deref().unwrap_or("-"),
-            data_file = link.data_file.as_deref().unwrap_or("-"),
-            "disk backing chain allowed"
-        );
-    }
+    tracing::warn!(
+        disk = %disk.path.display(),
+        chain = %show_chain(&chain),
+        "disk refers to other host files (backing=allow)"
+    );
     Ok(chain)
+}
+
+/// `a.qcow2 -> /b.img (raw) [data file /c]` for logs.
+pub fn show_chain(chain: &[ChainLink]) -> String {
+    let mut out = String::new();
+    for (i, link) in chain.iter().enumerate() {
+        if i == 0 {
+            out.push_str(&link.path.display().to_string());
+        }
+        if let Some(d) = &link.data_file {
+            out.push_str(&format!(" [data file {d:?}]"));
+        }
+        if let Some(b) = &link.backing_file {
+            out.push_str(&format!(" -> {b:?}"));
+            if let Some(f) = &link.backing_format {
+                out.push_str(&format!(" ({f})"));
+            }
+        }
+    }
+    out
 }
 
 /// Follow an allowed chain for display: plain file names only (a `json:` name or a name that
@@ -526,5 +541,6 @@ mod tests {
         let chain = check_disk(&allowed).expect("allowed");
         assert_eq!(chain.len(), 1);
         assert_eq!(chain[0].backing_file.as_deref(), Some("/etc/shadow"));
+        assert!(show_chain(&chain).ends_with(r#"looks-like-qcow2.img -> "/etc/shadow""#));
     }
 }

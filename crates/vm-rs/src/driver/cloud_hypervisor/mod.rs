@@ -709,6 +709,7 @@ impl VmDriver for CloudHypervisorDriver {
     }
 
     async fn add_disk(&self, handle: &VmHandle, disk: &DiskConfig) -> Result<String, DriverError> {
+        crate::config::validate_disk(disk)?;
         let body = disk_body(disk, None)?;
         let info: PciDeviceInfo = Self::client(handle)
             .call_json(Method::Put, "vm.add-disk", Some(&body))

@@ -1,6 +1,9 @@
-//! Issue 16, invariant 6: file and socket modes do not depend on the caller's umask. `vmrs run`
-//! runs as a child with umask 000 in a data dir it creates; then every directory under the data
-//! dir must be 0700 and every file and socket 0600.
+//! Issue 16 through the CLI. Invariant 6: file and socket modes do not depend on the caller's
+//! umask — `vmrs run` runs as a child with umask 000 in a data dir it creates; then every
+//! directory under the data dir must be 0700 and every file and socket 0600. Invariant 5: a
+//! `--disk` whose image names a host file is refused (exit 5) unless the spec says
+//! `backing=allow`; invariant 7: an over-long kernel command line is refused before anything
+//! starts.
 
 mod support;
 
@@ -97,4 +100,74 @@ fn modes_under_umask_000_are_private() {
 
     let rm = vmrs_umask0(&home, &["rm", "-f", "modes"]);
     assert!(rm.status.success(), "{}", String::from_utf8_lossy(&rm.stderr));
+}
+
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img").args(args).output().expect("qemu-img");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn disk_naming_a_host_file_needs_backing_allow() {
+    let home = Home::new();
+    let evil = home.0.path().join("evil.qcow2");
+    let evil_s = evil.to_str().expect("utf8");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "/etc/shadow",
+        "-F",
+        "raw",
+        evil_s,
+        "1M",
+    ]);
+    let spec = format!("{evil_s},format=qcow2,ro");
+    let out = home
+        .vmrs()
+        .args(["run", "-d", "--name", "evil", "--net", "none", "--disk", &spec])
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/etc/shadow") && err.contains("backing=allow"),
+        "{err}"
+    );
+    assert!(!home.0.path().join("vms/evil").exists());
+
+    // Too long a kernel command line: exit 5, nothing created.
+    let long = format!("x={}", "a".repeat(2100));
+    let out = home
+        .vmrs()
+        .args(["run", "-d", "--name", "long", "--net", "none", "--cmdline", &long])
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kernel command line"));
+    assert!(!home.0.path().join("vms/long").exists());
+
+    let allowed = format!("{spec},backing=allow");
+    let out = home
+        .vmrs()
+        .args(["run", "-d", "--name", "evil", "--net", "none", "--disk", &allowed])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The chain is shown when the VM starts.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/etc/shadow"), "chain not shown: {err}");
+    home.vmrs().args(["rm", "-f", "evil"]).assert().success();
 }
