@@ -296,7 +296,7 @@ pub async fn grow_disk(path: &Path, format: DiskFormat, size: u64) -> Result<(),
             .await
             .map_err(io_err("stat", path))?
             .len(),
-        DiskFormat::Qcow2 => image_info(path).await?.virtual_size,
+        DiskFormat::Qcow2 => image_info_as(path, Some(format)).await?.virtual_size,
     };
     if size < current {
         return Err(DiskError::Shrink {
@@ -337,13 +337,25 @@ pub async fn grow_disk(path: &Path, format: DiskFormat, size: u64) -> Result<(),
 /// Read an image's format, virtual size and backing file with `qemu-img info` (with
 /// `--force-share`, so it works on an image a running VM holds).
 pub async fn image_info(path: &Path) -> Result<ImageInfo, DiskError> {
-    let out = qemu_img(&[
+    image_info_as(path, None).await
+}
+
+/// [`image_info`] reading the image as `format` (`qemu-img info -f`): nothing is guessed from
+/// the content. With `None` qemu-img probes the format (only for tools that ask what a file
+/// is; never for a disk a VM gets).
+pub async fn image_info_as(path: &Path, format: Option<DiskFormat>) -> Result<ImageInfo, DiskError> {
+    let fmt = format.map(|f| f.to_string());
+    let mut args: Vec<&std::ffi::OsStr> = vec![
         "info".as_ref(),
         "--force-share".as_ref(),
         "--output=json".as_ref(),
-        path.as_os_str(),
-    ])
-    .await?;
+    ];
+    if let Some(f) = &fmt {
+        args.push("-f".as_ref());
+        args.push(f.as_ref());
+    }
+    args.push(path.as_os_str());
+    let out = qemu_img(&args).await?;
     if out.len() > MAX_INFO_JSON {
         return Err(DiskError::UnsupportedFormat {
             path: path.to_path_buf(),

@@ -32,7 +32,8 @@ mod yaml;
 pub use catalog::{AssetKind, CatalogEntry, CatalogError, CatalogFile, ImageCatalog};
 pub use clone::{clone_disk, clone_disk_with, CloneError, CloneMethod, ClonePolicy};
 pub use disk::{
-    create_disk, create_overlay, grow_disk, image_info, probe_disk, qemu_disk_args, DiskError, ImageInfo,
+    create_disk, create_overlay, grow_disk, image_info, image_info_as, probe_disk, qemu_disk_args, DiskError,
+    ImageInfo,
 };
 pub use download::{download_verified, DownloadError, DownloadOptions, DownloadOutcome, Progress};
 pub use seed::{write_seed_image, SeedConfig, SeedError, SeedFile, SeedFiles, SeedMount, SeedNic, SeedUser};
