@@ -5,6 +5,10 @@
 //! `backing=allow`; invariant 7: an over-long kernel command line is refused before anything
 //! starts.
 
+#[path = "../../vm-rs/tests/support/oci_layout.rs"]
+mod oci_layout;
+#[path = "../../vm-rs/tests/support/registry.rs"]
+mod registry;
 mod support;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -66,6 +70,21 @@ fn modes_under_umask_000_are_private() {
         "run failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The image store too: pull a small image under the same umask.
+    let reg = registry::Registry::start();
+    let layout = tempfile::tempdir().expect("tempdir");
+    let layer = oci_layout::LayerBuilder::new()
+        .file("hello", b"hi\n", 0o644)
+        .finish(oci_layout::Comp::Gzip);
+    oci_layout::single_image_layout(layout.path(), "v1", &[layer], serde_json::json!({}));
+    reg.push_layout(layout.path(), "v1", "modes/img", false);
+    let reference = format!("{}/modes/img:v1", reg.host());
+    let out = vmrs_umask0(&home, &["pull", "-q", &reference]);
+    assert!(
+        out.status.success(),
+        "pull: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut entries = Vec::new();
     walk(&home, &mut entries);
     let mut sockets = 0;
@@ -97,6 +116,12 @@ fn modes_under_umask_000_are_private() {
         );
     }
     assert!(sockets >= 3, "expected the QMP and agent sockets, saw {sockets}");
+    assert!(
+        entries
+            .iter()
+            .any(|(p, _, _)| p.starts_with(home.join("images/blobs"))),
+        "no blobs looked at"
+    );
 
     let rm = vmrs_umask0(&home, &["rm", "-f", "modes"]);
     assert!(rm.status.success(), "{}", String::from_utf8_lossy(&rm.stderr));
