@@ -260,6 +260,19 @@ fn require_file(what: &'static str, path: &std::path::Path) -> Result<u64, Confi
 /// Check one disk: a non-empty regular file that names no other host file unless it allows it
 /// (see [`crate::storage::image_refs`]). Used for the config's disks and for hot-plugged ones.
 pub fn validate_disk(disk: &super::DiskConfig) -> Result<(), ConfigError> {
+    // QEMU reads a file name starting with `json:` as block-driver options (any host file, or
+    // a network export). The manager makes paths absolute, which defuses it; refuse it plainly
+    // wherever it reaches validation as written.
+    use std::os::unix::ffi::OsStrExt;
+    if disk.path.as_os_str().as_bytes().starts_with(b"json:") {
+        return Err(ConfigError::Invalid {
+            field: "disks.path",
+            reason: format!(
+                "{} is a QEMU json: block-driver description, not a file",
+                disk.path.display()
+            ),
+        });
+    }
     if require_file("disk", &disk.path)? == 0 {
         return Err(ConfigError::EmptyDisk {
             path: disk.path.clone(),
@@ -408,6 +421,14 @@ mod tests {
         assert!(matches!(
             base.clone().disk(crate::DiskConfig::new(&empty)).build(),
             Err(ConfigError::EmptyDisk { .. })
+        ));
+        let json = crate::DiskConfig::new(r#"json:{"driver":"file","filename":"/etc/shadow"}"#);
+        assert!(matches!(
+            base.clone().disk(json).build(),
+            Err(ConfigError::Invalid {
+                field: "disks.path",
+                ..
+            })
         ));
         let one = dir.path().join("one.img");
         std::fs::write(&one, [0u8; 512]).expect("write");
