@@ -775,6 +775,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn whole_command_line_over_the_limit_is_a_config_error() {
+        let cfg = VmConfig::builder("a")
+            .kernel("/k/vmlinux")
+            .cmdline("a".repeat(2000))
+            .build_unchecked();
+        let extra = vec![format!("vmrs.x={}", "b".repeat(40))];
+        let err = vm_config_body(&cfg, Path::new("/k/vmlinux"), Path::new("/v/s"), &extra);
+        assert!(matches!(
+            err,
+            Err(DriverError::Config(crate::config::ConfigError::CmdlineTooLong {
+                max: 2047,
+                ..
+            }))
+        ));
+        assert!(vm_config_body(&cfg, Path::new("/k/vmlinux"), Path::new("/v/s"), &[]).is_ok());
+    }
+
+    #[test]
     fn config_body_follows_the_api_schema() {
         let cfg = VmConfig::builder("a")
             .kernel("/k/vmlinux")
