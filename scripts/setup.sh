@@ -34,6 +34,7 @@ binaries=(
     "nft nftables"
     "zsh zsh"
     "fish fish"
+    "openssl openssl"
 )
 
 mapfile -t pkgs < <(grep -v '^\s*#' scripts/apt-packages.txt | sed 's/#.*//' | xargs -n1 | sort -u)

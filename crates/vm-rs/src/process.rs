@@ -154,16 +154,21 @@ pub struct VmmProcess {
 
 impl VmmProcess {
     /// Spawn `cmd` in a new session (so it survives the caller's terminal and CLI, and its
-    /// process group can be signalled as a whole).
+    /// process group can be signalled as a whole), with umask 0177 so whatever it creates
+    /// (sockets, logs) is 0600.
     pub fn spawn(mut cmd: tokio::process::Command) -> Result<Self, ProcessError> {
         let program = PathBuf::from(cmd.as_std().get_program());
-        // SAFETY: the closure runs in the forked child before exec and only calls setsid(2),
-        // which is async-signal-safe; it touches no memory shared with the parent.
+        // SAFETY: the closure runs in the forked child before exec and only calls setsid(2)
+        // and umask(2), which are async-signal-safe; it touches no memory shared with the
+        // parent.
         unsafe {
             cmd.pre_exec(|| {
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // Sockets and files the child creates are 0600 whatever the caller's umask
+                // (see `crate::paths`); it creates no directories.
+                libc::umask(0o177);
                 Ok(())
             });
         }

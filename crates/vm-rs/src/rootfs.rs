@@ -140,9 +140,7 @@ pub async fn build_rootfs(store: &ImageStore, home: &Path, reference: &str) -> R
             built: false,
         });
     }
-    tokio::fs::create_dir_all(&dir)
-        .await
-        .map_err(io_err("create", &dir))?;
+    crate::paths::create_private_dir_all(&dir).map_err(io_err("create", &dir))?;
     let work = tempfile::Builder::new()
         .prefix(".build-")
         .tempdir_in(&dir)
@@ -199,6 +197,10 @@ fn make_ext4(tree: &Path, tmp: &Path, dest: &Path) -> Result<(), RootfsError> {
         });
     }
     let f = std::fs::File::open(tmp).map_err(io_err("open", tmp))?;
+    // mkfs.ext4 created it under the caller's umask.
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(std::fs::Permissions::from_mode(crate::paths::PRIVATE_FILE_MODE))
+        .map_err(io_err("chmod", tmp))?;
     f.sync_all().map_err(io_err("sync", tmp))?;
     std::fs::rename(tmp, dest).map_err(io_err("rename into place", dest))?;
     if let Some(parent) = dest.parent() {

@@ -6,10 +6,12 @@
 mod oci_layout;
 #[path = "../../vm-rs/tests/support/registry.rs"]
 mod registry;
+#[path = "../../vm-rs/tests/support/registry_auth.rs"]
+mod registry_auth;
 
 use assert_cmd::Command;
 use oci_layout::{busybox_layer, Comp};
-use registry::Registry;
+use registry::{Registry, RegistryOptions};
 
 fn vmrs(home: &std::path::Path) -> Command {
     let mut c = Command::cargo_bin("vmrs").unwrap();
@@ -143,4 +145,47 @@ fn concurrent_pulls_from_several_processes_share_the_store() {
         .assert()
         .success();
     assert_eq!(std::fs::read(root.path().join("bin/busybox")).unwrap(), busybox);
+}
+
+#[test]
+fn pull_from_tls_registry_with_registry_ca() {
+    let pki = registry_auth::TestPki::new();
+    let reg = Registry::start_with(RegistryOptions {
+        tls: Some((pki.server_cert.clone(), pki.server_key.clone())),
+        ..RegistryOptions::default()
+    });
+    let layout = tempfile::tempdir().unwrap();
+    let (layer, _) = busybox_layer(Comp::Gzip);
+    let digest = oci_layout::single_image_layout(
+        layout.path(),
+        "v1",
+        &[layer],
+        serde_json::json!({"Cmd": ["/bin/sh"]}),
+    );
+    reg.push_layout(layout.path(), "v1", "cli/tls", false);
+    let home = tempfile::tempdir().unwrap();
+    let reference = format!("{}/cli/tls:v1", reg.host());
+    // A CA file that cannot be read is refused before any connection.
+    let out = vmrs(home.path())
+        .args(["pull", "-q", "--registry-ca"])
+        .arg(format!(
+            "{}={}",
+            reg.host(),
+            home.path().join("none.pem").display()
+        ))
+        .arg(&reference)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a missing CA file was accepted");
+    let ca = format!("{}={}", reg.host(), pki.ca_cert.display());
+    let out = vmrs(home.path())
+        .args(["pull", "-q", "--registry-ca", &ca, &reference])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), digest);
+    vmrs(home.path())
+        .args(["pull", "-q", "--registry-ca", "no-equals-sign", &reference])
+        .assert()
+        .failure();
 }

@@ -11,7 +11,10 @@ mod validate;
 pub use network::{
     AddrParseError, GuestAddress, Ipv4Cidr, MacAddr, NetworkAttachment, PortForward, Protocol,
 };
-pub use validate::{host_memory_mib, validate_name, ConfigError, MAX_NAME_LEN};
+pub use validate::{
+    bzimage_cmdline_size, check_kernel_cmdline, host_memory_mib, kernel_cmdline_limit, validate_disk,
+    validate_name, ConfigError, COMMAND_LINE_SIZE, MAX_NAME_LEN,
+};
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -137,6 +140,18 @@ impl std::fmt::Display for CacheMode {
     }
 }
 
+/// Whether a qcow2 disk may refer to other host files (a backing file, an external data file).
+/// See [`crate::storage::image_refs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackingPolicy {
+    /// Refuse an image that names any other host file (the default).
+    #[default]
+    Deny,
+    /// Let QEMU open the files the image names; the chain is logged when the VM starts.
+    Allow,
+}
+
 /// A block device attached to the VM as virtio-blk (`/dev/vda`, `/dev/vdb`, ... in order).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
@@ -151,6 +166,10 @@ pub struct DiskConfig {
     /// Host cache mode (default writeback).
     #[serde(default)]
     pub cache: CacheMode,
+    /// Whether the image may refer to other host files (default deny; overlays vm-rs creates
+    /// with [`crate::storage::create_overlay`] come back with allow).
+    #[serde(default)]
+    pub backing: BackingPolicy,
 }
 
 impl DiskConfig {
@@ -161,10 +180,12 @@ impl DiskConfig {
             read_only: false,
             format: DiskFormat::Raw,
             cache: CacheMode::Writeback,
+            backing: BackingPolicy::Deny,
         }
     }
 
-    /// Parse the CLI form `PATH[,ro][,format=raw|qcow2][,cache=writeback|none|unsafe]`.
+    /// Parse the CLI form
+    /// `PATH[,ro][,format=raw|qcow2][,cache=writeback|none|unsafe][,backing=deny|allow]`.
     pub fn parse(spec: &str) -> Result<Self, ConfigError> {
         let mut parts = spec.split(',');
         let path = parts.next().unwrap_or_default();
@@ -202,6 +223,18 @@ impl DiskConfig {
                                 reason: format!(
                                     "unknown cache mode {v:?} (expected writeback, none or unsafe)"
                                 ),
+                            })
+                        }
+                    }
+                }
+                Some(("backing", v)) => {
+                    disk.backing = match v {
+                        "deny" => BackingPolicy::Deny,
+                        "allow" => BackingPolicy::Allow,
+                        _ => {
+                            return Err(ConfigError::InvalidDiskSpec {
+                                spec: spec.to_string(),
+                                reason: format!("unknown backing policy {v:?} (expected deny or allow)"),
                             })
                         }
                     }
@@ -430,6 +463,10 @@ mod tests {
         assert!(d.read_only);
         assert_eq!(d.format, DiskFormat::Qcow2);
         assert_eq!(d.cache, CacheMode::None);
+        assert_eq!(d.backing, BackingPolicy::Deny);
+        let d = DiskConfig::parse("/a.qcow2,format=qcow2,backing=allow").expect("parse");
+        assert_eq!(d.backing, BackingPolicy::Allow);
+        assert!(DiskConfig::parse("/a,backing=maybe").is_err());
         assert!(DiskConfig::parse("").is_err());
         assert!(DiskConfig::parse("/a,format=vmdk").is_err());
         assert!(DiskConfig::parse("/a,bogus").is_err());

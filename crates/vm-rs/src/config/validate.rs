@@ -53,6 +53,40 @@ pub enum ConfigError {
         /// The missing path.
         path: PathBuf,
     },
+    /// A path that must name a regular file names a directory.
+    #[error("{what} {} is a directory, not a file", path.display())]
+    IsADirectory {
+        /// "kernel", "initramfs", "disk", ...
+        what: &'static str,
+        /// The directory.
+        path: PathBuf,
+    },
+    /// A path that must name a regular file names something else (a device, a socket, a FIFO).
+    #[error("{what} {} is not a regular file", path.display())]
+    NotAFile {
+        /// "kernel", "initramfs", "disk", ...
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+    },
+    /// A disk image is empty: the guest would see a device with no sectors.
+    #[error("disk {} is empty (0 bytes)", path.display())]
+    EmptyDisk {
+        /// The image.
+        path: PathBuf,
+    },
+    /// The whole kernel command line (vm-rs's parameters plus the user's) is longer than the
+    /// kernel accepts; the kernel would cut it and the boot would hang without a word.
+    #[error("kernel command line is {len} bytes, longer than the kernel's limit of {max} bytes")]
+    CmdlineTooLong {
+        /// Length of the command line the backend would pass.
+        len: usize,
+        /// Longest command line the kernel takes (without the terminating NUL).
+        max: usize,
+    },
+    /// A disk image refers to host files the user did not name, or is not what its format says.
+    #[error(transparent)]
+    DiskImage(#[from] crate::storage::image_refs::ImageRefError),
     /// A shared directory is not a directory.
     #[error("shared directory not found: {}", path.display())]
     DirNotFound {
@@ -60,11 +94,8 @@ pub enum ConfigError {
         path: PathBuf,
     },
     /// The kernel command line contains a character that cannot be passed safely.
-    #[error("kernel command line contains a control character or is longer than {max} bytes")]
-    InvalidCmdline {
-        /// Maximum length.
-        max: usize,
-    },
+    #[error("kernel command line contains a control character")]
+    InvalidCmdline,
     /// A `--disk` specification could not be parsed.
     #[error("invalid disk spec {spec:?}: {reason}")]
     InvalidDiskSpec {
@@ -106,8 +137,62 @@ impl ConfigError {
 pub const MIN_MEMORY_MIB: u64 = 32;
 /// Most vCPUs we accept (QEMU microvm's limit is far above what users need here).
 pub const MAX_CPUS: u32 = 255;
-/// Longest kernel command line (x86 boot protocol limit).
-pub const MAX_CMDLINE: usize = 2048;
+/// x86 `COMMAND_LINE_SIZE`: the kernel's command-line buffer, including the terminating NUL
+/// (2048 in Debian's x86_64 kernels; the setup header's `cmdline_size` says 2047).
+pub const COMMAND_LINE_SIZE: usize = 2048;
+
+/// Offsets in the x86 boot protocol's setup header (Documentation/arch/x86/boot.rst).
+const HDR_MAGIC: std::ops::Range<usize> = 0x202..0x206;
+const HDR_VERSION: std::ops::Range<usize> = 0x206..0x208;
+const HDR_CMDLINE_SIZE: std::ops::Range<usize> = 0x238..0x23c;
+
+/// The longest command line (without the NUL) a bzImage accepts, from the first bytes of the
+/// image: the setup header's `cmdline_size` (boot protocol 2.06 and later). `None` when the
+/// bytes are not a bzImage header of that version (an ELF vmlinux, a short or garbage file).
+pub fn bzimage_cmdline_size(header: &[u8]) -> Option<usize> {
+    if header.get(HDR_MAGIC)? != b"HdrS" {
+        return None;
+    }
+    let version = u16::from_le_bytes(header.get(HDR_VERSION)?.try_into().ok()?);
+    if version < 0x206 {
+        return None;
+    }
+    let size = u32::from_le_bytes(header.get(HDR_CMDLINE_SIZE)?.try_into().ok()?);
+    usize::try_from(size).ok().filter(|&s| s > 0)
+}
+
+/// The longest kernel command line `kernel` accepts: its bzImage header's `cmdline_size`, or
+/// `COMMAND_LINE_SIZE - 1` when the image does not say (vmlinux, old boot protocol).
+/// Reads at most the first 0x240 bytes of the file.
+pub fn kernel_cmdline_limit(kernel: &std::path::Path) -> usize {
+    use std::io::Read;
+    let fallback = COMMAND_LINE_SIZE - 1;
+    let Ok(file) = std::fs::File::open(kernel) else {
+        return fallback;
+    };
+    let mut header = Vec::with_capacity(HDR_CMDLINE_SIZE.end);
+    if file
+        .take(HDR_CMDLINE_SIZE.end as u64)
+        .read_to_end(&mut header)
+        .is_err()
+    {
+        return fallback;
+    }
+    bzimage_cmdline_size(&header).map_or(fallback, |s| s.min(fallback))
+}
+
+/// Check the whole command line a backend is about to pass to `kernel` against the kernel's
+/// limit ([`kernel_cmdline_limit`]). Backends call this before starting anything.
+pub fn check_kernel_cmdline(kernel: &std::path::Path, cmdline: &str) -> Result<(), ConfigError> {
+    let max = kernel_cmdline_limit(kernel);
+    if cmdline.len() > max {
+        return Err(ConfigError::CmdlineTooLong {
+            len: cmdline.len(),
+            max,
+        });
+    }
+    Ok(())
+}
 
 /// Check a VM name: 1..=63 chars of ASCII letters, digits, `_`, `.`, `-`; not starting with
 /// `-` or `.`; no `..`.
@@ -153,13 +238,56 @@ pub fn host_memory_mib() -> Option<u64> {
     Some(kib / 1024)
 }
 
-fn require_file(what: &'static str, path: &std::path::Path) -> Result<(), ConfigError> {
-    if path.as_os_str().is_empty() || !path.is_file() {
+/// Check that `path` names a regular file (following symlinks); returns its size.
+fn require_file(what: &'static str, path: &std::path::Path) -> Result<u64, ConfigError> {
+    let path_buf = || path.to_path_buf();
+    if path.as_os_str().is_empty() {
         return Err(ConfigError::FileNotFound {
             what,
-            path: path.to_path_buf(),
+            path: path_buf(),
         });
     }
+    let meta = std::fs::metadata(path).map_err(|_| ConfigError::FileNotFound {
+        what,
+        path: path_buf(),
+    })?;
+    if meta.is_dir() {
+        return Err(ConfigError::IsADirectory {
+            what,
+            path: path_buf(),
+        });
+    }
+    if !meta.is_file() {
+        return Err(ConfigError::NotAFile {
+            what,
+            path: path_buf(),
+        });
+    }
+    Ok(meta.len())
+}
+
+/// Check one disk: a non-empty regular file that names no other host file unless it allows it
+/// (see [`crate::storage::image_refs`]). Used for the config's disks and for hot-plugged ones.
+pub fn validate_disk(disk: &super::DiskConfig) -> Result<(), ConfigError> {
+    // QEMU reads a file name starting with `json:` as block-driver options (any host file, or
+    // a network export). The manager makes paths absolute, which defuses it; refuse it plainly
+    // wherever it reaches validation as written.
+    use std::os::unix::ffi::OsStrExt;
+    if disk.path.as_os_str().as_bytes().starts_with(b"json:") {
+        return Err(ConfigError::Invalid {
+            field: "disks.path",
+            reason: format!(
+                "{} is a QEMU json: block-driver description, not a file",
+                disk.path.display()
+            ),
+        });
+    }
+    if require_file("disk", &disk.path)? == 0 {
+        return Err(ConfigError::EmptyDisk {
+            path: disk.path.clone(),
+        });
+    }
+    crate::storage::image_refs::check_disk(disk)?;
     Ok(())
 }
 
@@ -188,15 +316,23 @@ pub(super) fn validate(cfg: &VmConfig) -> Result<(), ConfigError> {
             });
         }
     }
-    if cfg.cmdline.len() > MAX_CMDLINE || cfg.cmdline.chars().any(char::is_control) {
-        return Err(ConfigError::InvalidCmdline { max: MAX_CMDLINE });
+    if cfg.cmdline.chars().any(char::is_control) {
+        return Err(ConfigError::InvalidCmdline);
     }
     require_file("kernel", &cfg.kernel)?;
+    // The user's part alone must fit; the backend checks the whole line before it starts.
+    let max = kernel_cmdline_limit(&cfg.kernel);
+    if cfg.cmdline.len() > max {
+        return Err(ConfigError::CmdlineTooLong {
+            len: cfg.cmdline.len(),
+            max,
+        });
+    }
     if let Some(initrd) = &cfg.initramfs {
         require_file("initramfs", initrd)?;
     }
     for disk in &cfg.disks {
-        require_file("disk", &disk.path)?;
+        validate_disk(disk)?;
     }
     for dir in &cfg.shared_dirs {
         if !dir.host_path.is_dir() {
@@ -276,8 +412,66 @@ mod tests {
             })
         ));
         assert!(matches!(
-            base.cmdline("a\nb").build(),
-            Err(ConfigError::InvalidCmdline { .. })
+            base.clone().cmdline("a\nb").build(),
+            Err(ConfigError::InvalidCmdline)
+        ));
+        // Not a bzImage: the x86 default applies to the user's words.
+        assert!(matches!(
+            base.clone().cmdline("x".repeat(COMMAND_LINE_SIZE)).build(),
+            Err(ConfigError::CmdlineTooLong { max: 2047, .. })
+        ));
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(matches!(
+            VmConfig::builder("ok").kernel(dir.path()).build(),
+            Err(ConfigError::IsADirectory { what: "kernel", .. })
+        ));
+        let empty = dir.path().join("empty.img");
+        std::fs::write(&empty, b"").expect("write");
+        assert!(matches!(
+            base.clone().disk(crate::DiskConfig::new(&empty)).build(),
+            Err(ConfigError::EmptyDisk { .. })
+        ));
+        let json = crate::DiskConfig::new(r#"json:{"driver":"file","filename":"/etc/shadow"}"#);
+        assert!(matches!(
+            base.clone().disk(json).build(),
+            Err(ConfigError::Invalid {
+                field: "disks.path",
+                ..
+            })
+        ));
+        let one = dir.path().join("one.img");
+        std::fs::write(&one, [0u8; 512]).expect("write");
+        assert!(base.disk(crate::DiskConfig::new(&one)).build().is_ok());
+    }
+
+    #[test]
+    fn bzimage_header_gives_the_limit() {
+        let mut h = vec![0u8; 0x240];
+        assert_eq!(bzimage_cmdline_size(&h), None);
+        h[0x202..0x206].copy_from_slice(b"HdrS");
+        h[0x206..0x208].copy_from_slice(&0x20fu16.to_le_bytes());
+        h[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
+        assert_eq!(bzimage_cmdline_size(&h), Some(2047));
+        // Older boot protocols have no cmdline_size field; short input is not a header.
+        h[0x206..0x208].copy_from_slice(&0x205u16.to_le_bytes());
+        assert_eq!(bzimage_cmdline_size(&h), None);
+        assert_eq!(bzimage_cmdline_size(&h[..0x210]), None);
+        assert_eq!(bzimage_cmdline_size(b""), None);
+    }
+
+    #[test]
+    fn a_kernel_claiming_a_huge_limit_is_capped() {
+        let mut h = vec![0u8; 0x240];
+        h[0x202..0x206].copy_from_slice(b"HdrS");
+        h[0x206..0x208].copy_from_slice(&0x20fu16.to_le_bytes());
+        h[0x238..0x23c].copy_from_slice(&u32::MAX.to_le_bytes());
+        let f = tempfile::NamedTempFile::new().expect("tempfile");
+        std::fs::write(f.path(), &h).expect("write");
+        assert_eq!(kernel_cmdline_limit(f.path()), COMMAND_LINE_SIZE - 1);
+        assert!(check_kernel_cmdline(f.path(), &"y".repeat(2047)).is_ok());
+        assert!(matches!(
+            check_kernel_cmdline(f.path(), &"y".repeat(2048)),
+            Err(ConfigError::CmdlineTooLong { len: 2048, max: 2047 })
         ));
     }
 }

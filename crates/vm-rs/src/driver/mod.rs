@@ -189,6 +189,10 @@ pub enum DriverError {
     /// Process bookkeeping failed.
     #[error(transparent)]
     Process(#[from] ProcessError),
+    /// What the backend would pass the VMM breaks a limit of the configuration (the whole
+    /// kernel command line); found before anything starts.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// File I/O in the VM directory failed.
     #[error("i/o error on {}", path.display())]
     Io {
@@ -216,6 +220,7 @@ impl DriverError {
             DriverError::Timeout { .. } => K::Timeout,
             DriverError::Process(e) => e.kind(),
             DriverError::Io { .. } => K::Other,
+            DriverError::Config(e) => e.kind(),
         }
     }
 }

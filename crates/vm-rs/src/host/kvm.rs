@@ -67,7 +67,7 @@ fn write_cache(path: &std::path::Path, boot_id: &str, verdict: &Result<Duration,
         reason: verdict.as_ref().err().cloned().unwrap_or_default(),
     };
     if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
+        let _ = crate::paths::create_private_dir_all(dir);
     }
     // best effort: a failed cache write only costs a probe next time
     if let Ok(bytes) = serde_json::to_vec(&c) {

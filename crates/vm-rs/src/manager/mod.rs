@@ -191,9 +191,12 @@ impl ManagerError {
 
 impl ManagerError {
     fn driver(name: &str) -> impl FnOnce(DriverError) -> ManagerError + '_ {
-        move |source| ManagerError::Driver {
-            name: name.to_string(),
-            source,
+        move |source| match source {
+            DriverError::Config(e) => ManagerError::Config(e),
+            source => ManagerError::Driver {
+                name: name.to_string(),
+                source,
+            },
         }
     }
 }
@@ -277,10 +280,13 @@ impl VmManager {
     /// died unwatched.
     async fn open(home: PathBuf, drivers: Drivers) -> Result<Self, ManagerError> {
         let vms_dir = crate::paths::vms_dir(&home);
-        std::fs::create_dir_all(&vms_dir).map_err(|source| ManagerError::Io {
-            path: vms_dir.clone(),
-            source,
-        })?;
+        crate::paths::create_private_dir_all(&home)
+            .and_then(|()| crate::paths::create_private_dir_all(&vms_dir))
+            .and_then(|()| crate::paths::make_private(&vms_dir))
+            .map_err(|source| ManagerError::Io {
+                path: vms_dir.clone(),
+                source,
+            })?;
         let mgr = VmManager {
             inner: Arc::new(Inner {
                 home,
@@ -394,7 +400,7 @@ impl VmManager {
         let dir = self.vm_dir(&name);
         // Planned (and refused) before anything exists on the host.
         let devices = plan_devices(&config, &dir, self.home(), &opts, driver.as_ref())?;
-        match std::fs::create_dir(&dir) {
+        match crate::paths::create_private_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(ManagerError::AlreadyExists { name });
@@ -873,7 +879,12 @@ fn lock_start(dir: &Path) -> Result<std::fs::File, ManagerError> {
         path: path.clone(),
         source,
     };
-    let f = std::fs::File::create(&path).map_err(io)?;
+    let f = crate::paths::private_file()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(io)?;
     rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive).map_err(|e| io(e.into()))?;
     Ok(f)
 }

@@ -241,7 +241,7 @@ struct DirLock(#[allow(dead_code)] std::fs::File);
 async fn lock_dir(dir: &Path) -> Result<DirLock, SidecarError> {
     let path = dir.join("lock");
     tokio::task::spawn_blocking(move || {
-        let f = std::fs::OpenOptions::new()
+        let f = crate::paths::private_file()
             .create(true)
             .truncate(false)
             .write(true)
@@ -259,7 +259,7 @@ async fn lock_dir(dir: &Path) -> Result<DirLock, SidecarError> {
 }
 
 fn spawn(args: &[String], log: &Path, netns: Option<&Path>) -> Result<SidecarRecord, SidecarError> {
-    let out = std::fs::OpenOptions::new()
+    let out = crate::paths::private_file()
         .create(true)
         .append(true)
         .open(log)
@@ -288,7 +288,7 @@ fn spawn(args: &[String], log: &Path, netns: Option<&Path>) -> Result<SidecarRec
 /// Start the switch sidecar of `network` unless it runs; returns its record.
 pub async fn ensure_switch(networks_dir: &Path, network: &str) -> Result<SidecarRecord, SidecarError> {
     let dir = network_dir(networks_dir, network);
-    std::fs::create_dir_all(dir.join("members")).map_err(io_err(&dir))?;
+    crate::paths::create_private_dir_all(&dir.join("members")).map_err(io_err(&dir))?;
     let _lock = lock_dir(&dir).await?;
     let record_path = dir.join("switch.json");
     let socket = switch_socket(networks_dir, network);
@@ -331,9 +331,15 @@ pub async fn ensure_switch(networks_dir: &Path, network: &str) -> Result<Sidecar
 /// Record `vm_name` as a member of `network`.
 pub fn join(networks_dir: &Path, network: &str, vm_name: &str) -> Result<(), SidecarError> {
     let dir = network_dir(networks_dir, network).join("members");
-    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    crate::paths::create_private_dir_all(&dir).map_err(io_err(&dir))?;
     let f = dir.join(vm_name);
-    std::fs::write(&f, b"").map_err(io_err(&f))
+    crate::paths::private_file()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&f)
+        .map(drop)
+        .map_err(io_err(&f))
 }
 
 /// Members of `network`.

@@ -10,6 +10,7 @@
 //! * [`unpack`] — applying layers to a directory with OCI whiteouts and strict confinement
 //!   ([`ImageStore::unpack`], [`UnpackOptions`]).
 //! * [`config`] — the image's run configuration ([`ImageConfig`]: entrypoint, cmd, env, ...).
+//! * [`tls`] — which registries speak HTTPS and the extra CAs they are trusted under.
 //! * [`manifest`], [`digest`], [`platform`] — the data types in between.
 //!
 //! The store lives in `vm_rs::paths::data_dir()/images` ([`ImageStore::open_default`]).
@@ -37,6 +38,7 @@ pub mod platform;
 pub mod pull;
 pub mod reference;
 pub mod store;
+pub mod tls;
 pub mod unpack;
 
 pub use auth::Credentials;
@@ -46,4 +48,5 @@ pub use platform::Platform;
 pub use pull::{PullError, PullOptions, PullProgress, PulledImage};
 pub use reference::{ImageReference, ReferenceError};
 pub use store::{GcReport, ImageStore, ImageSummary, RefRecord, StoreError, StoredImage};
+pub use tls::{RegistryTls, TlsError};
 pub use unpack::{OwnershipRecord, UnpackError, UnpackOptions, UnpackReport};

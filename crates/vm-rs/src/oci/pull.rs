@@ -16,7 +16,10 @@
 //! 5. Finally the reference is recorded in `refs.json`.
 //!
 //! Plain HTTP is used only for loopback registries and those listed in
-//! [`PullOptions::insecure_registries`]; everything else is HTTPS (rustls, webpki roots).
+//! [`PullOptions::insecure_registries`]; everything else is HTTPS (rustls, webpki roots plus
+//! the CAs of [`PullOptions::registry_tls`], which also makes a loopback registry HTTPS).
+//! Redirects (a registry sending blob GETs to a CDN or object store) are followed; the bytes
+//! are verified against the descriptor's digest wherever they came from.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +37,7 @@ use super::manifest::{self, Descriptor, ImageManifest, Manifest, ManifestError};
 use super::platform::Platform;
 use super::reference::{is_loopback_host, ImageReference, ReferenceError};
 use super::store::{io_err, ImageStore, RefRecord, StoreError};
+use super::tls::{self, RegistryTls, TlsError};
 
 /// A progress event, for progress bars.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,8 +90,11 @@ pub struct PullOptions {
     /// Docker config file to read credentials from. Default: `$DOCKER_CONFIG/config.json`
     /// or `~/.docker/config.json`.
     pub docker_config: Option<std::path::PathBuf>,
-    /// Registries (`host:port`) reached over plain HTTP. Loopback registries always are.
+    /// Registries (`host:port`) reached over plain HTTP. Loopback registries are too, unless
+    /// listed in [`registry_tls`](Self::registry_tls).
     pub insecure_registries: Vec<String>,
+    /// Registries reached over HTTPS with extra trusted CAs (see [`super::tls`]). Default none.
+    pub registry_tls: Vec<RegistryTls>,
     /// Blobs fetched at once. Default 4.
     pub max_concurrent_downloads: usize,
     /// Retries per blob (and for the manifest) after a transient failure. Default 3.
@@ -109,6 +116,7 @@ impl Default for PullOptions {
             credentials: None,
             docker_config: None,
             insecure_registries: Vec::new(),
+            registry_tls: Vec::new(),
             max_concurrent_downloads: 4,
             retries: 3,
             retry_delay: Duration::from_millis(200),
@@ -126,6 +134,7 @@ impl std::fmt::Debug for PullOptions {
             .field("credentials", &self.credentials)
             .field("docker_config", &self.docker_config)
             .field("insecure_registries", &self.insecure_registries)
+            .field("registry_tls", &self.registry_tls)
             .field("max_concurrent_downloads", &self.max_concurrent_downloads)
             .field("retries", &self.retries)
             .field("progress", &self.progress.is_some())
@@ -294,6 +303,22 @@ pub enum PullError {
     /// A store operation failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A CA certificate of [`PullOptions::registry_tls`] could not be used.
+    #[error("cannot set up TLS for {registry}")]
+    Tls {
+        /// The registry.
+        registry: String,
+        /// Why.
+        #[source]
+        source: TlsError,
+    },
+    /// The HTTP client could not be built from the options.
+    #[error("cannot set up the registry client")]
+    Client {
+        /// What the client said.
+        #[source]
+        source: OciDistributionError,
+    },
 }
 
 impl PullError {
@@ -312,6 +337,8 @@ impl PullError {
             | PullError::Config { .. } => K::Backend,
             PullError::Blob { source, .. } => source.kind(),
             PullError::Store(e) => e.kind(),
+            PullError::Tls { .. } => K::Invalid,
+            PullError::Client { .. } => K::Other,
         }
     }
 }
@@ -465,6 +492,7 @@ impl Ctx<'_> {
             .truncate(false)
             .read(true)
             .write(true)
+            .mode(crate::paths::PRIVATE_FILE_MODE)
             .open(&partial)
             .await
             .map_err(io_err("open", &partial))?;
@@ -638,20 +666,29 @@ impl ImageStore {
         };
         let registry_auth = credentials.to_oci();
 
+        let registries = [image.registry(), image.resolved_registry()];
         let mut plain = Vec::new();
-        for host in [image.registry(), image.resolved_registry()] {
-            if is_loopback_host(host) || opts.insecure_registries.iter().any(|r| r == host) {
+        for host in registries {
+            let insecure = opts.insecure_registries.iter().any(|r| r == host);
+            if insecure || (is_loopback_host(host) && !tls::wants_tls(&opts.registry_tls, host)) {
                 plain.push(host.to_owned());
             }
         }
-        let client = oci_client::Client::new(ClientConfig {
+        let extra_root_certificates =
+            tls::extra_roots(&opts.registry_tls, &registries).map_err(|source| PullError::Tls {
+                registry: image.registry().to_owned(),
+                source,
+            })?;
+        let client = oci_client::Client::try_from(ClientConfig {
             protocol: ClientProtocol::HttpsExcept(plain),
             platform_resolver: None,
             connect_timeout: Some(opts.connect_timeout),
             read_timeout: Some(opts.read_timeout),
             max_concurrent_download: opts.max_concurrent_downloads.max(1),
+            extra_root_certificates,
             ..ClientConfig::default()
-        });
+        })
+        .map_err(|source| PullError::Client { source })?;
         let ctx = Ctx {
             store: self,
             client,

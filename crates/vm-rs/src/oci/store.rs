@@ -210,7 +210,7 @@ pub(crate) struct FileLock {
 }
 
 fn lock_file(path: &Path, exclusive: bool) -> Result<FileLock, StoreError> {
-    let file = std::fs::OpenOptions::new()
+    let file = crate::paths::private_file()
         .create(true)
         .truncate(false)
         .read(true)
@@ -274,7 +274,7 @@ impl ImageStore {
         let s = store.clone();
         tokio::task::spawn_blocking(move || {
             for d in [s.blobs_dir(), s.ingest_dir(), s.locks_dir()] {
-                std::fs::create_dir_all(&d).map_err(io_err("create", d))?;
+                crate::paths::create_private_dir_all(&d).map_err(io_err("create", d))?;
             }
             Ok::<_, StoreError>(())
         })

@@ -23,6 +23,10 @@ const MAX_INFO_JSON: usize = 1 << 20;
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum DiskError {
+    /// An overlay's base names host files of its own (the overlay vm-rs returns allows the one
+    /// backing file it named, not a chain it did not).
+    #[error("overlay base refused")]
+    Base(#[source] super::image_refs::ImageRefError),
     /// A disk of size zero was requested.
     #[error("disk size must be greater than zero")]
     ZeroSize,
@@ -109,6 +113,7 @@ impl DiskError {
             }
             DiskError::UnsupportedFormat { .. } => K::Unsupported,
             DiskError::Join(_) => K::Other,
+            DiskError::Base(_) => K::Invalid,
         }
     }
 }
@@ -245,7 +250,9 @@ pub async fn create_disk(path: &Path, size: u64, format: DiskFormat) -> Result<(
 
 /// Create a qcow2 overlay at `target` whose backing file is `base` (in `base_format`).
 /// Guest writes land in the overlay; `base` is only ever read. The backing path is recorded
-/// as an absolute path so the overlay can be moved. Returns a [`DiskConfig`] for the overlay.
+/// as an absolute path so the overlay can be moved. Returns a [`DiskConfig`] for the overlay,
+/// with [`crate::config::BackingPolicy::Allow`]: vm-rs named its one backing file. A qcow2 base
+/// that itself names other host files is refused ([`DiskError::Base`]).
 pub async fn create_overlay(
     base: &Path,
     base_format: DiskFormat,
@@ -259,6 +266,14 @@ pub async fn create_overlay(
             path: target.to_path_buf(),
         });
     }
+    let base_disk = DiskConfig {
+        format: base_format,
+        ..DiskConfig::new(&base_abs)
+    };
+    tokio::task::spawn_blocking(move || super::image_refs::check_disk(&base_disk))
+        .await
+        .map_err(DiskError::Join)?
+        .map_err(DiskError::Base)?;
     let dest = target.to_path_buf();
     let tmp = tokio::task::spawn_blocking({
         let dest = dest.clone();
@@ -286,6 +301,8 @@ pub async fn create_overlay(
         .map_err(io_err("publish", target))?;
     let mut disk = DiskConfig::new(target);
     disk.format = DiskFormat::Qcow2;
+    // vm-rs made this chain and named the base itself.
+    disk.backing = crate::config::BackingPolicy::Allow;
     Ok(disk)
 }
 
@@ -297,7 +314,7 @@ pub async fn grow_disk(path: &Path, format: DiskFormat, size: u64) -> Result<(),
             .await
             .map_err(io_err("stat", path))?
             .len(),
-        DiskFormat::Qcow2 => image_info(path).await?.virtual_size,
+        DiskFormat::Qcow2 => image_info_as(path, Some(format)).await?.virtual_size,
     };
     if size < current {
         return Err(DiskError::Shrink {
@@ -338,13 +355,25 @@ pub async fn grow_disk(path: &Path, format: DiskFormat, size: u64) -> Result<(),
 /// Read an image's format, virtual size and backing file with `qemu-img info` (with
 /// `--force-share`, so it works on an image a running VM holds).
 pub async fn image_info(path: &Path) -> Result<ImageInfo, DiskError> {
-    let out = qemu_img(&[
+    image_info_as(path, None).await
+}
+
+/// [`image_info`] reading the image as `format` (`qemu-img info -f`): nothing is guessed from
+/// the content. With `None` qemu-img probes the format (only for tools that ask what a file
+/// is; never for a disk a VM gets).
+pub async fn image_info_as(path: &Path, format: Option<DiskFormat>) -> Result<ImageInfo, DiskError> {
+    let fmt = format.map(|f| f.to_string());
+    let mut args: Vec<&std::ffi::OsStr> = vec![
         "info".as_ref(),
         "--force-share".as_ref(),
         "--output=json".as_ref(),
-        path.as_os_str(),
-    ])
-    .await?;
+    ];
+    if let Some(f) = &fmt {
+        args.push("-f".as_ref());
+        args.push(f.as_ref());
+    }
+    args.push(path.as_os_str());
+    let out = qemu_img(&args).await?;
     if out.len() > MAX_INFO_JSON {
         return Err(DiskError::UnsupportedFormat {
             path: path.to_path_buf(),

@@ -1,5 +1,7 @@
 //! Storage: everything that ends up as a block device in a guest.
 //!
+//! * [`image_refs`] — which other host files a qcow2 image names (backing file, external
+//!   data file), read from its header; refused unless the disk allows them.
 //! * [`disk`] — empty raw (sparse) and qcow2 disks, qcow2 overlays on a backing file,
 //!   `qemu-img info` probing.
 //! * [`clone`] — copy-on-write clones of a base image: reflink (`FICLONE`) where the
@@ -21,6 +23,7 @@ pub mod clone;
 pub mod disk;
 pub mod download;
 pub(crate) mod fsutil;
+pub mod image_refs;
 pub mod seed;
 mod size;
 pub mod ssh;
@@ -28,7 +31,9 @@ mod yaml;
 
 pub use catalog::{AssetKind, CatalogEntry, CatalogError, CatalogFile, ImageCatalog};
 pub use clone::{clone_disk, clone_disk_with, CloneError, CloneMethod, ClonePolicy};
-pub use disk::{create_disk, create_overlay, grow_disk, image_info, probe_disk, DiskError, ImageInfo};
+pub use disk::{
+    create_disk, create_overlay, grow_disk, image_info, image_info_as, probe_disk, DiskError, ImageInfo,
+};
 pub use download::{download_verified, DownloadError, DownloadOptions, DownloadOutcome, Progress};
 pub use seed::{write_seed_image, SeedConfig, SeedError, SeedFile, SeedFiles, SeedMount, SeedNic, SeedUser};
 pub use size::{format_size, parse_size, SizeError};

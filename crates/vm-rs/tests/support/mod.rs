@@ -12,6 +12,7 @@ pub mod oci_layout;
 pub mod pvh_guest;
 pub mod qemu;
 pub mod registry;
+pub mod registry_auth;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

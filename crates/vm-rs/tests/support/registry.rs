@@ -48,31 +48,83 @@ pub struct Registry {
     /// Where it listens.
     pub addr: SocketAddr,
     dir: tempfile::TempDir,
-    /// `user:password` when started with htpasswd auth.
+    /// `user:password` when started with htpasswd auth (or for the token server).
     pub creds: Option<(String, String)>,
+    data: PathBuf,
+}
+
+/// Token authentication (`auth: token`, the Docker token spec): the registry sends clients to
+/// `realm` and accepts JWTs signed by a key whose certificate chains to `root_cert`.
+#[derive(Clone, Debug)]
+pub struct TokenAuth {
+    pub realm: String,
+    pub service: String,
+    pub issuer: String,
+    pub root_cert: PathBuf,
+}
+
+/// How to start a registry beyond the defaults (plain HTTP, no auth, its own storage).
+#[derive(Clone, Debug, Default)]
+pub struct RegistryOptions {
+    /// htpasswd basic auth for one user.
+    pub basic: Option<(String, String)>,
+    /// `(certificate chain PEM, key PEM)`: serve HTTPS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Bearer-token auth.
+    pub token: Option<TokenAuth>,
+    /// Storage `redirect` middleware: blob GETs answer 307 to `<baseurl><storage path>`.
+    pub redirect_baseurl: Option<String>,
+    /// Serve this storage directory (e.g. another registry's `data_dir()`) instead of a new one.
+    pub data: Option<PathBuf>,
 }
 
 impl Registry {
     /// Starts a registry without auth.
     pub fn start() -> Self {
-        Self::start_inner(None)
+        Self::start_with(RegistryOptions::default())
     }
 
     /// Starts a registry with htpasswd basic auth for one user (bcrypt via `htpasswd -B`).
     pub fn start_with_auth(user: &str, password: &str) -> Self {
-        Self::start_inner(Some((user.to_owned(), password.to_owned())))
+        Self::start_with(RegistryOptions {
+            basic: Some((user.to_owned(), password.to_owned())),
+            ..RegistryOptions::default()
+        })
     }
 
-    fn start_inner(creds: Option<(String, String)>) -> Self {
+    /// Starts a registry configured by `opts`.
+    pub fn start_with(opts: RegistryOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let data = dir.path().join("data");
+        let data = opts.data.clone().unwrap_or_else(|| dir.path().join("data"));
         std::fs::create_dir_all(&data).unwrap();
+        let creds = opts.basic.clone();
         let mut config = format!(
             "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
             data.display()
         );
+        if let Some((cert, key)) = &opts.tls {
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ));
+        }
+        if let Some(base) = &opts.redirect_baseurl {
+            config.push_str(&format!(
+                "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: {base}\n"
+            ));
+        }
+        if let Some(t) = &opts.token {
+            config.push_str(&format!(
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                t.realm,
+                t.service,
+                t.issuer,
+                t.root_cert.display()
+            ));
+        }
         if let Some((user, password)) = &creds {
             let htpasswd = dir.path().join("htpasswd");
             let status = Command::new("htpasswd")
@@ -107,12 +159,14 @@ impl Registry {
             addr,
             dir,
             creds,
+            data,
         };
+        // A TLS listener answers a plain request with 400.
         let up = wait_until(Duration::from_secs(20), || {
             if let Ok(Some(status)) = reg.child.try_wait() {
                 panic!("registry exited early: {status}: {}", reg.log());
             }
-            matches!(http_status(addr, "/v2/"), Some(200 | 401))
+            matches!(http_status(addr, "/v2/"), Some(200 | 400 | 401))
         });
         assert!(up, "registry did not come up: {}", reg.log());
         reg
@@ -150,7 +204,7 @@ impl Registry {
 
     /// The storage directory (to check what the registry holds).
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data.clone()
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use vm_rs::oci::{Credentials, Digest, ImageStore, PullOptions, PullProgress, UnpackOptions};
+use vm_rs::oci::{Credentials, Digest, ImageStore, PullOptions, PullProgress, RegistryTls, UnpackOptions};
 
 /// `vmrs pull`
 #[derive(Debug, Args)]
@@ -21,6 +21,10 @@ pub struct PullArgs {
     /// Registry (`host:port`) to reach over plain HTTP (loopback registries always are).
     #[arg(long = "insecure-registry", value_name = "HOST")]
     pub insecure: Vec<String>,
+    /// Reach registry HOST over HTTPS (also on loopback) trusting the CA certificates in the
+    /// PEM file besides the system roots (repeatable).
+    #[arg(long = "registry-ca", value_name = "HOST=PEM")]
+    pub registry_ca: Vec<String>,
     /// User name for the registry (default: from ~/.docker/config.json, else anonymous).
     #[arg(long, requires = "password_stdin")]
     pub username: Option<String>,
@@ -170,10 +174,27 @@ pub async fn pull(a: PullArgs) -> anyhow::Result<i32> {
         ),
         None => None,
     };
+    let mut registry_tls: Vec<RegistryTls> = Vec::new();
+    for spec in &a.registry_ca {
+        let Some((host, pem)) = spec
+            .split_once('=')
+            .filter(|(h, p)| !h.is_empty() && !p.is_empty())
+        else {
+            return Err(crate::exit::CliError::Invalid(format!(
+                "--registry-ca {spec:?}: expected HOST=PEM-FILE"
+            ))
+            .into());
+        };
+        match registry_tls.iter_mut().find(|t| t.registry == host) {
+            Some(t) => t.ca_certificates.push(pem.into()),
+            None => registry_tls.push(RegistryTls::with_ca(host, pem)),
+        }
+    }
     let opts = PullOptions {
         platform,
         credentials,
         insecure_registries: a.insecure,
+        registry_tls,
         max_concurrent_downloads: a.jobs.max(1),
         progress: Some(progress(a.quiet)),
         ..PullOptions::default()

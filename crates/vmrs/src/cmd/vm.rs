@@ -36,7 +36,9 @@ pub struct RunArgs {
     /// Extra kernel command line.
     #[arg(long, default_value = "")]
     pub cmdline: String,
-    /// Attach a disk: PATH[,ro][,format=raw|qcow2][,cache=writeback|none|unsafe] (repeatable).
+    /// Attach a disk: PATH[,ro][,format=raw|qcow2][,cache=writeback|none|unsafe][,backing=deny|allow]
+    /// (repeatable). A qcow2 image that names other host files (backing or data file) needs
+    /// backing=allow.
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
     /// Acceleration (auto: probe KVM, fall back to TCG).

@@ -55,7 +55,14 @@ impl Home {
 
 impl Drop for Home {
     fn drop(&mut self) {
-        if let Ok(rd) = std::fs::read_dir(self.0.path().join("vms")) {
+        kill_recorded(self.0.path());
+    }
+}
+
+/// Kill every VMM and switch sidecar recorded under the data dir `home`.
+pub fn kill_recorded(home: &std::path::Path) {
+    {
+        if let Ok(rd) = std::fs::read_dir(home.join("vms")) {
             for e in rd.flatten() {
                 let Ok(b) = std::fs::read(e.path().join("state.json")) else {
                     continue;
@@ -72,7 +79,7 @@ impl Drop for Home {
                 }
             }
         }
-        let nets = vm_rs::net::networks_dir(self.0.path());
+        let nets = vm_rs::net::networks_dir(home);
         for n in vm_rs::net::sidecar::networks(&nets) {
             if let Some(r) = vm_rs::net::sidecar::switch_record(&nets, &n) {
                 if let Ok(p) = vm_rs::process::VmmProcess::attach(r.pid, r.start_time) {

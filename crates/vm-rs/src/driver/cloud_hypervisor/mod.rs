@@ -241,6 +241,7 @@ pub fn vm_config_body(
             cmdline.push_str(part);
         }
     }
+    crate::config::check_kernel_cmdline(&config.kernel, &cmdline)?;
     let mut payload = serde_json::json!({
         "kernel": path_str(kernel)?,
         "cmdline": cmdline,
@@ -397,7 +398,7 @@ impl CloudHypervisorDriver {
         for f in [&files.api_socket, &files.events, &files.quit_marker, &files.log] {
             remove_if_exists(f)?;
         }
-        let vmm_log = std::fs::OpenOptions::new()
+        let vmm_log = crate::paths::private_file()
             .create(true)
             .append(true)
             .open(&spec.vmm_log)
@@ -612,7 +613,12 @@ impl VmDriver for CloudHypervisorDriver {
 
     async fn quit(&self, handle: &VmHandle) -> Result<(), DriverError> {
         let files = VmFiles::of_handle(handle);
-        std::fs::write(&files.quit_marker, b"").map_err(io_err(&files.quit_marker))?;
+        crate::paths::private_file()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&files.quit_marker)
+            .map_err(io_err(&files.quit_marker))?;
         match Self::client(handle).call(Method::Put, "vmm.shutdown", None).await {
             Ok(_) => Ok(()),
             // The VMM may exit before its answer is read.
@@ -690,7 +696,7 @@ impl VmDriver for CloudHypervisorDriver {
 
     async fn snapshot(&self, handle: &VmHandle, dir: &Path) -> Result<(), DriverError> {
         let dir = std::path::absolute(dir).map_err(io_err(dir))?;
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        crate::paths::create_private_dir_all(&dir).map_err(io_err(&dir))?;
         let body = serde_json::json!({ "destination_url": format!("file://{}", dir.display()) });
         Self::client(handle)
             .with_timeout(SNAPSHOT_TIMEOUT)
@@ -743,6 +749,7 @@ impl VmDriver for CloudHypervisorDriver {
     }
 
     async fn add_disk(&self, handle: &VmHandle, disk: &DiskConfig) -> Result<String, DriverError> {
+        crate::config::validate_disk(disk)?;
         let body = disk_body(&Disk {
             id: String::new(),
             ..Disk::from_config(0, disk)
@@ -820,6 +827,37 @@ mod tests {
                 .collect(),
             ..DeviceSet::default()
         }
+    }
+
+    #[test]
+    fn whole_command_line_over_the_limit_is_a_config_error() {
+        let cfg = VmConfig::builder("a")
+            .kernel("/k/vmlinux")
+            .cmdline("a".repeat(2000))
+            .build_unchecked();
+        let extra = vec![format!("vmrs.x={}", "b".repeat(40))];
+        let err = vm_config_body(
+            &cfg,
+            &DeviceSet::default(),
+            Path::new("/k/vmlinux"),
+            Path::new("/v/s"),
+            &extra,
+        );
+        assert!(matches!(
+            err,
+            Err(DriverError::Config(crate::config::ConfigError::CmdlineTooLong {
+                max: 2047,
+                ..
+            }))
+        ));
+        assert!(vm_config_body(
+            &cfg,
+            &DeviceSet::default(),
+            Path::new("/k/vmlinux"),
+            Path::new("/v/s"),
+            &[]
+        )
+        .is_ok());
     }
 
     #[test]

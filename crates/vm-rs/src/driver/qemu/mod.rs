@@ -151,11 +151,16 @@ impl VmDriver for QemuDriver {
             let _ = std::fs::remove_file(sock);
         }
         // Create the serial log up front so followers can watch it before QEMU writes.
-        std::fs::File::create(&paths.serial_log).map_err(|source| DriverError::Io {
-            path: paths.serial_log.clone(),
-            source,
-        })?;
-        let vmm_log = std::fs::OpenOptions::new()
+        crate::paths::private_file()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&paths.serial_log)
+            .map_err(|source| DriverError::Io {
+                path: paths.serial_log.clone(),
+                source,
+            })?;
+        let vmm_log = crate::paths::private_file()
             .create(true)
             .append(true)
             .open(&spec.vmm_log)
@@ -175,6 +180,7 @@ impl VmDriver for QemuDriver {
             guest_params: &spec.guest_params,
             tsc_khz: crate::host::cpu_khz(),
         };
+        crate::config::check_kernel_cmdline(&spec.config.kernel, &args::kernel_cmdline(&input))?;
         let argv = args::build(&input);
         let mut cmd = tokio::process::Command::new(&binary);
         // TAP devices in a network namespace are only found from inside it
