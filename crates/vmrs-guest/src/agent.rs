@@ -781,6 +781,26 @@ impl CopyIn {
     }
 }
 
+/// Run one copy into the guest as the port thread does for a `CopyIn{dest, name}` stream:
+/// `messages` are the stream's `Entry`/`Data`/`End` frames, in order. Stops at the first error
+/// or after `End`. For the fuzz targets only (`fuzz/`): not part of any stable API.
+#[doc(hidden)]
+pub fn copy_in_for_fuzzing(
+    dest: &[u8],
+    name: &[u8],
+    messages: impl IntoIterator<Item = Message>,
+) -> Result<(), String> {
+    let mut copy = CopyIn::begin(dest, name)?;
+    for msg in messages {
+        let end = matches!(msg, Message::End);
+        copy.apply(msg)?;
+        if end {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
 fn copy_out(out: &Output, gen: u64, stream: u32, src: &Path) -> Result<(), String> {
     let meta = std::fs::symlink_metadata(src).map_err(|e| format!("{}: {e}", src.display()))?;
     send_tree(out, gen, stream, src, Vec::new(), &meta, 0)?;
