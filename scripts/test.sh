@@ -9,3 +9,8 @@ cargo clippy -q --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc -q --workspace --no-deps
 cargo nextest run --workspace --no-fail-fast "$@"
 cargo test -q --workspace --doc
+# Fuzz smoke: every target in fuzz/ for a few seconds (nightly toolchain). The corpus grows in
+# fuzz/corpus (gitignored) across runs; FUZZ_SMOKE_SECONDS=0 skips it.
+if [ "${FUZZ_SMOKE_SECONDS:-5}" != 0 ]; then
+    scripts/fuzz.sh "${FUZZ_SMOKE_SECONDS:-5}"
+fi

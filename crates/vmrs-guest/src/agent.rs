@@ -676,8 +676,13 @@ impl CopyIn {
         if rel.is_empty() {
             return Ok(self.target.clone());
         }
-        // Every parent below the root must be a real directory (no symlinks followed).
+        // The root and every parent below it must be real directories (no symlinks
+        // followed): a root entry that was a symlink would otherwise lead outside.
         let mut p = self.target.clone();
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => {}
+            _ => return Err(format!("{} is not a directory", p.display())),
+        }
         let comps: Vec<&[u8]> = rel.split(|&b| b == b'/').collect();
         for c in &comps[..comps.len() - 1] {
             p.push(OsStr::from_bytes(c));
@@ -779,6 +784,26 @@ impl CopyIn {
         }
         Ok(())
     }
+}
+
+/// Run one copy into the guest as the port thread does for a `CopyIn{dest, name}` stream:
+/// `messages` are the stream's `Entry`/`Data`/`End` frames, in order. Stops at the first error
+/// or after `End`. For the fuzz targets only (`fuzz/`): not part of any stable API.
+#[doc(hidden)]
+pub fn copy_in_for_fuzzing(
+    dest: &[u8],
+    name: &[u8],
+    messages: impl IntoIterator<Item = Message>,
+) -> Result<(), String> {
+    let mut copy = CopyIn::begin(dest, name)?;
+    for msg in messages {
+        let end = matches!(msg, Message::End);
+        copy.apply(msg)?;
+        if end {
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 fn copy_out(out: &Output, gen: u64, stream: u32, src: &Path) -> Result<(), String> {
@@ -976,6 +1001,33 @@ mod tests {
             0o750
         );
         assert_eq!(std::fs::read_link(root.join("l")).unwrap(), Path::new("/etc"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn copy_in_through_a_root_symlink_is_refused() {
+        // Found by the agent_guest fuzz target: a copy whose root entry is a symlink to a
+        // directory outside, followed by a file entry, wrote through the symlink.
+        let dir = std::env::temp_dir().join(format!("vmrs-agent-root-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("outside")).unwrap();
+        std::fs::write(dir.join("outside/sentinel"), b"keep").unwrap();
+        let dest = dir.join("new");
+        let mut c = CopyIn::begin(dest.as_os_str().as_bytes(), b"").unwrap();
+        let entry = |kind, size, path: &[u8], target: &[u8]| {
+            Message::Entry(Entry {
+                kind,
+                mode: 0o644,
+                size,
+                path: path.to_vec(),
+                target: target.to_vec(),
+            })
+        };
+        c.apply(entry(EntryKind::Symlink, 0, b"", b"outside")).unwrap();
+        assert!(c.apply(entry(EntryKind::File, 3, b"sentinel", b"")).is_err());
+        assert!(c.apply(entry(EntryKind::Dir, 0, b"made", b"")).is_err());
+        assert_eq!(std::fs::read(dir.join("outside/sentinel")).unwrap(), b"keep");
+        assert!(!dir.join("outside/made").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -20,11 +20,7 @@
 //! PID 1 must never exit: failures are printed and boot continues where it can; a panic powers
 //! the machine off.
 
-mod agent;
-mod cmdline;
-mod dhcp;
-mod reaper;
-mod sys;
+use vmrs_guest::{agent, cmdline, dhcp, log, reaper, sys};
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -37,11 +33,6 @@ const EV_KEY: u16 = 1;
 const KEY_POWER: u16 = 116;
 /// `struct input_event` on 64-bit: timeval (16) + type (2) + code (2) + value (4).
 const INPUT_EVENT_SIZE: usize = 24;
-
-/// Print `vmrs-init: <msg>` on the console.
-pub(crate) fn log(msg: &str) {
-    sys::console(&format!("vmrs-init: {msg}"));
-}
 
 fn main() {
     std::panic::set_hook(Box::new(|info| {

@@ -116,6 +116,7 @@ pub fn reboot(cmd: libc::c_int) -> io::Error {
 }
 
 /// What `waitpid(-1, WNOHANG)` found.
+#[derive(Debug)]
 pub enum Reaped {
     /// A child exited (pid, raw status).
     Child(libc::pid_t, libc::c_int),

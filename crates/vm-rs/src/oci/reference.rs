@@ -56,6 +56,13 @@ impl ImageReference {
             reference: s.to_owned(),
             source,
         })?;
+        // The canonical form is the store's key and what a later command names the image by:
+        // it must itself be a valid reference. (oci-client takes an upper-case first component
+        // as a registry host, `UPPER/x`, yet rejects the `docker.io/UPPER/x` it turns it into.)
+        oci_client::Reference::try_from(inner.whole()).map_err(|source| ReferenceError::Invalid {
+            reference: s.to_owned(),
+            source,
+        })?;
         if let Some(d) = inner.digest() {
             Digest::parse(d).map_err(|source| ReferenceError::Digest {
                 reference: s.to_owned(),
@@ -180,6 +187,9 @@ mod tests {
             "x:tag:tag",
             "/leading",
             "a//b",
+            // Found by the oci_reference fuzz target: accepted, but its canonical form
+            // `docker.io/UPPER/case:latest` did not parse.
+            "UPPER/case",
         ] {
             assert!(ImageReference::parse(bad).is_err(), "{bad:?} accepted");
         }
