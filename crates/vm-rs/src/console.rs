@@ -136,8 +136,38 @@ impl LogFollower {
     }
 }
 
+/// The last `n` non-empty lines of a log file, for error messages; reads at most the last
+/// 64 KiB, so a huge console log costs nothing. Missing or unreadable files give `""`.
+pub fn tail_lines(path: &std::path::Path, n: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    const MAX: u64 = 64 * 1024;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if f.seek(SeekFrom::Start(len.saturating_sub(MAX))).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(MAX).read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tail_lines_reads_only_the_end() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("log");
+        let mut text = "x".repeat(200 * 1024);
+        text.push_str("\nA\n\nB\nC\n");
+        std::fs::write(&p, &text).expect("w");
+        assert_eq!(tail_lines(&p, 2), "B\nC");
+        assert_eq!(tail_lines(&dir.path().join("none"), 3), "");
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -13,8 +13,14 @@ pub(crate) fn parent_dir(dest: &Path) -> PathBuf {
     }
 }
 
-/// Replace `path` with `bytes` atomically (temp file → fsync → rename → fsync dir).
+/// Replace `path` with `bytes` atomically (temp file → fsync → rename → fsync dir), mode 0600.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_mode(path, bytes, 0o600)
+}
+
+/// [`write_atomic`] with the file's final `mode` (set before it is published).
+pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = parent_dir(path);
     let name = path
         .file_name()
@@ -26,6 +32,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .suffix(".tmp")
         .tempfile_in(&dir)?;
     tmp.write_all(bytes)?;
+    if mode != 0o600 {
+        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
+    }
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     if let Ok(d) = std::fs::File::open(&dir) {

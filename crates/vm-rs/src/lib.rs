@@ -34,6 +34,7 @@
 //! * [`host`] — host facts: KVM usability, program lookup, CPU clock.
 //! * [`paths`] — where data lives (`VMRS_HOME`).
 //! * [`setup`] — one-call helpers: seed image, SSH key, catalog image → per-VM disk.
+//! * [`vm_dir`] — the layout of a VM's directory (every file name in one place).
 //! * [`storage`] — disks, copy-on-write clones, cloud-init seeds, SSH keys, verified downloads.
 //!
 //! Every VM has a directory under the data dir (`$VMRS_HOME/vms/<name>`), so a new
@@ -81,6 +82,7 @@ pub mod rootfs;
 pub mod setup;
 pub mod state;
 pub mod storage;
+pub mod vm_dir;
 
 pub use config::{Accel, BackendKind, DiskConfig, NetworkAttachment, SharedDir, VmConfig};
 pub use console::READY_MARKER;

@@ -232,7 +232,7 @@ fn tree_usage(root: &Path) -> Result<(u64, u64), RootfsError> {
 }
 
 /// File name of a VM's root overlay inside its directory.
-pub const ROOT_OVERLAY: &str = "root.qcow2";
+pub const ROOT_OVERLAY: &str = crate::vm_dir::VmDir::ROOT_OVERLAY;
 
 /// The root disk device of a VM booted from an image: `<vm_dir>/root.qcow2`, found by the guest
 /// by its serial [`ROOT_SERIAL`]. Pure: see [`vm_overlay`] for creating the file.

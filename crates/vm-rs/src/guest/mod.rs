@@ -608,24 +608,12 @@ fn set_mode(file: &std::fs::File, mode: u32, path: &Path) -> Result<(), GuestErr
 }
 
 fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), GuestError> {
-    use std::io::Write;
     let path = dir.join("manifest.json");
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".manifest-")
-        .tempfile_in(dir)
-        .map_err(io_err(dir))?;
     let json = serde_json::to_vec_pretty(manifest).map_err(|source| GuestError::BadManifest {
         path: path.clone(),
         source,
     })?;
-    tmp.write_all(&json).map_err(io_err(&path))?;
-    set_mode(tmp.as_file(), 0o644, &path)?;
-    tmp.as_file().sync_all().map_err(io_err(&path))?;
-    tmp.persist(&path).map_err(|e| GuestError::Io {
-        path: path.clone(),
-        source: e.error,
-    })?;
-    Ok(())
+    crate::fsutil::write_atomic_mode(&path, &json, 0o644).map_err(io_err(&path))
 }
 
 /// Copy the init in, rebuild the initramfs and update the manifest (assets dir in place).

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 /// File name of the agent socket in the VM directory.
-pub(crate) const AGENT_SOCKET: &str = "agent.sock";
+pub(crate) const AGENT_SOCKET: &str = crate::vm_dir::VmDir::AGENT_SOCKET;
 
 /// How long connecting to a ready VM's agent may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);

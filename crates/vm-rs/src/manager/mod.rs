@@ -870,7 +870,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-const START_LOCK: &str = "start.lock";
+const START_LOCK: &str = crate::vm_dir::VmDir::START_LOCK;
 
 /// Take the VM's start lock (exclusive `flock`, released when the file is dropped).
 fn lock_start(dir: &Path) -> Result<std::fs::File, ManagerError> {

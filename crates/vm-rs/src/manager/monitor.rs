@@ -472,9 +472,7 @@ impl VmEntry {
             _ => Ok(()),
         };
         self.settle("exit", result);
-        for sock in ["qmp.sock", "qmp-events.sock"] {
-            let _ = std::fs::remove_file(self.dir.join(sock));
-        }
+        crate::vm_dir::VmDir::new(&self.dir).remove_vmm_sockets();
     }
 
     /// Apply a state change the transition table allows; persist and publish it. Asking for

@@ -17,19 +17,19 @@ pub const RECORD_VERSION: u32 = 1;
 /// File names inside a VM directory.
 pub mod files {
     /// The VM's configuration.
-    pub const CONFIG: &str = "config.json";
+    pub const CONFIG: &str = crate::vm_dir::VmDir::CONFIG;
     /// The VM's state record.
-    pub const STATE: &str = "state.json";
+    pub const STATE: &str = crate::vm_dir::VmDir::STATE;
     /// Guest serial console.
-    pub const SERIAL_LOG: &str = "serial.log";
+    pub const SERIAL_LOG: &str = crate::vm_dir::VmDir::SERIAL_LOG;
     /// VMM stdout/stderr.
-    pub const VMM_LOG: &str = "vmm.log";
+    pub const VMM_LOG: &str = crate::vm_dir::VmDir::VMM_LOG;
     /// What other subsystems added at start ([`super::super::StartOptions`]), for restarts.
-    pub const START: &str = "start.json";
+    pub const START: &str = crate::vm_dir::VmDir::START;
     /// What verbs changed in the running VMM ([`super::LiveChanges`]).
-    pub const LIVE: &str = "live.json";
+    pub const LIVE: &str = crate::vm_dir::VmDir::LIVE;
     /// A stop or kill asked for by some process ([`super::ExitRequest`]).
-    pub const EXIT_REQUEST: &str = "exit-request.json";
+    pub const EXIT_REQUEST: &str = crate::vm_dir::VmDir::EXIT_REQUEST;
 }
 
 /// A stop or kill one process asked for, so that every process watching the VM — not only the
@@ -180,7 +180,7 @@ impl RecordError {
     }
 }
 
-/// Write `value` as pretty JSON to `path` atomically ([`crate::fsutil::write_atomic`]).
+/// Write `value` as pretty JSON to `path` atomically (temp file, fsync, rename, fsync dir).
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), RecordError> {
     let io = |source| RecordError::Io {
         path: path.to_path_buf(),

@@ -42,7 +42,7 @@ pub const ALIAS_PREFIX: &str = "vmrs:";
 /// Version of [`NetState`] records.
 pub const STATE_VERSION: u32 = 1;
 /// File name of the record in the VM directory.
-pub const STATE_FILE: &str = "net.json";
+pub const STATE_FILE: &str = crate::vm_dir::VmDir::NET_STATE;
 
 /// Errors setting up or tearing down host networking.
 #[derive(Debug, thiserror::Error)]
@@ -201,17 +201,9 @@ impl NetState {
 
     /// Write to `<vm_dir>/net.json` (temp file, fsync, rename).
     pub fn save(&self, vm_dir: &Path) -> Result<(), HostError> {
-        use std::io::Write;
         let path = vm_dir.join(STATE_FILE);
         let json = serde_json::to_vec_pretty(self).map_err(|e| io_op("encode net.json")(e.into()))?;
-        let mut tmp =
-            tempfile::NamedTempFile::new_in(vm_dir).map_err(io_op(format!("write {}", path.display())))?;
-        tmp.write_all(&json)
-            .and_then(|()| tmp.as_file().sync_all())
-            .map_err(io_op(format!("write {}", path.display())))?;
-        tmp.persist(&path)
-            .map_err(|e| io_op(format!("write {}", path.display()))(e.error))?;
-        Ok(())
+        crate::fsutil::write_atomic(&path, &json).map_err(io_op(format!("write {}", path.display())))
     }
 
     /// Read `<vm_dir>/net.json`; `Ok(None)` when there is none.

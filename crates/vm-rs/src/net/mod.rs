@@ -578,7 +578,7 @@ pub fn plan_nic(
                     dns: Vec::new(),
                 },
             };
-            let local = vm_dir.join(format!("net{index}.sock"));
+            let local = crate::vm_dir::VmDir::new(vm_dir).nic_socket(index);
             let remote = sidecar::switch_socket(&networks_dir(home), network);
             check_socket_path(&local)?;
             check_socket_path(&remote)?;

@@ -218,16 +218,7 @@ pub fn switch_socket(networks_dir: &Path, network: &str) -> PathBuf {
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SidecarError> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err(dir))?;
-    tmp.write_all(data).map_err(io_err(path))?;
-    tmp.as_file().sync_all().map_err(io_err(path))?;
-    tmp.persist(path).map_err(|e| SidecarError::Io {
-        path: path.to_path_buf(),
-        source: e.error,
-    })?;
-    Ok(())
+    crate::fsutil::write_atomic(path, data).map_err(io_err(path))
 }
 
 fn read_record(path: &Path) -> Option<SidecarRecord> {

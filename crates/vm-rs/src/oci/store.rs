@@ -233,19 +233,7 @@ fn lock_file(path: &Path, exclusive: bool) -> Result<FileLock, StoreError> {
 
 /// Writes `bytes` to `path` atomically: temp file in the same dir → fsync → rename → fsync dir.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err("create temp file in", dir))?;
-    tmp.write_all(bytes)
-        .map_err(io_err("write", tmp.path().to_owned()))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(io_err("fsync", tmp.path().to_owned()))?;
-    tmp.persist(path).map_err(|e| StoreError::Io {
-        op: "rename into",
-        path: path.to_owned(),
-        source: e.error,
-    })?;
-    sync_dir(dir)
+    crate::fsutil::write_atomic(path, bytes).map_err(io_err("replace", path))
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {

@@ -222,7 +222,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         if let Err(e) = ready {
             let _ = mgr.kill(&name).await;
             // The console tail is usually what explains a guest that never got ready.
-            let tail = vm_rs::driver::qemu::tail_lines(&info.serial_log, 15);
+            let tail = vm_rs::console::tail_lines(&info.serial_log, 15);
             if !tail.is_empty() {
                 eprintln!("vmrs: last console lines of {name}:\n{tail}");
             }

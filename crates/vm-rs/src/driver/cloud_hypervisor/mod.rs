@@ -83,13 +83,13 @@ pub const PROGRAM: &str = "cloud-hypervisor";
 pub const BINARY_ENV: &str = "VMRS_CLOUD_HYPERVISOR";
 
 /// API socket file name inside the VM directory.
-pub const API_SOCKET: &str = "ch-api.sock";
+pub const API_SOCKET: &str = crate::vm_dir::VmDir::CH_API_SOCKET;
 /// Event monitor file name inside the VM directory.
-pub const EVENT_FILE: &str = "ch-events.json";
+pub const EVENT_FILE: &str = crate::vm_dir::VmDir::CH_EVENTS;
 /// VMM log file name inside the VM directory.
-pub const LOG_FILE: &str = "ch.log";
+pub const LOG_FILE: &str = crate::vm_dir::VmDir::CH_LOG;
 /// Marker written before the driver asks the VMM to exit.
-pub const QUIT_MARKER: &str = "ch-quit-requested";
+pub const QUIT_MARKER: &str = crate::vm_dir::VmDir::CH_QUIT_MARKER;
 
 /// Longest Unix socket path the kernel accepts (`sun_path` minus the terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;

@@ -433,7 +433,7 @@ fn prepare_vmlinux_blocking(kernel: &Path, out_dir: &Path) -> Result<PathBuf, Vm
     }
     let (elf, _) = vmlinux_from_image(&image)?;
     drop(image);
-    let target = out_dir.join("vmlinux");
+    let target = out_dir.join(crate::vm_dir::VmDir::VMLINUX);
     let mut tmp = tempfile::NamedTempFile::new_in(out_dir).map_err(io(out_dir))?;
     tmp.write_all(&elf).map_err(io(tmp.path()))?;
     tmp.as_file().sync_all().map_err(io(tmp.path()))?;

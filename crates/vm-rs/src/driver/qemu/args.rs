@@ -35,8 +35,8 @@ impl QemuPaths {
     /// Standard layout inside a VM directory.
     pub fn in_dir(vm_dir: &Path, serial_log: PathBuf) -> Self {
         Self {
-            qmp: vm_dir.join("qmp.sock"),
-            qmp_events: vm_dir.join("qmp-events.sock"),
+            qmp: vm_dir.join(crate::vm_dir::VmDir::QMP_SOCKET),
+            qmp_events: vm_dir.join(crate::vm_dir::VmDir::QMP_EVENTS_SOCKET),
             serial_log,
         }
     }

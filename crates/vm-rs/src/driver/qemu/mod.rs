@@ -25,7 +25,7 @@ use crate::config::{Accel, BackendKind, CacheMode, DiskFormat};
 use crate::devices::{AgentTransport, Capabilities, MemoryKind};
 use crate::process::{ExitInfo, VmmProcess};
 use qmp::Qmp;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Name of the QEMU binary looked up on `PATH`.
@@ -95,14 +95,7 @@ impl QemuDriver {
 
 use crate::host::find_on_path;
 
-/// Last `n` lines of a log file, for error messages.
-pub fn tail_lines(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
+pub use crate::console::tail_lines;
 
 #[async_trait::async_trait]
 impl VmDriver for QemuDriver {

@@ -1,0 +1,146 @@
+//! The layout of a VM's directory (`$VMRS_HOME/vms/<name>/`): [`VmDir`] owns the name of every
+//! file and socket in it, so the manager, the drivers, networking and the image root disk agree
+//! on one list (and cleanup can find everything a VMM left).
+//!
+//! | file | written by | what |
+//! |------|------------|------|
+//! | `config.json` | manager | what was asked for ([`crate::VmConfig`]) |
+//! | `state.json` | manager | the state record (versioned) |
+//! | `start.json` | manager | what other subsystems added at start (for `vmrs start`) |
+//! | `live.json` | manager | what verbs changed in the running VMM |
+//! | `exit-request.json` | manager | a stop/kill some process asked for |
+//! | `start.lock` | manager | held while a start is in progress |
+//! | `serial.log` | VMM | the guest's serial console |
+//! | `vmm.log` | VMM | the VMM's own stdout/stderr |
+//! | `agent.sock` | VMM | host end of the guest agent's channel |
+//! | `root.qcow2` | manager | the per-VM overlay of an image root filesystem |
+//! | `net.json`, `net<N>.sock` | networking | host network state; switch-port sockets |
+//! | `qmp.sock`, `qmp-events.sock` | QEMU | QMP monitors (commands, events) |
+//! | `ch-api.sock`, `ch-events.json`, `ch.log`, `ch-quit-requested`, `vmlinux` | Cloud Hypervisor | API, event monitor, log, quit marker, unpacked kernel |
+
+use std::path::{Path, PathBuf};
+
+/// A VM's directory and the names in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmDir {
+    path: PathBuf,
+}
+
+impl VmDir {
+    /// The VM's configuration.
+    pub const CONFIG: &'static str = "config.json";
+    /// The state record.
+    pub const STATE: &'static str = "state.json";
+    /// Start options, for restarts.
+    pub const START: &'static str = "start.json";
+    /// Live changes made by verbs.
+    pub const LIVE: &'static str = "live.json";
+    /// A requested stop or kill.
+    pub const EXIT_REQUEST: &'static str = "exit-request.json";
+    /// Held while a start is in progress.
+    pub const START_LOCK: &'static str = "start.lock";
+    /// Guest serial console.
+    pub const SERIAL_LOG: &'static str = "serial.log";
+    /// VMM stdout/stderr.
+    pub const VMM_LOG: &'static str = "vmm.log";
+    /// Host end of the guest agent channel.
+    pub const AGENT_SOCKET: &'static str = "agent.sock";
+    /// Root overlay of an image VM.
+    pub const ROOT_OVERLAY: &'static str = "root.qcow2";
+    /// Host network state.
+    pub const NET_STATE: &'static str = "net.json";
+    /// QEMU's QMP command socket.
+    pub const QMP_SOCKET: &'static str = "qmp.sock";
+    /// QEMU's QMP event socket.
+    pub const QMP_EVENTS_SOCKET: &'static str = "qmp-events.sock";
+    /// Cloud Hypervisor's API socket.
+    pub const CH_API_SOCKET: &'static str = "ch-api.sock";
+    /// Cloud Hypervisor's event monitor file.
+    pub const CH_EVENTS: &'static str = "ch-events.json";
+    /// Cloud Hypervisor's log.
+    pub const CH_LOG: &'static str = "ch.log";
+    /// Written before the Cloud Hypervisor driver asks the VMM to exit.
+    pub const CH_QUIT_MARKER: &'static str = "ch-quit-requested";
+    /// A bzImage unpacked to an ELF for Cloud Hypervisor.
+    pub const VMLINUX: &'static str = "vmlinux";
+
+    /// Sockets a VMM creates in the directory (removed once it is gone).
+    pub const VMM_SOCKETS: &'static [&'static str] = &[
+        Self::QMP_SOCKET,
+        Self::QMP_EVENTS_SOCKET,
+        Self::CH_API_SOCKET,
+        Self::AGENT_SOCKET,
+    ];
+
+    /// The directory at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        VmDir { path: path.into() }
+    }
+
+    /// The directory itself.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `name` inside the directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// The socket of switch port / NIC `index` (`net<index>.sock`).
+    pub fn nic_socket(&self, index: usize) -> PathBuf {
+        self.path.join(format!("net{index}.sock"))
+    }
+
+    /// Remove the sockets a VMM that is gone left behind (missing ones are fine).
+    pub fn remove_vmm_sockets(&self) {
+        for s in Self::VMM_SOCKETS {
+            let _ = std::fs::remove_file(self.file(s));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_distinct_and_sockets_fit() {
+        let names = [
+            VmDir::CONFIG,
+            VmDir::STATE,
+            VmDir::START,
+            VmDir::LIVE,
+            VmDir::EXIT_REQUEST,
+            VmDir::START_LOCK,
+            VmDir::SERIAL_LOG,
+            VmDir::VMM_LOG,
+            VmDir::AGENT_SOCKET,
+            VmDir::ROOT_OVERLAY,
+            VmDir::NET_STATE,
+            VmDir::QMP_SOCKET,
+            VmDir::QMP_EVENTS_SOCKET,
+            VmDir::CH_API_SOCKET,
+            VmDir::CH_EVENTS,
+            VmDir::CH_LOG,
+            VmDir::CH_QUIT_MARKER,
+            VmDir::VMLINUX,
+        ];
+        let set: std::collections::HashSet<_> = names.iter().collect();
+        assert_eq!(set.len(), names.len());
+        let d = VmDir::new("/v");
+        assert_eq!(d.nic_socket(3), Path::new("/v/net3.sock"));
+        assert_eq!(d.file(VmDir::STATE), Path::new("/v/state.json"));
+    }
+
+    #[test]
+    fn vmm_sockets_are_removed() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let d = VmDir::new(tmp.path());
+        std::fs::write(d.file(VmDir::QMP_SOCKET), b"").expect("w");
+        std::fs::write(d.file(VmDir::STATE), b"{}").expect("w");
+        d.remove_vmm_sockets();
+        assert!(!d.file(VmDir::QMP_SOCKET).exists());
+        assert!(d.file(VmDir::STATE).exists());
+    }
+}
