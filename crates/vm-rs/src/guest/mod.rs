@@ -601,12 +601,6 @@ fn install_executable(src: &Path, dest: &Path) -> Result<(), GuestError> {
     Ok(())
 }
 
-fn set_mode(file: &std::fs::File, mode: u32, path: &Path) -> Result<(), GuestError> {
-    use std::os::unix::fs::PermissionsExt;
-    file.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(io_err(path))
-}
-
 fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), GuestError> {
     let path = dir.join("manifest.json");
     let json = serde_json::to_vec_pretty(manifest).map_err(|source| GuestError::BadManifest {
