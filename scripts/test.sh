@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all -- --check
-cargo clippy -q --workspace --all-targets -- -D warnings
-RUSTDOCFLAGS="-D warnings" cargo doc -q --workspace --no-deps
+cargo clippy --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 cargo nextest run --workspace --no-fail-fast "$@"
 cargo test -q --workspace --doc
 # Fuzz smoke: every target in fuzz/ for a few seconds (nightly toolchain). The corpus grows in
