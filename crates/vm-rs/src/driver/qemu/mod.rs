@@ -30,8 +30,9 @@ use std::time::{Duration, Instant};
 
 /// Name of the QEMU binary looked up on `PATH`.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
-/// How long a QMP connection may take to greet us.
-pub const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one QMP verb (connect, greeting, negotiation and the command's reply) may take:
+/// a frozen QEMU makes a verb fail with a timeout after this, never hang.
+pub const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long QEMU may take to open its QMP socket after launch.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -87,9 +88,20 @@ impl QemuDriver {
         }
     }
 
+    /// One command on a fresh connection, all of it (retried connects included) within
+    /// [`QMP_TIMEOUT`].
     async fn run(&self, handle: &VmHandle, command: &str) -> Result<serde_json::Value, DriverError> {
-        let mut q = self.qmp(handle).await?;
-        q.execute(command, None).await
+        let exchange = async {
+            let mut q = self.qmp(handle).await?;
+            q.execute(command, None).await
+        };
+        match tokio::time::timeout(QMP_TIMEOUT, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(DriverError::Timeout {
+                what: format!("QEMU to answer QMP command {command}"),
+                secs: QMP_TIMEOUT.as_secs_f64(),
+            }),
+        }
     }
 }
 
