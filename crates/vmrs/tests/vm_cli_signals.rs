@@ -154,10 +154,8 @@ fn closing_the_terminal_stops_a_foreground_run_and_rm_removes_it() {
         // openpty does not set close-on-exec: an inherited master (in vmrs, or the QEMU it
         // starts) would keep the terminal open after the test closes it.
         // SAFETY: fcntl on a descriptor this test owns.
-        assert_eq!(
-            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) },
-            0
-        );
+        let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        assert_eq!(r, 0, "FD_CLOEXEC");
     }
     let mut cmd = vmrs_command(&home);
     cmd.args([

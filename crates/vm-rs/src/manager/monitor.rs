@@ -38,6 +38,9 @@ const PANIC_MARKER: &str = "Kernel panic - not syncing";
 /// How long attaching waits for the VMM's status before calling it unresponsive.
 pub(super) const STATUS_PROBE: Duration = Duration::from_millis(250);
 
+/// How long an exit waits for the serial log's sidecar to write the log's end.
+const CONSOLE_DRAIN: Duration = Duration::from_secs(1);
+
 /// How much of the serial log's end is searched for the markers above.
 const SERIAL_TAIL: usize = 64 * 1024;
 
@@ -462,6 +465,8 @@ impl VmEntry {
         if let Some(cause) = handle.as_ref().and_then(|h| self.requested_exit(h)) {
             self.note_exit(cause);
         }
+        // a capped log gets its last output (how the guest ended) once the VMM is gone
+        crate::console::capture::wait_done(&self.dir, CONSOLE_DRAIN).await;
         let state = classify_exit(
             &self.exit_cause(),
             &serial_tail(&self.serial_log()),

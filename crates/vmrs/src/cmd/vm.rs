@@ -58,6 +58,10 @@ pub struct RunArgs {
     /// nothing would be left to remove it).
     #[arg(long, conflicts_with = "detach")]
     pub rm: bool,
+    /// Cap of the serial log (`serial.log`): bytes, or with a unit (`64k`, `8m`, `1g`);
+    /// past it the output is dropped, keeping the head and, when the VM ends, the last 64 KiB.
+    #[arg(long, value_parser = parse_bytes, value_name = "SIZE", default_value = "8m")]
+    pub log_max: u64,
     /// Print the VM's details as JSON when detached.
     #[arg(long)]
     pub json: bool,
@@ -150,6 +154,29 @@ pub fn parse_memory_mib(s: &str) -> Result<u64, String> {
     Ok(mib as u64)
 }
 
+/// A size in bytes: a bare number is bytes; `k`, `m`, `g` (optionally followed by `b` or `ib`,
+/// any case) are binary units.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    let t = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let shift = match unit {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        _ => return Err(format!("unknown unit in {s:?} (expected e.g. 65536, 64k, 8m)")),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("{s:?} is not a size (expected e.g. 65536, 64k, 8m)"))
+}
+
 /// Built-in guest assets: the kernel and initramfs written by `vmrs setup`.
 fn builtin_assets() -> anyhow::Result<(PathBuf, PathBuf)> {
     let dir = vm_rs::paths::assets_dir();
@@ -191,7 +218,8 @@ pub fn run_config(a: &RunArgs) -> anyhow::Result<VmConfig> {
         .kernel(kernel)
         .cmdline(a.cmdline.clone())
         .accel(a.accel.into())
-        .backend(a.backend.into());
+        .backend(a.backend.into())
+        .serial_log_max(a.log_max);
     if let Some(i) = initrd {
         b = b.initramfs(i);
     }
@@ -738,6 +766,21 @@ mod tests {
             "1.2.3m",
         ] {
             assert!(parse_memory_mib(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn byte_sizes() {
+        for (input, bytes) in [
+            ("65536", 65536),
+            ("64k", 65536),
+            ("8m", 8 << 20),
+            ("1GiB", 1 << 30),
+        ] {
+            assert_eq!(parse_bytes(input), Ok(bytes), "{input}");
+        }
+        for bad in ["", "k", "1.5m", "-1", "12q", "99999999999999g"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
         }
     }
 

@@ -10,6 +10,8 @@
 //!   polling.
 //! * QEMU runs in its own session (see [`crate::process`]) so it outlives a detached CLI.
 //!
+//! * The serial console goes to a Unix socket served by a sidecar that writes `serial.log` with
+//!   a size cap ([`crate::console::capture`]): QEMU's `file` chardev has none.
 //! * When QEMU exits during boot, the error carries its own words from `vmm.log`
 //!   ([`refusal`]); a published host port that is taken is a typed conflict.
 //!
@@ -107,6 +109,26 @@ impl QemuDriver {
 
 use crate::host::find_on_path;
 
+/// Aborts a console capture whose QEMU never came up (every early return of a boot).
+struct CaptureGuard<'a> {
+    capture: Option<crate::console::capture::Capture>,
+    vm_dir: &'a Path,
+}
+
+impl CaptureGuard<'_> {
+    fn disarm(mut self) {
+        self.capture = None;
+    }
+}
+
+impl Drop for CaptureGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.capture.take() {
+            c.abort(self.vm_dir);
+        }
+    }
+}
+
 /// Last `n` lines of a log file, for error messages.
 pub fn tail_lines(path: &Path, n: usize) -> String {
     let text = std::fs::read(path)
@@ -172,6 +194,16 @@ impl VmDriver for QemuDriver {
                 path: paths.serial_log.clone(),
                 source,
             })?;
+        // The console goes through the capped log's sidecar (killed again if QEMU does not
+        // come up).
+        let mut paths = paths;
+        let capture =
+            crate::console::capture::start(spec.vm_dir, &paths.serial_log, spec.config.serial_log_max())?;
+        paths.serial_socket = Some(capture.socket.clone());
+        let capture = CaptureGuard {
+            capture: Some(capture),
+            vm_dir: spec.vm_dir,
+        };
         let vmm_log = crate::paths::private_file()
             .create(true)
             .append(true)
@@ -253,6 +285,7 @@ impl VmDriver for QemuDriver {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        capture.disarm();
         Ok(Launched { handle, process })
     }
 
