@@ -133,6 +133,34 @@ fn sigint_and_sigterm_stop_a_foreground_run_and_rm_removes_it() {
 }
 
 #[test]
+fn a_second_signal_kills_without_waiting_for_the_graceful_stop() {
+    let home = Home::new();
+    let mut child = ChildGuard(
+        vmrs_command(&home)
+            .args(["run", "--name", "sig-twice", "--rm", "--stop-timeout", "30"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    let vmm = wait_ready(&home, "sig-twice", &mut child.0);
+    // A frozen QEMU cannot answer the power button: the graceful stop would wait for QMP's
+    // deadline (5 s) before forcing; the second signal kills at once.
+    signal(vmm, libc::SIGSTOP);
+    signal(child.0.id(), libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    signal(child.0.id(), libc::SIGINT);
+    let (status, took) = wait_exit(&mut child.0, Duration::from_secs(STOP_TIMEOUT + 15));
+    eprintln!("sig-twice: exited {status} {took:?} after the second signal");
+    assert!(status.success(), "{status}");
+    assert!(t0.elapsed() < Duration::from_secs(3), "took {took:?}");
+    assert!(!alive(vmm), "qemu {vmm} still runs");
+    assert!(find(&home, "sig-twice").is_none(), "removed by --rm");
+}
+
+#[test]
 fn closing_the_terminal_stops_a_foreground_run_and_rm_removes_it() {
     let home = Home::new();
     let mut master = -1;
