@@ -3,7 +3,7 @@
 //! | code | meaning |
 //! |------|---------|
 //! | 0    | success (also `stop` of a VM that is already stopped) |
-//! | 1    | any other error (or, for `run`, the VM failed) |
+//! | 1    | any other error (or, for `run`, the VM failed; for `run -d` and `run IMAGE`, a stop signal ended it) |
 //! | 2    | usage error (bad flags or arguments, a flag value that is not one of its choices) |
 //! | 3    | no such VM or image |
 //! | 4    | conflict: the name is taken, a host port is in use, or the VM's state does not allow the operation |
@@ -60,10 +60,14 @@ impl From<ErrorKind> for ExitCode {
 }
 
 /// Print `error: ...` and each cause on its own line.
+///
+/// A failed write is ignored rather than a panic: after SIGHUP the terminal may be gone.
 pub fn print_error(err: &anyhow::Error) {
-    eprintln!("error: {err}");
+    use std::io::Write;
+    let mut out = std::io::stderr().lock();
+    let _ = writeln!(out, "error: {err}");
     for cause in err.chain().skip(1) {
-        eprintln!("  caused by: {cause}");
+        let _ = writeln!(out, "  caused by: {cause}");
     }
 }
 
@@ -100,6 +104,12 @@ pub enum CliError {
         /// Its state.
         state: &'static str,
     },
+    /// A stop signal (SIGINT, SIGTERM, SIGHUP) ended the wait; the VM was stopped or killed.
+    #[error("interrupted by {signal}")]
+    Interrupted {
+        /// The signal's name.
+        signal: &'static str,
+    },
 }
 
 impl CliError {
@@ -109,6 +119,7 @@ impl CliError {
             CliError::Invalid(_) => ErrorKind::Invalid,
             CliError::NotFound(_) => ErrorKind::NotFound,
             CliError::RemoveLive { .. } => ErrorKind::Conflict,
+            CliError::Interrupted { .. } => ErrorKind::Other,
         }
     }
 }

@@ -81,4 +81,50 @@ fn run_image_prints_output_and_exits_with_the_commands_code() {
             .count(),
         1
     );
+
+    // A stop signal during the command's run stops the VM and --rm still removes it.
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("vmrs"))
+        .env("VMRS_HOME", home.0.path())
+        .env("VMRS_ASSETS", assets_dir())
+        .env("DOCKER_CONFIG", home.0.path().join("docker"))
+        .env_remove("RUST_LOG")
+        .args([
+            "run",
+            "--rm",
+            "--name",
+            "runsig",
+            "--stop-timeout",
+            "30",
+            &reference,
+            "--",
+        ])
+        .args(["sh", "-c", "echo up; sleep 600"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut line = String::new();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    std::io::BufRead::read_line(&mut stdout, &mut line).expect("read");
+    assert_eq!(line, "up\n");
+    let t0 = std::time::Instant::now();
+    // SAFETY: kill(2) of the child this test spawned.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(45) {
+            let _ = child.kill();
+            panic!("run IMAGE did not end after SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().expect("stderr"), &mut err).expect("stderr");
+    eprintln!("run IMAGE after SIGTERM: {status} in {:?}", t0.elapsed());
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted by SIGTERM"), "{err}");
+    assert!(!home.0.path().join("vms/runsig").exists(), "--rm removed it");
 }

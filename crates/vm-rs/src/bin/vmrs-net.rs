@@ -4,9 +4,11 @@
 //! ```text
 //! vmrs-net switch --network NAME --socket PATH [--stats PATH]
 //! vmrs-net forward --listen ADDR:PORT --to ADDR:PORT
+//! vmrs-net serial-log --log PATH --max BYTES     (the capped serial console, socket on stdin)
 //! ```
 //!
-//! Both run until SIGTERM or SIGINT and then shut down cleanly.
+//! Each runs until SIGTERM or SIGINT and then shuts down cleanly; `serial-log` also ends when
+//! the VMM's connection does.
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -309,12 +309,29 @@ pub struct VmConfig {
     /// Where the serial console is written; default `serial.log` in the VM directory.
     #[serde(default)]
     pub serial_log: Option<PathBuf>,
+    /// Cap of the serial log in bytes (default [`crate::console::capture::DEFAULT_MAX`],
+    /// 8 MiB; at least [`MIN_SERIAL_LOG_MAX`]). Output past it is dropped, keeping the head
+    /// and, once the VM ends, the last 64 KiB (see [`crate::console::capture`]); QEMU only,
+    /// Cloud Hypervisor writes the log itself without a cap.
+    #[serde(default)]
+    pub serial_log_max: Option<u64>,
     /// Backend to use (default auto).
     #[serde(default)]
     pub backend: BackendKind,
     /// Acceleration for QEMU (default auto; `VMRS_ACCEL` overrides auto).
     #[serde(default)]
     pub accel: Accel,
+}
+
+/// Smallest serial log cap accepted: the boot log up to the readiness marker must fit.
+pub const MIN_SERIAL_LOG_MAX: u64 = 64 << 10;
+
+impl VmConfig {
+    /// The serial log's cap in bytes (the configured one, or the default).
+    pub fn serial_log_max(&self) -> u64 {
+        self.serial_log_max
+            .unwrap_or(crate::console::capture::DEFAULT_MAX)
+    }
 }
 
 fn default_cpus() -> u32 {
@@ -339,6 +356,7 @@ impl VmConfig {
                 networks: Vec::new(),
                 shared_dirs: Vec::new(),
                 serial_log: None,
+                serial_log_max: None,
                 backend: BackendKind::Auto,
                 accel: Accel::Auto,
             },
@@ -429,6 +447,11 @@ impl VmConfigBuilder {
     /// Serial console log path.
     pub fn serial_log(mut self, path: impl Into<PathBuf>) -> Self {
         self.config.serial_log = Some(path.into());
+        self
+    }
+    /// Cap of the serial log in bytes.
+    pub fn serial_log_max(mut self, bytes: u64) -> Self {
+        self.config.serial_log_max = Some(bytes);
         self
     }
     /// Backend.

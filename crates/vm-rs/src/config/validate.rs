@@ -37,6 +37,14 @@ pub enum ConfigError {
         /// Minimum MiB.
         min: u64,
     },
+    /// The serial log cap is too small to hold a boot log.
+    #[error("the serial log cap must be at least {min} bytes (got {requested})")]
+    SerialLogCapTooSmall {
+        /// Requested bytes.
+        requested: u64,
+        /// Minimum bytes.
+        min: u64,
+    },
     /// More memory than the host has.
     #[error("memory {requested} MiB exceeds host memory of {host} MiB")]
     MemoryExceedsHost {
@@ -300,6 +308,12 @@ pub(super) fn validate(cfg: &VmConfig) -> Result<(), ConfigError> {
         return Err(ConfigError::TooManyCpus {
             requested: cfg.cpus,
             max: MAX_CPUS,
+        });
+    }
+    if let Some(requested) = cfg.serial_log_max.filter(|&m| m < super::MIN_SERIAL_LOG_MAX) {
+        return Err(ConfigError::SerialLogCapTooSmall {
+            requested,
+            min: super::MIN_SERIAL_LOG_MAX,
         });
     }
     if cfg.memory_mib < MIN_MEMORY_MIB {

@@ -189,6 +189,9 @@ pub enum DriverError {
     /// Process bookkeeping failed.
     #[error(transparent)]
     Process(#[from] ProcessError),
+    /// The serial console's capture (the capped log's sidecar) could not be set up.
+    #[error("cannot capture the serial console")]
+    Console(#[from] crate::console::capture::CaptureError),
     /// What the backend would pass the VMM breaks a limit of the configuration (the whole
     /// kernel command line); found before anything starts.
     #[error(transparent)]
@@ -219,6 +222,7 @@ impl DriverError {
             DriverError::HostPortInUse { .. } => K::Conflict,
             DriverError::Timeout { .. } => K::Timeout,
             DriverError::Process(e) => e.kind(),
+            DriverError::Console(e) => e.kind(),
             DriverError::Io { .. } => K::Other,
             DriverError::Config(e) => e.kind(),
         }

@@ -208,6 +208,9 @@ pub struct VmInfo {
     pub name: String,
     /// State.
     pub state: VmState,
+    /// The VMM process runs but did not answer a short status probe (frozen or wedged): the
+    /// state is the one last recorded.
+    pub unresponsive: bool,
     /// Address from the readiness marker, when known.
     pub ip: Option<IpAddr>,
     /// Backend.
@@ -257,6 +260,10 @@ struct Inner {
 
 /// How long a graceful stop waits before forcing.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// After a stop's timeout: how long asking the VMM to quit may take before it is killed. A
+/// stop therefore ends within its timeout plus this plus the kill.
+pub const QUIT_GRACE: Duration = Duration::from_secs(2);
 
 impl VmManager {
     /// A manager for the default data dir ([`crate::paths::data_dir`], `VMRS_HOME` overrides).
@@ -693,7 +700,8 @@ impl VmManager {
     }
 
     /// Graceful stop: press the power button, wait up to `timeout` for the guest to power off,
-    /// then ask the VMM to quit, then kill it.
+    /// then ask the VMM to quit (up to [`QUIT_GRACE`]), then kill it. The graceful part is
+    /// bounded by `timeout` as a whole, so a frozen VMM is killed on time.
     ///
     /// Stopping a VM that is not running (stopped or failed) is a no-op that returns its state,
     /// as `docker stop` of an exited container is: the caller wanted it off, and it is.
@@ -708,23 +716,33 @@ impl VmManager {
         self.drop_agent(name).await;
         let handle = entry.require_handle(name).await?;
         let driver = entry.driver();
-        // A paused guest cannot react to the power button.
-        if entry.state() == VmState::Paused {
-            let _ = driver.resume(&handle).await;
-        }
-        match driver.request_shutdown(&handle).await {
-            Ok(()) => {
-                if let Some(st) = entry.wait_finished(timeout).await {
-                    return Ok(st);
+        // Everything graceful happens within `timeout`, even when the VMM does not answer.
+        let graceful = async {
+            // A paused guest cannot react to the power button.
+            if entry.state() == VmState::Paused {
+                let _ = driver.resume(&handle).await;
+            }
+            match driver.request_shutdown(&handle).await {
+                Ok(()) => entry.wait_finished(timeout).await,
+                Err(e) => {
+                    tracing::warn!(vm = %name, error = %e, "power button failed; forcing");
+                    None
                 }
-                tracing::warn!(vm = %name, "guest did not power off within {:.1}s; forcing", timeout.as_secs_f64());
             }
-            Err(e) => tracing::warn!(vm = %name, error = %e, "power button failed; forcing"),
+        };
+        match tokio::time::timeout(timeout, graceful).await {
+            Ok(Some(st)) => return Ok(st),
+            Ok(None) => {}
+            Err(_) => {
+                tracing::warn!(vm = %name, "guest did not power off within {:.1}s; forcing", timeout.as_secs_f64())
+            }
         }
-        if driver.quit(&handle).await.is_ok() {
-            if let Some(st) = entry.wait_finished(Duration::from_secs(3)).await {
-                return Ok(st);
-            }
+        let quit = async {
+            driver.quit(&handle).await.ok()?;
+            entry.wait_finished(QUIT_GRACE).await
+        };
+        if let Ok(Some(st)) = tokio::time::timeout(QUIT_GRACE, quit).await {
+            return Ok(st);
         }
         entry.kill().await.map_err(|source| ManagerError::Process {
             name: name.to_string(),

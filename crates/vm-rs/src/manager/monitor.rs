@@ -35,6 +35,12 @@ const POWER_OFF_MARKERS: [&str; 2] = ["reboot: Power down", "vmrs-init: power of
 /// What the kernel prints when it panics (then resets at once, `panic=-1`).
 const PANIC_MARKER: &str = "Kernel panic - not syncing";
 
+/// How long attaching waits for the VMM's status before calling it unresponsive.
+pub(super) const STATUS_PROBE: Duration = Duration::from_millis(250);
+
+/// How long an exit waits for the serial log's sidecar to write the log's end.
+const CONSOLE_DRAIN: Duration = Duration::from_secs(1);
+
 /// How much of the serial log's end is searched for the markers above.
 const SERIAL_TAIL: usize = 64 * 1024;
 
@@ -175,6 +181,8 @@ pub(super) struct VmEntry {
     exit_cause: std::sync::Mutex<ExitCause>,
     /// Set (under the record lock) when the VM's directory is being removed: no more writes.
     retired: AtomicBool,
+    /// The VMM process is alive but did not answer the status probe when attaching.
+    unresponsive: AtomicBool,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -208,6 +216,7 @@ impl VmEntry {
             killer: std::sync::Mutex::new(None),
             exit_cause: std::sync::Mutex::new(ExitCause::Unrequested),
             retired: AtomicBool::new(false),
+            unresponsive: AtomicBool::new(false),
             tasks: std::sync::Mutex::new(Vec::new()),
         })
     }
@@ -269,11 +278,14 @@ impl VmEntry {
                 if let Ok(k) = VmmProcess::attach(handle.pid, handle.start_time) {
                     *entry.killer.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(k));
                 }
-                // What is the guest doing right now?
-                let status = tokio::time::timeout(Duration::from_secs(3), entry.driver.status(&handle))
+                // What is the guest doing right now? Asked briefly: attaching is on the path of
+                // every verb (`ps` included), and a frozen VMM must not hold them up. One that
+                // does not answer keeps its recorded state and is shown as unresponsive.
+                let status = tokio::time::timeout(STATUS_PROBE, entry.driver.status(&handle))
                     .await
                     .ok()
                     .and_then(|r| r.ok());
+                entry.unresponsive.store(status.is_none(), Ordering::SeqCst);
                 let ready_ip = crate::console::scan_log(&handle.serial_log).ok().flatten();
                 // Bring the record up to what the VMM says, where the table has an edge for it
                 // (a VM recorded paused that runs again resumes; one recorded ready stays ready).
@@ -453,6 +465,8 @@ impl VmEntry {
         if let Some(cause) = handle.as_ref().and_then(|h| self.requested_exit(h)) {
             self.note_exit(cause);
         }
+        // a capped log gets its last output (how the guest ended) once the VMM is gone
+        crate::console::capture::wait_done(&self.dir, CONSOLE_DRAIN).await;
         let state = classify_exit(
             &self.exit_cause(),
             &serial_tail(&self.serial_log()),
@@ -619,6 +633,7 @@ impl VmEntry {
                 s if s.is_live() => rec.ip,
                 _ => None,
             },
+            unresponsive: rec.state.is_live() && self.unresponsive.load(Ordering::SeqCst),
             state: rec.state.clone(),
             backend: rec.backend,
             pid: rec.handle.as_ref().map(|h| h.pid),

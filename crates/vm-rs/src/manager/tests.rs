@@ -27,6 +27,8 @@ enum Button {
     PowerOff,
     /// Nothing (a hung guest): the manager must quit/kill the VMM.
     Ignore,
+    /// A frozen VMM: the power button, quit and status never answer.
+    Frozen,
 }
 
 #[derive(Debug)]
@@ -104,6 +106,9 @@ impl VmDriver for Fake {
     }
 
     async fn status(&self, _: &VmHandle) -> Result<VmmStatus, DriverError> {
+        if self.button == Button::Frozen {
+            std::future::pending::<()>().await;
+        }
         Ok(*self.status.lock().unwrap())
     }
 
@@ -121,6 +126,9 @@ impl VmDriver for Fake {
 
     async fn request_shutdown(&self, handle: &VmHandle) -> Result<(), DriverError> {
         self.call("power button");
+        if self.button == Button::Frozen {
+            std::future::pending::<()>().await;
+        }
         if self.button == Button::PowerOff {
             append(&handle.serial_log, "reboot: Power down\n");
             Self::end_vmm(handle);
@@ -130,6 +138,9 @@ impl VmDriver for Fake {
 
     async fn quit(&self, handle: &VmHandle) -> Result<(), DriverError> {
         self.call("quit");
+        if self.button == Button::Frozen {
+            std::future::pending::<()>().await;
+        }
         Self::end_vmm(handle);
         Ok(())
     }
@@ -298,6 +309,36 @@ async fn a_hung_guest_is_quit_and_still_stopped() {
     assert_eq!(st, VmState::Stopped);
     assert!(!alive(&h));
     assert_eq!(fake.calls(), ["boot", "power button", "quit"]);
+}
+
+#[tokio::test]
+async fn a_frozen_vmm_is_listed_at_once_and_killed_on_time() {
+    let home = Home::new();
+    let fake = Fake::new(Button::Frozen);
+    let mgr = home.manager(&fake).await;
+    let h = started(&mgr, &home, "frz").await;
+    // another process attaching: the status probe gives up quickly
+    let t0 = std::time::Instant::now();
+    let other = home.manager(&fake).await;
+    let info = other.inspect("frz").await.unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    assert!(info.unresponsive, "{info:?}");
+    assert_eq!(
+        info.state,
+        VmState::Ready { ip: GUEST_IP },
+        "the recorded state is kept"
+    );
+    // stop: the power button and quit never answer; killed within timeout + QUIT_GRACE
+    let t0 = std::time::Instant::now();
+    let st = other.stop("frz", Duration::from_millis(500)).await.unwrap();
+    let took = t0.elapsed();
+    assert_eq!(st, VmState::Stopped);
+    assert!(
+        took < Duration::from_millis(500) + super::QUIT_GRACE + Duration::from_secs(1),
+        "{took:?}"
+    );
+    assert!(!alive(&h));
+    assert!(!other.inspect("frz").await.unwrap().unresponsive);
 }
 
 #[tokio::test]

@@ -130,10 +130,11 @@ pub fn program() -> (PathBuf, Vec<String>) {
 }
 
 /// Usage of the sidecar program.
-pub const USAGE: &str = "usage: vmrs-net switch --network NAME --socket PATH [--stats PATH]\n       vmrs-net forward --listen ADDR:PORT --to ADDR:PORT";
+pub const USAGE: &str = "usage: vmrs-net switch --network NAME --socket PATH [--stats PATH]\n       vmrs-net forward --listen ADDR:PORT --to ADDR:PORT\n       vmrs-net serial-log --log PATH --max BYTES  (listening socket on stdin)";
 
-/// The sidecar's main: `switch --network NAME --socket PATH [--stats PATH]` or
-/// `forward --listen ADDR:PORT --to ADDR:PORT`; runs until SIGTERM/SIGINT, then shuts down
+/// The sidecar's main: `switch --network NAME --socket PATH [--stats PATH]`,
+/// `forward --listen ADDR:PORT --to ADDR:PORT` or `serial-log --log PATH --max BYTES`
+/// ([`crate::console::capture`]); runs until SIGTERM/SIGINT, then shuts down
 /// cleanly. Returns the exit code (2 for bad arguments). The caller owns the runtime.
 pub async fn main(args: &[String]) -> i32 {
     fn opt(args: &[String], name: &str) -> Option<String> {
@@ -203,6 +204,16 @@ pub async fn main(args: &[String]) -> i32 {
                 }
             }
         }
+        // the capped serial console (crate::console::capture), not networking, but a
+        // sidecar found and run the same way
+        Some("serial-log") => match crate::console::capture::main(&args[1..], terminated()).await {
+            Ok(2) => usage(),
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("vmrs-net serial-log: {}", chain(&e));
+                1
+            }
+        },
         _ => usage(),
     }
 }

@@ -113,7 +113,11 @@ async fn relay(mut process: vm_rs::agent::ExecProcess, name: &str) -> anyhow::Re
 /// `vmrs run IMAGE [-- CMD...]`: boot a VM whose root is the image and run its process.
 /// Foreground: print the output, stop the VM (`--rm`: remove it), exit with the command's code.
 /// `-d`: start the process detached and leave the VM running for `vmrs exec`.
-pub async fn run_image(a: super::vm::RunArgs, image: String) -> anyhow::Result<i32> {
+pub async fn run_image(
+    a: super::vm::RunArgs,
+    image: String,
+    mut signals: super::vm::StopSignals,
+) -> anyhow::Result<i32> {
     let config = super::vm::run_config(&a)?;
     let name = config.name.clone();
     let store = ImageStore::open_default().await?;
@@ -133,7 +137,7 @@ pub async fn run_image(a: super::vm::RunArgs, image: String) -> anyhow::Result<i
     mgr.start_with_rootfs(config, &rootfs.path)
         .await
         .with_context(|| format!("cannot start vm {name:?}"))?;
-    let result = async {
+    let work = async {
         mgr.wait_ready(&name, Duration::from_secs(a.ready_timeout))
             .await?;
         let process = mgr.exec_streaming(&name, cmd).await?;
@@ -142,12 +146,23 @@ pub async fn run_image(a: super::vm::RunArgs, image: String) -> anyhow::Result<i
             return Ok(0);
         }
         relay(process, &name).await
-    }
-    .await;
+    };
+    // A stop signal ends the command's relay and stops the VM (a second one kills it), and
+    // --rm still removes it; the exit code is then a shell's for that signal.
+    let result = tokio::select! {
+        r = work => r,
+        sig = signals.recv() => {
+            super::vm::say(format_args!("\nvmrs: {sig}: stopping {name} (again to kill)"));
+            Err(crate::exit::CliError::Interrupted { signal: sig }.into())
+        }
+    };
     if a.detach && result.is_ok() {
         return result;
     }
-    if let Err(e) = mgr.stop(&name, Duration::from_secs(a.stop_timeout)).await {
+    let stopped = signals
+        .stop_vm(&mgr, &name, Duration::from_secs(a.stop_timeout))
+        .await;
+    if let Err(e) = stopped {
         tracing::warn!(vm = %name, error = %e, "stopping after run");
     }
     if a.rm {

@@ -50,12 +50,18 @@ pub struct RunArgs {
     /// Seconds to wait for the guest's readiness marker (with --detach).
     #[arg(long, default_value_t = 120)]
     pub ready_timeout: u64,
-    /// Seconds a graceful stop waits before killing (foreground Ctrl-C).
+    /// Seconds a graceful stop waits before killing (foreground: Ctrl-C, SIGTERM, or the
+    /// terminal closing).
     #[arg(long, default_value_t = 10)]
     pub stop_timeout: u64,
-    /// Remove the VM when it stops (foreground only).
-    #[arg(long)]
+    /// Remove the VM when it stops, however the foreground run ends (not with --detach:
+    /// nothing would be left to remove it).
+    #[arg(long, conflicts_with = "detach")]
     pub rm: bool,
+    /// Cap of the serial log (`serial.log`): bytes, or with a unit (`64k`, `8m`, `1g`);
+    /// past it the output is dropped, keeping the head and, when the VM ends, the last 64 KiB.
+    #[arg(long, value_parser = parse_bytes, value_name = "SIZE", default_value = "8m")]
+    pub log_max: u64,
     /// Print the VM's details as JSON when detached.
     #[arg(long)]
     pub json: bool,
@@ -148,6 +154,29 @@ pub fn parse_memory_mib(s: &str) -> Result<u64, String> {
     Ok(mib as u64)
 }
 
+/// A size in bytes: a bare number is bytes; `k`, `m`, `g` (optionally followed by `b` or `ib`,
+/// any case) are binary units.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    let t = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let shift = match unit {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        _ => return Err(format!("unknown unit in {s:?} (expected e.g. 65536, 64k, 8m)")),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("{s:?} is not a size (expected e.g. 65536, 64k, 8m)"))
+}
+
 /// Built-in guest assets: the kernel and initramfs written by `vmrs setup`.
 fn builtin_assets() -> anyhow::Result<(PathBuf, PathBuf)> {
     let dir = vm_rs::paths::assets_dir();
@@ -189,7 +218,8 @@ pub fn run_config(a: &RunArgs) -> anyhow::Result<VmConfig> {
         .kernel(kernel)
         .cmdline(a.cmdline.clone())
         .accel(a.accel.into())
-        .backend(a.backend.into());
+        .backend(a.backend.into())
+        .serial_log_max(a.log_max);
     if let Some(i) = initrd {
         b = b.initramfs(i);
     }
@@ -204,8 +234,11 @@ pub fn run_config(a: &RunArgs) -> anyhow::Result<VmConfig> {
 
 /// `vmrs run`
 pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
+    // Before anything is started: from here on SIGINT, SIGTERM and SIGHUP no longer end this
+    // process at once (which would leave a VM no foreground run owns), they stop the VM.
+    let mut signals = StopSignals::install()?;
     if let Some(image) = a.image.clone() {
-        return super::agent::run_image(a, image).await;
+        return super::agent::run_image(a, image, signals).await;
     }
     if !a.command.is_empty() {
         return Err(CliError::Invalid("a command after `--` needs an IMAGE".to_string()).into());
@@ -218,7 +251,10 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         .await
         .with_context(|| format!("cannot start vm {name:?}"))?;
     if a.detach {
-        let ready = mgr.wait_ready(&name, Duration::from_secs(a.ready_timeout)).await;
+        let ready = tokio::select! {
+            r = mgr.wait_ready(&name, Duration::from_secs(a.ready_timeout)) => r.map_err(anyhow::Error::new),
+            sig = signals.recv() => Err(CliError::Interrupted { signal: sig }.into()),
+        };
         if let Err(e) = ready {
             let _ = mgr.kill(&name).await;
             // The console tail is usually what explains a guest that never got ready.
@@ -226,9 +262,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
             if !tail.is_empty() {
                 eprintln!("vmrs: last console lines of {name}:\n{tail}");
             }
-            return Err(
-                anyhow::Error::new(e).context(format!("vm {name:?} did not become ready; it was killed"))
-            );
+            return Err(e.context(format!("vm {name:?} did not become ready; it was killed")));
         }
         if a.json {
             println!("{}", serde_json::to_string_pretty(&mgr.inspect(&name).await?)?);
@@ -237,11 +271,11 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         }
         return Ok(0);
     }
-    // Foreground: stream the console; Ctrl-C stops gracefully (twice: kill).
-    eprintln!(
+    // Foreground: stream the console; the first stop signal stops gracefully, a second kills.
+    say(format_args!(
         "vmrs: started {name} (pid {}); Ctrl-C stops it",
         info.pid.unwrap_or(0)
-    );
+    ));
     let follow = tokio::spawn(follow_log(info.serial_log.clone(), 0));
     let mut rx = mgr.subscribe(&name).await?;
     let mut interrupts = 0;
@@ -251,15 +285,16 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
                 let st = rx.borrow_and_update().clone();
                 if changed.is_err() || !st.is_live() { break st; }
             }
-            _ = tokio::signal::ctrl_c() => {
+            sig = signals.recv() => {
                 interrupts += 1;
                 if interrupts == 1 {
-                    eprintln!("\nvmrs: stopping {name} (Ctrl-C again to kill)");
+                    say(format_args!("\nvmrs: {sig}: stopping {name} (again to kill)"));
                     let mgr = mgr.clone();
                     let n = name.clone();
                     let t = Duration::from_secs(a.stop_timeout);
                     tokio::spawn(async move { let _ = mgr.stop(&n, t).await; });
                 } else {
+                    say(format_args!("vmrs: {sig}: killing {name}"));
                     let _ = mgr.kill(&name).await;
                 }
             }
@@ -271,15 +306,73 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     let code = match &final_state {
         VmState::Stopped => 0,
         VmState::Failed { reason } => {
-            eprintln!("vmrs: vm {name} failed: {reason}");
+            say(format_args!("vmrs: vm {name} failed: {reason}"));
             1
         }
         _ => 0,
     };
     if a.rm {
-        mgr.remove(&name, true).await?;
+        mgr.remove(&name, true)
+            .await
+            .with_context(|| format!("cannot remove vm {name:?}"))?;
     }
     Ok(code)
+}
+
+/// A line on stderr that may go nowhere: after SIGHUP the terminal is gone, and `eprintln!`
+/// would panic on the failed write instead of letting the run clean up.
+pub(crate) fn say(msg: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
+/// The signals that end a foreground run: SIGINT (Ctrl-C), SIGTERM (`kill`, a service
+/// manager) and SIGHUP (the terminal closed). Installing them replaces their default action
+/// (ending the process at once) for the rest of the process's life; each arrival is then
+/// delivered by [`recv`](Self::recv), including one that came while nobody was waiting.
+pub(crate) struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Take over SIGINT, SIGTERM and SIGHUP.
+    pub(crate) fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let on = |kind: SignalKind, what: &str| {
+            signal(kind).with_context(|| format!("cannot install a {what} handler"))
+        };
+        Ok(StopSignals {
+            int: on(SignalKind::interrupt(), "SIGINT")?,
+            term: on(SignalKind::terminate(), "SIGTERM")?,
+            hup: on(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+
+    /// Stop `name` gracefully within `timeout`; a stop signal meanwhile kills it instead.
+    pub(crate) async fn stop_vm(
+        &mut self,
+        mgr: &VmManager,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<VmState, ManagerError> {
+        tokio::select! {
+            r = mgr.stop(name, timeout) => r,
+            sig = self.recv() => {
+                say(format_args!("vmrs: {sig}: killing {name}"));
+                mgr.kill(name).await
+            }
+        }
+    }
+
+    /// The next stop signal's name.
+    pub(crate) async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.hup.recv() => "SIGHUP",
+        }
+    }
 }
 
 async fn follow_log(path: PathBuf, offset: u64) -> std::io::Result<()> {
@@ -317,6 +410,9 @@ pub struct PsRow {
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The VMM runs but did not answer a short probe (frozen or wedged); `state` is the last
+    /// one recorded.
+    pub unresponsive: bool,
     /// Address from the readiness marker.
     pub ip: Option<String>,
     /// Backend.
@@ -344,6 +440,7 @@ impl From<&VmInfo> for PsRow {
                 VmState::Failed { reason } => Some(reason.clone()),
                 _ => None,
             },
+            unresponsive: i.unresponsive,
             ip: i.ip.map(|ip| ip.to_string()),
             backend: i.backend,
             pid: i.pid,
@@ -395,10 +492,15 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<i32> {
         "NAME", "STATE", "IP", "BACKEND", "PID", "CPUS", "MEM", "CREATED"
     );
     for r in &rows {
+        let state = if r.unresponsive {
+            format!("{} (unresponsive)", r.state)
+        } else {
+            r.state.to_string()
+        };
         println!(
             "{:<20} {:<9} {:<16} {:<7} {:>8} {:>4} {:>6}M  {:<14} {}",
             r.name,
-            r.state,
+            state,
             r.ip.as_deref().unwrap_or("-"),
             r.backend.to_string(),
             r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
@@ -664,6 +766,21 @@ mod tests {
             "1.2.3m",
         ] {
             assert!(parse_memory_mib(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn byte_sizes() {
+        for (input, bytes) in [
+            ("65536", 65536),
+            ("64k", 65536),
+            ("8m", 8 << 20),
+            ("1GiB", 1 << 30),
+        ] {
+            assert_eq!(parse_bytes(input), Ok(bytes), "{input}");
+        }
+        for bad in ["", "k", "1.5m", "-1", "12q", "99999999999999g"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
         }
     }
 

@@ -77,6 +77,18 @@ pub fn kill_recorded(home: &std::path::Path) {
                         let _ = p.kill();
                     }
                 }
+                // the serial log's sidecar ends with its VMM, or a minute after a start that
+                // never launched one: do not leave it waiting
+                let console = std::fs::read(e.path().join(vm_rs::console::capture::RECORD))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+                if let Some(c) = console {
+                    if let (Some(pid), Some(st)) = (c["pid"].as_u64(), c["start_time"].as_u64()) {
+                        if let Ok(p) = vm_rs::process::VmmProcess::attach(pid as u32, st) {
+                            let _ = p.kill();
+                        }
+                    }
+                }
             }
         }
         let nets = vm_rs::net::networks_dir(home);

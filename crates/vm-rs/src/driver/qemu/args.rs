@@ -29,6 +29,9 @@ pub struct QemuPaths {
     pub qmp_events: PathBuf,
     /// Serial console log.
     pub serial_log: PathBuf,
+    /// When set, QEMU writes the console to this Unix socket (a capped log's sidecar listens,
+    /// see [`crate::console::capture`]) instead of straight to `serial_log`.
+    pub serial_socket: Option<PathBuf>,
 }
 
 impl QemuPaths {
@@ -38,6 +41,7 @@ impl QemuPaths {
             qmp: vm_dir.join(crate::vm_dir::VmDir::QMP_SOCKET),
             qmp_events: vm_dir.join(crate::vm_dir::VmDir::QMP_EVENTS_SOCKET),
             serial_log,
+            serial_socket: None,
         }
     }
 }
@@ -275,7 +279,12 @@ pub fn build(input: &QemuArgsInput<'_>) -> Vec<OsString> {
     a.push("-append".into());
     a.push(kernel_cmdline(input).into());
     a.push("-chardev".into());
-    a.push(opt("file,id=serial0,path=", &input.paths.serial_log, ""));
+    a.push(match &input.paths.serial_socket {
+        // a client socket: connected before the guest runs, and should the other end go away,
+        // QEMU drops console output rather than blocking the guest
+        Some(sock) => opt("socket,id=serial0,path=", sock, ""),
+        None => opt("file,id=serial0,path=", &input.paths.serial_log, ""),
+    });
     a.push("-serial".into());
     a.push("chardev:serial0".into());
     a.push("-chardev".into());
@@ -369,6 +378,11 @@ mod tests {
             "console=ttyS0 reboot=t panic=-1 tsc_early_khz=2600000 vmrs.name=t1 foo=bar"
         );
         assert!(args.contains(&"file,id=serial0,path=/vms/t1/serial.log".to_string()));
+        let mut captured = paths.clone();
+        captured.serial_socket = Some("/vms/t1/serial.sock".into());
+        let args = strings(build(&input_for(&cfg, &captured, &devices, Accel::Tcg)));
+        assert!(args.contains(&"socket,id=serial0,path=/vms/t1/serial.sock".to_string()));
+        assert!(!args.iter().any(|a| a.contains("serial.log")), "{args:?}");
         let bd = &args[args.iter().position(|a| a == "-blockdev").expect("blockdev") + 1];
         let bd: serde_json::Value = serde_json::from_str(bd).expect("json");
         assert_eq!(bd["driver"], "qcow2");

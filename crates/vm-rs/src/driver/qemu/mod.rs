@@ -10,6 +10,8 @@
 //!   polling.
 //! * QEMU runs in its own session (see [`crate::process`]) so it outlives a detached CLI.
 //!
+//! * The serial console goes to a Unix socket served by a sidecar that writes `serial.log` with
+//!   a size cap ([`crate::console::capture`]): QEMU's `file` chardev has none.
 //! * When QEMU exits during boot, the error carries its own words from `vmm.log`
 //!   ([`refusal`]); a published host port that is taken is a typed conflict.
 //!
@@ -25,13 +27,14 @@ use crate::config::{Accel, BackendKind, CacheMode, DiskFormat};
 use crate::devices::{AgentTransport, Capabilities, MemoryKind};
 use crate::process::{ExitInfo, VmmProcess};
 use qmp::Qmp;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Name of the QEMU binary looked up on `PATH`.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
-/// How long a QMP connection may take to greet us.
-pub const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one QMP verb (connect, greeting, negotiation and the command's reply) may take:
+/// a frozen QEMU makes a verb fail with a timeout after this, never hang.
+pub const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long QEMU may take to open its QMP socket after launch.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -87,15 +90,46 @@ impl QemuDriver {
         }
     }
 
+    /// One command on a fresh connection, all of it (retried connects included) within
+    /// [`QMP_TIMEOUT`].
     async fn run(&self, handle: &VmHandle, command: &str) -> Result<serde_json::Value, DriverError> {
-        let mut q = self.qmp(handle).await?;
-        q.execute(command, None).await
+        let exchange = async {
+            let mut q = self.qmp(handle).await?;
+            q.execute(command, None).await
+        };
+        match tokio::time::timeout(QMP_TIMEOUT, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(DriverError::Timeout {
+                what: format!("QEMU to answer QMP command {command}"),
+                secs: QMP_TIMEOUT.as_secs_f64(),
+            }),
+        }
     }
 }
 
 use crate::host::find_on_path;
 
 pub use crate::console::tail_lines;
+
+/// Aborts a console capture whose QEMU never came up (every early return of a boot).
+struct CaptureGuard<'a> {
+    capture: Option<crate::console::capture::Capture>,
+    vm_dir: &'a Path,
+}
+
+impl CaptureGuard<'_> {
+    fn disarm(mut self) {
+        self.capture = None;
+    }
+}
+
+impl Drop for CaptureGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.capture.take() {
+            c.abort(self.vm_dir);
+        }
+    }
+}
 
 #[async_trait::async_trait]
 impl VmDriver for QemuDriver {
@@ -153,6 +187,16 @@ impl VmDriver for QemuDriver {
                 path: paths.serial_log.clone(),
                 source,
             })?;
+        // The console goes through the capped log's sidecar (killed again if QEMU does not
+        // come up).
+        let mut paths = paths;
+        let capture =
+            crate::console::capture::start(spec.vm_dir, &paths.serial_log, spec.config.serial_log_max())?;
+        paths.serial_socket = Some(capture.socket.clone());
+        let capture = CaptureGuard {
+            capture: Some(capture),
+            vm_dir: spec.vm_dir,
+        };
         let vmm_log = crate::paths::private_file()
             .create(true)
             .append(true)
@@ -234,6 +278,7 @@ impl VmDriver for QemuDriver {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        capture.disarm();
         Ok(Launched { handle, process })
     }
 

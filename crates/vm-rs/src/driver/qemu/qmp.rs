@@ -10,6 +10,11 @@
 //!
 //! Replies are bounded to [`MAX_MESSAGE`] bytes per line; anything longer or not JSON is a
 //! protocol error rather than unbounded buffering.
+//!
+//! Every exchange is bounded in time too: [`Qmp::connect`] (connect, greeting, negotiation)
+//! and each [`Qmp::execute`] get the session's deadline, so a frozen QEMU (stopped with
+//! `SIGSTOP`, or wedged) turns into [`DriverError::Timeout`] instead of a verb that hangs.
+//! Only [`Qmp::next_event`] waits without a bound: events come when they come.
 
 use crate::driver::DriverError;
 use serde_json::{json, Value};
@@ -40,10 +45,13 @@ pub struct Qmp {
     next_id: u64,
     events: VecDeque<QmpEvent>,
     line: Vec<u8>,
+    /// How long one command may wait for its reply.
+    timeout: Duration,
 }
 
 impl Qmp {
-    /// Connect to `path`, read the greeting and negotiate capabilities, all within `timeout`.
+    /// Connect to `path`, read the greeting and negotiate capabilities, all within `timeout`;
+    /// each later [`execute`](Self::execute) waits up to `timeout` for its reply as well.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<Self, DriverError> {
         let fut = async {
             let stream = UnixStream::connect(path)
@@ -60,6 +68,7 @@ impl Qmp {
                 next_id: 1,
                 events: VecDeque::new(),
                 line: Vec::new(),
+                timeout,
             };
             let greeting = qmp.read_message().await?;
             if greeting.get("QMP").is_none() {
@@ -67,7 +76,7 @@ impl Qmp {
                     "expected QMP greeting, got {greeting}"
                 )));
             }
-            qmp.execute("qmp_capabilities", None).await?;
+            qmp.exchange("qmp_capabilities", None).await?;
             Ok(qmp)
         };
         match tokio::time::timeout(timeout, fut).await {
@@ -98,8 +107,21 @@ impl Qmp {
             .map_err(|e| DriverError::Protocol(format!("QMP sent invalid JSON: {e}")))
     }
 
-    /// Run `command` with optional `arguments` and return its `return` value.
+    /// Run `command` with optional `arguments` and return its `return` value, or
+    /// [`DriverError::Timeout`] when no reply came within the session's deadline.
     pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, DriverError> {
+        let timeout = self.timeout;
+        match tokio::time::timeout(timeout, self.exchange(command, arguments)).await {
+            Ok(r) => r,
+            Err(_) => Err(DriverError::Timeout {
+                what: format!("QEMU's reply to QMP command {command}"),
+                secs: timeout.as_secs_f64(),
+            }),
+        }
+    }
+
+    /// Send one command and read until its reply (no deadline of its own).
+    async fn exchange(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, DriverError> {
         let id = self.next_id;
         self.next_id += 1;
         let mut msg = json!({ "execute": command, "id": id });
@@ -201,6 +223,45 @@ mod tests {
         assert!(err.to_string().contains("nope"), "{err}");
         assert_eq!(q.next_event().await.expect("ev").name, "STOP");
         t.await.expect("peer");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_answering_is_a_timeout_not_a_hang() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("q.sock");
+        // 1. accepts (the kernel does, even for a frozen process) but never greets
+        let l = tokio::net::UnixListener::bind(&path).expect("bind");
+        let t0 = std::time::Instant::now();
+        let err = Qmp::connect(&path, Duration::from_millis(200)).await.unwrap_err();
+        assert!(matches!(err, DriverError::Timeout { .. }), "{err}");
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        drop(l);
+        // 2. greets and negotiates, then goes silent on a command
+        let _ = std::fs::remove_file(&path);
+        let l = tokio::net::UnixListener::bind(&path).expect("bind");
+        let peer = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            s.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .await
+                .expect("w");
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await.expect("r");
+            s.write_all(b"{\"return\": {}, \"id\": 1}\n").await.expect("w");
+            // read the next command and never answer it
+            let _ = s.read(&mut buf).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let mut q = Qmp::connect(&path, Duration::from_millis(300))
+            .await
+            .expect("connect");
+        let t0 = std::time::Instant::now();
+        let err = q.execute("query-status", None).await.unwrap_err();
+        assert!(
+            matches!(&err, DriverError::Timeout { what, .. } if what.contains("query-status")),
+            "{err}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        peer.abort();
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
-//! The guest serial console: readiness detection and following the log.
+//! The guest serial console: readiness detection, following the log, and capping it.
 //!
-//! The VMM writes the guest's serial console straight to `serial.log` in the VM directory, so the
-//! log survives the managing process. Readiness is the guest printing a line
+//! The guest's serial console ends up in `serial.log` in the VM directory, written by a process
+//! that outlives the managing one: for QEMU a small sidecar that caps the log's size
+//! ([`capture`]), for Cloud Hypervisor the VMM itself. Readiness is the guest printing a line
 //!
 //! ```text
 //! VMRS_READY <ip>
@@ -14,6 +15,8 @@
 //!
 //! [`LogFollower`] tails the log with inotify (no sleep-polling) and yields bytes as they are
 //! appended; the manager feeds them to the parser.
+
+pub mod capture;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
