@@ -86,7 +86,7 @@ impl VmDriver for Fake {
         self.call("boot");
         let mut cmd = tokio::process::Command::new("sleep");
         cmd.arg("1000");
-        let process = VmmProcess::spawn(cmd)?;
+        let process = VmmProcess::spawn_owned(cmd, spec.vm_dir)?;
         append(&spec.serial_log, "[    0.1] booting\nVMRS_READY 10.0.2.15\n");
         Ok(Launched {
             handle: VmHandle {

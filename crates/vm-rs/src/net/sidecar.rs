@@ -258,7 +258,14 @@ async fn lock_dir(dir: &Path) -> Result<DirLock, SidecarError> {
     })?
 }
 
-fn spawn(args: &[String], log: &Path, netns: Option<&Path>) -> Result<SidecarRecord, SidecarError> {
+/// Spawn the sidecar with `args`, logging to `log`, owned by the directory `owner` (see
+/// [`crate::process::OWNER_ENV`]).
+fn spawn(
+    args: &[String],
+    log: &Path,
+    owner: &Path,
+    netns: Option<&Path>,
+) -> Result<SidecarRecord, SidecarError> {
     let out = crate::paths::private_file()
         .create(true)
         .append(true)
@@ -278,7 +285,7 @@ fn spawn(args: &[String], log: &Path, netns: Option<&Path>) -> Result<SidecarRec
             source: std::io::Error::other(e),
         })?;
     }
-    let p = VmmProcess::spawn(cmd)?;
+    let p = VmmProcess::spawn_owned(cmd, owner)?;
     Ok(SidecarRecord {
         pid: p.pid(),
         start_time: p.start_time(),
@@ -310,7 +317,7 @@ pub async fn ensure_switch(networks_dir: &Path, network: &str) -> Result<Sidecar
         dir.join("stats.json").to_string_lossy().into_owned(),
     ];
     let _ = std::fs::remove_file(&socket);
-    let record = spawn(&args, &log, None)?;
+    let record = spawn(&args, &log, &dir, None)?;
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
     while !socket.exists() {
         if tokio::time::Instant::now() > deadline || !record.is_alive() {
@@ -396,11 +403,14 @@ pub fn switch_record(networks_dir: &Path, network: &str) -> Option<SidecarRecord
 }
 
 /// Start a `vmrs-net forward` sidecar relaying `listen` to `target`, inside network namespace
-/// `netns` when given (where the guest is reachable); waits until it accepts.
+/// `netns` when given (where the guest is reachable); waits until it accepts. The forwarder is
+/// owned by `vm_dir` (its VM's directory), so it can be found from there even if its record
+/// was never written.
 pub async fn spawn_forwarder(
     listen: SocketAddr,
     target: SocketAddr,
     log: &Path,
+    vm_dir: &Path,
     netns: Option<&Path>,
 ) -> Result<SidecarRecord, SidecarError> {
     let args = vec![
@@ -410,7 +420,7 @@ pub async fn spawn_forwarder(
         "--to".to_string(),
         target.to_string(),
     ];
-    let record = spawn(&args, log, netns)?;
+    let record = spawn(&args, log, vm_dir, netns)?;
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
     loop {
         let probe = super::netns::run_in(netns, move || {
