@@ -522,7 +522,8 @@ async fn build(
                 let listen = SocketAddr::new(pf.bind_ip(), pf.host_port);
                 let target = SocketAddr::new(IpAddr::V4(guest.addr), pf.guest_port);
                 let log = vm_dir.join(format!("forward-{}.log", pf.host_port));
-                let rec = sidecar::spawn_forwarder(listen, target, &log, vm_dir, state.netns.as_deref()).await?;
+                let rec =
+                    sidecar::spawn_forwarder(listen, target, &log, vm_dir, state.netns.as_deref()).await?;
                 state.forwarders.push(rec);
                 state.save(vm_dir)?;
             }
