@@ -180,7 +180,7 @@ impl RecordError {
     }
 }
 
-/// Write `value` as pretty JSON to `path` atomically ([`crate::fsutil::write_atomic`]).
+/// Write `value` as pretty JSON to `path` atomically (`fsutil::write_atomic`: temp file, fsync, rename).
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), RecordError> {
     let io = |source| RecordError::Io {
         path: path.to_path_buf(),
