@@ -69,10 +69,11 @@ client() {
     local n v
     while [ ! -e "$home/.stop" ]; do
         n=${names[RANDOM % 4]}
-        v=$((RANDOM % 10))
+        v=$((RANDOM % 11))
         case $v in
-        0 | 1) set -- run -d --name "$n" ${net[$n]} ;;
-        2) set -- start "$n" ;;
+        # a VM that exists is started again rather than refused (a VM that gets ready is what
+        # the other verbs need)
+        0 | 1 | 2) if [ -d "$home/vms/$n" ]; then set -- start "$n"; else set -- run -d --name "$n" ${net[$n]}; fi ;;
         3) set -- stop -t 2 "$n" ;;
         4) set -- kill "$n" ;;
         5) set -- pause "$n" ;;
@@ -80,6 +81,7 @@ client() {
         7) set -- rm -f "$n" ;;
         8) set -- exec "$n" true ;;
         9) set -- ps -a ;;
+        10) set -- run -d --name "$n" ${net[$n]} ;;
         esac
         timeout 180 "$VMRS" "$@" >/dev/null 2>&1
         echo "verb $1 rc=$?" >>"$home/verbs.log"

@@ -53,16 +53,26 @@ pub fn owned_by(owner: &Path) -> Vec<OwnedProcess> {
     out
 }
 
-/// SIGKILL every process [`owned_by`] `owner` (and its process group); returns the pids
-/// killed. Each is signalled through a pidfd checked against its start time.
+/// How long [`kill_owned_by`] waits for the processes it killed to be gone.
+const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// SIGKILL every process [`owned_by`] `owner` (and its process group) and wait (up to
+/// [`KILL_WAIT`]) until they have exited; returns the pids killed. Each is signalled through a
+/// pidfd checked against its start time.
 pub fn kill_owned_by(owner: &Path) -> Vec<u32> {
-    owned_by(owner)
+    let killed: Vec<VmmProcess> = owned_by(owner)
         .into_iter()
         .filter_map(|p| {
             let proc = VmmProcess::attach(p.pid, p.start_time).ok()?;
-            proc.kill().ok().map(|()| p.pid)
+            proc.kill().ok().map(|()| proc)
         })
-        .collect()
+        .collect();
+    // SIGKILL is delivered asynchronously: the caller is about to delete what they used.
+    let deadline = std::time::Instant::now() + KILL_WAIT;
+    while killed.iter().any(VmmProcess::is_alive) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    killed.iter().map(VmmProcess::pid).collect()
 }
 
 /// Errors about VMM processes.

@@ -52,8 +52,23 @@ fn forget_the_vmm(home: &Home, name: &str) -> u64 {
     pid
 }
 
+/// Live processes running in the VM directory `dir` (QEMU runs with it as its working
+/// directory), found without the manager's own bookkeeping.
 fn owned(dir: &Path) -> Vec<u32> {
-    vm_rs::process::owned_by(dir).iter().map(|p| p.pid).collect()
+    let deleted = format!("{} (deleted)", dir.display());
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cwd) = std::fs::read_link(e.path().join("cwd")) else {
+            continue;
+        };
+        if (cwd == dir || cwd.as_os_str() == deleted.as_str()) && alive(u64::from(pid)) {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 #[test]

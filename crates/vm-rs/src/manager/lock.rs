@@ -99,6 +99,19 @@ pub(super) fn held(dir: &Path, file: &str) -> bool {
     )
 }
 
+/// The VM's start lock if nobody holds it: held while a manager decides that a VM's starter is
+/// gone and kills what its directory owns, so no start can spawn a VMM meanwhile.
+pub(super) fn try_lock_start(dir: &Path) -> Option<std::fs::File> {
+    let f = crate::paths::private_file()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(START_LOCK))
+        .ok()?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).ok()?;
+    Some(f)
+}
+
 /// Take the VM's start lock (exclusive, released when the file is dropped). Only ever taken
 /// under the [`VmLock`], so it never waits long.
 pub(super) fn lock_start(dir: &Path) -> Result<std::fs::File, ManagerError> {

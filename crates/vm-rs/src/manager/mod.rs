@@ -65,7 +65,7 @@ use crate::state::{Operation, StateError, VmState};
 use builder::Drivers;
 pub use builder::VmManagerBuilder;
 pub use lock::LOCK_WAIT;
-use lock::{VmLock, START_LOCK, VM_LOCK};
+use lock::{VmLock, VM_LOCK};
 use monitor::VmEntry;
 use record::{files, now, PluggedDevice, RecordError, VmRecord, RECORD_VERSION};
 use serde::Serialize;
@@ -377,10 +377,18 @@ impl VmManager {
                 agents: tokio::sync::Mutex::new(HashMap::new()),
             }),
         };
-        // Directories of removals that were interrupted (their processes were killed first).
+        // Directories of removals whose remover died (their processes were killed first);
+        // one whose remover still runs is left to it.
         if let Ok(rd) = std::fs::read_dir(&mgr.inner.vms_dir) {
             for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with(TOMBSTONE) {
+                let file_name = e.file_name();
+                let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(TOMBSTONE)) else {
+                    continue;
+                };
+                let remover = rest.rsplit_once('-').and_then(|(_, pid)| pid.parse::<u32>().ok());
+                if remover.map_or(true, |pid| {
+                    !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                }) {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
@@ -973,7 +981,10 @@ impl VmManager {
             path: dir.clone(),
             source,
         })?;
-        std::fs::remove_dir_all(&tomb).map_err(|source| ManagerError::Io { path: tomb, source })?;
+        // The VM is gone from here on; what is left of the tombstone the next manager removes.
+        if let Err(e) = std::fs::remove_dir_all(&tomb) {
+            tracing::warn!(vm = %name, path = %tomb.display(), error = %e, "cannot delete the removed vm's files");
+        }
         Ok(())
     }
 }
@@ -1075,9 +1086,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// Prefix of a VM directory being removed (not a valid VM name).
 const TOMBSTONE: &str = ".removing-";
 
-/// Whether another process holds the VM's start lock right now.
-fn start_in_progress(dir: &Path) -> bool {
-    lock::held(dir, START_LOCK)
+/// The VM's start lock, unless a start holds it right now (see `lock::try_lock_start`).
+fn no_start_in_progress(dir: &Path) -> Option<std::fs::File> {
+    lock::try_lock_start(dir)
 }
 
 /// Removes a half-created VM directory unless disarmed.

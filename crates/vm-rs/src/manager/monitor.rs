@@ -260,9 +260,9 @@ impl VmEntry {
             // Live without a VMM recorded: either another process is starting it right now
             // (it holds the start lock) or that process died mid-start — maybe after its VMM
             // was spawned, which the VMM's owner marker tells.
-            if super::start_in_progress(&entry.dir) {
+            let Some(_no_start) = super::no_start_in_progress(&entry.dir) else {
                 return Ok(entry);
-            }
+            };
             let strays = crate::process::kill_owned_by(&entry.dir);
             if live {
                 let reason = match strays.as_slice() {
