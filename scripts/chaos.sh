@@ -196,9 +196,17 @@ while [ $kills -lt "$KILLS" ]; do
     [ $violations != "$v0" ] && bad_rounds=$((bad_rounds + 1))
     note "round $rounds: $n kills, $((violations - v0)) violations"
 done
+# a harness whose VMs never boot tests nothing
+booted=$(grep -cE "^verb (run|start) rc=0$" "$home/verbs.log" 2>/dev/null || true)
+if [ "${booted:-0}" = 0 ]; then
+    bad_rounds=$rounds
+    violation "no run -d or start ever succeeded (guest assets? see $log)"
+    "$VMRS" run -d --name kx-probe >>"$log" 2>&1
+    "$VMRS" rm -f kx-probe >/dev/null 2>&1
+fi
 early_kills=$(grep -c early "$home/kills.log" 2>/dev/null || true)
 verbs=$(wc -l <"$home/verbs.log" 2>/dev/null || echo 0)
-note "$rounds rounds, $kills kills ($early_kills within 200 ms of a start), $verbs verbs," \
+note "$rounds rounds, $kills kills (${early_kills:-0} within 200 ms of a start), $verbs verbs ($booted booted)," \
     "$reaped untracked-by-record processes reconciled by ps, $violations violations, $((SECONDS - started)) s"
 echo "chaos: $((rounds - bad_rounds)) passed, $bad_rounds failed"
 awk '{print $2, $3}' "$home/verbs.log" | sort | uniq -c | sort -rn | head -20 | tr -s ' ' | paste -sd ';' | sed 's/^/chaos: verbs: /'
