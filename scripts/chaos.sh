@@ -42,12 +42,17 @@ violation() {
     note "VIOLATION (round $rounds): $*"
 }
 
-# pid and owner of every live process some directory under this home owns
+# pid and owner of every live process some directory under this home owns: named by its
+# VMRS_OWNER, or (not relying on that marker: QEMU runs in its VM directory) by its working
+# directory, even a deleted one
 owned() {
-    local p env
+    local p env cwd
     for p in /proc/[0-9]*; do
-        env=$(tr '\0' '\n' 2>/dev/null <"$p/environ" | grep -m1 "^VMRS_OWNER=$home/") || continue
-        echo "${p#/proc/} ${env#VMRS_OWNER=}"
+        if env=$(tr '\0' '\n' 2>/dev/null <"$p/environ" | grep -m1 "^VMRS_OWNER=$home/"); then
+            echo "${p#/proc/} ${env#VMRS_OWNER=}"
+        elif cwd=$(readlink "$p/cwd" 2>/dev/null) && [[ $cwd == "$home"/vms/* ]]; then
+            grep -q '^State:.*[ZX]' "$p/status" 2>/dev/null || echo "${p#/proc/} ${cwd% (deleted)}"
+        fi
     done
 }
 
@@ -172,6 +177,11 @@ cleanup() {
     touch "$home/.stop" 2>/dev/null
     for p in $(cli_pids); do kill -9 "$p" 2>/dev/null; done
     while read -r pid _; do [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; done <<<"$(owned)"
+    # and anything else started with this home (switch sidecars of a binary without markers)
+    local p
+    for p in /proc/[0-9]*; do
+        tr '\0' '\n' 2>/dev/null <"$p/environ" | grep -qx "VMRS_HOME=$home" && kill -9 "${p#/proc/}" 2>/dev/null
+    done
 }
 trap cleanup EXIT
 
