@@ -57,7 +57,7 @@ pub fn owned_by(owner: &Path) -> Vec<OwnedProcess> {
 const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// SIGKILL every process [`owned_by`] `owner` (and its process group) and wait (up to
-/// [`KILL_WAIT`]) until they have exited; returns the pids killed. Each is signalled through a
+/// 2 s) until they have exited; returns the pids killed. Each is signalled through a
 /// pidfd checked against its start time.
 pub fn kill_owned_by(owner: &Path) -> Vec<u32> {
     let killed: Vec<VmmProcess> = owned_by(owner)
