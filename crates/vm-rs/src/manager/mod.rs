@@ -510,11 +510,13 @@ impl VmManager {
             }
             Err(source) => return Err(ManagerError::Io { path: dir, source }),
         }
-        let cleanup = DirGuard(Some(dir.clone()));
         // The verb lock for the whole start (a remove racing it waits), and the start lock
         // until the record names the VMM, so other processes can tell "being started" from
-        // "its starter died".
+        // "its starter died". The guard is declared after the verb lock, so a failed start
+        // removes its directory before the lock is released.
+        // (Failing here, the directory was taken by a remove of it: nothing of ours is left.)
         let _lock = VmLock::acquire(&name, &dir, LOCK_WAIT).await?;
+        let cleanup = DirGuard(Some(dir.clone()));
         let _start_lock = lock::lock_start(&dir)?;
         if config.serial_log.is_none() {
             config.serial_log = Some(dir.join(files::SERIAL_LOG));

@@ -754,4 +754,5 @@ async fn a_damaged_record_is_listed_as_damaged_beside_the_others_and_removed() {
     assert!(!alive(&bad));
     assert!(!fresh.vm_dir("bad").exists());
     assert_eq!(fresh.list().await.unwrap().len(), 1);
+    fresh.remove("good", true).await.unwrap();
 }
