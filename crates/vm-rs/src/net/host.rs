@@ -821,6 +821,7 @@ pub async fn reconcile(
             if let Some(r) = sidecar::switch_record(&ndir, &net) {
                 r.stop(Duration::from_secs(2)).await?;
             }
+            crate::process::kill_owned_by(&sidecar::network_dir(&ndir, &net));
             let _ = std::fs::remove_dir_all(sidecar::network_dir(&ndir, &net));
         }
     }

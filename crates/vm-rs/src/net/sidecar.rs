@@ -306,6 +306,12 @@ pub async fn ensure_switch(networks_dir: &Path, network: &str) -> Result<Sidecar
         // a dead or stale record: make sure nothing half-alive keeps the socket
         r.stop(Duration::from_secs(1)).await?;
     }
+    // A sidecar whose starter died before recording it (it carries the network's directory
+    // as its owner, see `crate::process::OWNER_ENV`): one switch per network.
+    let strays = crate::process::kill_owned_by(&dir);
+    if !strays.is_empty() {
+        tracing::warn!(%network, pids = ?strays, "killed switch sidecars no record tracked");
+    }
     let log = dir.join("switch.log");
     let args = vec![
         "switch".to_string(),
@@ -378,6 +384,8 @@ pub async fn leave(networks_dir: &Path, network: &str, vm_name: &str) -> Result<
         if let Some(r) = read_record(&dir.join("switch.json")) {
             r.stop(Duration::from_secs(2)).await?;
         }
+        // and any sidecar of this network no record names
+        crate::process::kill_owned_by(&dir);
         std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
     }
     Ok(())
