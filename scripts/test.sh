@@ -9,6 +9,11 @@ cargo clippy --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 cargo nextest run --workspace --no-fail-fast "$@"
 cargo test -q --workspace --doc
+# Chaos round (issue 16 invariants 1-2): random verbs on a few VMs while vmrs processes are
+# SIGKILLed; CHAOS_KILLS=100 for a long run, CHAOS_KILLS=0 skips it.
+if [ "${CHAOS_KILLS:-20}" != 0 ]; then
+    CHAOS_KILLS="${CHAOS_KILLS:-20}" scripts/chaos.sh
+fi
 # Fuzz smoke: every target in fuzz/ for a few seconds (nightly toolchain). The corpus grows in
 # fuzz/corpus (gitignored) across runs; FUZZ_SMOKE_SECONDS=0 skips it.
 if [ "${FUZZ_SMOKE_SECONDS:-5}" != 0 ]; then

@@ -7,7 +7,73 @@
 //! pidfd pins the right process and signals can never reach a stranger.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// Environment variable naming the directory that owns a process vm-rs spawned (a VM's
+/// directory for its VMM and port forwarders, a switch network's for its sidecar). It is set
+/// before `exec`, so the owner can be found from `/proc/<pid>/environ` even when the process
+/// that spawned it died before writing any record (see [`owned_by`]).
+pub const OWNER_ENV: &str = "VMRS_OWNER";
+
+/// A process found through its [`OWNER_ENV`] marker: pid + start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnedProcess {
+    /// Pid.
+    pub pid: u32,
+    /// Start time (clock ticks since boot).
+    pub start_time: u64,
+}
+
+/// Every live process whose [`OWNER_ENV`] names `owner` (exactly), found by scanning `/proc`.
+/// Processes that exit during the scan are skipped; zombies have no environment and never
+/// match.
+pub fn owned_by(owner: &Path) -> Vec<OwnedProcess> {
+    let mut marker = format!("{OWNER_ENV}=").into_bytes();
+    marker.extend_from_slice(owner.as_os_str().as_encoded_bytes());
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if !env.split(|b| *b == 0).any(|v| v == marker.as_slice()) {
+            continue;
+        }
+        if let Ok(Some(start_time)) = start_time(pid) {
+            if is_same_process_alive(pid, start_time) {
+                out.push(OwnedProcess { pid, start_time });
+            }
+        }
+    }
+    out
+}
+
+/// How long [`kill_owned_by`] waits for the processes it killed to be gone.
+const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// SIGKILL every process [`owned_by`] `owner` (and its process group) and wait (up to
+/// 2 s) until they have exited; returns the pids killed. Each is signalled through a
+/// pidfd checked against its start time.
+pub fn kill_owned_by(owner: &Path) -> Vec<u32> {
+    let killed: Vec<VmmProcess> = owned_by(owner)
+        .into_iter()
+        .filter_map(|p| {
+            let proc = VmmProcess::attach(p.pid, p.start_time).ok()?;
+            proc.kill().ok().map(|()| proc)
+        })
+        .collect();
+    // SIGKILL is delivered asynchronously: the caller is about to delete what they used.
+    let deadline = std::time::Instant::now() + KILL_WAIT;
+    while killed.iter().any(VmmProcess::is_alive) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    killed.iter().map(VmmProcess::pid).collect()
+}
 
 /// Errors about VMM processes.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +223,17 @@ impl VmmProcess {
     /// process group can be signalled as a whole), with umask 0177 so whatever it creates
     /// (sockets, logs) is 0600.
     pub fn spawn(mut cmd: tokio::process::Command) -> Result<Self, ProcessError> {
+        Self::spawn_inner(&mut cmd)
+    }
+
+    /// [`spawn`](Self::spawn) with [`OWNER_ENV`] set to `owner`, so the process can be found
+    /// from that directory whatever happens to the caller before it records the process.
+    pub fn spawn_owned(mut cmd: tokio::process::Command, owner: &Path) -> Result<Self, ProcessError> {
+        cmd.env(OWNER_ENV, owner);
+        Self::spawn_inner(&mut cmd)
+    }
+
+    fn spawn_inner(cmd: &mut tokio::process::Command) -> Result<Self, ProcessError> {
         let program = PathBuf::from(cmd.as_std().get_program());
         // SAFETY: the closure runs in the forked child before exec and only calls setsid(2)
         // and umask(2), which are async-signal-safe; it touches no memory shared with the
@@ -334,6 +411,28 @@ mod tests {
         assert_eq!(a, b);
         assert!(is_same_process_alive(me, a));
         assert!(!is_same_process_alive(me, a + 1));
+    }
+
+    #[tokio::test]
+    async fn owned_processes_are_found_from_their_owner_and_killed() {
+        let owner = tempfile::tempdir().expect("tmp");
+        let other = owner.path().join("other");
+        let mut cmd = tokio::process::Command::new("sleep");
+        cmd.arg("30");
+        let mut p = VmmProcess::spawn_owned(cmd, owner.path()).expect("spawn");
+        let found = owned_by(owner.path());
+        assert_eq!(
+            found,
+            vec![OwnedProcess {
+                pid: p.pid(),
+                start_time: p.start_time()
+            }]
+        );
+        // the marker names the owner exactly: a path below it is another owner
+        assert!(owned_by(&other).is_empty());
+        assert_eq!(kill_owned_by(owner.path()), vec![p.pid()]);
+        assert_eq!(p.wait().await.expect("wait"), ExitInfo::Signal(libc::SIGKILL));
+        assert!(owned_by(owner.path()).is_empty());
     }
 
     #[tokio::test]

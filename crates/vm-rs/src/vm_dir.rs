@@ -9,7 +9,8 @@
 //! | `start.json` | manager | what other subsystems added at start (for `vmrs start`) |
 //! | `live.json` | manager | what verbs changed in the running VMM |
 //! | `exit-request.json` | manager | a stop/kill some process asked for |
-//! | `start.lock` | manager | held while a start is in progress |
+//! | `start.lock`, `vm.lock` | manager | held while a start is in progress; held by every verb |
+//! | `serial.sock`, `console.json` | manager, serial-log sidecar | the console QEMU writes, capped into `serial.log` |
 //! | `serial.log` | VMM | the guest's serial console |
 //! | `vmm.log` | VMM | the VMM's own stdout/stderr |
 //! | `agent.sock` | VMM | host end of the guest agent's channel |
@@ -39,6 +40,12 @@ impl VmDir {
     pub const EXIT_REQUEST: &'static str = "exit-request.json";
     /// Held while a start is in progress.
     pub const START_LOCK: &'static str = "start.lock";
+    /// Held by every verb on the VM (they serialize across processes).
+    pub const VM_LOCK: &'static str = "vm.lock";
+    /// The serial-log sidecar's record.
+    pub const CONSOLE_RECORD: &'static str = "console.json";
+    /// The socket QEMU writes the console to (served by the serial-log sidecar).
+    pub const SERIAL_SOCKET: &'static str = "serial.sock";
     /// Guest serial console.
     pub const SERIAL_LOG: &'static str = "serial.log";
     /// VMM stdout/stderr.
@@ -113,6 +120,9 @@ mod tests {
             VmDir::LIVE,
             VmDir::EXIT_REQUEST,
             VmDir::START_LOCK,
+            VmDir::VM_LOCK,
+            VmDir::CONSOLE_RECORD,
+            VmDir::SERIAL_SOCKET,
             VmDir::SERIAL_LOG,
             VmDir::VMM_LOG,
             VmDir::AGENT_SOCKET,

@@ -36,9 +36,9 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 
 /// The socket QEMU writes the console to, in the VM directory.
-pub const SOCKET: &str = "serial.sock";
+pub const SOCKET: &str = crate::vm_dir::VmDir::SERIAL_SOCKET;
 /// The sidecar's record (pid + start time), in the VM directory.
-pub const RECORD: &str = "console.json";
+pub const RECORD: &str = crate::vm_dir::VmDir::CONSOLE_RECORD;
 /// The sidecar's own messages, in the VM directory.
 pub const SIDECAR_LOG: &str = "console.log";
 /// Default cap of the serial log.

@@ -27,10 +27,30 @@
 //!
 //! Creating a VM creates its directory with `mkdir(2)`, which is atomic: of two concurrent
 //! starts with one name, exactly one succeeds and the other gets
-//! [`ManagerError::AlreadyExists`].
+//! [`ManagerError::AlreadyExists`]. The lifecycle verbs on one VM (start, stop, kill, pause,
+//! resume, remove) serialise on its verb lock, across processes (see `lock`): `rm -f` while
+//! another process starts the VM waits for the start and then removes what it made. A stop
+//! holds the lock while it asks for the exit, not while the guest powers off, so a kill can
+//! still force it.
+//!
+//! ## Nothing untracked
+//!
+//! Every process vm-rs spawns for a VM (its VMM, port forwarders) carries the VM directory in
+//! its environment ([`crate::process::OWNER_ENV`]), set before `exec`. So a VMM can be found
+//! from its directory even when the process that spawned it died before any record named it:
+//! a manager that finds a VM recorded `starting` whose starter is gone, or a VM not live whose
+//! directory still owns processes, kills them and says so in the state's reason; removing a VM
+//! kills whatever its directory owns before the directory goes.
+//!
+//! ## Damage is contained
+//!
+//! A VM whose records cannot be read (a truncated or garbage `state.json` or `config.json`, a
+//! directory without a state record) is listed as [`VmListing::Damaged`] with the reason, next
+//! to every other VM; [`VmManager::remove`] removes it, killing what its directory owns.
 
 mod builder;
 mod exec;
+mod lock;
 mod monitor;
 pub mod record;
 #[cfg(test)]
@@ -44,6 +64,8 @@ use crate::process::{ProcessError, VmmProcess};
 use crate::state::{Operation, StateError, VmState};
 use builder::Drivers;
 pub use builder::VmManagerBuilder;
+pub use lock::LOCK_WAIT;
+use lock::{VmLock, VM_LOCK};
 use monitor::VmEntry;
 use record::{files, now, PluggedDevice, RecordError, VmRecord, RECORD_VERSION};
 use serde::Serialize;
@@ -150,6 +172,23 @@ pub enum ManagerError {
         /// What is wrong with the request.
         reason: &'static str,
     },
+    /// Another verb on the VM held its lock for longer than [`LOCK_WAIT`].
+    #[error("vm {name:?} is busy: another operation on it did not finish within {secs:.1}s")]
+    Busy {
+        /// Name.
+        name: String,
+        /// Seconds waited.
+        secs: f64,
+    },
+    /// The VM's records cannot be read (or reconciled with its VMM); it can still be removed.
+    #[error("vm {name:?} is damaged")]
+    Damaged {
+        /// Name.
+        name: String,
+        /// What failed.
+        #[source]
+        source: Box<ManagerError>,
+    },
     /// Waiting timed out.
     #[error("timed out after {secs:.1}s waiting for vm {name:?} to become {what}")]
     Timeout {
@@ -183,8 +222,9 @@ impl ManagerError {
             ManagerError::Network { source, .. } => source.kind(),
             ManagerError::Rootfs { source, .. } => source.kind(),
             ManagerError::Agent { source, .. } => source.kind(),
-            ManagerError::Timeout { .. } => K::Timeout,
+            ManagerError::Timeout { .. } | ManagerError::Busy { .. } => K::Timeout,
             ManagerError::InvalidRequest { .. } => K::Invalid,
+            ManagerError::Damaged { .. } => K::Other,
         }
     }
 }
@@ -239,6 +279,47 @@ pub struct VmInfo {
     pub vmm_log: PathBuf,
     /// The configuration.
     pub config: VmConfig,
+}
+
+/// A VM whose records cannot be read, as `list`/`inspect` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DamagedVm {
+    /// Name.
+    pub name: String,
+    /// Why it is damaged: the error and its causes, on one line.
+    pub reason: String,
+    /// The VM directory.
+    pub dir: PathBuf,
+    /// Processes its directory still owns (its VMM, if one runs), found from `/proc`.
+    pub pids: Vec<u32>,
+}
+
+/// One VM in [`VmManager::list`]: readable, or damaged (see the module docs).
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum VmListing {
+    /// A VM whose records were read.
+    Vm(Box<VmInfo>),
+    /// A VM whose records cannot be read.
+    Damaged(DamagedVm),
+}
+
+impl VmListing {
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        match self {
+            VmListing::Vm(i) => &i.name,
+            VmListing::Damaged(d) => &d.name,
+        }
+    }
+
+    /// The VM's information, unless it is damaged.
+    pub fn info(&self) -> Option<&VmInfo> {
+        match self {
+            VmListing::Vm(i) => Some(i),
+            VmListing::Damaged(_) => None,
+        }
+    }
 }
 
 /// Manages VMs under one data dir. Cheap to clone; clones share state.
@@ -303,6 +384,22 @@ impl VmManager {
                 agents: tokio::sync::Mutex::new(HashMap::new()),
             }),
         };
+        // Directories of removals whose remover died (their processes were killed first);
+        // one whose remover still runs is left to it.
+        if let Ok(rd) = std::fs::read_dir(&mgr.inner.vms_dir) {
+            for e in rd.flatten() {
+                let file_name = e.file_name();
+                let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(TOMBSTONE)) else {
+                    continue;
+                };
+                let remover = rest.rsplit_once('-').and_then(|(_, pid)| pid.parse::<u32>().ok());
+                if remover.map_or(true, |pid| {
+                    !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                }) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         // Reattach to everything recorded here, marking dead VMs failed.
         let mut live = std::collections::HashSet::new();
         for name in mgr.names()? {
@@ -341,7 +438,7 @@ impl VmManager {
         })?;
         let mut names: Vec<String> = rd
             .filter_map(|e| e.ok())
-            .filter(|e| e.path().join(files::STATE).is_file())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
             .filter_map(|e| e.file_name().into_string().ok())
             .filter(|n| crate::config::validate_name(n).is_ok())
             .collect();
@@ -359,14 +456,20 @@ impl VmManager {
             return Ok(e.clone());
         }
         let dir = self.vm_dir(name);
-        if !dir.join(files::STATE).is_file() {
+        if !dir.is_dir() {
             return Err(ManagerError::NotFound {
                 name: name.to_string(),
             });
         }
-        let record = record::load_record(&dir)?;
-        let config = record::load_config(&dir)?;
-        let entry = VmEntry::attach(dir, config, record, &self.inner.drivers).await?;
+        let damaged = |source: ManagerError| ManagerError::Damaged {
+            name: name.to_string(),
+            source: Box::new(source),
+        };
+        let record = record::load_record(&dir).map_err(|e| damaged(e.into()))?;
+        let config = record::load_config(&dir).map_err(|e| damaged(e.into()))?;
+        let entry = VmEntry::attach(dir, config, record, &self.inner.drivers)
+            .await
+            .map_err(damaged)?;
         // A VM another process is still starting is not cached: ask again next time.
         if !(entry.state() == VmState::Starting && entry.handle().await.is_none()) {
             entries.insert(name.to_string(), entry.clone());
@@ -414,10 +517,14 @@ impl VmManager {
             }
             Err(source) => return Err(ManagerError::Io { path: dir, source }),
         }
+        // The verb lock for the whole start (a remove racing it waits), and the start lock
+        // until the record names the VMM, so other processes can tell "being started" from
+        // "its starter died". The guard is declared after the verb lock, so a failed start
+        // removes its directory before the lock is released.
+        // (Failing here, the directory was taken by a remove of it: nothing of ours is left.)
+        let _lock = VmLock::acquire(&name, &dir, LOCK_WAIT).await?;
         let cleanup = DirGuard(Some(dir.clone()));
-        // Held until the record names the VMM, so other processes can tell "being started"
-        // from "its starter died" (see `start_in_progress`).
-        let _start_lock = lock_start(&dir)?;
+        let _start_lock = lock::lock_start(&dir)?;
         if config.serial_log.is_none() {
             config.serial_log = Some(dir.join(files::SERIAL_LOG));
         }
@@ -453,9 +560,10 @@ impl VmManager {
     /// ([`StateError`]); if the boot fails the VM is left `failed` with the reason.
     pub async fn start_existing(&self, name: &str) -> Result<VmInfo, ManagerError> {
         let dir = self.vm_dir(name);
-        let entry = self.entry(name).await?;
+        let _lock = self.lock(name).await?;
+        let entry = self.locked_entry(name).await?;
         entry.state().check(name, Operation::Start)?;
-        let _start_lock = lock_start(&dir)?;
+        let _start_lock = lock::lock_start(&dir)?;
         // Another process may have started it while we waited for the lock: the record on disk
         // is the truth.
         let mut rec = record::load_record(&dir)?;
@@ -596,22 +704,73 @@ impl VmManager {
         Ok(self.entry(name).await?.state())
     }
 
-    /// Full information about `name`.
+    /// Full information about `name` ([`ManagerError::Damaged`] when its records cannot be
+    /// read; [`listing`](Self::listing) shows such a VM too).
     pub async fn inspect(&self, name: &str) -> Result<VmInfo, ManagerError> {
         Ok(self.entry(name).await?.info().await)
     }
 
-    /// All VMs, sorted by name.
-    pub async fn list(&self) -> Result<Vec<VmInfo>, ManagerError> {
+    /// `name` as [`list`](Self::list) shows it: its information, or why it is damaged.
+    pub async fn listing(&self, name: &str) -> Result<VmListing, ManagerError> {
+        match self.entry(name).await {
+            Ok(e) => Ok(VmListing::Vm(Box::new(e.info().await))),
+            Err(e @ ManagerError::Damaged { .. }) => {
+                let dir = self.vm_dir(name);
+                Ok(VmListing::Damaged(DamagedVm {
+                    name: name.to_string(),
+                    reason: error_chain(&e),
+                    pids: crate::process::owned_by(&dir).iter().map(|p| p.pid).collect(),
+                    dir,
+                }))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// All VMs, sorted by name. A VM whose records cannot be read is listed as damaged; it
+    /// never hides the others.
+    pub async fn list(&self) -> Result<Vec<VmListing>, ManagerError> {
         let mut out = Vec::new();
         for name in self.names()? {
-            match self.entry(&name).await {
-                Ok(e) => out.push(e.info().await),
+            let dir = self.vm_dir(&name);
+            // being created right now: not a VM yet
+            if !dir.join(files::STATE).exists() && lock::held(&dir, VM_LOCK) {
+                continue;
+            }
+            match self.listing(&name).await {
+                Ok(l) => out.push(l),
                 Err(ManagerError::NotFound { .. }) => {} // removed meanwhile
-                Err(e) => return Err(e),
+                Err(e) => out.push(VmListing::Damaged(DamagedVm {
+                    name: name.clone(),
+                    reason: error_chain(&e),
+                    pids: crate::process::owned_by(&dir).iter().map(|p| p.pid).collect(),
+                    dir,
+                })),
             }
         }
         Ok(out)
+    }
+
+    /// Take the verb lock of `name` (see `lock`).
+    async fn lock(&self, name: &str) -> Result<VmLock, ManagerError> {
+        crate::config::validate_name(name).map_err(|_| ManagerError::NotFound {
+            name: name.to_string(),
+        })?;
+        VmLock::acquire(name, &self.vm_dir(name), LOCK_WAIT).await
+    }
+
+    /// The entry of `name` for a verb that holds its lock: a cached entry another process
+    /// has overtaken (the record names another VMM) is dropped and the VM attached afresh.
+    async fn locked_entry(&self, name: &str) -> Result<Arc<VmEntry>, ManagerError> {
+        let cached = self.inner.entries.lock().await.get(name).cloned();
+        if let Some(e) = cached {
+            let on_disk = record::load_record(&self.vm_dir(name)).ok().map(|r| r.handle);
+            if on_disk != Some(e.handle().await) {
+                e.retire().await;
+                self.inner.entries.lock().await.remove(name);
+            }
+        }
+        self.entry(name).await
     }
 
     /// Subscribe to state changes of `name`.
@@ -673,7 +832,8 @@ impl VmManager {
 
     /// Pause the vCPUs.
     pub async fn pause(&self, name: &str) -> Result<(), ManagerError> {
-        let entry = self.entry(name).await?;
+        let _lock = self.lock(name).await?;
+        let entry = self.locked_entry(name).await?;
         entry.state().check(name, Operation::Pause)?;
         let handle = entry.require_handle(name).await?;
         entry
@@ -687,7 +847,8 @@ impl VmManager {
 
     /// Resume the vCPUs; the VM returns to ready (when it was) or running.
     pub async fn resume(&self, name: &str) -> Result<(), ManagerError> {
-        let entry = self.entry(name).await?;
+        let _lock = self.lock(name).await?;
+        let entry = self.locked_entry(name).await?;
         entry.state().check(name, Operation::Resume)?;
         let handle = entry.require_handle(name).await?;
         entry
@@ -706,7 +867,8 @@ impl VmManager {
     /// Stopping a VM that is not running (stopped or failed) is a no-op that returns its state,
     /// as `docker stop` of an exited container is: the caller wanted it off, and it is.
     pub async fn stop(&self, name: &str, timeout: Duration) -> Result<VmState, ManagerError> {
-        let entry = self.entry(name).await?;
+        let lock = self.lock(name).await?;
+        let entry = self.locked_entry(name).await?;
         let current = entry.state();
         if !current.is_live() {
             return Ok(current);
@@ -722,7 +884,11 @@ impl VmManager {
             if entry.state() == VmState::Paused {
                 let _ = driver.resume(&handle).await;
             }
-            match driver.request_shutdown(&handle).await {
+            let shutdown = driver.request_shutdown(&handle).await;
+            // The exit is asked for: from here on only this VMM (pidfd) is forced, and a kill
+            // need not wait for the guest to power off.
+            drop(lock);
+            match shutdown {
                 Ok(()) => entry.wait_finished(timeout).await,
                 Err(e) => {
                     tracing::warn!(vm = %name, error = %e, "power button failed; forcing");
@@ -756,7 +922,12 @@ impl VmManager {
 
     /// Kill the VMM immediately.
     pub async fn kill(&self, name: &str) -> Result<VmState, ManagerError> {
-        let entry = self.entry(name).await?;
+        let _lock = self.lock(name).await?;
+        let entry = self.locked_entry(name).await?;
+        self.kill_locked(name, &entry).await
+    }
+
+    async fn kill_locked(&self, name: &str, entry: &VmEntry) -> Result<VmState, ManagerError> {
         entry.state().check(name, Operation::Kill)?;
         entry.request_exit(Operation::Kill).await?;
         self.drop_agent(name).await;
@@ -771,25 +942,69 @@ impl VmManager {
     }
 
     /// Remove a stopped or failed VM and its directory; `force` kills a live one first.
+    ///
+    /// A damaged VM ([`VmListing::Damaged`]) is removed too, once nothing its directory owns
+    /// runs — `force` kills what does. Whatever the records say, no process the directory owns
+    /// survives it.
     pub async fn remove(&self, name: &str, force: bool) -> Result<(), ManagerError> {
-        let entry = self.entry(name).await?;
-        if entry.state().is_live() {
-            if !force {
-                entry.state().check(name, Operation::Remove)?;
+        let _lock = self.lock(name).await?;
+        let dir = self.vm_dir(name);
+        let entry = match self.locked_entry(name).await {
+            Ok(e) => Some(e),
+            Err(ManagerError::Damaged { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        match &entry {
+            Some(entry) => {
+                if entry.state().is_live() {
+                    if !force {
+                        entry.state().check(name, Operation::Remove)?;
+                    }
+                    self.kill_locked(name, entry).await?;
+                }
+                entry.retire().await;
             }
-            self.kill(name).await?;
+            None if !force && !crate::process::owned_by(&dir).is_empty() => {
+                return Err(ManagerError::InvalidRequest {
+                    name: name.to_string(),
+                    reason: "its records are damaged and its vmm still runs; force removes it",
+                });
+            }
+            None => {}
         }
-        entry.retire().await;
         self.inner.entries.lock().await.remove(name);
         self.drop_agent(name).await;
-        let dir = self.vm_dir(name);
-        crate::net::host::teardown_vm_dir(&dir)
-            .await
-            .map_err(|source| ManagerError::Network {
-                name: name.to_string(),
-                source,
-            })?;
-        std::fs::remove_dir_all(&dir).map_err(|source| ManagerError::Io { path: dir, source })?;
+        let teardown = crate::net::host::teardown_vm_dir(&dir).await;
+        // anything the directory still owns (a VMM or forwarder no record names)
+        let strays = crate::process::kill_owned_by(&dir);
+        if !strays.is_empty() {
+            tracing::warn!(vm = %name, pids = ?strays, "killed processes no record tracked");
+        }
+        match teardown {
+            Ok(()) => {}
+            // a damaged VM's network record may be damaged too: what it named is reconciled
+            // by the next manager (its devices carry the VM's name)
+            Err(e) if entry.is_none() => tracing::warn!(vm = %name, error = %e, "network teardown"),
+            Err(source) => {
+                return Err(ManagerError::Network {
+                    name: name.to_string(),
+                    source,
+                })
+            }
+        }
+        // Out of the way in one step, so a verb waiting for the lock finds the VM gone.
+        let tomb = self
+            .inner
+            .vms_dir
+            .join(format!("{TOMBSTONE}{name}-{}", std::process::id()));
+        std::fs::rename(&dir, &tomb).map_err(|source| ManagerError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        // The VM is gone from here on; what is left of the tombstone the next manager removes.
+        if let Err(e) = std::fs::remove_dir_all(&tomb) {
+            tracing::warn!(vm = %name, path = %tomb.display(), error = %e, "cannot delete the removed vm's files");
+        }
         Ok(())
     }
 }
@@ -888,34 +1103,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-const START_LOCK: &str = crate::vm_dir::VmDir::START_LOCK;
+/// Prefix of a VM directory being removed (not a valid VM name).
+const TOMBSTONE: &str = ".removing-";
 
-/// Take the VM's start lock (exclusive `flock`, released when the file is dropped).
-fn lock_start(dir: &Path) -> Result<std::fs::File, ManagerError> {
-    let path = dir.join(START_LOCK);
-    let io = |source| ManagerError::Io {
-        path: path.clone(),
-        source,
-    };
-    let f = crate::paths::private_file()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .map_err(io)?;
-    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive).map_err(|e| io(e.into()))?;
-    Ok(f)
-}
-
-/// Whether another process holds the VM's start lock right now.
-fn start_in_progress(dir: &Path) -> bool {
-    let Ok(f) = std::fs::File::open(dir.join(START_LOCK)) else {
-        return false;
-    };
-    matches!(
-        rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared),
-        Err(rustix::io::Errno::WOULDBLOCK)
-    )
+/// The VM's start lock, unless a start holds it right now (see `lock::try_lock_start`).
+fn no_start_in_progress(dir: &Path) -> Option<std::fs::File> {
+    lock::try_lock_start(dir)
 }
 
 /// Removes a half-created VM directory unless disarmed.

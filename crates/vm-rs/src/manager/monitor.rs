@@ -81,6 +81,10 @@ impl ExitCause {
     }
 }
 
+fn join_pids(pids: &[u32]) -> String {
+    pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+}
+
 /// The serial log's end, as text.
 fn serial_tail(path: &Path) -> String {
     use std::io::{Read, Seek, SeekFrom};
@@ -263,13 +267,24 @@ impl VmEntry {
         let entry = Self::new(dir, config, record, changes, driver);
         let Some(handle) = handle.filter(|_| live) else {
             // Live without a VMM recorded: either another process is starting it right now
-            // (it holds the start lock) or that process died mid-start.
-            if live && !super::start_in_progress(&entry.dir) {
-                entry
-                    .transition(VmState::Failed {
-                        reason: "the process starting it exited before the vmm ran".into(),
-                    })
-                    .await?;
+            // (it holds the start lock) or that process died mid-start — maybe after its VMM
+            // was spawned, which the VMM's owner marker tells.
+            let Some(_no_start) = super::no_start_in_progress(&entry.dir) else {
+                return Ok(entry);
+            };
+            let strays = crate::process::kill_owned_by(&entry.dir);
+            if live {
+                let reason = match strays.as_slice() {
+                    [] => "the process starting it exited before the vmm ran".to_string(),
+                    pids => format!(
+                        "the process starting it exited before recording its vmm (pid {}, killed)",
+                        join_pids(pids)
+                    ),
+                };
+                entry.transition(VmState::Failed { reason }).await?;
+            } else if !strays.is_empty() {
+                // not live, yet its directory owned a process: one no record tracked
+                tracing::warn!(vm = %entry.name, pids = ?strays, "killed processes no record tracked");
             }
             return Ok(entry);
         };

@@ -88,7 +88,7 @@ impl VmDriver for Fake {
         self.call("boot");
         let mut cmd = tokio::process::Command::new("sleep");
         cmd.arg("1000");
-        let process = VmmProcess::spawn(cmd)?;
+        let process = VmmProcess::spawn_owned(cmd, spec.vm_dir)?;
         append(&spec.serial_log, "[    0.1] booting\nVMRS_READY 10.0.2.15\n");
         Ok(Launched {
             handle: VmHandle {
@@ -704,4 +704,96 @@ async fn vmm_verbs_check_state_reach_the_driver_and_record_changes() {
         calls,
         "the driver was called for a stopped vm"
     );
+}
+
+#[tokio::test]
+async fn a_vmm_whose_starter_died_before_recording_it_is_killed_and_the_vm_failed() {
+    let home = Home::new();
+    let fake = Fake::new(Button::PowerOff);
+    let mgr = home.manager(&fake).await;
+    let h = started(&mgr, &home, "o").await;
+    // the record as a starter killed between spawning the VMM and recording it leaves it
+    let dir = mgr.vm_dir("o");
+    let mut rec = record::load_record(&dir).unwrap();
+    rec.state = VmState::Starting;
+    rec.handle = None;
+    record::write_json_atomic(&dir.join(files::STATE), &rec).unwrap();
+    let other = Fake::new(Button::PowerOff);
+    let mgr2 = home.manager(&other).await;
+    let st = mgr2.state("o").await.unwrap();
+    let reason = failed_reason(&st);
+    assert!(
+        reason.contains(&format!("pid {}", h.pid)) && reason.contains("killed"),
+        "{reason}"
+    );
+    assert!(!alive(&h), "the VMM no record named still runs");
+    mgr2.remove("o", false).await.unwrap();
+}
+
+#[tokio::test]
+async fn verbs_on_one_vm_wait_for_each_other_and_remove_wins_cleanly() {
+    let home = Home::new();
+    let fake = Fake::new(Button::PowerOff);
+    let mgr = home.manager(&fake).await;
+    let h = started(&mgr, &home, "l").await;
+    // another process's verb holds the VM's lock: pause waits for it
+    let held = super::VmLock::acquire("l", &mgr.vm_dir("l"), WAIT).await.unwrap();
+    let pausing = tokio::spawn({
+        let mgr = mgr.clone();
+        async move { mgr.pause("l").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pausing.is_finished(), "pause did not wait for the lock");
+    assert!(fake.calls().iter().all(|c| c != "pause"));
+    drop(held);
+    pausing.await.unwrap().unwrap();
+    assert_eq!(mgr.state("l").await.unwrap(), VmState::Paused);
+    // a remove and a kill race: whichever comes second finds the VM gone or stopped
+    let (rm, kill) = tokio::join!(mgr.remove("l", true), mgr.kill("l"));
+    rm.unwrap();
+    assert!(
+        matches!(kill, Ok(VmState::Stopped) | Err(ManagerError::NotFound { .. })),
+        "{kill:?}"
+    );
+    assert!(!alive(&h));
+    assert!(!mgr.vm_dir("l").exists());
+}
+
+#[tokio::test]
+async fn a_damaged_record_is_listed_as_damaged_beside_the_others_and_removed() {
+    let home = Home::new();
+    let fake = Fake::new(Button::PowerOff);
+    let mgr = home.manager(&fake).await;
+    started(&mgr, &home, "good").await;
+    let bad = started(&mgr, &home, "bad").await;
+    std::fs::write(mgr.vm_dir("bad").join(files::CONFIG), b"{\"name\": ").unwrap();
+    let fresh = home.manager(&fake).await;
+    let list = fresh.list().await.unwrap();
+    assert_eq!(list.len(), 2);
+    match &list[0] {
+        super::VmListing::Damaged(d) => {
+            assert_eq!(d.name, "bad");
+            assert!(d.reason.contains("config.json"), "{}", d.reason);
+            assert_eq!(d.pids, vec![bad.pid]);
+        }
+        other => panic!("bad is not damaged: {other:?}"),
+    }
+    assert_eq!(
+        list[1].info().map(|i| i.state.clone()),
+        Some(VmState::Ready { ip: GUEST_IP })
+    );
+    assert!(matches!(
+        fresh.inspect("bad").await,
+        Err(ManagerError::Damaged { .. })
+    ));
+    // its VMM runs: only a forced remove takes it, and kills the VMM
+    assert!(matches!(
+        fresh.remove("bad", false).await,
+        Err(ManagerError::InvalidRequest { .. })
+    ));
+    fresh.remove("bad", true).await.unwrap();
+    assert!(!alive(&bad));
+    assert!(!fresh.vm_dir("bad").exists());
+    assert_eq!(fresh.list().await.unwrap().len(), 1);
+    fresh.remove("good", true).await.unwrap();
 }

@@ -514,7 +514,8 @@ async fn build(
                 let listen = SocketAddr::new(pf.bind_ip(), pf.host_port);
                 let target = SocketAddr::new(IpAddr::V4(guest.addr), pf.guest_port);
                 let log = vm_dir.join(format!("forward-{}.log", pf.host_port));
-                let rec = sidecar::spawn_forwarder(listen, target, &log, state.netns.as_deref()).await?;
+                let rec =
+                    sidecar::spawn_forwarder(listen, target, &log, vm_dir, state.netns.as_deref()).await?;
                 state.forwarders.push(rec);
                 state.save(vm_dir)?;
             }
@@ -812,6 +813,7 @@ pub async fn reconcile(
             if let Some(r) = sidecar::switch_record(&ndir, &net) {
                 r.stop(Duration::from_secs(2)).await?;
             }
+            crate::process::kill_owned_by(&sidecar::network_dir(&ndir, &net));
             let _ = std::fs::remove_dir_all(sidecar::network_dir(&ndir, &net));
         }
     }

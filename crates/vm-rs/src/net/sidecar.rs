@@ -260,7 +260,14 @@ async fn lock_dir(dir: &Path) -> Result<DirLock, SidecarError> {
     })?
 }
 
-fn spawn(args: &[String], log: &Path, netns: Option<&Path>) -> Result<SidecarRecord, SidecarError> {
+/// Spawn the sidecar with `args`, logging to `log`, owned by the directory `owner` (see
+/// [`crate::process::OWNER_ENV`]).
+fn spawn(
+    args: &[String],
+    log: &Path,
+    owner: &Path,
+    netns: Option<&Path>,
+) -> Result<SidecarRecord, SidecarError> {
     let out = crate::paths::private_file()
         .create(true)
         .append(true)
@@ -280,7 +287,7 @@ fn spawn(args: &[String], log: &Path, netns: Option<&Path>) -> Result<SidecarRec
             source: std::io::Error::other(e),
         })?;
     }
-    let p = VmmProcess::spawn(cmd)?;
+    let p = VmmProcess::spawn_owned(cmd, owner)?;
     Ok(SidecarRecord {
         pid: p.pid(),
         start_time: p.start_time(),
@@ -301,6 +308,12 @@ pub async fn ensure_switch(networks_dir: &Path, network: &str) -> Result<Sidecar
         // a dead or stale record: make sure nothing half-alive keeps the socket
         r.stop(Duration::from_secs(1)).await?;
     }
+    // A sidecar whose starter died before recording it (it carries the network's directory
+    // as its owner, see `crate::process::OWNER_ENV`): one switch per network.
+    let strays = crate::process::kill_owned_by(&dir);
+    if !strays.is_empty() {
+        tracing::warn!(%network, pids = ?strays, "killed switch sidecars no record tracked");
+    }
     let log = dir.join("switch.log");
     let args = vec![
         "switch".to_string(),
@@ -312,7 +325,7 @@ pub async fn ensure_switch(networks_dir: &Path, network: &str) -> Result<Sidecar
         dir.join("stats.json").to_string_lossy().into_owned(),
     ];
     let _ = std::fs::remove_file(&socket);
-    let record = spawn(&args, &log, None)?;
+    let record = spawn(&args, &log, &dir, None)?;
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
     while !socket.exists() {
         if tokio::time::Instant::now() > deadline || !record.is_alive() {
@@ -373,6 +386,8 @@ pub async fn leave(networks_dir: &Path, network: &str, vm_name: &str) -> Result<
         if let Some(r) = read_record(&dir.join("switch.json")) {
             r.stop(Duration::from_secs(2)).await?;
         }
+        // and any sidecar of this network no record names
+        crate::process::kill_owned_by(&dir);
         std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
     }
     Ok(())
@@ -398,11 +413,14 @@ pub fn switch_record(networks_dir: &Path, network: &str) -> Option<SidecarRecord
 }
 
 /// Start a `vmrs-net forward` sidecar relaying `listen` to `target`, inside network namespace
-/// `netns` when given (where the guest is reachable); waits until it accepts.
+/// `netns` when given (where the guest is reachable); waits until it accepts. The forwarder is
+/// owned by `vm_dir` (its VM's directory), so it can be found from there even if its record
+/// was never written.
 pub async fn spawn_forwarder(
     listen: SocketAddr,
     target: SocketAddr,
     log: &Path,
+    vm_dir: &Path,
     netns: Option<&Path>,
 ) -> Result<SidecarRecord, SidecarError> {
     let args = vec![
@@ -412,7 +430,7 @@ pub async fn spawn_forwarder(
         "--to".to_string(),
         target.to_string(),
     ];
-    let record = spawn(&args, log, netns)?;
+    let record = spawn(&args, log, vm_dir, netns)?;
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
     loop {
         let probe = super::netns::run_in(netns, move || {

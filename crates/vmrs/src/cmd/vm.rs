@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 use vm_rs::config::{Accel, BackendKind, DiskConfig};
-use vm_rs::manager::ManagerError;
+use vm_rs::manager::{DamagedVm, ManagerError, VmListing};
 use vm_rs::state::{Operation, StateError};
 use vm_rs::{VmConfig, VmInfo, VmManager, VmState};
 
@@ -405,9 +405,10 @@ pub struct PsArgs {
 pub struct PsRow {
     /// Name.
     pub name: String,
-    /// `starting`, `running`, `ready`, `paused`, `stopped`, `failed`.
+    /// `starting`, `running`, `ready`, `paused`, `stopped`, `failed`, or `damaged` (its
+    /// records cannot be read; `rm -f` removes it).
     pub state: &'static str,
-    /// Why it failed.
+    /// Why it failed or is damaged.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// The VMM runs but did not answer a short probe (frozen or wedged); `state` is the last
@@ -415,9 +416,9 @@ pub struct PsRow {
     pub unresponsive: bool,
     /// Address from the readiness marker.
     pub ip: Option<String>,
-    /// Backend.
-    pub backend: BackendKind,
-    /// VMM pid.
+    /// Backend (unknown for a damaged VM).
+    pub backend: Option<BackendKind>,
+    /// VMM pid (for a damaged VM: a process its directory owns).
     pub pid: Option<u32>,
     /// Acceleration used.
     pub accel: Option<String>,
@@ -442,13 +443,41 @@ impl From<&VmInfo> for PsRow {
             },
             unresponsive: i.unresponsive,
             ip: i.ip.map(|ip| ip.to_string()),
-            backend: i.backend,
+            backend: Some(i.backend),
             pid: i.pid,
             accel: i.accel.clone(),
             cpus: i.cpus,
             memory_mib: i.memory_mib,
             created_at: i.created_at,
             ports: super::net::ports(&i.config.networks),
+        }
+    }
+}
+
+impl From<&DamagedVm> for PsRow {
+    fn from(d: &DamagedVm) -> Self {
+        PsRow {
+            name: d.name.clone(),
+            state: "damaged",
+            reason: Some(d.reason.clone()),
+            ip: None,
+            backend: None,
+            pid: d.pids.first().copied(),
+            accel: None,
+            cpus: 0,
+            memory_mib: 0,
+            created_at: 0,
+            ports: Vec::new(),
+            unresponsive: false,
+        }
+    }
+}
+
+impl From<&VmListing> for PsRow {
+    fn from(l: &VmListing) -> Self {
+        match l {
+            VmListing::Vm(i) => PsRow::from(&**i),
+            VmListing::Damaged(d) => PsRow::from(d),
         }
     }
 }
@@ -470,11 +499,12 @@ fn ago(ts: u64) -> String {
 /// `vmrs ps`
 pub async fn ps(a: PsArgs) -> anyhow::Result<i32> {
     let mgr = VmManager::new().await?;
-    let vms: Vec<VmInfo> = mgr
+    // A damaged VM is always shown: it needs attention (`rm -f`).
+    let vms: Vec<VmListing> = mgr
         .list()
         .await?
         .into_iter()
-        .filter(|v| a.all || v.state.is_live())
+        .filter(|l| a.all || l.info().map_or(true, |v| v.state.is_live()))
         .collect();
     let rows: Vec<PsRow> = vms.iter().map(PsRow::from).collect();
     if a.quiet {
@@ -492,6 +522,15 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<i32> {
         "NAME", "STATE", "IP", "BACKEND", "PID", "CPUS", "MEM", "CREATED"
     );
     for r in &rows {
+        if r.state == "damaged" {
+            println!(
+                "{:<20} {:<9} {}",
+                r.name,
+                r.state,
+                r.reason.as_deref().unwrap_or_default()
+            );
+            continue;
+        }
         let state = if r.unresponsive {
             format!("{} (unresponsive)", r.state)
         } else {
@@ -502,7 +541,7 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<i32> {
             r.name,
             state,
             r.ip.as_deref().unwrap_or("-"),
-            r.backend.to_string(),
+            r.backend.map_or_else(|| "-".to_string(), |b| b.to_string()),
             r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             r.cpus,
             r.memory_mib,
@@ -693,7 +732,15 @@ pub async fn inspect(a: NamesArgs) -> anyhow::Result<i32> {
     let mgr = VmManager::new().await?;
     let mut out = Vec::new();
     for n in &a.names {
-        out.push(mgr.inspect(n).await?);
+        // a damaged VM shows as `{"name", "state": "damaged", "reason", "dir", "pids"}`
+        out.push(match mgr.listing(n).await? {
+            VmListing::Vm(i) => serde_json::to_value(&i)?,
+            VmListing::Damaged(d) => {
+                let mut v = serde_json::to_value(&d)?;
+                v["state"] = "damaged".into();
+                v
+            }
+        });
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(0)

@@ -64,6 +64,8 @@ pub fn kill_recorded(home: &std::path::Path) {
     {
         if let Ok(rd) = std::fs::read_dir(home.join("vms")) {
             for e in rd.flatten() {
+                // whatever the VM directory owns, recorded or not
+                vm_rs::process::kill_owned_by(&e.path());
                 let Ok(b) = std::fs::read(e.path().join("state.json")) else {
                     continue;
                 };
@@ -107,4 +109,18 @@ pub fn row<'a>(rows: &'a [Value], name: &str) -> &'a Value {
     rows.iter()
         .find(|r| r["name"] == name)
         .unwrap_or_else(|| panic!("{name} not in ps: {rows:?}"))
+}
+
+/// Poll `cond` every 50 ms until it holds or `timeout` passes; whether it held.
+pub fn wait_until(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

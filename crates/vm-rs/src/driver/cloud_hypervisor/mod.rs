@@ -425,7 +425,8 @@ impl CloudHypervisorDriver {
             .stdout(vmm_log)
             .stderr(vmm_log_err)
             .current_dir(spec.vm_dir);
-        let mut process = VmmProcess::spawn(cmd).map_err(|e| match e {
+        // owned by the VM directory: found from there even if no record ever names it
+        let mut process = VmmProcess::spawn_owned(cmd, spec.vm_dir).map_err(|e| match e {
             crate::process::ProcessError::Spawn { source, .. } => DriverError::Spawn {
                 program: program.display().to_string(),
                 source,

@@ -233,7 +233,8 @@ impl VmDriver for QemuDriver {
             .stdout(vmm_log)
             .stderr(vmm_log_err);
         tracing::debug!(vm = %spec.config.name, ?argv, "launching qemu");
-        let mut process = VmmProcess::spawn(cmd)?;
+        // owned by the VM directory: found from there even if no record ever names it
+        let mut process = VmmProcess::spawn_owned(cmd, spec.vm_dir)?;
         let handle = VmHandle {
             name: spec.config.name.clone(),
             backend: BackendKind::Qemu,
