@@ -878,17 +878,16 @@ impl VmManager {
         self.drop_agent(name).await;
         let handle = entry.require_handle(name).await?;
         let driver = entry.driver();
+        // The exit is recorded as asked for: from here on only this VMM (pidfd) is forced, and
+        // another verb (a second Ctrl-C's kill) need not wait for a VMM that may not answer.
+        drop(lock);
         // Everything graceful happens within `timeout`, even when the VMM does not answer.
         let graceful = async {
             // A paused guest cannot react to the power button.
             if entry.state() == VmState::Paused {
                 let _ = driver.resume(&handle).await;
             }
-            let shutdown = driver.request_shutdown(&handle).await;
-            // The exit is asked for: from here on only this VMM (pidfd) is forced, and a kill
-            // need not wait for the guest to power off.
-            drop(lock);
-            match shutdown {
+            match driver.request_shutdown(&handle).await {
                 Ok(()) => entry.wait_finished(timeout).await,
                 Err(e) => {
                     tracing::warn!(vm = %name, error = %e, "power button failed; forcing");
