@@ -308,11 +308,6 @@ pub struct NicPlan {
 }
 
 impl NicPlan {
-    /// QEMU id of the netdev (`net<index>`).
-    pub fn netdev_id(&self) -> String {
-        format!("net{}", self.index)
-    }
-
     /// Kernel command-line words telling the guest init how to configure this NIC (see the
     /// module docs for the keys).
     pub fn guest_cmdline(&self) -> Vec<String> {
