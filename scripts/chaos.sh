@@ -23,6 +23,16 @@ VMRS=${VMRS_BIN:-$PWD/target/debug/vmrs}
 if [ -z "${VMRS_BIN:-}" ]; then
     cargo build -q -p vmrs || exit 1
 fi
+# The guest assets `vmrs setup` wrote for the caller's home: the harness's own VMRS_HOME would
+# otherwise point the VMs at an assets dir that does not exist (paths::assets_dir).
+if [ -z "${VMRS_ASSETS:-}" ]; then
+    VMRS_ASSETS=${VMRS_HOME:-${XDG_DATA_HOME:-$HOME/.local/share}/vmrs}/assets
+fi
+export VMRS_ASSETS
+if [ ! -e "$VMRS_ASSETS/vmlinuz" ] || [ ! -e "$VMRS_ASSETS/initramfs.img" ]; then
+    echo "chaos: no guest assets in $VMRS_ASSETS (run scripts/setup.sh or set VMRS_ASSETS)" >&2
+    exit 1
+fi
 home=$(mktemp -d /tmp/vmrs-chaos.XXXXXX)
 export VMRS_HOME=$home
 unset RUST_LOG
