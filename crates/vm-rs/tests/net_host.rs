@@ -212,7 +212,9 @@ async fn another_home_never_reaps_our_devices() {
 async fn an_existing_device_of_the_wrong_kind_is_refused_untouched() {
     let ns = TestNetns::new("kind");
     let home = tempfile::tempdir().expect("home");
-    ns.ip(&["link", "add", "usrveth0", "type", "veth", "peer", "name", "usrveth1"]);
+    ns.ip(&[
+        "link", "add", "usrveth0", "type", "veth", "peer", "name", "usrveth1",
+    ]);
     ns.ip(&["tuntap", "add", "dev", "usrtap0", "mode", "tap"]);
     let tap = |ifname: &str| NetworkAttachment::Tap {
         ifname: Some(ifname.into()),
@@ -243,7 +245,11 @@ async fn an_existing_device_of_the_wrong_kind_is_refused_untouched() {
         );
         assert_eq!(err.kind(), vm_rs::ErrorKind::Invalid, "{msg}");
     }
-    assert_eq!(ns.ip(&["-4", "addr", "show"]), addrs_before, "an address was added");
+    assert_eq!(
+        ns.ip(&["-4", "addr", "show"]),
+        addrs_before,
+        "an address was added"
+    );
     assert!(!nft_tables(&ns).contains("vmrs_"));
     let links = ns.links();
     assert!(!links.iter().any(|l| l.starts_with("vmrs")), "{links:?}");

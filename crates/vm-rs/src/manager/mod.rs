@@ -408,7 +408,14 @@ impl VmManager {
                     live.insert(name);
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(vm = %name, error = %e, "cannot reattach"),
+                Err(e) => {
+                    tracing::warn!(vm = %name, error = %e, "cannot reattach");
+                    // A damaged record whose VMM (or a sidecar) still runs: its TAPs, switch
+                    // membership and forwarders are in use until `rm -f` kills it.
+                    if !crate::process::owned_by(&mgr.vm_dir(&name)).is_empty() {
+                        live.insert(name);
+                    }
+                }
             }
         }
         // Remove host network devices, switch memberships and forwarders of VMs that died

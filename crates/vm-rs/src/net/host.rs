@@ -337,7 +337,11 @@ fn check_kind(m: &LinkMessage, name: &str, wanted: &'static str) -> Result<(), H
         Some(InfoKind::Bridge) => "bridge".to_string(),
         Some(InfoKind::Other(k)) => k.clone(),
         Some(k) => format!("{k:?}").to_lowercase(),
-        None if m.header.flags.contains(rtnetlink::packet_route::link::LinkFlags::Loopback) => {
+        None if m
+            .header
+            .flags
+            .contains(rtnetlink::packet_route::link::LinkFlags::Loopback) =>
+        {
             "loopback".to_string()
         }
         None => "physical".to_string(),
