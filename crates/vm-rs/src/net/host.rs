@@ -325,10 +325,10 @@ fn kind_of(m: &LinkMessage) -> Option<&InfoKind> {
 
 /// Refuses an existing link that is not `wanted` (a TAP is kind `tun`).
 fn check_kind(m: &LinkMessage, name: &str, wanted: &'static str) -> Result<(), HostError> {
-    let ok = match (wanted, kind_of(m)) {
-        ("tap", Some(InfoKind::Tun)) | ("bridge", Some(InfoKind::Bridge)) => true,
-        _ => false,
-    };
+    let ok = matches!(
+        (wanted, kind_of(m)),
+        ("tap", Some(InfoKind::Tun)) | ("bridge", Some(InfoKind::Bridge))
+    );
     if ok {
         return Ok(());
     }
