@@ -22,14 +22,14 @@
 //! Test binaries run it by re-executing themselves: their `main` calls [`run_if_invoked`]
 //! first, and the driver is pointed at `std::env::current_exe()`.
 
+use super::http_peer::{read_request, write_reply, Reply};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-const MAX_HEAD: usize = 16 * 1024;
-const MAX_BODY: usize = 1024 * 1024;
+const SERVER: &str = "Cloud Hypervisor API";
 
 /// If this process was started as a VMM (`--api-socket` among the arguments), serve as the
 /// peer and exit; otherwise return.
@@ -88,9 +88,6 @@ struct Peer {
     next_bdf: u32,
     exit: bool,
 }
-
-/// An HTTP answer: status and optional JSON body.
-type Reply = (u16, Option<Value>);
 
 fn err(status: u16, chain: &[&str]) -> Reply {
     let mut v = vec!["Error from API".to_string()];
@@ -164,12 +161,12 @@ impl Peer {
                 Ok(Some(r)) => r,
                 Ok(None) => return,
                 Err(e) => {
-                    let _ = write_reply(&mut writer, (400, Some(json!([e]))));
+                    let _ = write_reply(&mut writer, SERVER, (400, Some(json!([e]))));
                     return;
                 }
             };
             let reply = self.route(&method, &path, &body);
-            if write_reply(&mut writer, reply).is_err() {
+            if write_reply(&mut writer, SERVER, reply).is_err() {
                 return;
             }
             if self.exit {
@@ -570,7 +567,7 @@ fn boot_payload(cfg: &Value) -> Result<bool, Reply> {
     }
     if cfg["serial"]["mode"] == "File" {
         let serial = cfg["serial"]["file"].as_str().unwrap_or_default();
-        let line = ready_line(&image);
+        let line = super::pvh_guest::ready_line(&image);
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -593,91 +590,7 @@ fn boot_payload(cfg: &Value) -> Result<bool, Reply> {
     Ok(image.windows(code.len()).any(|w| w == code))
 }
 
-/// The `VMRS_READY ...\n` line embedded in a test guest image.
-fn ready_line(image: &[u8]) -> Option<Vec<u8>> {
-    let start = image.windows(10).position(|w| w == b"VMRS_READY")?;
-    let end = image[start..].iter().position(|&b| b == b'\n')?;
-    Some(image[start..=start + end].to_vec())
-}
 
 fn file_url(v: &Value) -> Option<PathBuf> {
     v.as_str()?.strip_prefix("file://").map(PathBuf::from)
-}
-
-type Request = (String, String, Vec<u8>);
-
-fn read_request(r: &mut BufReader<UnixStream>) -> Result<Option<Request>, String> {
-    let mut head = Vec::new();
-    loop {
-        let mut line = Vec::new();
-        let n = r
-            .by_ref()
-            .take((MAX_HEAD - head.len().min(MAX_HEAD)) as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .map_err(|e| e.to_string())?;
-        if n == 0 {
-            return if head.is_empty() {
-                Ok(None)
-            } else {
-                Err("truncated request".into())
-            };
-        }
-        if line == b"\r\n" || line == b"\n" {
-            break;
-        }
-        head.extend_from_slice(&line);
-        if head.len() > MAX_HEAD {
-            return Err("request head too large".into());
-        }
-    }
-    let text = String::from_utf8(head).map_err(|_| "request head is not utf-8".to_string())?;
-    let mut lines = text.lines();
-    let mut first = lines.next().unwrap_or_default().split(' ');
-    let method = first.next().unwrap_or_default().to_string();
-    let path = first.next().unwrap_or_default().to_string();
-    let mut len = 0usize;
-    for l in lines {
-        if let Some((k, v)) = l.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse().map_err(|_| "bad content-length".to_string())?;
-            }
-        }
-    }
-    if len > MAX_BODY {
-        return Err("request body too large".into());
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).map_err(|e| e.to_string())?;
-    Ok(Some((method, path, body)))
-}
-
-fn write_reply(w: &mut UnixStream, (status, body): Reply) -> std::io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        204 => "No Content",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        500 => "Internal Server Error",
-        _ => "Unknown",
-    };
-    let mut out =
-        format!("HTTP/1.1 {status} {reason}\r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\n");
-    let body = body.map(|b| b.to_string().into_bytes());
-    if let Some(b) = &body {
-        out.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            b.len()
-        ));
-    } else if status != 204 {
-        out.push_str("Content-Length: 0\r\n");
-    }
-    out.push_str("\r\n");
-    let mut bytes = out.into_bytes();
-    if let Some(b) = body {
-        bytes.extend_from_slice(&b);
-    }
-    w.write_all(&bytes)?;
-    w.flush()
 }

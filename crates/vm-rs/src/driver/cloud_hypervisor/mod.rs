@@ -61,9 +61,12 @@
 //! `VMRS_CLOUD_HYPERVISOR`, then `cloud-hypervisor` on `PATH`. It is not packaged by the usual
 //! distributions; [`find_binary`] reports where it looked when it is absent.
 
-pub mod api;
 pub mod events;
-pub mod vmlinux;
+/// The HTTP client (shared with the Firecracker backend: [`crate::driver::http`]).
+pub use super::http as api;
+/// The bzImage → ELF extraction (shared with the Firecracker backend:
+/// [`crate::driver::vmlinux`]).
+pub use super::vmlinux;
 
 use self::api::{ApiClient, Method};
 use super::{
@@ -103,32 +106,12 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Find the `cloud-hypervisor` binary: `explicit`, else `VMRS_CLOUD_HYPERVISOR`, else `PATH`.
 pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf, DriverError> {
-    let mut searched = Vec::new();
-    let candidate_ok = crate::host::is_executable;
-    if let Some(p) = explicit {
-        if candidate_ok(p) {
-            return Ok(p.to_path_buf());
-        }
-        searched.push(p.display().to_string());
-    }
-    if let Some(v) = std::env::var_os(BINARY_ENV).filter(|v| !v.is_empty()) {
-        let p = PathBuf::from(v);
-        if candidate_ok(&p) {
-            return Ok(p);
-        }
-        searched.push(format!("{BINARY_ENV}={}", p.display()));
-    }
-    if let Some(p) = crate::host::find_on_path(PROGRAM) {
-        return Ok(p);
-    }
-    if std::env::var_os("PATH").is_some() {
-        searched.push("PATH".into());
-    }
-    Err(DriverError::BinaryNotFound {
-        program: PROGRAM.into(),
-        searched: searched.join(", "),
-        hint: "install cloud-hypervisor or set VMRS_CLOUD_HYPERVISOR to its path (or use --backend qemu)",
-    })
+    super::find_program(
+        explicit,
+        BINARY_ENV,
+        PROGRAM,
+        "install cloud-hypervisor or set VMRS_CLOUD_HYPERVISOR to its path (or use --backend qemu)",
+    )
 }
 
 /// Whether KVM is usable for Cloud Hypervisor, which has no software fallback: the host probe
