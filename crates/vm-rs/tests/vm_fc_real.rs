@@ -29,7 +29,10 @@ async fn snapshot_or_clear_error(bin: PathBuf) {
         Ok(()) => assert!(snap.join("vmstate").is_file()),
         Err(DriverError::Command { command, message }) => {
             assert_eq!(command, "PUT /snapshot/create");
-            assert!(message.starts_with("400 bad request: Create snapshot error"), "{message}");
+            assert!(
+                message.starts_with("400 bad request: Create snapshot error"),
+                "{message}"
+            );
         }
         Err(other) => panic!("unexpected snapshot error: {other:?}"),
     }

@@ -537,7 +537,8 @@ fn choose_auto(
                 match fits(driver.as_ref()) {
                     Ok(()) => {
                         let at = bin.map(|b| format!(" ({})", b.display())).unwrap_or_default();
-                        let mut reason = format!("{k}{at}: KVM is usable and it runs everything this vm needs");
+                        let mut reason =
+                            format!("{k}{at}: KVM is usable and it runs everything this vm needs");
                         if !skipped.is_empty() {
                             reason.push_str(&format!("; {}", skipped.join("; ")));
                         }
@@ -626,8 +627,14 @@ mod tests {
         assert!(why.contains("cloud-hypervisor is not installed"), "{why}");
         let (k, why) = reason(Ok(()), &[Ch, Fc], &[Ch, Fc]);
         assert_eq!(k, Qemu);
-        assert!(why.contains("firecracker does not support shared directories"), "{why}");
-        assert!(why.contains("cloud-hypervisor does not support shared directories"), "{why}");
+        assert!(
+            why.contains("firecracker does not support shared directories"),
+            "{why}"
+        );
+        assert!(
+            why.contains("cloud-hypervisor does not support shared directories"),
+            "{why}"
+        );
         let (k, why) = reason(Ok(()), &[Ch, Fc], &[Ch]);
         assert_eq!(k, Fc);
         assert!(why.contains("cloud-hypervisor does not support"), "{why}");

@@ -442,13 +442,19 @@ pub async fn bad_disk_is_clear_error(bin: PathBuf) {
     match &err {
         DriverError::Command { command, message } => {
             assert_eq!(command, "PUT /drives/disk0");
-            assert!(message.starts_with("400 bad request: Drive config error"), "{message}");
+            assert!(
+                message.starts_with("400 bad request: Drive config error"),
+                "{message}"
+            );
         }
         other => panic!("expected an api error, got {other:?}"),
     }
     assert!(std::os::unix::net::UnixStream::connect(fx.api_socket()).is_err());
     assert!(vm_rs::console::capture::wait_done(&fx.vm_dir, Duration::from_secs(10)).await);
-    assert!(!fx.vm_dir.join("console.json").exists(), "console sidecar record left behind");
+    assert!(
+        !fx.vm_dir.join("console.json").exists(),
+        "console sidecar record left behind"
+    );
 }
 
 /// A kernel that is neither ELF nor bzImage is refused before any VMM starts.
@@ -564,7 +570,10 @@ pub async fn manager_lifecycle(bin: PathBuf) {
     let guest = super::pvh_guest::write(home.path());
     let mgr = vm_rs::VmManager::with_home(home.path()).await.expect("manager");
     mgr.start(manager_config("life", &guest)).await.expect("start");
-    let ip = mgr.wait_ready("life", Duration::from_secs(20)).await.expect("ready");
+    let ip = mgr
+        .wait_ready("life", Duration::from_secs(20))
+        .await
+        .expect("ready");
     assert_eq!(ip.to_string(), "10.0.0.2");
     let info = mgr.inspect("life").await.expect("inspect");
     assert_eq!(info.backend, vm_rs::BackendKind::Firecracker);
@@ -586,7 +595,9 @@ pub async fn manager_kill9_failed(bin: PathBuf) {
     let guest = super::pvh_guest::write(home.path());
     let mgr = vm_rs::VmManager::with_home(home.path()).await.expect("manager");
     mgr.start(manager_config("k9", &guest)).await.expect("start");
-    mgr.wait_ready("k9", Duration::from_secs(20)).await.expect("ready");
+    mgr.wait_ready("k9", Duration::from_secs(20))
+        .await
+        .expect("ready");
     let handle = mgr.handle("k9").await.expect("handle").expect("live");
     VmmProcess::attach(handle.pid, handle.start_time)
         .expect("attach")
@@ -618,7 +629,9 @@ pub async fn manager_reattach(bin: PathBuf) {
     {
         let mgr = vm_rs::VmManager::with_home(home.path()).await.expect("manager");
         mgr.start(manager_config("re", &guest)).await.expect("start");
-        mgr.wait_ready("re", Duration::from_secs(20)).await.expect("ready");
+        mgr.wait_ready("re", Duration::from_secs(20))
+            .await
+            .expect("ready");
     }
     let mgr = vm_rs::VmManager::with_home(home.path()).await.expect("manager 2");
     assert!(matches!(
@@ -680,7 +693,10 @@ pub async fn manager_refuses_what_firecracker_lacks(bin: PathBuf) {
             "{msg}"
         );
         assert_eq!(err.kind(), vm_rs::ErrorKind::Unsupported, "{msg}");
-        assert!(!home.path().join("vms").join(&name).exists(), "{name} left a directory");
+        assert!(
+            !home.path().join("vms").join(&name).exists(),
+            "{name} left a directory"
+        );
     }
     assert!(mgr.list().await.expect("list").is_empty());
 }

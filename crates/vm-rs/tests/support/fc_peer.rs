@@ -327,8 +327,11 @@ const POST_BOOT: &str = "The requested operation is not supported after starting
 const PRE_BOOT: &str = "The requested operation is not supported before starting the microVM.";
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
-    serde_json::from_slice(body)
-        .map_err(|e| fault(format!("An error occurred when deserializing the json body of a request: {e}.")))
+    serde_json::from_slice(body).map_err(|e| {
+        fault(format!(
+            "An error occurred when deserializing the json body of a request: {e}."
+        ))
+    })
 }
 
 fn checked_id(id: Option<&str>) -> Result<&str, Reply> {
@@ -412,7 +415,9 @@ impl Peer {
                     return;
                 }
             };
-            self.log(&format!("The API server received a {method} request on {path:?}."));
+            self.log(&format!(
+                "The API server received a {method} request on {path:?}."
+            ));
             let reply = self.route(&method, &path, &body).unwrap_or_else(|e| e);
             if write_reply(&mut writer, SERVER, reply).is_err() || self.exit.is_some() {
                 return;
@@ -470,7 +475,10 @@ impl Peer {
             ("PUT", "machine-config", true) => {
                 let m: MachineConfiguration = parse(body)?;
                 self.preboot()?;
-                if m.vcpu_count == 0 || m.vcpu_count > 32 || (m.smt && m.vcpu_count > 1 && m.vcpu_count % 2 == 1) {
+                if m.vcpu_count == 0
+                    || m.vcpu_count > 32
+                    || (m.smt && m.vcpu_count > 1 && m.vcpu_count % 2 == 1)
+                {
                     return Err(fault(
                         "Machine config error: The number of vCPUs must be greater than 0, less than 32 and must be 1 or an even number if SMT is enabled.",
                     ));
@@ -486,8 +494,11 @@ impl Peer {
             ("PUT", "boot-source", true) => {
                 let b: BootSource = parse(body)?;
                 self.preboot()?;
-                std::fs::File::open(&b.kernel_image_path)
-                    .map_err(|e| fault(format!("Boot source error: The kernel file cannot be opened: {e}")))?;
+                std::fs::File::open(&b.kernel_image_path).map_err(|e| {
+                    fault(format!(
+                        "Boot source error: The kernel file cannot be opened: {e}"
+                    ))
+                })?;
                 if let Some(initrd) = &b.initrd_path {
                     std::fs::File::open(initrd).map_err(|e| {
                         fault(format!(
@@ -535,14 +546,22 @@ impl Peer {
                 self.preboot()?;
                 if let Some(mac) = &n.guest_mac {
                     let ok = mac.split(':').count() == 6
-                        && mac.split(':').all(|b| b.len() == 2 && u8::from_str_radix(b, 16).is_ok());
+                        && mac
+                            .split(':')
+                            .all(|b| b.len() == 2 && u8::from_str_radix(b, 16).is_ok());
                     if !ok {
                         return Err(fault(format!(
                             "An error occurred when deserializing the json body of a request: invalid MAC address {mac}."
                         )));
                     }
-                    if self.ifaces.iter().any(|o| o.iface_id != id && o.guest_mac.as_ref() == Some(mac)) {
-                        return Err(fault(format!("Network config error: The MAC address is already in use: {mac}")));
+                    if self
+                        .ifaces
+                        .iter()
+                        .any(|o| o.iface_id != id && o.guest_mac.as_ref() == Some(mac))
+                    {
+                        return Err(fault(format!(
+                            "Network config error: The MAC address is already in use: {mac}"
+                        )));
                     }
                 }
                 self.ifaces.retain(|o| o.iface_id != id);
@@ -607,9 +626,8 @@ impl Peer {
                         "Start microvm error: Cannot start microvm without kernel configuration.",
                     ));
                 };
-                let image = std::fs::read(&boot.kernel_image_path).map_err(|e| {
-                    fault(format!("Start microvm error: Cannot load kernel: {e}"))
-                })?;
+                let image = std::fs::read(&boot.kernel_image_path)
+                    .map_err(|e| fault(format!("Start microvm error: Cannot load kernel: {e}")))?;
                 if !image.starts_with(b"\x7fELF") && !is_bzimage(&image) {
                     return Err(fault(
                         "Start microvm error: Cannot load kernel due to invalid memory configuration or invalid kernel image: Failed to read ELF magic number",
@@ -743,7 +761,6 @@ impl Peer {
 fn is_bzimage(image: &[u8]) -> bool {
     image.get(0x202..0x206) == Some(b"HdrS")
 }
-
 
 /// The files this peer needs to exist (for tests that check nothing is left behind).
 pub fn socket_of(vm_dir: &Path) -> std::path::PathBuf {

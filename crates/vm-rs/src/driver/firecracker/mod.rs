@@ -312,7 +312,13 @@ pub fn config_calls(
 pub fn drive_id(id: &str) -> String {
     let s: String = id
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     if s.is_empty() {
         "_".into()
@@ -452,21 +458,35 @@ impl FirecrackerDriver {
 
     async fn action(handle: &VmHandle, action_type: ActionType) -> Result<(), DriverError> {
         let body = to_value("action", &InstanceActionInfo { action_type })?;
-        Self::call(&Self::client(&handle.api_socket), Method::Put, "/actions", Some(&body))
-            .await
-            .map(drop)
+        Self::call(
+            &Self::client(&handle.api_socket),
+            Method::Put,
+            "/actions",
+            Some(&body),
+        )
+        .await
+        .map(drop)
     }
 
     async fn set_state(handle: &VmHandle, state: model::VmState) -> Result<(), DriverError> {
         let body = to_value("vm state", &model::Vm { state })?;
-        Self::call(&Self::client(&handle.api_socket), Method::Patch, "/vm", Some(&body))
-            .await
-            .map(drop)
+        Self::call(
+            &Self::client(&handle.api_socket),
+            Method::Patch,
+            "/vm",
+            Some(&body),
+        )
+        .await
+        .map(drop)
     }
 
     /// Start a Firecracker for `spec` (serial console into the capped log) and send it
     /// `calls`; when anything fails the VMM and the console sidecar are stopped again.
-    async fn launch_with(&self, spec: &BootSpec<'_>, calls: &[(String, serde_json::Value, Duration)]) -> Result<Launched, DriverError> {
+    async fn launch_with(
+        &self,
+        spec: &BootSpec<'_>,
+        calls: &[(String, serde_json::Value, Duration)],
+    ) -> Result<Launched, DriverError> {
         let program = self.binary()?;
         let files = VmFiles::new(spec.vm_dir);
         if files.api_socket.as_os_str().len() > MAX_SOCKET_PATH {
@@ -840,10 +860,17 @@ mod tests {
             entropy: true,
             ..DeviceSet::default()
         };
-        let calls = config_calls(&cfg, &devices, Path::new("/v/vmlinux"), &["vmrs.x=1".into()]).expect("calls");
+        let calls =
+            config_calls(&cfg, &devices, Path::new("/v/vmlinux"), &["vmrs.x=1".into()]).expect("calls");
         let paths: Vec<&str> = calls.iter().map(|(p, _)| p.as_str()).collect();
-        assert_eq!(paths, ["/machine-config", "/boot-source", "/drives/disk0", "/entropy"]);
-        assert_eq!(calls[0].1, serde_json::json!({"vcpu_count": 2, "mem_size_mib": 128}));
+        assert_eq!(
+            paths,
+            ["/machine-config", "/boot-source", "/drives/disk0", "/entropy"]
+        );
+        assert_eq!(
+            calls[0].1,
+            serde_json::json!({"vcpu_count": 2, "mem_size_mib": 128})
+        );
         assert_eq!(
             calls[1].1,
             serde_json::json!({"kernel_image_path": "/v/vmlinux", "initrd_path": "/k/initrd",
@@ -872,7 +899,9 @@ mod tests {
             ..DeviceSet::default()
         };
         match caps.check(BackendKind::Firecracker, &cfg, &devices) {
-            Err(DriverError::Unsupported { feature, .. }) => assert!(feature.contains("user-mode"), "{feature}"),
+            Err(DriverError::Unsupported { feature, .. }) => {
+                assert!(feature.contains("user-mode"), "{feature}")
+            }
             other => panic!("{other:?}"),
         }
         let shares = DeviceSet {
@@ -885,7 +914,11 @@ mod tests {
         };
         match caps.check(BackendKind::Firecracker, &cfg, &shares) {
             Err(e @ DriverError::Unsupported { .. }) => {
-                assert!(e.to_string().contains("firecracker backend does not support shared directories"), "{e}")
+                assert!(
+                    e.to_string()
+                        .contains("firecracker backend does not support shared directories"),
+                    "{e}"
+                )
             }
             other => panic!("{other:?}"),
         }
@@ -903,10 +936,16 @@ mod tests {
     #[test]
     fn exits_are_classified_from_the_log() {
         assert!(matches!(
-            classify_exit("x\n[anonymous-instance:main] Firecracker exiting successfully. exit_code=0\n", false),
+            classify_exit(
+                "x\n[anonymous-instance:main] Firecracker exiting successfully. exit_code=0\n",
+                false
+            ),
             VmmEvent::Shutdown { guest: true, .. }
         ));
-        assert!(matches!(classify_exit("", true), VmmEvent::Shutdown { guest: false, .. }));
+        assert!(matches!(
+            classify_exit("", true),
+            VmmEvent::Shutdown { guest: false, .. }
+        ));
         match classify_exit(
             "a\nReceived KVM_EXIT_INTERNAL_ERROR signal\nFirecracker exiting with error. exit_code=1\n",
             false,

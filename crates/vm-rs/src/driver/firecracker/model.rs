@@ -244,7 +244,10 @@ mod tests {
         let vm = Vm {
             state: VmState::Resumed,
         };
-        assert_eq!(serde_json::to_string(&vm).expect("json"), r#"{"state":"Resumed"}"#);
+        assert_eq!(
+            serde_json::to_string(&vm).expect("json"),
+            r#"{"state":"Resumed"}"#
+        );
         let load = SnapshotLoadParams {
             snapshot_path: "/s/vmstate".into(),
             mem_backend: MemoryBackend {
