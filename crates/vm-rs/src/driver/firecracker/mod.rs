@@ -980,4 +980,23 @@ mod tests {
         assert_eq!(map_state("Not started"), VmmStatus::Shutdown);
         assert_eq!(map_state("Paused"), VmmStatus::Paused);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn untrusted_logs_and_answers_never_panic_and_stay_bounded(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+            lines in proptest::collection::vec("[ -~]{0,400}", 0..12),
+        ) {
+            let msg = error_message(400, &data);
+            proptest::prop_assert!(msg.chars().count() <= 1024 + 32);
+            let mut log = lines.join("\n");
+            let _ = classify_exit(&log, false);
+            log.push_str("\nFirecracker exiting with error. exit_code=");
+            log.push_str(&String::from_utf8_lossy(&data));
+            match classify_exit(&log, false) {
+                VmmEvent::Error { reason } => proptest::prop_assert!(reason.chars().count() < 1200),
+                other => proptest::prop_assert!(false, "{:?}", other),
+            }
+        }
+    }
 }
