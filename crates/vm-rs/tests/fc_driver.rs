@@ -22,8 +22,6 @@ fn main() {
     let args = libtest_mimic::Arguments::from_args();
     let mut flows = fc_flows::shared();
     flows.extend(fc_flows::manager());
-    // the peer keeps no vCPU state, so a snapshot always works once paused
-    flows.push(("snapshot_restore", |b| Box::pin(fc_flows::snapshot_restore(b))));
     let trials = flows
         .into_iter()
         .map(|(name, flow)| {

@@ -326,6 +326,21 @@ pub async fn bad_bodies_are_refused(bin: PathBuf) {
         .await
         .expect("request");
     assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    // with a drive configured, a snapshot can no longer be loaded into this VMM
+    let load = format!(
+        r#"{{"snapshot_path": "{0}", "mem_backend": {{"backend_type": "File", "backend_path": "{0}"}}}}"#,
+        img.display()
+    );
+    let r = api
+        .request(Method::Put, "/snapshot/load", Some(load.as_bytes()))
+        .await
+        .expect("request");
+    assert_eq!(r.status, 400);
+    assert!(
+        fault(&r.body).contains("not allowed after configuring boot-specific resources"),
+        "{}",
+        fault(&r.body)
+    );
     let r = api.request(Method::Get, "/", None).await.expect("request");
     assert_eq!(r.status, 200);
     let info: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
@@ -527,6 +542,7 @@ pub fn shared() -> Vec<(&'static str, Flow)> {
         ("bad_kernel_is_clear_error", |b| {
             Box::pin(bad_kernel_is_clear_error(b))
         }),
+        ("snapshot_restore", |b| Box::pin(snapshot_restore(b))),
     ]
 }
 
