@@ -143,5 +143,15 @@ mod tests {
         };
         assert_eq!(a.backend, cmd::vm::BackendArg::CloudHypervisor);
         assert_eq!(a.memory, 1024);
+        for name in ["firecracker", "fc"] {
+            let cli = parse(&["run", "--backend", name]).expect("parse");
+            let cmd::Command::Run(a) = cli.command else {
+                panic!("not run")
+            };
+            assert_eq!(
+                vm_rs::BackendKind::from(a.backend),
+                vm_rs::BackendKind::Firecracker
+            );
+        }
     }
 }
