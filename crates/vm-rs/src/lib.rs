@@ -8,7 +8,8 @@
 //! ```text
 //!  VmManager ──────────────┬──────────────► VmDriver (trait)
 //!   │ one directory per VM │                  ├─ driver::qemu   (QMP over a Unix socket)
-//!   │ (config.json,        │                  └─ driver::cloud_hypervisor (REST API on a Unix socket)
+//!   │ (config.json,        │                  ├─ driver::cloud_hypervisor (REST API on a Unix socket)
+//!   │                      │                  └─ driver::firecracker (REST API on a Unix socket)
 //!   │  state.json,         │
 //!   │  serial.log, vmm.log)├──► process  : pid + start time + pidfd, own session
 //!   │                      ├──► console  : serial log follower + VMRS_READY parser
@@ -20,7 +21,8 @@
 //!
 //! * [`config`] — what the caller asks for: [`VmConfig`], disks, networks, shared dirs.
 //! * [`state`] — the lifecycle state machine ([`VmState`]).
-//! * [`driver`] — the [`VmDriver`] trait and backends; [`driver::detect`] picks one.
+//! * [`driver`] — the [`VmDriver`] trait and backends; [`driver::choose`] picks one for a VM
+//!   (and says why).
 //! * [`error`] — [`ErrorKind`]: every public error's `kind()` (not found, conflict, invalid, ...),
 //!   looking through wrappers to the cause.
 //! * [`process`] — VMM process identity and signalling (never signals a reused pid).

@@ -68,6 +68,14 @@ impl VmDir {
     pub const CH_LOG: &'static str = "ch.log";
     /// Written before the Cloud Hypervisor driver asks the VMM to exit.
     pub const CH_QUIT_MARKER: &'static str = "ch-quit-requested";
+    /// Which backend the VM was started on and why.
+    pub const BACKEND_CHOICE: &'static str = "backend.json";
+    /// Firecracker's API socket.
+    pub const FC_API_SOCKET: &'static str = "fc-api.sock";
+    /// Firecracker's log (its `--log-path`).
+    pub const FC_LOG: &'static str = "fc.log";
+    /// Written before the Firecracker driver kills the VMM on request.
+    pub const FC_QUIT_MARKER: &'static str = "fc-quit-requested";
     /// A bzImage unpacked to an ELF for Cloud Hypervisor.
     pub const VMLINUX: &'static str = "vmlinux";
 
@@ -76,6 +84,7 @@ impl VmDir {
         Self::QMP_SOCKET,
         Self::QMP_EVENTS_SOCKET,
         Self::CH_API_SOCKET,
+        Self::FC_API_SOCKET,
         Self::AGENT_SOCKET,
     ];
 
@@ -134,6 +143,10 @@ mod tests {
             VmDir::CH_EVENTS,
             VmDir::CH_LOG,
             VmDir::CH_QUIT_MARKER,
+            VmDir::BACKEND_CHOICE,
+            VmDir::FC_API_SOCKET,
+            VmDir::FC_LOG,
+            VmDir::FC_QUIT_MARKER,
             VmDir::VMLINUX,
         ];
         let set: std::collections::HashSet<_> = names.iter().collect();

@@ -14,7 +14,7 @@ fn me() -> PathBuf {
     std::env::current_exe().expect("current exe")
 }
 
-/// `vm.create` rejects a config the schema forbids (zero vCPUs): a 400 with the VMM's reason,
+/// `vm.create` rejects a config the VMM cannot run (zero vCPUs): v53's 500 with its reason,
 /// and the VMM is not left behind.
 async fn create_rejects_invalid_config(bin: PathBuf) {
     let fx = Fixture::new(&bin);
@@ -24,7 +24,7 @@ async fn create_rejects_invalid_config(bin: PathBuf) {
         Err(DriverError::Command { command, message }) => {
             assert_eq!(command, "vm.create");
             assert!(
-                message.starts_with("400 bad request: The VM could not be created"),
+                message.starts_with("500 internal error: The VM could not be created"),
                 "{message}"
             );
             assert!(message.contains("boot vCPUs"), "{message}");
@@ -84,6 +84,46 @@ async fn peer_protocol_errors(bin: PathBuf) {
     assert_eq!(r.status, 404);
     let r = api.raw(Method::Get, "vm.pause", None).await.expect("raw");
     assert_eq!(r.status, 400);
+    // bodies are checked against the document: unknown, mistyped and missing fields are 400
+    for (verb, body, want) in [
+        (
+            "vm.resize",
+            serde_json::json!({"desired_vcpus": 2, "desired_cpus": 2}),
+            "unknown field `desired_cpus`",
+        ),
+        (
+            "vm.resize",
+            serde_json::json!({"desired_vcpus": "two"}),
+            "invalid type",
+        ),
+        (
+            "vm.add-disk",
+            serde_json::json!({"path": "/x", "readonly": "yes"}),
+            "invalid type",
+        ),
+        (
+            "vm.add-disk",
+            serde_json::json!({"path": "/x", "image_type": "Iso"}),
+            "unknown variant `Iso`",
+        ),
+        ("vm.restore", serde_json::json!({}), "missing field `source_url`"),
+    ] {
+        let r = api.raw(Method::Put, verb, Some(&body)).await.expect("raw");
+        assert_eq!(r.status, 400, "{verb} {body}");
+        let chain: Vec<String> = serde_json::from_slice(&r.body).expect("error chain");
+        assert_eq!(chain[0], "Failed to deserialize JSON", "{chain:?}");
+        assert!(chain[1].contains(want), "{verb} {body}: {chain:?}");
+    }
+    // removing an unknown device is 500, as the v53 binary answers
+    let r = api
+        .raw(
+            Method::Put,
+            "vm.remove-device",
+            Some(&serde_json::json!({"id": "nope"})),
+        )
+        .await
+        .expect("raw");
+    assert_eq!(r.status, 500);
     let r = api.raw(Method::Get, "vmm.ping", None).await.expect("raw");
     assert_eq!(r.status, 200);
     let ping: serde_json::Value = serde_json::from_slice(&r.body).expect("json");

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! vmrs setup                      fetch the guest kernel/busybox and build the initramfs
-//! vmrs run [-d] [--name N] [-m 512m] [--accel auto|kvm|tcg] [--backend auto|qemu|cloud-hypervisor] ...
+//! vmrs run [-d] [--name N] [-m 512m] [--accel auto|kvm|tcg] [--backend auto|qemu|cloud-hypervisor|firecracker] ...
 //!                                 boot a VM (the built-in guest by default)
 //! vmrs ps [-a] [-q] [--json]      list VMs (-q: names only)
 //! vmrs stop|kill|pause|resume N   lifecycle (stop of a stopped VM is a no-op)
@@ -143,5 +143,15 @@ mod tests {
         };
         assert_eq!(a.backend, cmd::vm::BackendArg::CloudHypervisor);
         assert_eq!(a.memory, 1024);
+        for name in ["firecracker", "fc"] {
+            let cli = parse(&["run", "--backend", name]).expect("parse");
+            let cmd::Command::Run(a) = cli.command else {
+                panic!("not run")
+            };
+            assert_eq!(
+                vm_rs::BackendKind::from(a.backend),
+                vm_rs::BackendKind::Firecracker
+            );
+        }
     }
 }

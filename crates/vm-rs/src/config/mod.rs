@@ -30,6 +30,8 @@ pub enum BackendKind {
     Qemu,
     /// Cloud Hypervisor, driven over its REST API.
     CloudHypervisor,
+    /// Firecracker, driven over its REST API.
+    Firecracker,
 }
 
 impl std::fmt::Display for BackendKind {
@@ -38,6 +40,7 @@ impl std::fmt::Display for BackendKind {
             BackendKind::Auto => "auto",
             BackendKind::Qemu => "qemu",
             BackendKind::CloudHypervisor => "cloud-hypervisor",
+            BackendKind::Firecracker => "firecracker",
         })
     }
 }
@@ -49,10 +52,11 @@ impl std::str::FromStr for BackendKind {
             "auto" => Ok(Self::Auto),
             "qemu" => Ok(Self::Qemu),
             "cloud-hypervisor" | "ch" => Ok(Self::CloudHypervisor),
+            "firecracker" | "fc" => Ok(Self::Firecracker),
             other => Err(ConfigError::UnknownValue {
                 field: "backend",
                 value: other.to_string(),
-                expected: "auto, qemu, cloud-hypervisor",
+                expected: "auto, qemu, cloud-hypervisor, firecracker",
             }),
         }
     }

@@ -5,12 +5,19 @@
 //! process too. Process identity (pid + start time) and signalling live in
 //! [`crate::process`], shared by all backends; state bookkeeping lives in the manager.
 //!
-//! [`detect`] picks the backend for [`BackendKind::Auto`].
+//! [`detect`] and [`choose`] pick the backend for [`BackendKind::Auto`]; [`choose`] also weighs
+//! what the VM needs against each backend's capabilities and says why it picked one.
 
 #[cfg(feature = "cloud-hypervisor")]
 pub mod cloud_hypervisor;
+#[cfg(feature = "firecracker")]
+pub mod firecracker;
+#[cfg(any(feature = "cloud-hypervisor", feature = "firecracker"))]
+pub mod http;
 #[cfg(feature = "qemu")]
 pub mod qemu;
+#[cfg(any(feature = "cloud-hypervisor", feature = "firecracker"))]
+pub mod vmlinux;
 
 use crate::config::{BackendKind, VmConfig};
 use crate::process::{ProcessError, VmmProcess};
@@ -383,34 +390,179 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// Find a VMM program: `explicit`, else the path in the environment variable `env`, else
+/// `program` on `PATH`; the error says where it looked and `hint`.
+pub(crate) fn find_program(
+    explicit: Option<&Path>,
+    env: &str,
+    program: &str,
+    hint: &'static str,
+) -> Result<PathBuf, DriverError> {
+    let mut searched = Vec::new();
+    if let Some(p) = explicit {
+        if crate::host::is_executable(p) {
+            return Ok(p.to_path_buf());
+        }
+        searched.push(p.display().to_string());
+    }
+    if let Some(v) = std::env::var_os(env).filter(|v| !v.is_empty()) {
+        let p = PathBuf::from(v);
+        if crate::host::is_executable(&p) {
+            return Ok(p);
+        }
+        searched.push(format!("{env}={}", p.display()));
+    }
+    if let Some(p) = crate::host::find_on_path(program) {
+        return Ok(p);
+    }
+    if std::env::var_os("PATH").is_some() {
+        searched.push("PATH".into());
+    }
+    Err(DriverError::BinaryNotFound {
+        program: program.into(),
+        searched: searched.join(", "),
+        hint,
+    })
+}
+
 /// Resolve [`BackendKind::Auto`] (and check an explicit choice is available), returning a
-/// driver. `VMRS_BACKEND` overrides `Auto`. `Auto` prefers Cloud Hypervisor when its binary is
-/// found and KVM is usable, else QEMU.
+/// driver. `VMRS_BACKEND` overrides `Auto`. `Auto` takes the first backend of
+/// [`auto_backend`]; [`choose`] also weighs what a VM needs.
 pub fn detect(kind: BackendKind) -> Result<Arc<dyn VmDriver>, DriverError> {
     let kind = match kind {
-        BackendKind::Auto => match std::env::var("VMRS_BACKEND") {
-            Ok(v) if !v.is_empty() && v != "auto" => v.parse().map_err(|_| DriverError::Unsupported {
-                backend: BackendKind::Auto,
-                feature: "VMRS_BACKEND value",
-            })?,
-            _ => auto_backend(),
+        BackendKind::Auto => match env_backend()? {
+            Some(k) => k,
+            None => auto_backend(),
         },
         k => k,
     };
-    #[cfg(feature = "cloud-hypervisor")]
-    if kind == BackendKind::CloudHypervisor {
-        cloud_hypervisor::find_binary(None)?;
-    }
+    check_installed(kind)?;
     driver_for(kind)
 }
 
-/// The backend `Auto` resolves to on this host.
-pub fn auto_backend() -> BackendKind {
+/// `VMRS_BACKEND`, when it names a concrete backend.
+fn env_backend() -> Result<Option<BackendKind>, DriverError> {
+    match std::env::var("VMRS_BACKEND") {
+        Ok(v) if !v.is_empty() && v != "auto" => v.parse().map(Some).map_err(|_| DriverError::Unsupported {
+            backend: BackendKind::Auto,
+            feature: "VMRS_BACKEND value",
+        }),
+        _ => Ok(None),
+    }
+}
+
+/// The binary of `kind`, when the backend has one to find (QEMU's is found at boot).
+fn check_installed(kind: BackendKind) -> Result<Option<PathBuf>, DriverError> {
+    match kind {
+        #[cfg(feature = "cloud-hypervisor")]
+        BackendKind::CloudHypervisor => cloud_hypervisor::find_binary(None).map(Some),
+        #[cfg(feature = "firecracker")]
+        BackendKind::Firecracker => firecracker::find_binary(None).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// The KVM-only backends `Auto` considers, best first (Cloud Hypervisor can do more: resize,
+/// hot-plug, qcow2, disk serials; Firecracker is the smaller VMM).
+const KVM_BACKENDS: &[BackendKind] = &[
     #[cfg(feature = "cloud-hypervisor")]
-    if cloud_hypervisor::find_binary(None).is_ok() && cloud_hypervisor::kvm_usable().is_ok() {
-        return BackendKind::CloudHypervisor;
+    BackendKind::CloudHypervisor,
+    #[cfg(feature = "firecracker")]
+    BackendKind::Firecracker,
+];
+
+/// The backend `Auto` resolves to on this host when nothing about the VM is known: the first
+/// installed KVM-only backend when KVM is usable, else QEMU.
+pub fn auto_backend() -> BackendKind {
+    if crate::host::kvm::usable().is_ok() {
+        for &k in KVM_BACKENDS {
+            if check_installed(k).is_ok() {
+                return k;
+            }
+        }
     }
     BackendKind::Qemu
+}
+
+/// A backend chosen for one VM, and why (logged, and shown by `inspect`).
+#[derive(Debug, Clone)]
+pub struct BackendChoice {
+    /// The driver.
+    pub driver: Arc<dyn VmDriver>,
+    /// Why this backend, in words.
+    pub reason: String,
+}
+
+/// Choose the backend for a VM whose config asks for `kind`. An explicit backend (or
+/// `VMRS_BACKEND`) is taken as it is, once its binary is found. For `Auto`, with usable KVM,
+/// the first installed KVM-only backend (Cloud Hypervisor, then Firecracker) that `fits` —
+/// the VM's devices pass its [`VmDriver::capabilities`] — is taken; otherwise QEMU, which runs
+/// everything. The reason names what was skipped and why.
+pub fn choose(
+    kind: BackendKind,
+    fits: &dyn Fn(&dyn VmDriver) -> Result<(), DriverError>,
+) -> Result<BackendChoice, DriverError> {
+    let explicit = match kind {
+        BackendKind::Auto => env_backend()?.map(|k| (k, "set by VMRS_BACKEND")),
+        k => Some((k, "asked for")),
+    };
+    if let Some((k, why)) = explicit {
+        check_installed(k)?;
+        return Ok(BackendChoice {
+            driver: driver_for(k)?,
+            reason: format!("{k}: {why}"),
+        });
+    }
+    choose_auto(crate::host::kvm::usable().map(drop), &check_installed, fits)
+}
+
+/// [`choose`] for `Auto`, given the KVM verdict and how to find a backend's binary.
+fn choose_auto(
+    kvm: Result<(), String>,
+    installed: &dyn Fn(BackendKind) -> Result<Option<PathBuf>, DriverError>,
+    fits: &dyn Fn(&dyn VmDriver) -> Result<(), DriverError>,
+) -> Result<BackendChoice, DriverError> {
+    let mut skipped = Vec::new();
+    match kvm {
+        Ok(()) => {
+            for &k in KVM_BACKENDS {
+                let bin = match installed(k) {
+                    Ok(b) => b,
+                    Err(_) => {
+                        skipped.push(format!("{k} is not installed"));
+                        continue;
+                    }
+                };
+                let driver = driver_for(k)?;
+                match fits(driver.as_ref()) {
+                    Ok(()) => {
+                        let at = bin.map(|b| format!(" ({})", b.display())).unwrap_or_default();
+                        let mut reason =
+                            format!("{k}{at}: KVM is usable and it runs everything this vm needs");
+                        if !skipped.is_empty() {
+                            reason.push_str(&format!("; {}", skipped.join("; ")));
+                        }
+                        return Ok(BackendChoice { driver, reason });
+                    }
+                    Err(DriverError::Unsupported { feature, .. }) => {
+                        skipped.push(format!("{k} does not support {feature}"));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Err(why) => skipped.push(format!("KVM is not usable ({why})")),
+    }
+    let mut reason = String::from("qemu: ");
+    if skipped.is_empty() {
+        reason.push_str("the only backend built in");
+    } else {
+        reason.push_str(&skipped.join("; "));
+    }
+    Ok(BackendChoice {
+        driver: driver_for(BackendKind::Qemu)?,
+        reason,
+    })
 }
 
 /// The driver for a concrete backend (used when reattaching to a recorded VM).
@@ -420,10 +572,74 @@ pub fn driver_for(kind: BackendKind) -> Result<Arc<dyn VmDriver>, DriverError> {
         BackendKind::Qemu | BackendKind::Auto => Ok(Arc::new(qemu::QemuDriver::new())),
         #[cfg(feature = "cloud-hypervisor")]
         BackendKind::CloudHypervisor => Ok(Arc::new(cloud_hypervisor::CloudHypervisorDriver::new())),
+        #[cfg(feature = "firecracker")]
+        BackendKind::Firecracker => Ok(Arc::new(firecracker::FirecrackerDriver::new())),
         #[allow(unreachable_patterns)]
         other => Err(DriverError::Unsupported {
             backend: other,
             feature: "this host (backend not built in)",
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(
+        kvm: Result<(), String>,
+        installed: &[BackendKind],
+        refuses: &'static [BackendKind],
+    ) -> (BackendKind, String) {
+        let found = |k: BackendKind| {
+            if installed.contains(&k) {
+                Ok(Some(PathBuf::from(format!("/bin/{k}"))))
+            } else {
+                Err(DriverError::Unsupported {
+                    backend: k,
+                    feature: "x",
+                })
+            }
+        };
+        let fits = |d: &dyn VmDriver| {
+            if refuses.contains(&d.kind()) {
+                Err(DriverError::Unsupported {
+                    backend: d.kind(),
+                    feature: "shared directories (virtio-fs)",
+                })
+            } else {
+                Ok(())
+            }
+        };
+        let c = choose_auto(kvm, &found, &fits).expect("choice");
+        (c.driver.kind(), c.reason)
+    }
+
+    #[cfg(all(feature = "qemu", feature = "cloud-hypervisor", feature = "firecracker"))]
+    #[test]
+    fn auto_picks_by_what_the_vm_needs_and_what_is_installed() {
+        use BackendKind::{CloudHypervisor as Ch, Firecracker as Fc, Qemu};
+        let (k, why) = reason(Ok(()), &[Ch, Fc], &[]);
+        assert_eq!(k, Ch);
+        assert!(why.contains("KVM is usable"), "{why}");
+        let (k, why) = reason(Ok(()), &[Fc], &[]);
+        assert_eq!(k, Fc);
+        assert!(why.contains("cloud-hypervisor is not installed"), "{why}");
+        let (k, why) = reason(Ok(()), &[Ch, Fc], &[Ch, Fc]);
+        assert_eq!(k, Qemu);
+        assert!(
+            why.contains("firecracker does not support shared directories"),
+            "{why}"
+        );
+        assert!(
+            why.contains("cloud-hypervisor does not support shared directories"),
+            "{why}"
+        );
+        let (k, why) = reason(Ok(()), &[Ch, Fc], &[Ch]);
+        assert_eq!(k, Fc);
+        assert!(why.contains("cloud-hypervisor does not support"), "{why}");
+        let (k, why) = reason(Err("too slow".into()), &[Ch, Fc], &[]);
+        assert_eq!(k, Qemu);
+        assert!(why.contains("KVM is not usable (too slow)"), "{why}");
     }
 }

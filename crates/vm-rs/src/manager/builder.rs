@@ -29,6 +29,22 @@ impl Drivers {
         }
     }
 
+    /// The driver to boot a new VM whose config asks for `kind`, and why; `fits` says whether
+    /// a driver can run the VM (see [`driver::choose`]).
+    pub(super) fn choose_for_start(
+        &self,
+        kind: BackendKind,
+        fits: &dyn Fn(&dyn VmDriver) -> Result<(), DriverError>,
+    ) -> Result<driver::BackendChoice, DriverError> {
+        match self {
+            Drivers::Host => driver::choose(kind, fits),
+            Drivers::Injected(d) => Ok(driver::BackendChoice {
+                driver: d.clone(),
+                reason: format!("{}: the manager's own driver", d.kind()),
+            }),
+        }
+    }
+
     /// The driver to reach a recorded VM that runs (or ran) on `kind`.
     pub(super) fn for_record(&self, kind: BackendKind) -> Result<Arc<dyn VmDriver>, DriverError> {
         match self {
@@ -78,11 +94,28 @@ impl VmManagerBuilder {
 }
 
 impl VmManager {
-    /// The driver to boot `config` on (the builder's resolver).
-    pub(super) fn start_driver(&self, config: &VmConfig) -> Result<Arc<dyn VmDriver>, ManagerError> {
-        self.inner
+    /// The driver to boot `config` on (the builder's resolver) and why: for `Auto`, the first
+    /// backend whose capabilities cover the devices planned for it (see [`driver::choose`]).
+    pub(super) fn start_driver(
+        &self,
+        config: &VmConfig,
+        dir: &std::path::Path,
+        opts: &super::StartOptions,
+    ) -> Result<driver::BackendChoice, ManagerError> {
+        let fits = |d: &dyn VmDriver| match super::plan_devices(config, dir, self.home(), opts, d) {
+            Err(ManagerError::Driver {
+                source: e @ DriverError::Unsupported { .. },
+                ..
+            }) => Err(e),
+            // any other refusal is the config's, whatever the backend: reported by the real plan
+            _ => Ok(()),
+        };
+        let choice = self
+            .inner
             .drivers
-            .for_start(config.backend)
-            .map_err(ManagerError::driver(&config.name))
+            .choose_for_start(config.backend, &fits)
+            .map_err(ManagerError::driver(&config.name))?;
+        tracing::info!(vm = %config.name, backend = %choice.driver.kind(), reason = %choice.reason, "backend chosen");
+        Ok(choice)
     }
 }

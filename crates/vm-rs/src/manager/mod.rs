@@ -255,6 +255,8 @@ pub struct VmInfo {
     pub ip: Option<IpAddr>,
     /// Backend.
     pub backend: BackendKind,
+    /// Why this backend was chosen (`auto` weighs what the VM needs and what is installed).
+    pub backend_reason: Option<String>,
     /// VMM pid while live.
     pub pid: Option<u32>,
     /// Accelerator used (`kvm`/`tcg`).
@@ -535,8 +537,9 @@ impl VmManager {
         config.make_paths_absolute();
         config.validate()?;
         let name = config.name.clone();
-        let driver = self.start_driver(&config)?;
         let dir = self.vm_dir(&name);
+        let choice = self.start_driver(&config, &dir, &opts)?;
+        let driver = choice.driver.clone();
         // Planned (and refused) before anything exists on the host.
         let devices = plan_devices(&config, &dir, self.home(), &opts, driver.as_ref())?;
         match crate::paths::create_private_dir(&dir) {
@@ -559,6 +562,13 @@ impl VmManager {
         }
         record::write_json_atomic(&dir.join(files::CONFIG), &config)?;
         record::write_json_atomic(&dir.join(files::START), &opts)?;
+        record::write_json_atomic(
+            &dir.join(files::BACKEND_CHOICE),
+            &record::BackendChoiceRecord {
+                backend: driver.kind(),
+                reason: choice.reason.clone(),
+            },
+        )?;
         let mut rec = VmRecord {
             version: RECORD_VERSION,
             name: name.clone(),

@@ -651,6 +651,7 @@ impl VmEntry {
             unresponsive: rec.state.is_live() && self.unresponsive.load(Ordering::SeqCst),
             state: rec.state.clone(),
             backend: rec.backend,
+            backend_reason: super::record::load_backend_choice(&self.dir).map(|c| c.reason),
             pid: rec.handle.as_ref().map(|h| h.pid),
             accel: rec.handle.as_ref().and_then(|h| h.accel.clone()),
             cpus: live.cpus.unwrap_or(self.config.cpus),

@@ -30,6 +30,8 @@ pub mod files {
     pub const LIVE: &str = crate::vm_dir::VmDir::LIVE;
     /// A stop or kill asked for by some process ([`super::ExitRequest`]).
     pub const EXIT_REQUEST: &str = crate::vm_dir::VmDir::EXIT_REQUEST;
+    /// Which backend the VM was started on and why ([`super::BackendChoiceRecord`]).
+    pub const BACKEND_CHOICE: &str = crate::vm_dir::VmDir::BACKEND_CHOICE;
 }
 
 /// A stop or kill one process asked for, so that every process watching the VM — not only the
@@ -84,6 +86,23 @@ pub struct VmRecord {
     /// Unix time the VM last stopped or failed.
     #[serde(default)]
     pub finished_at: Option<u64>,
+}
+
+/// Which backend a VM was started on and why (`backend.json`, written at create; see
+/// [`crate::driver::choose`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendChoiceRecord {
+    /// The backend.
+    pub backend: BackendKind,
+    /// Why it was chosen.
+    pub reason: String,
+}
+
+/// The backend choice recorded in `dir`, if any (older VMs have none; a damaged file reads
+/// as none: it only explains).
+pub fn load_backend_choice(dir: &Path) -> Option<BackendChoiceRecord> {
+    let bytes = std::fs::read(dir.join(files::BACKEND_CHOICE)).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// What verbs changed in a running VMM — vCPUs and memory after a resize, hot-plugged

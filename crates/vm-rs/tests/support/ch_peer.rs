@@ -2,14 +2,21 @@
 //!
 //! **This is a stand-in for the `cloud-hypervisor` binary, which cannot be installed from the
 //! package registries and so is absent on CI machines.** It follows Cloud Hypervisor's
-//! published OpenAPI document (`vmm/src/api/openapi/cloud-hypervisor.yaml`) for the endpoints
-//! the driver uses: request shapes, status codes (`200` with JSON, `204`, `400` bad body,
-//! `404` VM not created / unknown device, `405` wrong state, `409` duplicate device, `500`
-//! failure) and error bodies (a JSON array of messages, outermost first, starting with
-//! `"Error from API"`). Where the document is silent it mirrors the real binary as observed
-//! (a second `vm.create` answers `500 "VM is already created"`; snapshots need a paused VM).
-//! One known difference: the real binary answers pause/resume in the wrong state with `500`,
-//! the document with `405`; the peer follows the document, and the driver maps both the same.
+//! published OpenAPI document (`vmm/src/api/openapi/cloud-hypervisor.yaml`) for the request
+//! shapes of the endpoints the driver uses, and the released v53.0 binary for its answers:
+//!
+//! * bodies are decoded into this file's own types, written from the document's schemas. A
+//!   mistyped or missing required field is `400 ["Failed to deserialize JSON", ...]`, as in
+//!   the binary. An *unknown* field is refused the same way, which is stricter than the
+//!   binary (it ignores unknown fields, silently dropping the setting): a body with one is a
+//!   driver bug either way;
+//! * status codes as v53 maps them (`vmm/src/api/http/mod.rs`): `400` for an undecodable
+//!   body, `404` when no VM is created (or its config is missing), and `500` for every other
+//!   failure — a wrong state, a duplicate device, an unknown device to remove (the document
+//!   says `404` there, and Cloud Hypervisor after v53 answers `404`/`409`; v53 answers `500`);
+//! * error bodies are the error chain, outermost first, starting with `"Error from API"`;
+//! * where the document is silent it mirrors the binary as observed (a second `vm.create`
+//!   answers `500 "VM is already created"`; snapshots need a paused VM).
 //!
 //! It speaks the same command line (`--api-socket path=`, `--event-monitor path=`,
 //! `--log-file`), serves HTTP/1.1 on the Unix socket, and writes event-monitor records (pretty
@@ -22,14 +29,338 @@
 //! Test binaries run it by re-executing themselves: their `main` calls [`run_if_invoked`]
 //! first, and the driver is pointed at `std::env::current_exe()`.
 
+use super::http_peer::{read_request, write_reply, Reply};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-const MAX_HEAD: usize = 16 * 1024;
-const MAX_BODY: usize = 1024 * 1024;
+const SERVER: &str = "Cloud Hypervisor API";
+
+// ---- the document's schemas (request bodies); `Value` where the driver sends nothing ----
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cpus: Option<CpusConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    memory: Option<MemoryConfig>,
+    payload: PayloadConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rate_limit_groups: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    disks: Option<Vec<DiskConfig>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    net: Option<Vec<NetConfig>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rng: Option<RngConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    balloon: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fs: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    generic_vhost_user: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pmem: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    serial: Option<ConsoleConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    console: Option<ConsoleConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    debug_console: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    devices: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    user_devices: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vdpa: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vsock: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    numa: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iommu: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    watchdog: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rtc: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pvpanic: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pci_segments: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    platform: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tpm: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    landlock_enable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    landlock_rules: Option<Vec<Value>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CpusConfig {
+    boot_vcpus: u8,
+    max_vcpus: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    topology: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kvm_hyperv: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_phys_bits: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nested: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    affinity: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    features: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    core_scheduling: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemoryConfig {
+    size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hotplug_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hotplugged_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mergeable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hotplug_method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    shared: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hugepages: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hugepage_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prefault: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reserve: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    thp: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    zones: Option<Vec<Value>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PayloadConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    firmware: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kernel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cmdline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    initramfs: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    igvm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    host_data: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum ConsoleMode {
+    Off,
+    Pty,
+    Tty,
+    File,
+    Socket,
+    Null,
+}
+
+/// `ConsoleConfig`; `SerialConfig` is its subset (`mode`, `file`, `socket`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsoleConfig {
+    mode: ConsoleMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    socket: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iommu: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pci_segment: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pci_device_id: Option<u8>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+enum ImageType {
+    FixedVhd,
+    Qcow2,
+    Raw,
+    Vhdx,
+    Unknown,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    readonly: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    direct: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iommu: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    num_queues: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    queue_size: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vhost_user: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vhost_socket: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rate_limiter_config: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pci_segment: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pci_device_id: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rate_limit_group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    queue_affinity: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    backing_files: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sparse: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image_type: Option<ImageType>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lock_granularity: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tap: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mask: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    host_mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mtu: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iommu: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    num_queues: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    queue_size: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vhost_user: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vhost_socket: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vhost_mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pci_segment: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pci_device_id: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rate_limiter_config: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    offload_tso: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    offload_ufo: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    offload_csum: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RngConfig {
+    src: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pci_segment: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pci_device_id: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iommu: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmResize {
+    #[serde(default)]
+    desired_vcpus: Option<u8>,
+    #[serde(default)]
+    desired_ram: Option<u64>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    desired_balloon: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmRemoveDevice {
+    #[serde(default)]
+    id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmSnapshotConfig {
+    #[serde(default)]
+    destination_url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreConfig {
+    source_url: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    prefault: Option<bool>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    memory_restore_mode: Option<Value>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    resume: Option<bool>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    zone_updates: Option<Vec<Value>>,
+}
+
+/// Decode a body strictly; a body the schema refuses is v53's `400`.
+fn strict<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
+    serde_json::from_slice(body).map_err(|e| {
+        let mut chain = vec!["Failed to deserialize JSON".to_string()];
+        chain.push(e.to_string());
+        (400, Some(json!(chain)))
+    })
+}
+
+fn to_json<T: Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
 
 /// If this process was started as a VMM (`--api-socket` among the arguments), serve as the
 /// peer and exit; otherwise return.
@@ -88,9 +419,6 @@ struct Peer {
     next_bdf: u32,
     exit: bool,
 }
-
-/// An HTTP answer: status and optional JSON body.
-type Reply = (u16, Option<Value>);
 
 fn err(status: u16, chain: &[&str]) -> Reply {
     let mut v = vec!["Error from API".to_string()];
@@ -164,12 +492,12 @@ impl Peer {
                 Ok(Some(r)) => r,
                 Ok(None) => return,
                 Err(e) => {
-                    let _ = write_reply(&mut writer, (400, Some(json!([e]))));
+                    let _ = write_reply(&mut writer, SERVER, (400, Some(json!([e]))));
                     return;
                 }
             };
             let reply = self.route(&method, &path, &body);
-            if write_reply(&mut writer, reply).is_err() {
+            if write_reply(&mut writer, SERVER, reply).is_err() {
                 return;
             }
             if self.exit {
@@ -213,12 +541,6 @@ impl Peer {
         if (get && method != "GET") || (!get && method != "PUT") {
             return (400, None);
         }
-        let json_body = || -> Result<Value, Reply> {
-            serde_json::from_slice::<Value>(body)
-                .ok()
-                .filter(Value::is_object)
-                .ok_or_else(|| err(400, &["Error parsing JSON body"]))
-        };
         let result: Result<Reply, Reply> = (|| match verb {
             "vmm.ping" => Ok((
                 200,
@@ -241,7 +563,7 @@ impl Peer {
                 Ok((204, None))
             }
             "vm.create" => {
-                let cfg = json_body()?;
+                let cfg = to_json(&strict::<VmConfig>(body)?);
                 if self.config.is_some() {
                     return Err(err(
                         500,
@@ -303,7 +625,7 @@ impl Peer {
             "vm.pause" => {
                 self.created()?;
                 if self.state != State::Running {
-                    return Err(err(405, &["The VM could not be paused", "VM is not running"]));
+                    return Err(err(500, &["The VM could not be paused", "VM is not running"]));
                 }
                 self.event("vm", "pausing");
                 self.state = State::Paused;
@@ -313,7 +635,7 @@ impl Peer {
             "vm.resume" => {
                 self.created()?;
                 if self.state != State::Paused {
-                    return Err(err(405, &["The VM could not resume", "VM is not paused"]));
+                    return Err(err(500, &["The VM could not resume", "VM is not paused"]));
                 }
                 self.event("vm", "resuming");
                 self.state = State::Running;
@@ -323,7 +645,7 @@ impl Peer {
             "vm.shutdown" => {
                 self.created()?;
                 if !matches!(self.state, State::Running | State::Paused) {
-                    return Err(err(405, &["The VM could not shut down", "VM is not running"]));
+                    return Err(err(500, &["The VM could not shut down", "VM is not running"]));
                 }
                 self.state = State::Shutdown;
                 self.event("vm", "shutdown");
@@ -333,7 +655,7 @@ impl Peer {
                 self.created()?;
                 if !matches!(self.state, State::Running | State::Paused) {
                     return Err(err(
-                        405,
+                        500,
                         &["The power button could not be pressed", "VM is not running"],
                     ));
                 }
@@ -341,18 +663,18 @@ impl Peer {
                 Ok((204, None))
             }
             "vm.snapshot" => {
-                let req = json_body()?;
+                let req: VmSnapshotConfig = strict(body)?;
                 let cfg = self.created()?.clone();
                 match self.state {
                     State::Paused => {}
                     State::Running => {
                         return Err(err(500, &["The VM could not be snapshotted", "VM is not paused"]))
                     }
-                    _ => return Err(err(405, &["The VM could not be snapshotted", "VM is not booted"])),
+                    _ => return Err(err(500, &["The VM could not be snapshotted", "VM is not booted"])),
                 }
-                let dir = file_url(&req["destination_url"]).ok_or_else(|| {
+                let dir = file_url(req.destination_url.as_deref()).ok_or_else(|| {
                     err(
-                        400,
+                        500,
                         &["The VM could not be snapshotted", "Invalid destination URL"],
                     )
                 })?;
@@ -367,21 +689,21 @@ impl Peer {
                 Ok((204, None))
             }
             "vm.restore" => {
-                let req = json_body()?;
+                let req: RestoreConfig = strict(body)?;
                 if self.config.is_some() {
                     return Err(err(
-                        404,
+                        500,
                         &["The VM could not be restored", "VM is already created"],
                     ));
                 }
-                let dir = file_url(&req["source_url"])
-                    .ok_or_else(|| err(400, &["The VM could not be restored", "Invalid source URL"]))?;
+                let dir = file_url(Some(&req.source_url))
+                    .ok_or_else(|| err(500, &["The VM could not be restored", "Invalid source URL"]))?;
                 let cfg = std::fs::read(dir.join("config.json"))
                     .ok()
                     .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
                     .ok_or_else(|| {
                         err(
-                            400,
+                            500,
                             &["The VM could not be restored", "Cannot read snapshot config"],
                         )
                     })?;
@@ -392,25 +714,26 @@ impl Peer {
                 Ok((204, None))
             }
             "vm.resize" => {
-                let req = json_body()?;
+                let req: VmResize = strict(body)?;
                 let cfg = self
                     .config
                     .as_mut()
                     .ok_or_else(|| err(404, &["VM is not created"]))?;
                 let max = cfg["cpus"]["max_vcpus"].as_u64().unwrap_or(1);
-                if let Some(v) = req.get("desired_vcpus") {
-                    let n = v.as_u64().filter(|n| (1..=max).contains(n)).ok_or_else(|| {
-                        err(400, &["The VM could not be resized", "Invalid number of vCPUs"])
-                    })?;
+                if let Some(v) = req.desired_vcpus {
+                    let n = Some(u64::from(v))
+                        .filter(|n| (1..=max).contains(n))
+                        .ok_or_else(|| {
+                            err(500, &["The VM could not be resized", "Invalid number of vCPUs"])
+                        })?;
                     cfg["cpus"]["boot_vcpus"] = n.into();
                 }
-                if let Some(v) = req.get("desired_ram") {
+                if let Some(v) = req.desired_ram {
                     let size = cfg["memory"]["size"].as_u64().unwrap_or(0);
                     let hot = cfg["memory"]["hotplug_size"].as_u64().unwrap_or(0);
-                    let n = v
-                        .as_u64()
+                    let n = Some(v)
                         .filter(|n| *n >= size && *n <= size + hot)
-                        .ok_or_else(|| err(400, &["The VM could not be resized", "Invalid memory size"]))?;
+                        .ok_or_else(|| err(500, &["The VM could not be resized", "Invalid memory size"]))?;
                     cfg["memory"]["size"] = n.into();
                 }
                 self.event("vm", "resizing");
@@ -418,18 +741,26 @@ impl Peer {
                 Ok((204, None))
             }
             "vm.add-disk" | "vm.add-net" => {
-                let req = json_body()?;
-                self.created()?;
                 let net = verb == "vm.add-net";
+                let req = if net {
+                    to_json(&strict::<NetConfig>(body)?)
+                } else {
+                    to_json(&strict::<DiskConfig>(body)?)
+                };
+                self.created()?;
                 let path = req.get("path").and_then(Value::as_str).map(str::to_string);
                 if !net {
                     let p = path.as_deref().ok_or_else(|| {
-                        err(400, &["The disk could not be added to the VM", "Missing path"])
+                        err(500, &["The disk could not be added to the VM", "Missing path"])
                     })?;
                     if self.devices.iter().any(|d| d.path.as_deref() == Some(p)) {
                         return Err(err(
-                            409,
-                            &["The disk could not be added to the VM", "Duplicate device path"],
+                            500,
+                            &[
+                                "The disk could not be added to the VM",
+                                "Failed to validate config",
+                                &format!("Duplicated device path: {p}"),
+                            ],
                         ));
                     }
                     if !Path::new(p).is_file() {
@@ -445,10 +776,11 @@ impl Peer {
                 let id = match req.get("id").and_then(Value::as_str) {
                     Some(id) if self.devices.iter().any(|d| d.id == id) => {
                         return Err(err(
-                            409,
+                            500,
                             &[
                                 "The device could not be added to the VM",
-                                "Identifier is not unique",
+                                "Failed to validate config",
+                                &format!("Identifier {id} is not unique"),
                             ],
                         ))
                     }
@@ -469,15 +801,17 @@ impl Peer {
                 }
             }
             "vm.remove-device" => {
-                let req = json_body()?;
+                let req: VmRemoveDevice = strict(body)?;
                 self.created()?;
-                let id = req.get("id").and_then(Value::as_str).unwrap_or_default();
+                let id = req.id.unwrap_or_default();
+                // v53 answers 500 here (the document and later releases: 404)
                 let pos = self.devices.iter().position(|d| d.id == id).ok_or_else(|| {
                     err(
-                        404,
+                        500,
                         &[
                             "The device could not be removed from the VM",
-                            "Failed to find device corresponding to the given identifier",
+                            "Error from device manager",
+                            &format!("Failed to find device corresponding to the given identifier: {id}"),
                         ],
                     )
                 })?;
@@ -492,7 +826,7 @@ impl Peer {
 
 /// Check a `VmConfig` against the document's required fields and minimums.
 fn validate_config(cfg: &Value) -> Result<(), Reply> {
-    let bad = |why: &str| err(400, &["The VM could not be created", why]);
+    let bad = |why: &str| err(500, &["The VM could not be created", why]);
     let payload = cfg
         .get("payload")
         .filter(|p| p.is_object())
@@ -570,7 +904,7 @@ fn boot_payload(cfg: &Value) -> Result<bool, Reply> {
     }
     if cfg["serial"]["mode"] == "File" {
         let serial = cfg["serial"]["file"].as_str().unwrap_or_default();
-        let line = ready_line(&image);
+        let line = super::pvh_guest::ready_line(&image);
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -593,91 +927,6 @@ fn boot_payload(cfg: &Value) -> Result<bool, Reply> {
     Ok(image.windows(code.len()).any(|w| w == code))
 }
 
-/// The `VMRS_READY ...\n` line embedded in a test guest image.
-fn ready_line(image: &[u8]) -> Option<Vec<u8>> {
-    let start = image.windows(10).position(|w| w == b"VMRS_READY")?;
-    let end = image[start..].iter().position(|&b| b == b'\n')?;
-    Some(image[start..=start + end].to_vec())
-}
-
-fn file_url(v: &Value) -> Option<PathBuf> {
-    v.as_str()?.strip_prefix("file://").map(PathBuf::from)
-}
-
-type Request = (String, String, Vec<u8>);
-
-fn read_request(r: &mut BufReader<UnixStream>) -> Result<Option<Request>, String> {
-    let mut head = Vec::new();
-    loop {
-        let mut line = Vec::new();
-        let n = r
-            .by_ref()
-            .take((MAX_HEAD - head.len().min(MAX_HEAD)) as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .map_err(|e| e.to_string())?;
-        if n == 0 {
-            return if head.is_empty() {
-                Ok(None)
-            } else {
-                Err("truncated request".into())
-            };
-        }
-        if line == b"\r\n" || line == b"\n" {
-            break;
-        }
-        head.extend_from_slice(&line);
-        if head.len() > MAX_HEAD {
-            return Err("request head too large".into());
-        }
-    }
-    let text = String::from_utf8(head).map_err(|_| "request head is not utf-8".to_string())?;
-    let mut lines = text.lines();
-    let mut first = lines.next().unwrap_or_default().split(' ');
-    let method = first.next().unwrap_or_default().to_string();
-    let path = first.next().unwrap_or_default().to_string();
-    let mut len = 0usize;
-    for l in lines {
-        if let Some((k, v)) = l.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse().map_err(|_| "bad content-length".to_string())?;
-            }
-        }
-    }
-    if len > MAX_BODY {
-        return Err("request body too large".into());
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).map_err(|e| e.to_string())?;
-    Ok(Some((method, path, body)))
-}
-
-fn write_reply(w: &mut UnixStream, (status, body): Reply) -> std::io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        204 => "No Content",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        500 => "Internal Server Error",
-        _ => "Unknown",
-    };
-    let mut out =
-        format!("HTTP/1.1 {status} {reason}\r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\n");
-    let body = body.map(|b| b.to_string().into_bytes());
-    if let Some(b) = &body {
-        out.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            b.len()
-        ));
-    } else if status != 204 {
-        out.push_str("Content-Length: 0\r\n");
-    }
-    out.push_str("\r\n");
-    let mut bytes = out.into_bytes();
-    if let Some(b) = body {
-        bytes.extend_from_slice(&b);
-    }
-    w.write_all(&bytes)?;
-    w.flush()
+fn file_url(v: Option<&str>) -> Option<PathBuf> {
+    v?.strip_prefix("file://").map(PathBuf::from)
 }

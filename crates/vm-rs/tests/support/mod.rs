@@ -5,7 +5,10 @@
 pub mod ch_flows;
 pub mod ch_peer;
 pub mod fault_proxy;
+pub mod fc_flows;
+pub mod fc_peer;
 pub mod guest;
+pub mod http_peer;
 pub mod net_guest;
 pub mod netns;
 pub mod oci_layout;

@@ -36,11 +36,18 @@ pub enum Ending {
     Idle,
     /// Power off through the ACPI shutdown port.
     PowerOff,
+    /// Reset through the i8042 keyboard controller (what ends a Firecracker guest, which has
+    /// no ACPI shutdown port).
+    Reset,
 }
 
 /// The power-off instructions (`mov dx, 0x600; mov al, 0x34; out dx, al`), also what the
 /// protocol peer looks for to emulate this guest.
 pub const POWER_OFF_CODE: [u8; 7] = [0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee];
+
+/// The i8042 reset instructions (`mov al, 0xfe; out 0x64, al`), also what the Firecracker
+/// protocol peer looks for to emulate this guest.
+pub const RESET_CODE: [u8; 4] = [0xb0, 0xfe, 0xe6, 0x64];
 
 /// Build the ELF image printing `message` (at most [`MAX_MESSAGE`] bytes, no NUL), then idling.
 pub fn elf(message: &[u8]) -> Vec<u8> {
@@ -124,8 +131,10 @@ pub fn elf_with(message: &[u8], ending: Ending) -> Vec<u8> {
         0xee, // out dx, al
         0xeb, 0xf8, // jmp loop
     ]);
-    if ending == Ending::PowerOff {
-        code.extend_from_slice(&POWER_OFF_CODE); // done: power off
+    match ending {
+        Ending::PowerOff => code.extend_from_slice(&POWER_OFF_CODE), // done: power off
+        Ending::Reset => code.extend_from_slice(&RESET_CODE),        // done: reset
+        Ending::Idle => {}
     }
     code.extend_from_slice(&[
         0xf4, // halt: hlt
@@ -149,4 +158,20 @@ pub fn write_power_off(dir: &Path) -> PathBuf {
     let path = dir.join("pvh-poweroff.elf");
     std::fs::write(&path, elf_with(READY_LINE, Ending::PowerOff)).expect("write pvh guest");
     path
+}
+
+/// Write the guest printing [`READY_LINE`] and resetting through the i8042 to
+/// `dir/pvh-reset.elf`.
+pub fn write_reset(dir: &Path) -> PathBuf {
+    let path = dir.join("pvh-reset.elf");
+    std::fs::write(&path, elf_with(READY_LINE, Ending::Reset)).expect("write pvh guest");
+    path
+}
+
+/// The `VMRS_READY ...\n` line embedded in a test guest image (what the protocol peers print
+/// on the guest's behalf).
+pub fn ready_line(image: &[u8]) -> Option<Vec<u8>> {
+    let start = image.windows(10).position(|w| w == b"VMRS_READY")?;
+    let end = image[start..].iter().position(|&b| b == b'\n')?;
+    Some(image[start..=start + end].to_vec())
 }

@@ -29,6 +29,8 @@ pub struct VersionInfo {
     pub qemu: Option<PathBuf>,
     /// The Cloud Hypervisor binary `--backend cloud-hypervisor` would run, if found.
     pub cloud_hypervisor: Option<PathBuf>,
+    /// The Firecracker binary `--backend firecracker` would run, if found.
+    pub firecracker: Option<PathBuf>,
 }
 
 impl VersionInfo {
@@ -40,6 +42,7 @@ impl VersionInfo {
             arch: std::env::consts::ARCH,
             qemu: qemu::QemuDriver::new().find_binary().ok(),
             cloud_hypervisor: cloud_hypervisor::find_binary(None).ok(),
+            firecracker: vm_rs::driver::firecracker::find_binary(None).ok(),
         }
     }
 }
@@ -61,6 +64,7 @@ pub fn version(a: VersionArgs) -> anyhow::Result<i32> {
     println!("os/arch:          {}/{}", v.os, v.arch);
     println!("qemu:             {}", found(&v.qemu));
     println!("cloud-hypervisor: {}", found(&v.cloud_hypervisor));
+    println!("firecracker:      {}", found(&v.firecracker));
     Ok(0)
 }
 

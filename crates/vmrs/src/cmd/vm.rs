@@ -107,6 +107,9 @@ pub enum BackendArg {
     /// Cloud Hypervisor over its REST API.
     #[value(alias = "ch")]
     CloudHypervisor,
+    /// Firecracker over its REST API.
+    #[value(alias = "fc")]
+    Firecracker,
 }
 
 impl From<BackendArg> for BackendKind {
@@ -115,6 +118,7 @@ impl From<BackendArg> for BackendKind {
             BackendArg::Auto => BackendKind::Auto,
             BackendArg::Qemu => BackendKind::Qemu,
             BackendArg::CloudHypervisor => BackendKind::CloudHypervisor,
+            BackendArg::Firecracker => BackendKind::Firecracker,
         }
     }
 }

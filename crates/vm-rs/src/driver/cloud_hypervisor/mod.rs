@@ -16,6 +16,7 @@
 //!  PUT /api/v1/vm.restore {source_url}  (in a fresh VMM, then vm.resume)
 //! ```
 //!
+//! Bodies are the typed structs of [`model`], written from Cloud Hypervisor's OpenAPI document.
 //! The VM configuration goes through `vm.create` rather than the command line, so a bad
 //! configuration comes back as a structured API error instead of a dead process. Every verb
 //! reaches the VMM through the socket path recorded in the [`VmHandle`], so any process can
@@ -61,9 +62,13 @@
 //! `VMRS_CLOUD_HYPERVISOR`, then `cloud-hypervisor` on `PATH`. It is not packaged by the usual
 //! distributions; [`find_binary`] reports where it looked when it is absent.
 
-pub mod api;
 pub mod events;
-pub mod vmlinux;
+pub mod model;
+/// The HTTP client (shared with the Firecracker backend: [`crate::driver::http`]).
+pub use super::http as api;
+/// The bzImage → ELF extraction (shared with the Firecracker backend:
+/// [`crate::driver::vmlinux`]).
+pub use super::vmlinux;
 
 use self::api::{ApiClient, Method};
 use super::{
@@ -103,32 +108,12 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Find the `cloud-hypervisor` binary: `explicit`, else `VMRS_CLOUD_HYPERVISOR`, else `PATH`.
 pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf, DriverError> {
-    let mut searched = Vec::new();
-    let candidate_ok = crate::host::is_executable;
-    if let Some(p) = explicit {
-        if candidate_ok(p) {
-            return Ok(p.to_path_buf());
-        }
-        searched.push(p.display().to_string());
-    }
-    if let Some(v) = std::env::var_os(BINARY_ENV).filter(|v| !v.is_empty()) {
-        let p = PathBuf::from(v);
-        if candidate_ok(&p) {
-            return Ok(p);
-        }
-        searched.push(format!("{BINARY_ENV}={}", p.display()));
-    }
-    if let Some(p) = crate::host::find_on_path(PROGRAM) {
-        return Ok(p);
-    }
-    if std::env::var_os("PATH").is_some() {
-        searched.push("PATH".into());
-    }
-    Err(DriverError::BinaryNotFound {
-        program: PROGRAM.into(),
-        searched: searched.join(", "),
-        hint: "install cloud-hypervisor or set VMRS_CLOUD_HYPERVISOR to its path (or use --backend qemu)",
-    })
+    super::find_program(
+        explicit,
+        BINARY_ENV,
+        PROGRAM,
+        "install cloud-hypervisor or set VMRS_CLOUD_HYPERVISOR to its path (or use --backend qemu)",
+    )
 }
 
 /// Whether KVM is usable for Cloud Hypervisor, which has no software fallback: the host probe
@@ -206,13 +191,13 @@ fn log_tail(path: &Path, max: usize) -> String {
 /// `guest_params` appended to the command line and writing the serial console to `serial_log`.
 /// The devices were checked against [`CloudHypervisorDriver`]'s capabilities; one this body
 /// cannot express is still refused here rather than dropped.
-pub fn vm_config_body(
+pub fn vm_config(
     config: &VmConfig,
     devices: &DeviceSet,
     kernel: &Path,
     serial_log: &Path,
     guest_params: &[String],
-) -> Result<serde_json::Value, DriverError> {
+) -> Result<model::VmConfig, DriverError> {
     let unsupported = |feature| DriverError::Unsupported {
         backend: BackendKind::CloudHypervisor,
         feature,
@@ -242,56 +227,79 @@ pub fn vm_config_body(
         }
     }
     crate::config::check_kernel_cmdline(&config.kernel, &cmdline)?;
-    let mut payload = serde_json::json!({
-        "kernel": path_str(kernel)?,
-        "cmdline": cmdline,
-    });
-    if let Some(initrd) = &config.initramfs {
-        payload["initramfs"] = path_str(initrd)?.into();
-    }
+    let payload = model::PayloadConfig {
+        kernel: Some(path_str(kernel)?),
+        cmdline: Some(cmdline),
+        initramfs: config.initramfs.as_deref().map(path_str).transpose()?,
+    };
     let disks = devices
         .disks
         .iter()
-        .map(disk_body)
+        .map(disk_config)
         .collect::<Result<Vec<_>, _>>()?;
-    let nets = devices
+    let net = devices
         .nics
         .iter()
         .map(|n| match &n.backend {
-            NicBackend::Tap { ifname, .. } => Ok(serde_json::json!({
-                "id": n.id(),
-                "tap": ifname,
-                "mac": n.mac.to_string(),
-            })),
+            NicBackend::Tap { ifname, .. } => Ok(model::NetConfig {
+                id: Some(n.id()),
+                tap: Some(ifname.clone()),
+                mac: Some(n.mac.to_string()),
+            }),
             NicBackend::User { .. } => Err(unsupported(
                 "user-mode networking (--net user, -p without a bridge)",
             )),
             NicBackend::Switch { .. } => Err(unsupported("switch networks")),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut memory_body = serde_json::json!({ "size": memory, "hotplug_size": memory });
-    match &devices.memory {
-        MemoryBackend::Anonymous => {}
-        MemoryBackend::Memfd { shared } => memory_body["shared"] = (*shared).into(),
+    let shared = match &devices.memory {
+        MemoryBackend::Anonymous => None,
+        MemoryBackend::Memfd { shared } => Some(*shared),
         MemoryBackend::File { .. } => return Err(unsupported("file-backed guest memory")),
-    }
-    let mut body = serde_json::json!({
-        "cpus": { "boot_vcpus": config.cpus, "max_vcpus": max_vcpus },
-        "memory": memory_body,
-        "payload": payload,
-        "serial": { "mode": "File", "file": path_str(serial_log)? },
-        "console": { "mode": "Off" },
-    });
-    if !disks.is_empty() {
-        body["disks"] = disks.into();
-    }
-    if !nets.is_empty() {
-        body["net"] = nets.into();
-    }
-    if devices.entropy {
-        body["rng"] = serde_json::json!({ "src": "/dev/urandom" });
-    }
-    Ok(body)
+    };
+    Ok(model::VmConfig {
+        cpus: model::CpusConfig {
+            boot_vcpus: config.cpus,
+            max_vcpus,
+        },
+        memory: model::MemoryConfig {
+            size: memory,
+            hotplug_size: Some(memory),
+            shared,
+        },
+        payload,
+        disks,
+        net,
+        rng: devices.entropy.then(|| model::RngConfig {
+            src: "/dev/urandom".into(),
+        }),
+        serial: model::ConsoleConfig {
+            mode: model::ConsoleMode::File,
+            file: Some(path_str(serial_log)?),
+        },
+        console: model::ConsoleConfig {
+            mode: model::ConsoleMode::Off,
+            file: None,
+        },
+    })
+}
+
+/// [`vm_config`] as the JSON sent.
+pub fn vm_config_body(
+    config: &VmConfig,
+    devices: &DeviceSet,
+    kernel: &Path,
+    serial_log: &Path,
+    guest_params: &[String],
+) -> Result<serde_json::Value, DriverError> {
+    to_value(
+        "vm.create",
+        &vm_config(config, devices, kernel, serial_log, guest_params)?,
+    )
+}
+
+fn to_value<T: serde::Serialize>(verb: &str, v: &T) -> Result<serde_json::Value, DriverError> {
+    serde_json::to_value(v).map_err(|e| DriverError::Protocol(format!("cannot encode {verb} body: {e}")))
 }
 
 fn path_str(p: &Path) -> Result<String, DriverError> {
@@ -301,30 +309,30 @@ fn path_str(p: &Path) -> Result<String, DriverError> {
     })
 }
 
-/// Build a `DiskConfig` body (also used for hot-plug, where the id is the backend's choice).
-pub fn disk_body(disk: &Disk) -> Result<serde_json::Value, DriverError> {
+/// Build a `DiskConfig` (also used for hot-plug, where an empty id is the backend's choice).
+pub fn disk_config(disk: &Disk) -> Result<model::DiskConfig, DriverError> {
     if disk.cache == CacheMode::Unsafe {
         return Err(DriverError::Unsupported {
             backend: BackendKind::CloudHypervisor,
             feature: "cache=unsafe disks",
         });
     }
-    let mut body = serde_json::json!({
-        "path": path_str(&disk.path)?,
-        "readonly": disk.read_only,
-        "direct": disk.cache == CacheMode::None,
-        "image_type": match disk.format {
-            DiskFormat::Raw => "Raw",
-            DiskFormat::Qcow2 => "Qcow2",
+    Ok(model::DiskConfig {
+        path: path_str(&disk.path)?,
+        readonly: disk.read_only,
+        direct: disk.cache == CacheMode::None,
+        image_type: match disk.format {
+            DiskFormat::Raw => model::ImageType::Raw,
+            DiskFormat::Qcow2 => model::ImageType::Qcow2,
         },
-    });
-    if !disk.id.is_empty() {
-        body["id"] = disk.id.clone().into();
-    }
-    if let Some(serial) = &disk.serial {
-        body["serial"] = serial.clone().into();
-    }
-    Ok(body)
+        id: (!disk.id.is_empty()).then(|| disk.id.clone()),
+        serial: disk.serial.clone(),
+    })
+}
+
+/// [`disk_config`] as the JSON sent.
+pub fn disk_body(disk: &Disk) -> Result<serde_json::Value, DriverError> {
+    to_value("disk", &disk_config(disk)?)
 }
 
 /// Map Cloud Hypervisor's `VmState` string.
@@ -351,16 +359,6 @@ fn explain_snapshot_error(e: DriverError) -> DriverError {
         }
         other => other,
     }
-}
-
-#[derive(serde::Deserialize)]
-struct PciDeviceInfo {
-    id: String,
-}
-
-#[derive(serde::Deserialize)]
-struct VmInfoState {
-    state: String,
 }
 
 impl CloudHypervisorDriver {
@@ -578,7 +576,7 @@ impl VmDriver for CloudHypervisorDriver {
         let resp = Self::client(handle).raw(Method::Get, "vm.info", None).await?;
         match resp.status {
             200 => {
-                let info: VmInfoState = serde_json::from_slice(&resp.body)
+                let info: model::VmInfoState = serde_json::from_slice(&resp.body)
                     .map_err(|e| DriverError::Protocol(format!("vm.info: undecodable reply: {e}")))?;
                 Ok(map_state(&info.state))
             }
@@ -698,7 +696,12 @@ impl VmDriver for CloudHypervisorDriver {
     async fn snapshot(&self, handle: &VmHandle, dir: &Path) -> Result<(), DriverError> {
         let dir = std::path::absolute(dir).map_err(io_err(dir))?;
         crate::paths::create_private_dir_all(&dir).map_err(io_err(&dir))?;
-        let body = serde_json::json!({ "destination_url": format!("file://{}", dir.display()) });
+        let body = to_value(
+            "vm.snapshot",
+            &model::VmSnapshotConfig {
+                destination_url: format!("file://{}", dir.display()),
+            },
+        )?;
         Self::client(handle)
             .with_timeout(SNAPSHOT_TIMEOUT)
             .call(Method::Put, "vm.snapshot", Some(&body))
@@ -715,7 +718,12 @@ impl VmDriver for CloudHypervisorDriver {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a cloud-hypervisor snapshot"),
             });
         }
-        let body = serde_json::json!({ "source_url": format!("file://{}", dir.display()) });
+        let body = to_value(
+            "vm.restore",
+            &model::RestoreConfig {
+                source_url: format!("file://{}", dir.display()),
+            },
+        )?;
         self.launch_with(
             spec,
             &[
@@ -732,17 +740,21 @@ impl VmDriver for CloudHypervisorDriver {
         cpus: Option<u32>,
         memory_mib: Option<u64>,
     ) -> Result<(), DriverError> {
-        let mut body = serde_json::json!({});
-        if let Some(c) = cpus {
-            body["desired_vcpus"] = c.into();
-        }
-        if let Some(m) = memory_mib {
-            let bytes = m.checked_mul(1 << 20).ok_or(DriverError::Command {
-                command: "vm.resize".into(),
-                message: format!("memory of {m} MiB is too large"),
-            })?;
-            body["desired_ram"] = bytes.into();
-        }
+        let desired_ram = memory_mib
+            .map(|m| {
+                m.checked_mul(1 << 20).ok_or(DriverError::Command {
+                    command: "vm.resize".into(),
+                    message: format!("memory of {m} MiB is too large"),
+                })
+            })
+            .transpose()?;
+        let body = to_value(
+            "vm.resize",
+            &model::VmResize {
+                desired_vcpus: cpus,
+                desired_ram,
+            },
+        )?;
         Self::client(handle)
             .call(Method::Put, "vm.resize", Some(&body))
             .await
@@ -755,28 +767,29 @@ impl VmDriver for CloudHypervisorDriver {
             id: String::new(),
             ..Disk::from_config(0, disk)
         })?;
-        let info: PciDeviceInfo = Self::client(handle)
+        let info: model::PciDeviceInfo = Self::client(handle)
             .call_json(Method::Put, "vm.add-disk", Some(&body))
             .await?;
         Ok(info.id)
     }
 
     async fn add_net(&self, handle: &VmHandle, net: &TapNetwork) -> Result<String, DriverError> {
-        let mut body = serde_json::json!({});
-        if let Some(tap) = &net.tap {
-            body["tap"] = tap.clone().into();
-        }
-        if let Some(mac) = &net.mac {
-            body["mac"] = mac.clone().into();
-        }
-        let info: PciDeviceInfo = Self::client(handle)
+        let body = to_value(
+            "vm.add-net",
+            &model::NetConfig {
+                tap: net.tap.clone(),
+                mac: net.mac.clone(),
+                id: None,
+            },
+        )?;
+        let info: model::PciDeviceInfo = Self::client(handle)
             .call_json(Method::Put, "vm.add-net", Some(&body))
             .await?;
         Ok(info.id)
     }
 
     async fn remove_device(&self, handle: &VmHandle, id: &str) -> Result<(), DriverError> {
-        let body = serde_json::json!({ "id": id });
+        let body = to_value("vm.remove-device", &model::VmRemoveDevice { id: id.to_string() })?;
         Self::client(handle)
             .call(Method::Put, "vm.remove-device", Some(&body))
             .await

@@ -1,4 +1,5 @@
-//! A minimal HTTP/1.1 client for Cloud Hypervisor's REST API on a Unix socket.
+//! A minimal HTTP/1.1 client for the REST APIs of Cloud Hypervisor and Firecracker on a Unix
+//! socket.
 //!
 //! The API (`/api/v1/<verb>`, see Cloud Hypervisor's `cloud-hypervisor.yaml` OpenAPI document)
 //! is served by a small HTTP/1.1 server. Each call here opens a fresh connection, sends one
@@ -6,6 +7,10 @@
 //! of exactly `Content-Length` bytes (`204 No Content` has none). Successful calls answer `200`
 //! with a JSON body or `204`; errors answer `4xx`/`5xx` with a JSON array of strings, the chain
 //! of error messages from outermost to innermost.
+//!
+//! The transport ([`ApiClient::request`]) is plain HTTP/1.1 and shared with the Firecracker
+//! driver, whose API (`/boot-source`, `/actions`, ... with `PATCH`) rides the same kind of
+//! socket; only the paths and the error body (`{"fault_message": ...}`) differ.
 //!
 //! Replies are untrusted: the head is capped at [`MAX_HEAD`] bytes, the body at [`MAX_BODY`],
 //! chunked transfer encoding is refused, and every read has a deadline.
@@ -20,13 +25,25 @@ pub const MAX_HEAD: usize = 16 * 1024;
 /// Largest response body accepted.
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
 
-/// HTTP method of an API call (the API uses only these two).
+/// HTTP method of an API call (Cloud Hypervisor uses `GET` and `PUT`, Firecracker also `PATCH`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
     /// Queries (`vm.info`, `vm.counters`, `vmm.ping`).
     Get,
     /// Actions.
     Put,
+    /// Partial updates (Firecracker's `PATCH /vm`).
+    Patch,
+}
+
+impl Method {
+    fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Put => "PUT",
+            Method::Patch => "PATCH",
+        }
+    }
 }
 
 /// A parsed response.
@@ -125,6 +142,7 @@ pub fn error_message(status: u16, body: &[u8]) -> String {
 pub struct ApiClient {
     socket: PathBuf,
     timeout: Duration,
+    vmm: &'static str,
 }
 
 impl ApiClient {
@@ -133,7 +151,14 @@ impl ApiClient {
         Self {
             socket: socket.into(),
             timeout,
+            vmm: "cloud-hypervisor",
         }
+    }
+
+    /// The same client naming another VMM in its timeouts.
+    pub fn for_vmm(mut self, vmm: &'static str) -> Self {
+        self.vmm = vmm;
+        self
     }
 
     /// The socket path.
@@ -146,31 +171,52 @@ impl ApiClient {
         Self {
             socket: self.socket.clone(),
             timeout,
+            vmm: self.vmm,
         }
     }
 
-    /// Send one request and read the raw response (any status).
+    /// Send one Cloud Hypervisor request (`/api/v1/<verb>`) and read the raw response (any
+    /// status).
     pub async fn raw(
         &self,
         method: Method,
         verb: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<Response, DriverError> {
-        let fut = self.raw_inner(method, verb, body);
+        let payload = match body {
+            Some(v) => Some(
+                serde_json::to_vec(v)
+                    .map_err(|e| DriverError::Protocol(format!("cannot encode {verb} body: {e}")))?,
+            ),
+            None => None,
+        };
+        self.request(method, &format!("/api/v1/{verb}"), payload.as_deref())
+            .await
+    }
+
+    /// Send one request for `path` with an optional JSON `body` and read the raw response (any
+    /// status), under this client's deadline.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Response, DriverError> {
+        let fut = self.request_inner(method, path, body);
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r,
             Err(_) => Err(DriverError::Timeout {
-                what: format!("cloud-hypervisor api {verb}"),
+                what: format!("{} api {path}", self.vmm),
                 secs: self.timeout.as_secs_f64(),
             }),
         }
     }
 
-    async fn raw_inner(
+    async fn request_inner(
         &self,
         method: Method,
-        verb: &str,
-        body: Option<&serde_json::Value>,
+        path: &str,
+        body: Option<&[u8]>,
     ) -> Result<Response, DriverError> {
         let connect_err = |source| DriverError::Connect {
             what: "API socket",
@@ -180,25 +226,20 @@ impl ApiClient {
         let mut stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(connect_err)?;
-        let payload = match body {
-            Some(v) => serde_json::to_vec(v)
-                .map_err(|e| DriverError::Protocol(format!("cannot encode {verb} body: {e}")))?,
-            None => Vec::new(),
-        };
-        let m = match method {
-            Method::Get => "GET",
-            Method::Put => "PUT",
-        };
-        let mut req =
-            format!("{m} /api/v1/{verb} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n");
+        let payload = body.unwrap_or_default();
+        let mut req = format!(
+            "{} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n",
+            method.as_str()
+        );
         if body.is_some() {
             req.push_str("Content-Type: application/json\r\n");
         }
         req.push_str(&format!("Content-Length: {}\r\n\r\n", payload.len()));
         let mut bytes = req.into_bytes();
-        bytes.extend_from_slice(&payload);
+        bytes.extend_from_slice(payload);
         stream.write_all(&bytes).await.map_err(connect_err)?;
         stream.flush().await.map_err(connect_err)?;
+        let verb = path.trim_start_matches("/api/v1/");
         read_response(&mut stream).await.map_err(|e| match e {
             ReadError::Io(source) => connect_err(source),
             ReadError::Protocol(msg) => DriverError::Protocol(format!("{verb}: {msg}")),

@@ -1,6 +1,6 @@
-//! Turning a bzImage into the ELF `vmlinux` that Cloud Hypervisor direct-boots.
+//! Turning a bzImage into the ELF `vmlinux` that Cloud Hypervisor and Firecracker direct-boot.
 //!
-//! Cloud Hypervisor loads an uncompressed ELF kernel and enters it through the PVH entry point
+//! Cloud Hypervisor (and Firecracker, which also enters a PVH kernel that way) loads an uncompressed ELF kernel and enters it through the PVH entry point
 //! (a `Xen` ELF note of type [`XEN_ELFNOTE_PHYS32_ENTRY`]); it does not run the bzImage's own
 //! decompressor. Distribution kernels ship only the bzImage, so this module digs the ELF out of
 //! it and the same guest assets serve both backends.
