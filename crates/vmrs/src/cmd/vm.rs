@@ -68,10 +68,15 @@ pub struct RunArgs {
     /// Networking (`--net`, `-p`).
     #[command(flatten)]
     pub net: super::net::NetArgs,
+    /// `-i`, `-t`: attach stdin / a guest terminal to the command (with IMAGE), or to a shell
+    /// in the built-in guest (without IMAGE; then `-- CMD` replaces the shell).
+    #[command(flatten)]
+    pub stdio: super::agent::StdioArgs,
     /// OCI image to run: its root filesystem becomes the VM's root, and its process (entrypoint
     /// + cmd, env, working dir, user) runs through the guest agent. Pulled when not stored.
     pub image: Option<String>,
-    /// With IMAGE: the command replacing the image's cmd.
+    /// With IMAGE: the command replacing the image's cmd (without IMAGE, with -i or -t: the
+    /// command to run instead of a shell).
     #[arg(last = true)]
     pub command: Vec<String>,
 }
@@ -237,11 +242,22 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     // Before anything is started: from here on SIGINT, SIGTERM and SIGHUP no longer end this
     // process at once (which would leave a VM no foreground run owns), they stop the VM.
     let mut signals = StopSignals::install()?;
+    let attach = a.stdio.interactive || a.stdio.tty;
+    if attach && a.detach {
+        return Err(CliError::Invalid(
+            "-i/-t cannot be combined with -d (there is no attach); use `vmrs exec -it NAME sh` once it runs"
+                .to_string(),
+        )
+        .into());
+    }
     if let Some(image) = a.image.clone() {
         return super::agent::run_image(a, image, signals).await;
     }
+    if attach {
+        return run_attached(a, signals).await;
+    }
     if !a.command.is_empty() {
-        return Err(CliError::Invalid("a command after `--` needs an IMAGE".to_string()).into());
+        return Err(CliError::Invalid("a command after `--` needs an IMAGE (or -i/-t)".to_string()).into());
     }
     let config = run_config(&a)?;
     let name = config.name.clone();
@@ -317,6 +333,37 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
             .with_context(|| format!("cannot remove vm {name:?}"))?;
     }
     Ok(code)
+}
+
+/// `vmrs run -it [-- CMD]` of the built-in guest: boot it, attach a shell (or CMD) through the
+/// agent, and stop it (`--rm`: remove it) when that ends; the exit code is the command's.
+async fn run_attached(a: RunArgs, mut signals: StopSignals) -> anyhow::Result<i32> {
+    let config = run_config(&a)?;
+    let name = config.name.clone();
+    let argv = if a.command.is_empty() {
+        vec!["/bin/sh".to_string()]
+    } else {
+        a.command.clone()
+    };
+    let mut cmd = vm_rs::agent::ExecCommand::new(argv);
+    let mut session = super::agent::Session::prepare(a.stdio, &mut cmd)?;
+    let mgr = VmManager::new().await?;
+    mgr.start(config)
+        .await
+        .with_context(|| format!("cannot start vm {name:?}"))?;
+    let result = super::agent::attach_when_ready(&mgr, &name, cmd, &a, &mut session, &mut signals).await;
+    if let Err(e) = signals
+        .stop_vm(&mgr, &name, Duration::from_secs(a.stop_timeout))
+        .await
+    {
+        tracing::warn!(vm = %name, error = %e, "stopping after run");
+    }
+    if a.rm {
+        mgr.remove(&name, true)
+            .await
+            .with_context(|| format!("cannot remove vm {name:?}"))?;
+    }
+    result
 }
 
 /// A line on stderr that may go nowhere: after SIGHUP the terminal is gone, and `eprintln!`
