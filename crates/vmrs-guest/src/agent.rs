@@ -28,8 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vmrs_proto::{
-    valid_relative_path, Decoder, Entry, EntryKind, ExecRequest, Message, WinSize, CHUNK, EXEC_DETACH,
-    EXEC_STDIN, MIN_VERSION, PORT_NAME, VERSION, VERSION_TTY,
+    valid_relative_path, Decoder, Entry, EntryKind, ExecRequest, Message, Restart, RestartPolicy, WinSize,
+    CHUNK, EXEC_DETACH, EXEC_STDIN, LOG_PORT_NAME, MAIN_EXIT_MARKER, MIN_VERSION, PORT_NAME, VERSION,
+    VERSION_TTY,
 };
 
 use crate::{log, reaper, sys, tty};
@@ -308,6 +309,10 @@ fn handle(
                 }
             }
         }
+        Message::ExecMain { exec, restart } => match shutdown.try_clone() {
+            Ok(fd) => start_main(out, gen, stream, exec, restart, fd),
+            Err(e) => out.error(gen, stream, format!("cannot start the main process: {e}")),
+        },
         Message::Resize { size } => {
             if let Some(Stream::Exec {
                 pty: Some(master), ..
@@ -385,6 +390,108 @@ fn handle(
     }
 }
 
+/// The output of the main process: the log port when the VM has one, else the console.
+fn main_output() -> Stdio {
+    let port = std::fs::read_dir("/sys/class/virtio-ports")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find(|e| std::fs::read_to_string(e.path().join("name")).is_ok_and(|n| n.trim() == LOG_PORT_NAME))
+        .map(|e| Path::new("/dev").join(e.file_name()));
+    match port.and_then(|p| std::fs::OpenOptions::new().write(true).open(p).ok()) {
+        Some(f) => Stdio::from(f),
+        None => Stdio::inherit(),
+    }
+}
+
+/// Start the VM's main process ([`Message::ExecMain`]): answer `Started` for the first start,
+/// then, on a thread, wait for it, restart it as `restart` says, and when it ends for good
+/// report its end on the console and power the VM off through `shutdown`.
+fn start_main(
+    out: &Arc<Output>,
+    gen: u64,
+    stream: u32,
+    req: ExecRequest,
+    restart: Restart,
+    shutdown: OwnedFd,
+) {
+    let program = req.argv.first().cloned().unwrap_or_default();
+    let spawn = move || -> Result<(std::process::Child, Receiver<libc::c_int>), ExecError> {
+        let (mut cmd, cwd) = command(&req, false)?;
+        // The same port for both (a `Stdio` cannot be cloned: it is opened twice).
+        cmd.stdin(Stdio::null())
+            .stdout(main_output())
+            .stderr(main_output());
+        reaper::spawn_registered(&mut cmd).map_err(|e| spawn_error(&program, &cwd, e))
+    };
+    let first = spawn();
+    let (child, status_rx) = match first {
+        Ok(c) => c,
+        Err(ExecError::Spawn { errno, message }) if out.version.load(Ordering::SeqCst) >= VERSION_TTY => {
+            out.send(
+                gen,
+                stream,
+                &Message::SpawnFailed {
+                    errno,
+                    message: message.into_bytes(),
+                },
+            );
+            return;
+        }
+        Err(ExecError::Spawn { message, .. } | ExecError::Other(message)) => {
+            out.error(gen, stream, message);
+            return;
+        }
+    };
+    out.send(gen, stream, &Message::Started { pid: child.id() });
+    let spawned = std::thread::Builder::new()
+        .name("main process".into())
+        .spawn(move || {
+            let mut status_rx = status_rx;
+            let mut restarts = 0u32;
+            let mut backoff = Duration::from_millis(100);
+            let end = loop {
+                let status = status_rx.recv().ok();
+                let failed = !matches!(status, Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0);
+                let again = restarts < restart.max
+                    && match restart.policy {
+                        RestartPolicy::No => false,
+                        RestartPolicy::OnFailure => failed,
+                        RestartPolicy::Always => true,
+                    };
+                if !again {
+                    break status;
+                }
+                restarts += 1;
+                log(&format!(
+                    "main process ended; restart {restarts} of {}",
+                    restart.max
+                ));
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                match spawn() {
+                    Ok((_, rx)) => status_rx = rx,
+                    Err(ExecError::Spawn { message, .. } | ExecError::Other(message)) => {
+                        log(&format!("main process: {message}"));
+                        break Some(127 << 8);
+                    }
+                }
+            };
+            let what = match end {
+                Some(s) if libc::WIFSIGNALED(s) => format!("signal={}", libc::WTERMSIG(s)),
+                Some(s) => format!("code={}", libc::WEXITSTATUS(s)),
+                None => "code=255".to_string(),
+            };
+            sys::console(&format!("{MAIN_EXIT_MARKER}{what} restarts={restarts}"));
+            sys::drain_console();
+            // SAFETY: writes one byte from a live buffer to a pipe we own.
+            unsafe { libc::write(shutdown.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        });
+    if spawned.is_err() {
+        log("main process: cannot start its watcher thread");
+    }
+}
+
 /// A resolved user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
@@ -454,13 +561,9 @@ impl From<&str> for ExecError {
     }
 }
 
-fn start_exec(
-    out: &Arc<Output>,
-    gen: u64,
-    stream: u32,
-    req: ExecRequest,
-    tty_size: Option<WinSize>,
-) -> Result<Option<Stream>, ExecError> {
+/// The process `req` asks for, with its user, environment and working directory applied, and
+/// the child-side setup (signal mask; a session on the terminal when `tty`).
+fn command(req: &ExecRequest, tty: bool) -> Result<(Command, PathBuf), ExecError> {
     let Some(program) = req.argv.first() else {
         return Err("empty command".into());
     };
@@ -513,14 +616,10 @@ fn start_exec(
     if user.uid != 0 || user.gid != 0 {
         cmd.gid(user.gid).uid(user.uid);
     }
-    let pty = match tty_size {
-        Some(size) => Some(tty::open(size).map_err(|e| format!("cannot allocate a terminal: {e}"))?),
-        None => None,
-    };
-    if pty.is_none() {
+    if !tty {
         cmd.process_group(0);
     }
-    let with_tty = pty.is_some();
+    let with_tty = tty;
     // PID 1 blocks the signals it reads through a signalfd; the mask is inherited across exec,
     // so clear it or the workload could never be stopped with SIGTERM. A terminal exec leads a
     // session of its own with the terminal as its controlling tty (so ^C reaches it).
@@ -539,6 +638,33 @@ fn start_exec(
             Ok(())
         });
     }
+    Ok((cmd, cwd))
+}
+
+fn spawn_error(program: &[u8], cwd: &Path, e: std::io::Error) -> ExecError {
+    ExecError::Spawn {
+        errno: e.raw_os_error().unwrap_or(0),
+        message: format!(
+            "cannot run {:?} in {}: {e}",
+            String::from_utf8_lossy(program),
+            cwd.display()
+        ),
+    }
+}
+
+fn start_exec(
+    out: &Arc<Output>,
+    gen: u64,
+    stream: u32,
+    req: ExecRequest,
+    tty_size: Option<WinSize>,
+) -> Result<Option<Stream>, ExecError> {
+    let (mut cmd, cwd) = command(&req, tty_size.is_some())?;
+    let program = req.argv.first().map(Vec::as_slice).unwrap_or_default();
+    let pty = match tty_size {
+        Some(size) => Some(tty::open(size).map_err(|e| format!("cannot allocate a terminal: {e}"))?),
+        None => None,
+    };
     let detach = req.flags & EXEC_DETACH != 0 && pty.is_none();
     let mut master = None;
     if let Some((m, slave)) = pty {
@@ -567,14 +693,7 @@ fn start_exec(
     // The child has its copies of the terminal's slave; ours must go, or the master never
     // reads end of file.
     drop(cmd);
-    let (mut child, status_rx) = spawned.map_err(|e| ExecError::Spawn {
-        errno: e.raw_os_error().unwrap_or(0),
-        message: format!(
-            "cannot run {:?} in {}: {e}",
-            String::from_utf8_lossy(program),
-            cwd.display()
-        ),
-    })?;
+    let (mut child, status_rx) = spawned.map_err(|e| spawn_error(program, &cwd, e))?;
     let pid = child.id() as libc::pid_t;
     out.send(gen, stream, &Message::Started { pid: pid as u32 });
     if detach {

@@ -50,7 +50,15 @@
 //! Stdin{data}  (to the terminal)  ──► s
 //! Resize{rows,cols}               ──► s
 //!                                 ◄── s        Stdout{data} ... Exited | Signaled
+//! ExecMain{exec,restart}          ──► stream s                              (version 2)
+//!                                 ◄── s        Started{pid} | SpawnFailed | Error
 //! ```
+//!
+//! `ExecMain` starts the VM's main process (an image's entrypoint + cmd under `run -d`): it
+//! outlives the connection like a detached exec, its output goes to the virtio-serial port
+//! named [`LOG_PORT_NAME`] when the VM has one (else the console), it is restarted as
+//! [`Restart`] says, and when it ends for good the guest prints [`MAIN_EXIT_MARKER`] followed
+//! by `code=N` or `signal=N` on the console and powers off.
 //!
 //! ## Versions
 //!
@@ -94,6 +102,12 @@ pub const MIN_VERSION: u16 = 1;
 pub const VERSION_TTY: u16 = 2;
 /// Name (prefix) of the virtio-serial port carrying the protocol.
 pub const PORT_NAME: &str = "vmrs.agent";
+/// Name of the virtio-serial port that receives the output of the main process
+/// ([`Message::ExecMain`]); the host end is a file.
+pub const LOG_PORT_NAME: &str = "vmrs.log";
+/// Console line prefix with which the guest reports how its main process ended, followed by
+/// `code=N` or `signal=N` (and ` restarts=N`).
+pub const MAIN_EXIT_MARKER: &str = "vmrs-init: main process exited: ";
 /// Largest payload of one frame.
 pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Bytes of the fixed header: length, type, stream.
@@ -168,6 +182,27 @@ pub struct ExecRequest {
     pub user: Option<Vec<u8>>,
     /// [`EXEC_STDIN`] | [`EXEC_DETACH`].
     pub flags: u8,
+}
+
+/// When the guest restarts a main process ([`Message::ExecMain`]) that ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RestartPolicy {
+    /// Never: its end is the VM's end.
+    #[default]
+    No,
+    /// When it exits with a code other than 0 or is killed by a signal.
+    OnFailure,
+    /// Whatever its exit.
+    Always,
+}
+
+/// Restart rule of a main process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Restart {
+    /// When.
+    pub policy: RestartPolicy,
+    /// At most this many restarts (then the next end is the VM's end).
+    pub max: u32,
 }
 
 /// A terminal's size in character cells.
@@ -283,6 +318,14 @@ pub enum Message {
     Resize {
         /// New size.
         size: WinSize,
+    },
+    /// Host → guest (version 2): start the VM's main process (see the module docs).
+    /// [`ExecRequest::flags`] are ignored: stdin is `/dev/null`.
+    ExecMain {
+        /// The command.
+        exec: ExecRequest,
+        /// Whether and how often it is restarted.
+        restart: Restart,
     },
     /// Guest → host (version 2): the program of an exec could not be started (last message
     /// of the stream).
@@ -458,6 +501,7 @@ impl Message {
             Message::Signal { .. } => 0x12,
             Message::ExecTty { .. } => 0x13,
             Message::Resize { .. } => 0x14,
+            Message::ExecMain { .. } => 0x15,
             Message::CopyIn { .. } => 0x20,
             Message::CopyOut { .. } => 0x21,
             Message::Entry(_) => 0x22,
@@ -500,6 +544,15 @@ impl Message {
             Message::Resize { size } => {
                 w.u16(size.rows);
                 w.u16(size.cols);
+            }
+            Message::ExecMain { exec, restart } => {
+                w.exec(exec);
+                w.u8(match restart.policy {
+                    RestartPolicy::No => 0,
+                    RestartPolicy::OnFailure => 1,
+                    RestartPolicy::Always => 2,
+                });
+                w.u32(restart.max);
             }
             Message::SpawnFailed { errno, message } => {
                 w.i32(*errno);
@@ -548,6 +601,18 @@ impl Message {
                 size: r.size()?,
             },
             0x14 => Message::Resize { size: r.size()? },
+            0x15 => Message::ExecMain {
+                exec: r.exec()?,
+                restart: Restart {
+                    policy: match r.u8()? {
+                        0 => RestartPolicy::No,
+                        1 => RestartPolicy::OnFailure,
+                        2 => RestartPolicy::Always,
+                        _ => return Err(ProtoError::BadValue("restart policy")),
+                    },
+                    max: r.u32()?,
+                },
+            },
             0x11 => Message::Stdin {
                 data: r.bytes(MAX_PAYLOAD, "data")?,
             },
@@ -677,6 +742,18 @@ impl Decoder {
     }
 }
 
+/// How a main process ended, from a console line carrying [`MAIN_EXIT_MARKER`]: the exit code,
+/// or 128 + the signal (the shell's convention). `None` when the line is not such a report.
+pub fn parse_main_exit(line: &str) -> Option<i32> {
+    let rest = &line[line.find(MAIN_EXIT_MARKER)? + MAIN_EXIT_MARKER.len()..];
+    let word = rest.split_whitespace().next()?;
+    if let Some(c) = word.strip_prefix("code=") {
+        return c.parse().ok();
+    }
+    let s: i32 = word.strip_prefix("signal=")?.parse().ok()?;
+    (1..=64).contains(&s).then_some(128 + s)
+}
+
 /// Validate a relative copy path: `/`-separated components, none empty, `.` or `..`, no NUL.
 /// The empty path (the copy root) is valid.
 pub fn valid_relative_path(path: &[u8]) -> bool {
@@ -761,6 +838,16 @@ mod tests {
                 errno: 2,
                 message: b"not found".to_vec(),
             },
+            Message::ExecMain {
+                exec: ExecRequest {
+                    argv: vec![b"/entry".to_vec()],
+                    ..ExecRequest::default()
+                },
+                restart: Restart {
+                    policy: RestartPolicy::OnFailure,
+                    max: 3,
+                },
+            },
         ]
     }
 
@@ -837,6 +924,24 @@ mod tests {
             data: vec![0; MAX_PAYLOAD - 4],
         };
         assert!(m.encode(1).is_ok());
+    }
+
+    #[test]
+    fn main_exit_lines() {
+        assert_eq!(
+            parse_main_exit("vmrs-init: main process exited: code=3 restarts=0"),
+            Some(3)
+        );
+        assert_eq!(
+            parse_main_exit("[ 1.2] vmrs-init: main process exited: signal=9\r"),
+            Some(137)
+        );
+        assert_eq!(
+            parse_main_exit("vmrs-init: main process exited: signal=999"),
+            None
+        );
+        assert_eq!(parse_main_exit("vmrs-init: main process exited: "), None);
+        assert_eq!(parse_main_exit("code=3"), None);
     }
 
     #[test]

@@ -165,3 +165,115 @@ fn run_image_prints_output_and_exits_with_the_commands_code() {
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{err}");
     assert!(!home.0.path().join("vms/runsig").exists(), "--rm removed it");
 }
+
+#[test]
+fn an_image_vms_process_exit_stops_it_with_its_code_and_restart_policies_apply() {
+    let reg = Registry::start();
+    let layout = tempfile::tempdir().expect("tmp");
+    let (layer, _) = busybox_layer(Comp::Gzip);
+    oci_layout::single_image_layout(
+        layout.path(),
+        "v1",
+        &[layer],
+        serde_json::json!({"Cmd": ["/bin/sh", "-c", "echo from-cmd; exit 3"], "Env": ["PATH=/bin"]}),
+    );
+    reg.push_layout(layout.path(), "v1", "run/exits", false);
+    let reference = format!("{}/run/exits:v1", reg.host());
+    let home = Home(
+        tempfile::Builder::new()
+            .prefix("vmrs-x")
+            .tempdir_in("/tmp")
+            .expect("tmp"),
+    );
+
+    // The image's own cmd exits 3: the VM stops and says so.
+    let out = home
+        .vmrs()
+        .args(["run", "-d", "--name", "ex3", &reference])
+        .output()
+        .expect("run -d");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = home.vmrs().args(["wait", "ex3"]).output().expect("wait");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "3\n");
+    assert_eq!(out.status.code(), Some(3));
+    let rows = home.ps();
+    let r = row(&rows, "ex3");
+    assert_eq!(r["state"], "stopped", "{r}");
+    assert_eq!(r["exit_code"], 3, "{r}");
+    let out = home.vmrs().args(["ps", "-a"]).output().expect("ps");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("exited (3)"));
+    let info = home.json(&["inspect", "ex3"]);
+    assert_eq!(info[0]["exit_code"], 3, "{info}");
+    // logs: the process's output, apart from the console.
+    let out = home.vmrs().args(["logs", "ex3"]).output().expect("logs");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from-cmd\n");
+    let out = home
+        .vmrs()
+        .args(["logs", "--console", "ex3"])
+        .output()
+        .expect("logs");
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert!(console.contains("main process exited: code=3"), "{console}");
+    assert!(!console.contains("from-cmd"), "{console}");
+
+    // --restart on-failure:2: run three times, then the VM stops with the last code.
+    let out = home
+        .vmrs()
+        .args([
+            "run",
+            "-d",
+            "--restart",
+            "on-failure:2",
+            "--name",
+            "rs",
+            &reference,
+            "--",
+        ])
+        .args(["sh", "-c", "echo try; exit 5"])
+        .output()
+        .expect("run -d");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = home.vmrs().args(["wait", "rs"]).output().expect("wait");
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = home.vmrs().args(["logs", "rs"]).output().expect("logs");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "try\ntry\ntry\n");
+    // A process that succeeds is not restarted on-failure; exit 0 is recorded as such.
+    let out = home
+        .vmrs()
+        .args([
+            "run",
+            "-d",
+            "--restart",
+            "on-failure",
+            "--name",
+            "ok",
+            &reference,
+            "--",
+        ])
+        .args(["sh", "-c", "echo once"])
+        .output()
+        .expect("run -d");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = home.vmrs().args(["wait", "ok"]).output().expect("wait");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(row(&home.ps(), "ok")["exit_code"], 0);
+    let out = home.vmrs().args(["logs", "ok"]).output().expect("logs");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "once\n");
+
+    // A restarted VM starts without the old exit code.
+    let out = home.vmrs().args(["start", "ex3"]).output().expect("start");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = home.ps();
+    let r = row(&r, "ex3");
+    assert_eq!(r["state"], "ready", "{r}");
+    assert!(r.get("exit_code").is_none(), "a live VM shows no exit code: {r}");
+    for n in ["ex3", "rs", "ok"] {
+        let out = home.vmrs().args(["rm", "-f", n]).output().expect("rm");
+        assert!(out.status.success());
+    }
+}

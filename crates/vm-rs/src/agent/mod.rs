@@ -58,8 +58,8 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 pub use vmrs_proto as proto;
-pub use vmrs_proto::WinSize;
 use vmrs_proto::{Decoder, ExecRequest, Message, ProtoError, CHUNK, EXEC_DETACH, EXEC_STDIN};
+pub use vmrs_proto::{Restart, RestartPolicy, WinSize};
 
 /// How long [`AgentClient::connect`] waits for the guest's hello.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -774,6 +774,39 @@ impl AgentClient {
             process.stdin_open = false;
         }
         Ok(process)
+    }
+
+    /// Start the VM's main process (`run -d IMAGE`): like a detached exec it outlives the
+    /// connection, its output goes to the VM's process log, `restart` says whether the guest
+    /// starts it again when it ends, and when it ends for good the guest reports its exit
+    /// status on the console and powers off (see [`proto::MAIN_EXIT_MARKER`]). Returns its pid.
+    /// Needs protocol version [`proto::VERSION_TTY`].
+    pub async fn spawn_main(&self, cmd: &ExecCommand, restart: Restart) -> Result<u32, AgentError> {
+        if self.inner.version < proto::VERSION_TTY {
+            return Err(AgentError::Unsupported {
+                feature: "main processes (exit status, --restart)",
+                version: self.inner.version,
+            });
+        }
+        let (id, mut rx) = self.open_stream()?;
+        let result = async {
+            let exec = cmd.request(false);
+            self.send(id, &Message::ExecMain { exec, restart }).await?;
+            match self.recv(&mut rx).await? {
+                Message::Started { pid } => Ok(pid),
+                Message::SpawnFailed { errno, message } => Err(AgentError::Spawn {
+                    errno,
+                    message: String::from_utf8_lossy(&message).into_owned(),
+                }),
+                Message::Error { message } => Err(AgentError::Exec {
+                    message: String::from_utf8_lossy(&message).into_owned(),
+                }),
+                other => Err(unexpected(&other)),
+            }
+        }
+        .await;
+        self.close_stream(id);
+        result
     }
 
     /// Run a command to completion, collecting its output in memory (use [`Self::spawn`] to

@@ -6,7 +6,7 @@
 //! that has ended (the VM restarted or stopped) is replaced on next use.
 
 use super::{ManagerError, VmManager};
-use crate::agent::{AgentClient, AgentError, ExecCommand, ExecOutput, ExecProcess};
+use crate::agent::{AgentClient, AgentError, ExecCommand, ExecOutput, ExecProcess, Restart};
 use crate::state::Operation;
 use std::path::Path;
 use std::time::Duration;
@@ -51,6 +51,18 @@ impl VmManager {
     pub async fn exec_streaming(&self, name: &str, cmd: ExecCommand) -> Result<ExecProcess, ManagerError> {
         let agent = self.agent(name).await?;
         agent.spawn(cmd).await.map_err(agent_err(name))
+    }
+
+    /// Start `cmd` as VM `name`'s main process ([`AgentClient::spawn_main`]): when it ends for
+    /// good the VM powers off and records its exit code ([`super::VmInfo::exit_code`]).
+    pub async fn exec_main(
+        &self,
+        name: &str,
+        cmd: &ExecCommand,
+        restart: Restart,
+    ) -> Result<u32, ManagerError> {
+        let agent = self.agent(name).await?;
+        agent.spawn_main(cmd, restart).await.map_err(agent_err(name))
     }
 
     /// Copy the host file or directory `host_path` into VM `name` at `guest_path` (`docker cp`

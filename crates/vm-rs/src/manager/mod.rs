@@ -271,6 +271,9 @@ pub struct VmInfo {
     pub started_at: Option<u64>,
     /// Unix time it last stopped/failed.
     pub finished_at: Option<u64>,
+    /// How the main process of an image VM ([`VmManager::exec_main`]) ended, once the VM has
+    /// stopped because of it: the exit code, or 128 + signal.
+    pub exit_code: Option<i32>,
     /// The VM directory.
     pub dir: PathBuf,
     /// Serial console log.
@@ -540,6 +543,7 @@ impl VmManager {
             created_at: now(),
             started_at: Some(now()),
             finished_at: None,
+            exit_code: None,
         };
         record::write_json_atomic(&dir.join(files::STATE), &rec)?;
         let entry = self
@@ -585,6 +589,7 @@ impl VmManager {
         rec.ip = None;
         rec.started_at = Some(now());
         rec.finished_at = None;
+        rec.exit_code = None;
         record::write_json_atomic(&dir.join(files::STATE), &rec)?;
         match self.launch(&dir, &config, &opts, devices, &mut rec, driver).await {
             Ok(entry) => {
@@ -1080,6 +1085,10 @@ pub fn plan_devices(
         Some(AgentTransport::VirtioSerial) => {
             devices.agent = Some(AgentChannel::VirtioSerial {
                 socket: dir.join(exec::AGENT_SOCKET),
+                process_log: opts
+                    .rootfs
+                    .is_some()
+                    .then(|| dir.join(crate::vm_dir::VmDir::PROCESS_LOG)),
             });
         }
         None if opts.require_agent => return Err(unsupported("the guest agent (exec, cp, images)")),

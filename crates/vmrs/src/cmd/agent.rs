@@ -293,7 +293,7 @@ pub async fn run_image(
         .await
         .with_context(|| format!("cannot start vm {name:?}"))?;
     let result = attach_when_ready(&mgr, &name, cmd, &a, &mut session, &mut signals).await;
-    if a.detach && result.is_ok() {
+    if a.detach && matches!(result, Ok(0)) {
         return result;
     }
     let stopped = signals
@@ -323,7 +323,10 @@ pub(crate) async fn attach_when_ready(
 ) -> anyhow::Result<i32> {
     let start = async {
         mgr.wait_ready(name, Duration::from_secs(a.ready_timeout)).await?;
-        mgr.exec_streaming(name, cmd).await
+        if a.detach && a.image.is_some() {
+            return start_main(mgr, name, cmd, a.restart).await.map(|()| None);
+        }
+        mgr.exec_streaming(name, cmd).await.map(Some)
     };
     let started = tokio::select! {
         r = start => r,
@@ -333,13 +336,13 @@ pub(crate) async fn attach_when_ready(
         }
     };
     let process = match started {
-        Ok(p) => p,
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            println!("{name}");
+            return Ok(0);
+        }
         Err(e) => return spawn_failure(e),
     };
-    if a.detach {
-        println!("{name}");
-        return Ok(0);
-    }
     let r = session
         .relay(process, name, signals, SignalPolicy::ForwardOnce)
         .await;
@@ -349,6 +352,28 @@ pub(crate) async fn attach_when_ready(
         }
     }
     r
+}
+
+/// Start an image VM's process as its main process (its end stops the VM, with its exit code
+/// recorded); a guest too old for that gets a plain detached exec.
+async fn start_main(
+    mgr: &VmManager,
+    name: &str,
+    cmd: ExecCommand,
+    restart: vm_rs::agent::Restart,
+) -> Result<(), ManagerError> {
+    match mgr.exec_main(name, &cmd, restart).await {
+        Err(ManagerError::Agent {
+            source: vm_rs::agent::AgentError::Unsupported { .. },
+            ..
+        }) => {
+            tracing::warn!(vm = %name, "the guest agent is too old to report the process's exit (run `vmrs setup`)");
+            let mut cmd = cmd;
+            cmd.detach = true;
+            mgr.exec_streaming(name, cmd).await.map(drop)
+        }
+        r => r.map(drop),
+    }
 }
 
 /// One side of `vmrs cp`.

@@ -31,8 +31,12 @@ pub enum Command {
     Pause(vm::NamesArgs),
     /// Resume paused VMs.
     Resume(vm::NamesArgs),
-    /// Show a VM's serial console.
+    /// Show a VM's output: an image VM's process output, else (or with --console) the serial
+    /// console.
     Logs(vm::LogsArgs),
+    /// Wait until VMs stop; prints each one's exit code (an image VM's process's) and exits
+    /// with the last.
+    Wait(vm::NamesArgs),
     /// Show details of VMs as JSON.
     Inspect(vm::NamesArgs),
     /// Remove stopped VMs (-f: also running ones).
@@ -94,6 +98,7 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Pause(a) => vm::pause(a).await,
         Command::Resume(a) => vm::resume(a).await,
         Command::Logs(a) => vm::logs(a).await,
+        Command::Wait(a) => vm::wait(a).await,
         Command::Inspect(a) => vm::inspect(a).await,
         Command::Rm(a) => vm::rm(a).await,
         Command::Exec(a) => agent::exec(a).await,
