@@ -6,7 +6,8 @@
 //!    first) with `finit_module`; a missing file is logged and skipped, an already loaded module
 //!    is fine;
 //! 3. read the `vmrs.*` parameters from `/proc/cmdline` (see [`cmdline`]): host name, `lo` up,
-//!    static address and default route on `eth0` (with busybox `ip`), `/etc/resolv.conf`;
+//!    static address and default route on `eth0` (with busybox `ip`), `/etc/resolv.conf`, and
+//!    (after the switch of step 4) `/etc/hosts` naming the host when the root has none;
 //! 4. with `vmrs.root=/dev/vdX`: mount that disk, move `/proc`, `/sys`, `/dev`, `/run` into it,
 //!    give it a fresh `/tmp`, and switch root to it (this process stays PID 1; it needs nothing
 //!    from the image);
@@ -72,6 +73,7 @@ fn main() {
         }
     }
     write_resolv_conf(&cfg);
+    write_hosts(&cfg);
     let (shutdown_rx, shutdown_tx) = match shutdown_pipe() {
         Ok(p) => (Some(p.0), Some(Arc::new(p.1))),
         Err(e) => {
@@ -225,6 +227,23 @@ fn write_resolv_conf(cfg: &cmdline::Config) {
     let _ = std::fs::remove_file("/etc/resolv.conf");
     if let Err(e) = std::fs::write("/etc/resolv.conf", text) {
         log(&format!("writing /etc/resolv.conf: {e}"));
+    }
+}
+
+/// `/etc/hosts` naming the host name, only where the root has none (an image's own file,
+/// even a dangling link, is left alone).
+fn write_hosts(cfg: &cmdline::Config) {
+    let Some(name) = &cfg.hostname else {
+        return;
+    };
+    if std::fs::symlink_metadata("/etc/hosts").is_ok() {
+        return;
+    }
+    let text =
+        format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{name}\n");
+    let _ = std::fs::create_dir_all("/etc");
+    if let Err(e) = std::fs::write("/etc/hosts", text) {
+        log(&format!("writing /etc/hosts: {e}"));
     }
 }
 

@@ -19,7 +19,7 @@ fn run_image_prints_output_and_exits_with_the_commands_code() {
         layout.path(),
         "v1",
         &[layer],
-        serde_json::json!({"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]}),
+        serde_json::json!({"Cmd": ["/bin/sh"], "Env": ["PATH=/bin", "GREETING=from-image"], "WorkingDir": "/etc"}),
     );
     reg.push_layout(layout.path(), "v1", "run/busybox", false);
     let reference = format!("{}/run/busybox:v1", reg.host());
@@ -53,12 +53,16 @@ fn run_image_prints_output_and_exits_with_the_commands_code() {
         .collect();
     assert_eq!(cached.len(), 1);
 
-    // -d: the image's process (here the image's own cmd, with its env) starts detached and the
-    // VM stays up for exec; the cached rootfs is reused.
+    // -d: the command (with the image's env) starts as the VM's main process and the VM stays
+    // up for exec while it runs; the cached rootfs is reused.
     let out = home
         .vmrs()
         .args(["run", "-d", "--name", "runbg", &reference, "--"])
-        .args(["sh", "-c", "echo started-with-$PATH > /etc/marker"])
+        .args([
+            "sh",
+            "-c",
+            "echo started-with-$PATH > /etc/marker; exec busybox sleep 600",
+        ])
         .output()
         .expect("run -d");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -71,6 +75,63 @@ fn run_image_prints_output_and_exits_with_the_commands_code() {
         .expect("exec");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "started-with-/bin\n");
     assert_eq!(out.status.code(), Some(4));
+    // exec gets the image's context (working dir, env) unless told otherwise; the host name is
+    // the VM's and /etc/hosts (which the image lacks) maps it.
+    let out = home
+        .vmrs()
+        .args([
+            "exec",
+            "runbg",
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING $(pwd) $(cat /proc/sys/kernel/hostname)",
+        ])
+        .output()
+        .expect("exec");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from-image /etc runbg\n");
+    let out = home
+        .vmrs()
+        .args([
+            "exec",
+            "-w",
+            "/",
+            "-e",
+            "GREETING=mine",
+            "runbg",
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING $(pwd)",
+        ])
+        .output()
+        .expect("exec");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "mine /\n");
+    let out = home
+        .vmrs()
+        .args(["exec", "runbg", "cat", "/etc/hosts"])
+        .output()
+        .expect("exec");
+    let hosts = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        hosts.contains("127.0.0.1\tlocalhost") && hosts.contains("\trunbg\n"),
+        "{hosts}"
+    );
+    // inspect names the image and the root disk.
+    let info = home.json(&["inspect", "runbg"]);
+    assert_eq!(info[0]["image"]["reference"], reference.as_str(), "{info}");
+    assert!(
+        info[0]["image"]["manifest"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("sha256:")),
+        "{info}"
+    );
+    assert!(
+        info[0]["root_disk"]
+            .as_str()
+            .is_some_and(|d| d.ends_with("/root.qcow2")),
+        "{info}"
+    );
     let out = home.vmrs().args(["rm", "-f", "runbg"]).output().expect("rm");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(

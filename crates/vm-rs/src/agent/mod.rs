@@ -402,7 +402,8 @@ impl ExecCommand {
 
 /// The process part of an OCI image config (`Entrypoint`, `Cmd`, `Env`, `WorkingDir`, `User`),
 /// which the host applies per exec: the guest init has no image config of its own.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ImageProcess {
     /// `Entrypoint`.
     pub entrypoint: Vec<String>,
@@ -417,6 +418,26 @@ pub struct ImageProcess {
 }
 
 impl ImageProcess {
+    /// Give `cmd` this image's context where it sets none: the working directory and user,
+    /// and the environment underneath its own (`docker exec` in a container).
+    pub fn apply_defaults(&self, cmd: &mut ExecCommand) {
+        if cmd.cwd.is_none() {
+            cmd.cwd = self.working_dir.clone().filter(|w| !w.is_empty());
+        }
+        if cmd.user.is_none() {
+            cmd.user = self.user.clone().filter(|u| !u.is_empty());
+        }
+        let mut env: Vec<(String, String)> = self
+            .env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .filter(|(k, _)| !k.is_empty() && !cmd.env.iter().any(|(ck, _)| ck == k))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        env.append(&mut cmd.env);
+        cmd.env = env;
+    }
+
     /// The command `docker run IMAGE [CMD...]` would run: `Entrypoint` followed by
     /// `override_cmd` when given (`vmrs run IMAGE -- CMD`), else by `Cmd`; with the image's
     /// environment, working directory and user. Fails when that leaves nothing to run.
@@ -1194,6 +1215,30 @@ mod tests {
             none.command(Some(&["true".to_string()])).expect("cmd").argv,
             ["true"]
         );
+    }
+
+    #[test]
+    fn image_context_is_the_default_and_the_command_wins() {
+        let img = ImageProcess {
+            env: vec!["PATH=/usr/bin".into(), "A=image".into()],
+            working_dir: Some("/app".into()),
+            user: Some("www".into()),
+            ..ImageProcess::default()
+        };
+        let mut c = ExecCommand::new(["sh"]).env("A", "mine");
+        img.apply_defaults(&mut c);
+        assert_eq!(c.cwd.as_deref(), Some("/app"));
+        assert_eq!(c.user.as_deref(), Some("www"));
+        assert_eq!(
+            c.env,
+            [
+                ("PATH".to_string(), "/usr/bin".to_string()),
+                ("A".to_string(), "mine".to_string())
+            ]
+        );
+        let mut c = ExecCommand::new(["sh"]).cwd("/tmp").user("0");
+        img.apply_defaults(&mut c);
+        assert_eq!((c.cwd.as_deref(), c.user.as_deref()), (Some("/tmp"), Some("0")));
     }
 
     #[test]

@@ -274,6 +274,10 @@ pub struct VmInfo {
     /// How the main process of an image VM ([`VmManager::exec_main`]) ended, once the VM has
     /// stopped because of it: the exit code, or 128 + signal.
     pub exit_code: Option<i32>,
+    /// The image of an image VM ([`VmManager::start_image`]).
+    pub image: Option<ImageRef>,
+    /// Disks the manager adds to the configured ones (an image VM's root overlay).
+    pub root_disk: Option<PathBuf>,
     /// The VM directory.
     pub dir: PathBuf,
     /// Serial console log.
@@ -494,6 +498,29 @@ impl VmManager {
         let opts = StartOptions {
             rootfs: Some(rootfs.to_path_buf()),
             require_agent: true,
+            image: None,
+        };
+        self.start_with(config, opts).await
+    }
+
+    /// [`start_with_rootfs`](Self::start_with_rootfs) for the root filesystem built from the
+    /// image `reference`: the VM also records the image ([`StartOptions::image`]), which
+    /// `inspect` shows and whose working directory, environment and user every exec in the VM
+    /// gets by default.
+    pub async fn start_image(
+        &self,
+        config: VmConfig,
+        rootfs: &crate::rootfs::Rootfs,
+        reference: &str,
+    ) -> Result<VmInfo, ManagerError> {
+        let opts = StartOptions {
+            rootfs: Some(rootfs.path.clone()),
+            require_agent: true,
+            image: Some(ImageRef {
+                reference: reference.to_string(),
+                manifest: rootfs.manifest.to_string(),
+                process: rootfs.process.clone(),
+            }),
         };
         self.start_with(config, opts).await
     }
@@ -625,7 +652,9 @@ impl VmManager {
         driver: Arc<dyn VmDriver>,
     ) -> Result<Arc<VmEntry>, ManagerError> {
         let name = &config.name;
-        let mut guest_params = Vec::new();
+        // The guest's host name is the VM's (the characters a host name cannot have become
+        // '-'); the guest writes /etc/hosts for it where the root has none.
+        let mut guest_params = vec![format!("vmrs.hostname={}", guest_hostname(name))];
         if let Some(rootfs) = &opts.rootfs {
             crate::rootfs::vm_overlay(rootfs, dir)
                 .await
@@ -1026,6 +1055,36 @@ pub struct StartOptions {
     /// can give it one.
     #[serde(default)]
     pub require_agent: bool,
+    /// The image the root filesystem was built from ([`VmManager::start_image`]): shown by
+    /// `inspect`, and its working directory, environment and user are the defaults of every
+    /// exec in the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageRef>,
+}
+
+/// The image an image VM runs, as [`StartOptions::image`] records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ImageRef {
+    /// The reference it was started from (`registry/repo:tag`).
+    pub reference: String,
+    /// Its manifest digest (`sha256:…`).
+    pub manifest: String,
+    /// Its process settings (entrypoint, cmd, env, working dir, user).
+    #[serde(default)]
+    pub process: crate::agent::ImageProcess,
+}
+
+/// The guest host name for VM `name`: what a host name cannot hold becomes `-`.
+pub fn guest_hostname(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
 }
 
 /// The devices [`VmManager::start_with`] gives a VM whose directory is `dir` under the data dir

@@ -650,6 +650,9 @@ impl VmEntry {
     pub(super) async fn info(&self) -> super::VmInfo {
         let rec = self.record.lock().await.clone();
         let live = self.live.lock().await.clone();
+        // What the start added (an unreadable start.json only hides the image details here).
+        let opts: super::StartOptions =
+            record::load_json_or_default(&self.dir.join(files::START)).unwrap_or_default();
         super::VmInfo {
             name: self.name.clone(),
             ip: match &rec.state {
@@ -669,6 +672,11 @@ impl VmEntry {
             started_at: rec.started_at,
             finished_at: rec.finished_at,
             exit_code: rec.exit_code.filter(|_| !rec.state.is_live()),
+            image: opts.image,
+            root_disk: opts
+                .rootfs
+                .is_some()
+                .then(|| crate::rootfs::root_disk(&self.dir).path),
             dir: self.dir.clone(),
             serial_log: self.serial_log(),
             vmm_log: self.dir.join(files::VMM_LOG),
