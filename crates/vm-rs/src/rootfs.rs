@@ -63,6 +63,14 @@ pub enum RootfsError {
     /// Creating the VM's overlay failed.
     #[error("cannot create the root overlay")]
     Overlay(#[source] DiskError),
+    /// The root disk size asked for is smaller than the image's file system.
+    #[error("a root disk of {requested} bytes cannot hold the image's {needed}-byte file system")]
+    TooSmall {
+        /// Asked for.
+        requested: u64,
+        /// The image's file system.
+        needed: u64,
+    },
     /// A blocking task failed.
     #[error("background task failed")]
     Task(#[source] tokio::task::JoinError),
@@ -78,6 +86,7 @@ impl RootfsError {
             RootfsError::Io { .. } | RootfsError::Task(_) => K::Other,
             RootfsError::Mkfs { .. } => K::Backend,
             RootfsError::Overlay(e) => e.kind(),
+            RootfsError::TooSmall { .. } => K::Invalid,
         }
     }
 }
@@ -247,15 +256,58 @@ pub fn root_disk(vm_dir: &Path) -> crate::devices::Disk {
     }
 }
 
-/// Create `<vm_dir>/root.qcow2`, a qcow2 overlay backed by `rootfs` (never written), unless it
-/// exists already (a restarted VM keeps its root disk), and return it as the root disk.
-pub async fn vm_overlay(rootfs: &Path, vm_dir: &Path) -> Result<crate::devices::Disk, RootfsError> {
-    let disk = root_disk(vm_dir);
-    if !disk.path.exists() {
-        crate::storage::create_overlay(rootfs, DiskFormat::Raw, &disk.path)
-            .await
-            .map_err(RootfsError::Overlay)?;
+/// The size of a VM's root disk for an image file system of `base` bytes: `requested` when
+/// given (at least `base`), else `base` plus as much again, at least 1 GiB, of free space (and
+/// [`GROWTH_OVERHEAD`] for the metadata of the grown part).
+pub fn root_disk_size(base: u64, requested: Option<u64>) -> Result<u64, RootfsError> {
+    match requested {
+        Some(r) if r < base => Err(RootfsError::TooSmall {
+            requested: r,
+            needed: base,
+        }),
+        Some(r) => Ok(r),
+        None => Ok(base
+            .saturating_add(base.max(DEFAULT_FREE))
+            .saturating_add(GROWTH_OVERHEAD)),
     }
+}
+
+/// Free space a root disk gets at least by default (see [`root_disk_size`]).
+pub const DEFAULT_FREE: u64 = 1 << 30;
+/// What the default root disk size adds for the inode tables and group descriptors of the
+/// grown part of the file system, so the free space is at least [`DEFAULT_FREE`].
+pub const GROWTH_OVERHEAD: u64 = 64 << 20;
+
+/// Create `<vm_dir>/root.qcow2`, a qcow2 overlay backed by `rootfs` (never written) of
+/// [`root_disk_size`] (the guest grows the file system to fill it at boot), unless it exists
+/// already (a restarted VM keeps its root disk), and return it as the root disk. The overlay is
+/// made under a temporary name and renamed when complete.
+pub async fn vm_overlay(
+    rootfs: &Path,
+    vm_dir: &Path,
+    size: Option<u64>,
+) -> Result<crate::devices::Disk, RootfsError> {
+    let disk = root_disk(vm_dir);
+    if disk.path.exists() {
+        return Ok(disk);
+    }
+    let base = tokio::fs::metadata(rootfs)
+        .await
+        .map_err(io_err("stat", rootfs))?
+        .len();
+    let size = root_disk_size(base, size)?;
+    let tmp = vm_dir.join(format!("{ROOT_OVERLAY}.new"));
+    let _ = tokio::fs::remove_file(&tmp).await;
+    crate::storage::create_overlay(rootfs, DiskFormat::Raw, &tmp)
+        .await
+        .map_err(RootfsError::Overlay)?;
+    if let Err(e) = crate::storage::grow_disk(&tmp, DiskFormat::Qcow2, size).await {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(RootfsError::Overlay(e));
+    }
+    tokio::fs::rename(&tmp, &disk.path)
+        .await
+        .map_err(io_err("rename into place", &disk.path))?;
     Ok(disk)
 }
 
@@ -275,6 +327,25 @@ mod tests {
         assert_eq!(d.format, DiskFormat::Qcow2);
         assert_eq!(d.serial.as_deref(), Some(ROOT_SERIAL));
         assert!(!d.read_only);
+    }
+
+    #[test]
+    fn root_disks_get_free_space() {
+        let mib = 1 << 20;
+        assert_eq!(
+            root_disk_size(100 * mib, None).unwrap(),
+            100 * mib + DEFAULT_FREE + GROWTH_OVERHEAD
+        );
+        assert_eq!(
+            root_disk_size(3 << 30, None).unwrap(),
+            (6 << 30) + GROWTH_OVERHEAD
+        );
+        assert_eq!(root_disk_size(100 * mib, Some(2 << 30)).unwrap(), 2 << 30);
+        assert!(matches!(
+            root_disk_size(100 * mib, Some(mib)),
+            Err(RootfsError::TooSmall { .. })
+        ));
+        assert_eq!(root_disk_size(u64::MAX, None).unwrap(), u64::MAX);
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! 3. read the `vmrs.*` parameters from `/proc/cmdline` (see [`cmdline`]): host name, `lo` up,
 //!    static address and default route on `eth0` (with busybox `ip`), `/etc/resolv.conf`, and
 //!    (after the switch of step 4) `/etc/hosts` naming the host when the root has none;
-//! 4. with `vmrs.root=/dev/vdX`: mount that disk, move `/proc`, `/sys`, `/dev`, `/run` into it,
+//! 4. with `vmrs.root=/dev/vdX`: mount that disk (growing an ext4 file system online to fill
+//!    the disk), move `/proc`, `/sys`, `/dev`, `/run` into it,
 //!    give it a fresh `/tmp`, and switch root to it (this process stays PID 1; it needs nothing
 //!    from the image);
 //! 5. start the host agent ([`agent`]) on every `vmrs.agent*` virtio-serial port;
@@ -302,6 +303,18 @@ fn switch_root(root: &str, fstype: Option<&str>, read_only: bool) -> Result<(), 
         });
     if !mounted {
         return Err(last);
+    }
+    // The root disk may be larger than the file system built for the image (the host sizes
+    // each VM's overlay): grow it to fill the disk. Nothing to do is not an error.
+    if !read_only {
+        match sys::grow_ext4(dev, "/newroot") {
+            Ok((before, after)) if after > before => log(&format!(
+                "grew the root file system from {before} to {after} blocks"
+            )),
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => {} // not ext4
+            Err(e) => log(&format!("cannot grow the root file system: {e}")),
+        }
     }
     for dir in ["dev", "proc", "sys", "run"] {
         let target = format!("/newroot/{dir}");

@@ -117,6 +117,20 @@ fn run_image_prints_output_and_exits_with_the_commands_code() {
         hosts.contains("127.0.0.1\tlocalhost") && hosts.contains("\trunbg\n"),
         "{hosts}"
     );
+    // The root disk has room by default (>= 1 GiB free).
+    let out = home
+        .vmrs()
+        .args(["exec", "runbg", "busybox", "df", "-k", "/"])
+        .output()
+        .expect("df");
+    let df = String::from_utf8_lossy(&out.stdout);
+    let avail_kib: u64 = df
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("df: {df}"));
+    assert!(avail_kib >= 1 << 20, "only {avail_kib} KiB free: {df}");
     // inspect names the image and the root disk.
     let info = home.json(&["inspect", "runbg"]);
     assert_eq!(info[0]["image"]["reference"], reference.as_str(), "{info}");
@@ -325,6 +339,66 @@ fn an_image_vms_process_exit_stops_it_with_its_code_and_restart_policies_apply()
     assert_eq!(row(&home.ps(), "ok")["exit_code"], 0);
     let out = home.vmrs().args(["logs", "ok"]).output().expect("logs");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "once\n");
+
+    // --rootfs-size: the VM's root disk (not the shared cache) is that large.
+    let cache: Vec<_> = std::fs::read_dir(home.0.path().join("rootfs"))
+        .expect("cache")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".ext4"))
+        .map(|e| (e.path(), e.metadata().expect("stat").len()))
+        .collect();
+    assert_eq!(cache.len(), 1);
+    let out = home
+        .vmrs()
+        .args([
+            "run",
+            "--rm",
+            "--rootfs-size",
+            "3G",
+            "--name",
+            "big",
+            &reference,
+            "--",
+        ])
+        .args(["busybox", "df", "-k", "/"])
+        .output()
+        .expect("run --rootfs-size");
+    let df = String::from_utf8_lossy(&out.stdout);
+    let size_kib: u64 = df
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("df: {df} {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(size_kib > 2900 * 1024 && size_kib <= 3 << 20, "{df}");
+    assert_eq!(
+        std::fs::metadata(&cache[0].0).expect("cache").len(),
+        cache[0].1,
+        "the cache is untouched"
+    );
+    let out = home
+        .vmrs()
+        .args([
+            "run",
+            "--rm",
+            "--rootfs-size",
+            "1m",
+            "--name",
+            "tiny",
+            &reference,
+            "--",
+            "true",
+        ])
+        .output()
+        .expect("run --rootfs-size 1m");
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot hold"));
+    assert!(!home.0.path().join("vms/tiny").exists(), "nothing left behind");
 
     // A restarted VM starts without the old exit code.
     let out = home.vmrs().args(["start", "ex3"]).output().expect("start");

@@ -498,7 +498,7 @@ impl VmManager {
         let opts = StartOptions {
             rootfs: Some(rootfs.to_path_buf()),
             require_agent: true,
-            image: None,
+            ..StartOptions::default()
         };
         self.start_with(config, opts).await
     }
@@ -507,15 +507,19 @@ impl VmManager {
     /// image `reference`: the VM also records the image ([`StartOptions::image`]), which
     /// `inspect` shows and whose working directory, environment and user every exec in the VM
     /// gets by default.
+    /// `rootfs_size` is the root disk's size in bytes (default: the image's file system with
+    /// at least 1 GiB free, [`crate::rootfs::root_disk_size`]).
     pub async fn start_image(
         &self,
         config: VmConfig,
         rootfs: &crate::rootfs::Rootfs,
         reference: &str,
+        rootfs_size: Option<u64>,
     ) -> Result<VmInfo, ManagerError> {
         let opts = StartOptions {
             rootfs: Some(rootfs.path.clone()),
             require_agent: true,
+            rootfs_size,
             image: Some(ImageRef {
                 reference: reference.to_string(),
                 manifest: rootfs.manifest.to_string(),
@@ -656,7 +660,7 @@ impl VmManager {
         // '-'); the guest writes /etc/hosts for it where the root has none.
         let mut guest_params = vec![format!("vmrs.hostname={}", guest_hostname(name))];
         if let Some(rootfs) = &opts.rootfs {
-            crate::rootfs::vm_overlay(rootfs, dir)
+            crate::rootfs::vm_overlay(rootfs, dir, opts.rootfs_size)
                 .await
                 .map_err(|e| ManagerError::Rootfs {
                     name: name.clone(),
@@ -1055,6 +1059,10 @@ pub struct StartOptions {
     /// can give it one.
     #[serde(default)]
     pub require_agent: bool,
+    /// Size in bytes of the VM's root disk (its overlay of `rootfs`; the guest grows the file
+    /// system to fill it). Default: [`crate::rootfs::root_disk_size`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_size: Option<u64>,
     /// The image the root filesystem was built from ([`VmManager::start_image`]): shown by
     /// `inspect`, and its working directory, environment and user are the defaults of every
     /// exec in the VM.

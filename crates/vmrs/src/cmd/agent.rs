@@ -289,7 +289,7 @@ pub async fn run_image(
     cmd.detach = a.detach;
     let mut session = Session::prepare(a.stdio, &mut cmd)?;
     let mgr = VmManager::new().await?;
-    mgr.start_image(config, &rootfs, &image)
+    mgr.start_image(config, &rootfs, &image, a.rootfs_size)
         .await
         .with_context(|| format!("cannot start vm {name:?}"))?;
     let result = attach_when_ready(&mgr, &name, cmd, &a, &mut session, &mut signals).await;

@@ -68,6 +68,11 @@ pub struct RunArgs {
     /// Networking (`--net`, `-p`).
     #[command(flatten)]
     pub net: super::net::NetArgs,
+    /// With IMAGE: the size of the VM's root disk (`2G`, `512m`; bytes without a unit); the
+    /// guest's root file system grows to fill it. Default: the image's with as much again, at
+    /// least 1 GiB, free. The shared image cache is never changed.
+    #[arg(long, value_parser = parse_bytes, value_name = "SIZE")]
+    pub rootfs_size: Option<u64>,
     /// With IMAGE and -d: restart the image's process when it ends: `no`, `on-failure[:N]`
     /// (exit code not 0; at most N times, default 5) or `always[:N]` (default: no limit).
     /// Once it ends for good the VM stops and records its exit code.
