@@ -412,3 +412,136 @@ fn an_image_vms_process_exit_stops_it_with_its_code_and_restart_policies_apply()
         assert!(out.status.success());
     }
 }
+
+/// `du -s -B1 PATH` in bytes.
+fn du(path: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("du")
+        .args(["-s", "-B1"])
+        .arg(path)
+        .output()
+        .expect("du");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("du {}: {out:?}", path.display()))
+}
+
+fn caches(home: &Home) -> Vec<String> {
+    std::fs::read_dir(home.0.path().join("rootfs"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".ext4"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn root_caches_go_with_their_image_unless_a_vm_uses_them_and_system_df_matches_du() {
+    let reg = Registry::start();
+    let layout = tempfile::tempdir().expect("tmp");
+    let (layer, _) = busybox_layer(Comp::Gzip);
+    oci_layout::single_image_layout(
+        layout.path(),
+        "v1",
+        &[layer],
+        serde_json::json!({"Env": ["PATH=/bin"]}),
+    );
+    reg.push_layout(layout.path(), "v1", "run/cache", false);
+    let reference = format!("{}/run/cache:v1", reg.host());
+    let home = Home(
+        tempfile::Builder::new()
+            .prefix("vmrs-g")
+            .tempdir_in("/tmp")
+            .expect("tmp"),
+    );
+    let ok = |args: &[&str]| {
+        let out = home.vmrs().args(args).output().expect("vmrs");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    // A VM uses the cache: removing the image keeps it.
+    ok(&[
+        "run", "-d", "--name", "user", &reference, "--", "busybox", "sleep", "600",
+    ]);
+    let digest = ok(&["image", "inspect", &reference]);
+    let digest: serde_json::Value = serde_json::from_str(&digest).expect("json");
+    let hex = digest["digest"]
+        .as_str()
+        .expect("digest")
+        .trim_start_matches("sha256:")
+        .to_string();
+    assert_eq!(
+        caches(&home),
+        [format!("{hex}.ext4")],
+        "the cache is named by the manifest"
+    );
+    ok(&["rmi", &reference]);
+    ok(&["image", "gc"]);
+    assert_eq!(caches(&home).len(), 1, "the VM's overlay is backed by it");
+
+    // system df: what each part takes, as du counts it.
+    let rows = home.json(&["system", "df", "--json"]);
+    let row = |kind: &str| {
+        rows.as_array()
+            .expect("rows")
+            .iter()
+            .find(|r| r["type"] == kind)
+            .unwrap_or_else(|| panic!("{kind} in {rows}"))
+            .clone()
+    };
+    let cache_row = row("rootfs-caches");
+    assert_eq!(cache_row["count"], 1);
+    assert_eq!(
+        cache_row["bytes"].as_u64(),
+        Some(du(&home.0.path().join("rootfs")))
+    );
+    assert_eq!(cache_row["reclaimable"], 0, "in use");
+    let images = row("images");
+    assert_eq!(images["count"], 0);
+    let store = std::path::PathBuf::from(images["path"].as_str().expect("path"));
+    assert_eq!(images["bytes"].as_u64(), Some(du(&store)));
+    assert_eq!(row("vms")["count"], 1);
+    let out = home.vmrs().args(["system", "df"]).output().expect("df");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rootfs-caches"));
+
+    // Once the VM is gone, gc removes the cache.
+    ok(&["rm", "-f", "user"]);
+    let rows = home.json(&["system", "df", "--json"]);
+    let vms = rows
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["type"] == "vms")
+        .expect("vms")
+        .clone();
+    assert_eq!(vms["bytes"].as_u64(), Some(du(&home.0.path().join("vms"))));
+    let cache_row = rows
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["type"] == "rootfs-caches")
+        .expect("c")
+        .clone();
+    let file = home.0.path().join("rootfs").join(&caches(&home)[0]);
+    assert_eq!(
+        cache_row["reclaimable"].as_u64(),
+        Some(du(&file)),
+        "nothing uses it now"
+    );
+    ok(&["system", "prune"]);
+    assert!(caches(&home).is_empty(), "{:?}", caches(&home));
+
+    // rmi alone removes an unused cache of the image it removes.
+    ok(&["run", "--rm", &reference, "--", "busybox", "true"]);
+    assert_eq!(caches(&home).len(), 1);
+    ok(&["rmi", &reference]);
+    assert!(caches(&home).is_empty(), "{:?}", caches(&home));
+}

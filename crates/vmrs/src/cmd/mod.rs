@@ -6,6 +6,7 @@ pub mod image;
 pub mod meta;
 pub mod net;
 pub mod setup;
+pub mod system;
 pub mod vm;
 pub mod vmm;
 
@@ -80,6 +81,9 @@ pub enum Command {
     Counters(vmm::NameArg),
     /// Show the VMM's own description of a VM as JSON (Cloud Hypervisor).
     VmmInfo(vmm::NameArg),
+    /// Disk usage (`system df`) and cleanup of what nothing uses (`system prune`).
+    #[command(subcommand)]
+    System(system::SystemCommand),
     /// Show the version, the agent protocol and the backends found on this host.
     Version(meta::VersionArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -118,6 +122,7 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Device(c) => vmm::device(c).await,
         Command::Counters(a) => vmm::counters(a).await,
         Command::VmmInfo(a) => vmm::vmm_info(a).await,
+        Command::System(c) => system::system(c).await,
         Command::Version(a) => meta::version(a),
         Command::Completion(a) => meta::completion(a),
     }
