@@ -110,12 +110,15 @@ mod tests {
     fn a_pair_has_its_size_and_resizes() {
         let (master, slave) = open(WinSize { rows: 31, cols: 97 }).unwrap();
         let get = |fd: &OwnedFd| {
-            let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+            let mut ws = libc::winsize {
+                ws_row: 0,
+                ws_col: 0,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
             // SAFETY: TIOCGWINSZ writes one winsize into a live struct.
-            assert_eq!(
-                unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) },
-                0
-            );
+            let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+            assert_eq!(r, 0);
             (ws.ws_row, ws.ws_col)
         };
         assert_eq!(get(&slave), (31, 97));

@@ -282,10 +282,8 @@ impl Pty {
             ws_ypixel: 0,
         };
         // SAFETY: TIOCSWINSZ reads one winsize from a live struct.
-        assert_eq!(
-            unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
-            0
-        );
+        let r = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        assert_eq!(r, 0);
     }
 
     fn write(&self, data: &[u8]) {
