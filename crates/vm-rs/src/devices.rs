@@ -117,6 +117,10 @@ pub enum AgentChannel {
     VirtioSerial {
         /// Host end (a Unix socket the VMM serves).
         socket: PathBuf,
+        /// A second port, [`vmrs_proto::LOG_PORT_NAME`], whose output the VMM appends to this
+        /// file: the main process's output of an image VM.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        process_log: Option<PathBuf>,
     },
 }
 
@@ -392,6 +396,7 @@ mod tests {
         let agent = set(&|s| {
             s.agent = Some(AgentChannel::VirtioSerial {
                 socket: "/v/agent.sock".into(),
+                process_log: None,
             })
         });
         assert!(feature(c.check(b, &cfg, &agent)).contains("agent"));

@@ -63,6 +63,14 @@ pub enum RootfsError {
     /// Creating the VM's overlay failed.
     #[error("cannot create the root overlay")]
     Overlay(#[source] DiskError),
+    /// The root disk size asked for is smaller than the image's file system.
+    #[error("a root disk of {requested} bytes cannot hold the image's {needed}-byte file system")]
+    TooSmall {
+        /// Asked for.
+        requested: u64,
+        /// The image's file system.
+        needed: u64,
+    },
     /// A blocking task failed.
     #[error("background task failed")]
     Task(#[source] tokio::task::JoinError),
@@ -78,6 +86,7 @@ impl RootfsError {
             RootfsError::Io { .. } | RootfsError::Task(_) => K::Other,
             RootfsError::Mkfs { .. } => K::Backend,
             RootfsError::Overlay(e) => e.kind(),
+            RootfsError::TooSmall { .. } => K::Invalid,
         }
     }
 }
@@ -247,16 +256,208 @@ pub fn root_disk(vm_dir: &Path) -> crate::devices::Disk {
     }
 }
 
-/// Create `<vm_dir>/root.qcow2`, a qcow2 overlay backed by `rootfs` (never written), unless it
-/// exists already (a restarted VM keeps its root disk), and return it as the root disk.
-pub async fn vm_overlay(rootfs: &Path, vm_dir: &Path) -> Result<crate::devices::Disk, RootfsError> {
-    let disk = root_disk(vm_dir);
-    if !disk.path.exists() {
-        crate::storage::create_overlay(rootfs, DiskFormat::Raw, &disk.path)
-            .await
-            .map_err(RootfsError::Overlay)?;
+/// The size of a VM's root disk for an image file system of `base` bytes: `requested` when
+/// given (at least `base`), else `base` plus as much again, at least 1 GiB, of free space (and
+/// [`GROWTH_OVERHEAD`] for the metadata of the grown part).
+pub fn root_disk_size(base: u64, requested: Option<u64>) -> Result<u64, RootfsError> {
+    match requested {
+        Some(r) if r < base => Err(RootfsError::TooSmall {
+            requested: r,
+            needed: base,
+        }),
+        Some(r) => Ok(r),
+        None => Ok(base
+            .saturating_add(base.max(DEFAULT_FREE))
+            .saturating_add(GROWTH_OVERHEAD)),
     }
+}
+
+/// Free space a root disk gets at least by default (see [`root_disk_size`]).
+pub const DEFAULT_FREE: u64 = 1 << 30;
+/// What the default root disk size adds for the inode tables and group descriptors of the
+/// grown part of the file system, so the free space is at least [`DEFAULT_FREE`].
+pub const GROWTH_OVERHEAD: u64 = 64 << 20;
+
+/// Create `<vm_dir>/root.qcow2`, a qcow2 overlay backed by `rootfs` (never written) of
+/// [`root_disk_size`] (the guest grows the file system to fill it at boot), unless it exists
+/// already (a restarted VM keeps its root disk), and return it as the root disk. The overlay is
+/// made under a temporary name and renamed when complete.
+pub async fn vm_overlay(
+    rootfs: &Path,
+    vm_dir: &Path,
+    size: Option<u64>,
+) -> Result<crate::devices::Disk, RootfsError> {
+    let disk = root_disk(vm_dir);
+    if disk.path.exists() {
+        return Ok(disk);
+    }
+    let base = tokio::fs::metadata(rootfs)
+        .await
+        .map_err(io_err("stat", rootfs))?
+        .len();
+    let size = root_disk_size(base, size)?;
+    let tmp = vm_dir.join(format!("{ROOT_OVERLAY}.new"));
+    let _ = tokio::fs::remove_file(&tmp).await;
+    crate::storage::create_overlay(rootfs, DiskFormat::Raw, &tmp)
+        .await
+        .map_err(RootfsError::Overlay)?;
+    if let Err(e) = crate::storage::grow_disk(&tmp, DiskFormat::Qcow2, size).await {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(RootfsError::Overlay(e));
+    }
+    tokio::fs::rename(&tmp, &disk.path)
+        .await
+        .map_err(io_err("rename into place", &disk.path))?;
     Ok(disk)
+}
+
+/// Root caches and who uses them, from [`cache_usage`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CacheUsage {
+    /// Every cache file (`<manifest hex>.ext4`) and abandoned build directory, with its
+    /// allocated bytes and whether something uses it.
+    pub entries: Vec<CacheEntry>,
+}
+
+/// One root cache.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CacheEntry {
+    /// The file (or an abandoned `.build-*` directory).
+    pub path: PathBuf,
+    /// Allocated bytes (`du`).
+    pub bytes: u64,
+    /// A stored image has this manifest, or a VM's root overlay is backed by it (or some VM's
+    /// records cannot be read, so nothing can be ruled out).
+    pub in_use: bool,
+}
+
+impl CacheUsage {
+    /// Allocated bytes of all caches.
+    pub fn bytes(&self) -> u64 {
+        self.entries.iter().map(|e| e.bytes).sum()
+    }
+
+    /// The caches nothing uses.
+    pub fn unused(&self) -> impl Iterator<Item = &CacheEntry> {
+        self.entries.iter().filter(|e| !e.in_use)
+    }
+}
+
+/// How long a `.build-*` directory may exist before it counts as abandoned (its builder was
+/// killed); younger ones may belong to a build in progress.
+pub const ABANDONED_BUILD_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The root caches under the data dir `home` and whether each is used: by an image in `store`
+/// (same manifest digest) or by a VM under `home/vms` (its `start.json` names it).
+pub async fn cache_usage(home: &Path, store: &ImageStore) -> Result<CacheUsage, RootfsError> {
+    let manifests: std::collections::HashSet<String> = store
+        .list()
+        .await
+        .map_err(|source| RootfsError::Store {
+            reference: "*".into(),
+            source,
+        })?
+        .into_iter()
+        .map(|i| i.record.manifest.hex().to_string())
+        .collect();
+    let home = home.to_path_buf();
+    tokio::task::spawn_blocking(move || scan_caches(&home, &manifests))
+        .await
+        .map_err(RootfsError::Task)?
+}
+
+fn scan_caches(
+    home: &Path,
+    manifests: &std::collections::HashSet<String>,
+) -> Result<CacheUsage, RootfsError> {
+    let dir = cache_dir(home);
+    // The caches VMs' overlays are backed by (an unreadable record keeps everything).
+    let mut used_by_vms = std::collections::HashSet::new();
+    let mut unknown_vm = false;
+    let vms = home.join("vms");
+    if let Ok(rd) = std::fs::read_dir(&vms) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let start = e.path().join(crate::vm_dir::VmDir::START);
+            match std::fs::read(&start) {
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(_) => unknown_vm = true,
+                Ok(b) => match serde_json::from_slice::<crate::manager::StartOptions>(&b) {
+                    Ok(o) => {
+                        if let Some(name) = o.rootfs.as_deref().and_then(Path::file_name) {
+                            used_by_vms.insert(name.to_os_string());
+                        }
+                    }
+                    Err(_) => unknown_vm = true,
+                },
+            }
+        }
+    }
+    let mut usage = CacheUsage::default();
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(usage),
+        Err(e) => {
+            return Err(RootfsError::Io {
+                op: "list",
+                path: dir,
+                source: e,
+            })
+        }
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let text = name.to_string_lossy();
+        let path = e.path();
+        let in_use = if let Some(hex) = text.strip_suffix(".ext4") {
+            unknown_vm || manifests.contains(hex) || used_by_vms.contains(&name)
+        } else if text.starts_with(".build-") {
+            // A build in progress is "used"; one whose builder died long ago is not.
+            e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .map_or(true, |age| age < ABANDONED_BUILD_AGE)
+        } else {
+            continue;
+        };
+        let bytes = crate::storage::disk_usage(&path).map_err(io_err("measure", &path))?;
+        usage.entries.push(CacheEntry { path, bytes, in_use });
+    }
+    usage.entries.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(usage)
+}
+
+/// Delete the root caches nothing uses ([`cache_usage`]); returns what was deleted.
+pub async fn gc_caches(home: &Path, store: &ImageStore) -> Result<Vec<CacheEntry>, RootfsError> {
+    let usage = cache_usage(home, store).await?;
+    let unused: Vec<CacheEntry> = usage.unused().cloned().collect();
+    tokio::task::spawn_blocking(move || {
+        let mut removed = Vec::new();
+        for e in unused {
+            let r = if e.path.is_dir() {
+                std::fs::remove_dir_all(&e.path)
+            } else {
+                std::fs::remove_file(&e.path)
+            };
+            match r {
+                Ok(()) => removed.push(e),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(RootfsError::Io {
+                        op: "remove",
+                        path: e.path,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(removed)
+    })
+    .await
+    .map_err(RootfsError::Task)?
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError {
@@ -275,6 +476,25 @@ mod tests {
         assert_eq!(d.format, DiskFormat::Qcow2);
         assert_eq!(d.serial.as_deref(), Some(ROOT_SERIAL));
         assert!(!d.read_only);
+    }
+
+    #[test]
+    fn root_disks_get_free_space() {
+        let mib = 1 << 20;
+        assert_eq!(
+            root_disk_size(100 * mib, None).unwrap(),
+            100 * mib + DEFAULT_FREE + GROWTH_OVERHEAD
+        );
+        assert_eq!(
+            root_disk_size(3 << 30, None).unwrap(),
+            (6 << 30) + GROWTH_OVERHEAD
+        );
+        assert_eq!(root_disk_size(100 * mib, Some(2 << 30)).unwrap(), 2 << 30);
+        assert!(matches!(
+            root_disk_size(100 * mib, Some(mib)),
+            Err(RootfsError::TooSmall { .. })
+        ));
+        assert_eq!(root_disk_size(u64::MAX, None).unwrap(), u64::MAX);
     }
 
     #[test]

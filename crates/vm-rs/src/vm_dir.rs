@@ -54,6 +54,8 @@ impl VmDir {
     pub const AGENT_SOCKET: &'static str = "agent.sock";
     /// Root overlay of an image VM.
     pub const ROOT_OVERLAY: &'static str = "root.qcow2";
+    /// Output of an image VM's main process (the guest's `vmrs.log` port; `vmrs logs`).
+    pub const PROCESS_LOG: &'static str = "process.log";
     /// Host network state.
     pub const NET_STATE: &'static str = "net.json";
     /// QEMU's QMP command socket.
@@ -136,6 +138,7 @@ mod tests {
             VmDir::VMM_LOG,
             VmDir::AGENT_SOCKET,
             VmDir::ROOT_OVERLAY,
+            VmDir::PROCESS_LOG,
             VmDir::NET_STATE,
             VmDir::QMP_SOCKET,
             VmDir::QMP_EVENTS_SOCKET,

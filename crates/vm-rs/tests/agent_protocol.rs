@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use vm_rs::agent::proto::{Decoder, Message, MAX_FRAME, VERSION};
-use vm_rs::agent::{AgentClient, AgentError, ExecCommand};
+use vm_rs::agent::{AgentClient, AgentError, ExecCommand, WinSize};
 
 /// A fake guest: answers the hello, then runs `script` with the decoded frames it receives.
 async fn fake_guest(mut guest: UnixStream) -> (UnixStream, Decoder) {
@@ -150,21 +150,108 @@ async fn copy_from_with_escaping_paths_is_refused() {
     assert!(!dest.path().join("escape").exists());
 }
 
+/// A fake guest that speaks only `versions`: it refuses other hellos with an error, as an
+/// agent of that age does. Returns after accepting one.
+async fn versioned_guest(mut guest: UnixStream, versions: &[u16]) -> Option<(UnixStream, Decoder, Vec<u16>)> {
+    let mut dec = Decoder::new();
+    let mut buf = [0u8; 4096];
+    let mut asked = Vec::new();
+    loop {
+        while let Some(f) = dec.next_frame().expect("valid frame") {
+            let Message::Hello { version } = f.message else {
+                panic!("not a hello: {:?}", f.message)
+            };
+            asked.push(version);
+            let reply = if versions.contains(&version) {
+                Message::HelloOk {
+                    version,
+                    agent: b"old".to_vec(),
+                }
+            } else {
+                Message::Error {
+                    message: format!("unsupported protocol version {version}").into_bytes(),
+                }
+            };
+            guest.write_all(&reply.encode(0).expect("e")).await.expect("w");
+            if versions.contains(&version) {
+                return Some((guest, dec, asked));
+            }
+        }
+        let n = guest.read(&mut buf).await.expect("read");
+        if n == 0 {
+            return None;
+        }
+        dec.push(&buf[..n]);
+    }
+}
+
 #[tokio::test]
-async fn guest_refusing_the_version_is_reported() {
-    let (host, mut guest) = UnixStream::pair().expect("pair");
-    let g = tokio::spawn(async move {
-        let mut buf = [0u8; 64];
-        let _ = guest.read(&mut buf).await;
-        let e = Message::Error {
-            message: b"unsupported protocol version".to_vec(),
-        };
-        guest.write_all(&e.encode(0).expect("e")).await.expect("w");
-        guest
-    });
-    let r = AgentClient::from_stream(host).await;
+async fn guest_refusing_every_version_is_reported() {
+    let (host, guest) = UnixStream::pair().expect("pair");
+    let g = tokio::spawn(versioned_guest(guest, &[]));
+    let r = tokio::time::timeout(Duration::from_secs(10), AgentClient::from_stream(host))
+        .await
+        .expect("no hang");
     assert!(matches!(r, Err(AgentError::Refused { .. })), "{r:?}");
-    drop(g.await);
+    drop(r);
+    assert!(g.await.expect("join").is_none());
+}
+
+#[tokio::test]
+async fn an_old_guest_is_spoken_to_in_its_version_and_refuses_terminals_clearly() {
+    let (host, guest) = UnixStream::pair().expect("pair");
+    let (client, g) = tokio::join!(AgentClient::from_stream(host), versioned_guest(guest, &[1]));
+    let client = client.expect("handshake with a version 1 guest");
+    let (mut guest, mut dec, asked) = g.expect("accepted");
+    assert_eq!(asked, [VERSION, 1]);
+    assert_eq!(client.protocol_version(), 1);
+    // A terminal needs version 2: refused on the host before anything reaches the guest.
+    let r = client
+        .spawn(ExecCommand::new(["sh"]).tty(WinSize { rows: 24, cols: 80 }))
+        .await;
+    match r {
+        Err(e @ AgentError::Unsupported { version: 1, .. }) => {
+            assert!(e.to_string().contains("vmrs setup"), "{e}");
+            assert_eq!(e.kind(), vm_rs::ErrorKind::Unsupported);
+        }
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+    // A plain exec still goes out as version 1's Exec.
+    let c2 = client.clone();
+    let exec = tokio::spawn(async move { c2.exec(ExecCommand::new(["true"])).await });
+    let (stream, msg) = next_request(&mut guest, &mut dec).await;
+    assert!(matches!(msg, Message::Exec(_)), "{msg:?}");
+    for m in [Message::Started { pid: 5 }, Message::Exited { code: 0 }] {
+        guest.write_all(&m.encode(stream).expect("e")).await.expect("w");
+    }
+    let out = exec.await.expect("join").expect("exec");
+    assert!(out.status.success());
+}
+
+#[tokio::test]
+async fn a_program_that_cannot_start_has_the_shell_codes() {
+    let (client, mut guest, mut dec) = connected().await;
+    for (errno, code) in [(libc::ENOENT, 127), (libc::EACCES, 126), (libc::ENOEXEC, 126)] {
+        let c2 = client.clone();
+        let exec = tokio::spawn(async move { c2.spawn(ExecCommand::new(["x"])).await });
+        let (stream, _) = next_request(&mut guest, &mut dec).await;
+        let m = Message::SpawnFailed {
+            errno,
+            message: b"cannot run".to_vec(),
+        };
+        guest.write_all(&m.encode(stream).expect("e")).await.expect("w");
+        let e = exec.await.expect("join").expect_err("spawn failed");
+        assert_eq!(e.shell_code(), Some(code), "{e:?}");
+    }
+    let c2 = client.clone();
+    let exec = tokio::spawn(async move { c2.spawn(ExecCommand::new(["x"])).await });
+    let (stream, _) = next_request(&mut guest, &mut dec).await;
+    let m = Message::Error {
+        message: b"unknown user".to_vec(),
+    };
+    guest.write_all(&m.encode(stream).expect("e")).await.expect("w");
+    let e = exec.await.expect("join").expect_err("refused");
+    assert_eq!(e.shell_code(), None);
 }
 
 proptest! {

@@ -306,6 +306,7 @@ async fn refused_configs_leave_nothing_behind() {
         StartOptions {
             rootfs: Some(f.disk.clone()),
             require_agent: true,
+            ..StartOptions::default()
         },
     ));
     let mut c = base_config(&f, BackendKind::Qemu);

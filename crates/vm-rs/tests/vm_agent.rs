@@ -8,12 +8,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use support::qemu::RawQemu;
-use vm_rs::agent::{AgentClient, AgentError, ExecCommand, ExecEvent, ExitStatus};
+use vm_rs::agent::{AgentClient, AgentError, ExecCommand, ExecEvent, ExitStatus, WinSize};
 
 /// The QEMU arguments of an agent port whose host end is `sock`.
 fn agent_args(sock: &std::path::Path) -> Vec<std::ffi::OsString> {
     vm_rs::driver::qemu::args::agent_args(&vm_rs::devices::AgentChannel::VirtioSerial {
         socket: sock.to_path_buf(),
+        process_log: None,
     })
 }
 
@@ -109,9 +110,59 @@ async fn exec_streams_status_env_stdin_and_signals() {
 
     // A program that does not exist.
     match agent.exec(ExecCommand::new(["/no/such/program"])).await {
-        Err(AgentError::Exec { message }) => assert!(message.contains("No such file"), "{message}"),
-        other => panic!("expected exec error, got {other:?}"),
+        Err(e @ AgentError::Spawn { .. }) => {
+            assert!(e.to_string().contains("No such file"), "{e}");
+            assert_eq!(e.shell_code(), Some(127));
+        }
+        other => panic!("expected a spawn error, got {other:?}"),
     }
+    // Not executable, and a missing working directory (not "command not found").
+    let e = agent
+        .exec(ExecCommand::new(["/etc/passwd"]))
+        .await
+        .expect_err("not executable");
+    assert_eq!(e.shell_code(), Some(126), "{e:?}");
+    let e = agent
+        .exec(ExecCommand::new(["true"]).cwd("/no/such/dir"))
+        .await
+        .expect_err("no cwd");
+    assert!(
+        matches!(e, AgentError::Exec { .. }) && e.to_string().contains("/no/such/dir"),
+        "{e:?}"
+    );
+
+    // A terminal: its size, a resize, and the output as stdout.
+    let mut p = agent
+        .spawn(
+            ExecCommand::new(["sh", "-c", "stty size; tty; read l; stty size; exit 4"])
+                .tty(WinSize { rows: 12, cols: 34 }),
+        )
+        .await
+        .expect("tty exec");
+    let mut seen = String::new();
+    let control = p.control();
+    let mut stdin = p.take_stdin().expect("a terminal takes input");
+    let mut resized = false;
+    let status = loop {
+        match p.next_event().await.expect("event").expect("ok") {
+            ExecEvent::Stdout(d) => seen.push_str(&String::from_utf8_lossy(&d)),
+            ExecEvent::Stderr(d) => panic!("a terminal has no separate stderr: {d:?}"),
+            ExecEvent::Exit(s) => break s,
+        }
+        if !resized && seen.contains("/dev/pts/") {
+            resized = true;
+            control
+                .resize(WinSize { rows: 50, cols: 60 })
+                .await
+                .expect("resize");
+            stdin.write(b"go\n").await.expect("stdin");
+        }
+    };
+    assert_eq!(status, ExitStatus::Exited(4), "{seen}");
+    assert!(seen.starts_with("12 34\r\n/dev/pts/"), "{seen:?}");
+    assert!(seen.ends_with("50 60\r\n"), "{seen:?}");
+    // Its handles share the connection (closed further down).
+    drop((p, stdin, control));
 
     // Large output arrives intact (10 MiB+).
     let out = agent

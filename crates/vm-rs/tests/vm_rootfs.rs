@@ -55,6 +55,7 @@ async fn switches_root_and_applies_user_cwd_env() {
     let sock = dir.path().join("agent.sock");
     let mut extra = vm_rs::driver::qemu::args::agent_args(&vm_rs::devices::AgentChannel::VirtioSerial {
         socket: sock.clone(),
+        process_log: None,
     });
     // A scratch disk next to the root disk: the root is found by its serial, not its order.
     let scratch = dir.path().join("scratch.img");

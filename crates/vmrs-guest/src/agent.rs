@@ -7,7 +7,9 @@
 //!
 //! Exec: each process gets a thread forwarding its stdout/stderr (non-blocking pipes, polled)
 //! and one writing stdin from the host; its exit status arrives from the PID 1 reaper
-//! ([`crate::reaper`]). Copy in is handled on the port thread; copy out streams from its own
+//! ([`crate::reaper`]). A terminal exec ([`Message::ExecTty`]) gets a pseudo-terminal
+//! ([`crate::tty`]) instead of pipes: the output thread reads its master, the stdin thread
+//! writes to it, and a resize sets its window size. Copy in is handled on the port thread; copy out streams from its own
 //! thread. Writes to the port are serialised by a mutex, one whole frame at a time.
 
 use std::collections::HashMap;
@@ -20,17 +22,18 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vmrs_proto::{
-    valid_relative_path, Decoder, Entry, EntryKind, ExecRequest, Message, CHUNK, EXEC_DETACH, EXEC_STDIN,
-    PORT_NAME, VERSION,
+    valid_relative_path, Decoder, Entry, EntryKind, ExecRequest, Message, Restart, RestartPolicy, WinSize,
+    CHUNK, EXEC_DETACH, EXEC_STDIN, LOG_PORT_NAME, MAIN_EXIT_MARKER, MIN_VERSION, PORT_NAME, VERSION,
+    VERSION_TTY,
 };
 
-use crate::{log, reaper, sys};
+use crate::{log, reaper, sys, tty};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const MAX_DEPTH: usize = 256;
@@ -71,6 +74,8 @@ pub fn start(shutdown: Arc<OwnedFd>) {
 struct Output {
     file: Mutex<File>,
     generation: AtomicU64,
+    /// Protocol version of the current conversation (from its hello).
+    version: AtomicU16,
 }
 
 impl Output {
@@ -103,6 +108,8 @@ enum Stream {
         pid: libc::pid_t,
         stdin: Option<Sender<Vec<u8>>>,
         done: Arc<AtomicBool>,
+        /// The terminal's master, for a terminal exec.
+        pty: Option<Arc<OwnedFd>>,
     },
     CopyIn(CopyIn),
     /// Finished or failed: further frames are ignored.
@@ -134,6 +141,7 @@ fn serve_port(port: &Path, shutdown: &OwnedFd) {
     let out = Arc::new(Output {
         file: Mutex::new(writer),
         generation: AtomicU64::new(0),
+        version: AtomicU16::new(MIN_VERSION),
     });
     let mut decoder = Decoder::new();
     let mut streams: HashMap<u32, Stream> = HashMap::new();
@@ -236,12 +244,13 @@ fn handle(
 ) {
     match msg {
         Message::Hello { version } => {
-            if version == VERSION {
+            if (MIN_VERSION..=VERSION).contains(&version) {
+                out.version.store(version, Ordering::SeqCst);
                 out.send(
                     gen,
                     0,
                     &Message::HelloOk {
-                        version: VERSION,
+                        version,
                         agent: format!("vmrs-init {}", env!("CARGO_PKG_VERSION")).into_bytes(),
                     },
                 );
@@ -249,7 +258,9 @@ fn handle(
                 out.error(
                     gen,
                     0,
-                    format!("unsupported protocol version {version} (agent speaks {VERSION})"),
+                    format!(
+                        "unsupported protocol version {version} (agent speaks {MIN_VERSION} to {VERSION})"
+                    ),
                 );
             }
         }
@@ -261,7 +272,12 @@ fn handle(
             // SAFETY: writes one byte from a live buffer to a pipe we own.
             unsafe { libc::write(shutdown.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
         }
-        Message::Exec(req) => {
+        Message::Exec(_) | Message::ExecTty { .. } => {
+            let (req, size) = match msg {
+                Message::ExecTty { exec, size } => (exec, Some(size)),
+                Message::Exec(exec) => (exec, None),
+                _ => return,
+            };
             streams.retain(|_, s| match s {
                 Stream::Exec { done, .. } => !done.load(Ordering::SeqCst),
                 Stream::Closed => false,
@@ -271,17 +287,46 @@ fn handle(
                 out.error(gen, stream, "stream id in use");
                 return;
             }
-            match start_exec(out, gen, stream, req) {
+            match start_exec(out, gen, stream, req, size) {
                 Ok(Some(s)) => {
                     streams.insert(stream, s);
                 }
                 Ok(None) => {}
-                Err(e) => out.error(gen, stream, e),
+                Err(ExecError::Spawn { errno, message })
+                    if out.version.load(Ordering::SeqCst) >= VERSION_TTY =>
+                {
+                    out.send(
+                        gen,
+                        stream,
+                        &Message::SpawnFailed {
+                            errno,
+                            message: message.into_bytes(),
+                        },
+                    );
+                }
+                Err(ExecError::Spawn { message, .. } | ExecError::Other(message)) => {
+                    out.error(gen, stream, message)
+                }
+            }
+        }
+        Message::ExecMain { exec, restart } => match shutdown.try_clone() {
+            Ok(fd) => start_main(out, gen, stream, exec, restart, fd),
+            Err(e) => out.error(gen, stream, format!("cannot start the main process: {e}")),
+        },
+        Message::Resize { size } => {
+            if let Some(Stream::Exec {
+                pty: Some(master), ..
+            }) = streams.get(&stream)
+            {
+                let _ = tty::resize(master, size);
             }
         }
         Message::Stdin { data } => {
-            if let Some(Stream::Exec { stdin, .. }) = streams.get_mut(&stream) {
-                if data.is_empty() {
+            if let Some(Stream::Exec { stdin, pty, .. }) = streams.get_mut(&stream) {
+                if data.is_empty() && pty.is_some() {
+                    // The end of the host's input ends nothing on a terminal (a user's ^D is
+                    // an ordinary byte for the line discipline).
+                } else if data.is_empty() {
                     *stdin = None;
                 } else if let Some(tx) = stdin {
                     let _ = tx.send(data);
@@ -345,6 +390,108 @@ fn handle(
     }
 }
 
+/// The output of the main process: the log port when the VM has one, else the console.
+fn main_output() -> Stdio {
+    let port = std::fs::read_dir("/sys/class/virtio-ports")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find(|e| std::fs::read_to_string(e.path().join("name")).is_ok_and(|n| n.trim() == LOG_PORT_NAME))
+        .map(|e| Path::new("/dev").join(e.file_name()));
+    match port.and_then(|p| std::fs::OpenOptions::new().write(true).open(p).ok()) {
+        Some(f) => Stdio::from(f),
+        None => Stdio::inherit(),
+    }
+}
+
+/// Start the VM's main process ([`Message::ExecMain`]): answer `Started` for the first start,
+/// then, on a thread, wait for it, restart it as `restart` says, and when it ends for good
+/// report its end on the console and power the VM off through `shutdown`.
+fn start_main(
+    out: &Arc<Output>,
+    gen: u64,
+    stream: u32,
+    req: ExecRequest,
+    restart: Restart,
+    shutdown: OwnedFd,
+) {
+    let program = req.argv.first().cloned().unwrap_or_default();
+    let spawn = move || -> Result<(std::process::Child, Receiver<libc::c_int>), ExecError> {
+        let (mut cmd, cwd) = command(&req, false)?;
+        // The same port for both (a `Stdio` cannot be cloned: it is opened twice).
+        cmd.stdin(Stdio::null())
+            .stdout(main_output())
+            .stderr(main_output());
+        reaper::spawn_registered(&mut cmd).map_err(|e| spawn_error(&program, &cwd, e))
+    };
+    let first = spawn();
+    let (child, status_rx) = match first {
+        Ok(c) => c,
+        Err(ExecError::Spawn { errno, message }) if out.version.load(Ordering::SeqCst) >= VERSION_TTY => {
+            out.send(
+                gen,
+                stream,
+                &Message::SpawnFailed {
+                    errno,
+                    message: message.into_bytes(),
+                },
+            );
+            return;
+        }
+        Err(ExecError::Spawn { message, .. } | ExecError::Other(message)) => {
+            out.error(gen, stream, message);
+            return;
+        }
+    };
+    out.send(gen, stream, &Message::Started { pid: child.id() });
+    let spawned = std::thread::Builder::new()
+        .name("main process".into())
+        .spawn(move || {
+            let mut status_rx = status_rx;
+            let mut restarts = 0u32;
+            let mut backoff = Duration::from_millis(100);
+            let end = loop {
+                let status = status_rx.recv().ok();
+                let failed = !matches!(status, Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0);
+                let again = restarts < restart.max
+                    && match restart.policy {
+                        RestartPolicy::No => false,
+                        RestartPolicy::OnFailure => failed,
+                        RestartPolicy::Always => true,
+                    };
+                if !again {
+                    break status;
+                }
+                restarts += 1;
+                log(&format!(
+                    "main process ended; restart {restarts} of {}",
+                    restart.max
+                ));
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                match spawn() {
+                    Ok((_, rx)) => status_rx = rx,
+                    Err(ExecError::Spawn { message, .. } | ExecError::Other(message)) => {
+                        log(&format!("main process: {message}"));
+                        break Some(127 << 8);
+                    }
+                }
+            };
+            let what = match end {
+                Some(s) if libc::WIFSIGNALED(s) => format!("signal={}", libc::WTERMSIG(s)),
+                Some(s) => format!("code={}", libc::WEXITSTATUS(s)),
+                None => "code=255".to_string(),
+            };
+            sys::console(&format!("{MAIN_EXIT_MARKER}{what} restarts={restarts}"));
+            sys::drain_console();
+            // SAFETY: writes one byte from a live buffer to a pipe we own.
+            unsafe { libc::write(shutdown.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        });
+    if spawned.is_err() {
+        log("main process: cannot start its watcher thread");
+    }
+}
+
 /// A resolved user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
@@ -394,7 +541,29 @@ pub fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<User, Strin
     Ok(User { uid, gid, home })
 }
 
-fn start_exec(out: &Arc<Output>, gen: u64, stream: u32, req: ExecRequest) -> Result<Option<Stream>, String> {
+/// Why an exec did not start.
+enum ExecError {
+    /// The program could not be started (not found, not executable).
+    Spawn { errno: i32, message: String },
+    /// Anything else (bad request, unknown user, no working directory).
+    Other(String),
+}
+
+impl From<String> for ExecError {
+    fn from(s: String) -> Self {
+        ExecError::Other(s)
+    }
+}
+
+impl From<&str> for ExecError {
+    fn from(s: &str) -> Self {
+        ExecError::Other(s.to_string())
+    }
+}
+
+/// The process `req` asks for, with its user, environment and working directory applied, and
+/// the child-side setup (signal mask; a session on the terminal when `tty`).
+fn command(req: &ExecRequest, tty: bool) -> Result<(Command, PathBuf), ExecError> {
     let Some(program) = req.argv.first() else {
         return Err("empty command".into());
     };
@@ -422,10 +591,10 @@ fn start_exec(out: &Arc<Output>, gen: u64, stream: u32, req: ExecRequest) -> Res
                 cmd.env(OsStr::from_bytes(&kv[..i]), OsStr::from_bytes(&kv[i + 1..]));
             }
             _ => {
-                return Err(format!(
+                return Err(ExecError::Other(format!(
                     "invalid environment entry {:?}",
                     String::from_utf8_lossy(kv)
-                ))
+                )))
             }
         }
     }
@@ -435,27 +604,79 @@ fn start_exec(out: &Arc<Output>, gen: u64, stream: u32, req: ExecRequest) -> Res
         .filter(|c| !c.is_empty())
         .map(|c| PathBuf::from(OsStr::from_bytes(c)))
         .unwrap_or_else(|| PathBuf::from("/"));
+    // A missing working directory would fail the start with ENOENT, which reads as "command
+    // not found": say what it is.
+    if !cwd.is_dir() {
+        return Err(ExecError::Other(format!(
+            "working directory {} does not exist",
+            cwd.display()
+        )));
+    }
     cmd.current_dir(&cwd);
     if user.uid != 0 || user.gid != 0 {
         cmd.gid(user.gid).uid(user.uid);
     }
-    cmd.process_group(0);
+    if !tty {
+        cmd.process_group(0);
+    }
+    let with_tty = tty;
     // PID 1 blocks the signals it reads through a signalfd; the mask is inherited across exec,
-    // so clear it or the workload could never be stopped with SIGTERM.
-    // SAFETY: runs in the child between fork and exec and only calls sigemptyset and
-    // sigprocmask, which are async-signal-safe.
+    // so clear it or the workload could never be stopped with SIGTERM. A terminal exec leads a
+    // session of its own with the terminal as its controlling tty (so ^C reaches it).
+    // SAFETY: runs in the child between fork and exec and only calls sigemptyset,
+    // sigprocmask, setsid and ioctl, which are async-signal-safe.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            if with_tty {
+                tty::become_session_leader()?;
+            }
             Ok(())
         });
     }
-    let detach = req.flags & EXEC_DETACH != 0;
-    if detach {
+    Ok((cmd, cwd))
+}
+
+fn spawn_error(program: &[u8], cwd: &Path, e: std::io::Error) -> ExecError {
+    ExecError::Spawn {
+        errno: e.raw_os_error().unwrap_or(0),
+        message: format!(
+            "cannot run {:?} in {}: {e}",
+            String::from_utf8_lossy(program),
+            cwd.display()
+        ),
+    }
+}
+
+fn start_exec(
+    out: &Arc<Output>,
+    gen: u64,
+    stream: u32,
+    req: ExecRequest,
+    tty_size: Option<WinSize>,
+) -> Result<Option<Stream>, ExecError> {
+    let (mut cmd, cwd) = command(&req, tty_size.is_some())?;
+    let program = req.argv.first().map(Vec::as_slice).unwrap_or_default();
+    let pty = match tty_size {
+        Some(size) => Some(tty::open(size).map_err(|e| format!("cannot allocate a terminal: {e}"))?),
+        None => None,
+    };
+    let detach = req.flags & EXEC_DETACH != 0 && pty.is_none();
+    let mut master = None;
+    if let Some((m, slave)) = pty {
+        let dup = |fd: &OwnedFd| {
+            fd.try_clone()
+                .map_err(|e| format!("cannot set up the terminal: {e}"))
+        };
+        cmd.stdin(Stdio::from(dup(&slave)?))
+            .stdout(Stdio::from(dup(&slave)?))
+            .stderr(Stdio::from(slave));
+        master = Some(m);
+    } else if detach {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit());
@@ -468,19 +689,52 @@ fn start_exec(out: &Arc<Output>, gen: u64, stream: u32, req: ExecRequest) -> Res
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     }
-    let (mut child, status_rx) = reaper::spawn_registered(&mut cmd).map_err(|e| {
-        format!(
-            "cannot run {:?} in {}: {e}",
-            String::from_utf8_lossy(program),
-            cwd.display()
-        )
-    })?;
+    let spawned = reaper::spawn_registered(&mut cmd);
+    // The child has its copies of the terminal's slave; ours must go, or the master never
+    // reads end of file.
+    drop(cmd);
+    let (mut child, status_rx) = spawned.map_err(|e| spawn_error(program, &cwd, e))?;
     let pid = child.id() as libc::pid_t;
     out.send(gen, stream, &Message::Started { pid: pid as u32 });
     if detach {
         return Ok(None);
     }
     let done = Arc::new(AtomicBool::new(false));
+    if let Some(master) = master {
+        let master = Arc::new(master);
+        let (tx, rx) = channel::<Vec<u8>>();
+        let writer = master.clone();
+        let _ = std::thread::Builder::new()
+            .name("agent tty in".into())
+            .spawn(move || {
+                for chunk in rx {
+                    if tty::write_all(writer.as_raw_fd(), &chunk).is_err() {
+                        break;
+                    }
+                }
+            });
+        let reader = master
+            .try_clone()
+            .map_err(|e| format!("cannot set up the terminal: {e}"));
+        let out2 = out.clone();
+        let done2 = done.clone();
+        let spawned = reader.and_then(|reader| {
+            std::thread::Builder::new()
+                .name("agent tty out".into())
+                .spawn(move || forward_output(&out2, gen, stream, vec![reader], status_rx, &done2))
+                .map_err(|_| "cannot start output thread".to_string())
+        });
+        if let Err(e) = spawned {
+            let _ = sys::kill(pid, libc::SIGKILL);
+            return Err(e.into());
+        }
+        return Ok(Some(Stream::Exec {
+            pid,
+            stdin: Some(tx),
+            done,
+            pty: Some(master),
+        }));
+    }
     let stdin_tx = child.stdin.take().map(|mut stdin| {
         let (tx, rx) = channel::<Vec<u8>>();
         let _ = std::thread::Builder::new()
@@ -514,6 +768,7 @@ fn start_exec(out: &Arc<Output>, gen: u64, stream: u32, req: ExecRequest) -> Res
         pid,
         stdin: stdin_tx,
         done,
+        pty: None,
     }))
 }
 

@@ -6,6 +6,7 @@
 //! * [`agent`] — the guest side of the host agent protocol (`vmrs-proto`).
 //! * [`reaper`] — PID 1's zombie reaper, shared with the agent's exec.
 //! * [`sys`] — thin wrappers over the system calls PID 1 needs.
+//! * [`tty`] — pseudo-terminals for the agent's terminal execs.
 //!
 //! It is a library so the parsers of untrusted input (command line, DHCP lease text, agent
 //! frames) can be fuzzed from the `fuzz/` crate; nothing here is a stable API.
@@ -15,6 +16,7 @@ pub mod cmdline;
 pub mod dhcp;
 pub mod reaper;
 pub mod sys;
+pub mod tty;
 
 /// Print `vmrs-init: <msg>` on the console.
 pub fn log(msg: &str) {

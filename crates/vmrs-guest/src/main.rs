@@ -6,8 +6,10 @@
 //!    first) with `finit_module`; a missing file is logged and skipped, an already loaded module
 //!    is fine;
 //! 3. read the `vmrs.*` parameters from `/proc/cmdline` (see [`cmdline`]): host name, `lo` up,
-//!    static address and default route on `eth0` (with busybox `ip`), `/etc/resolv.conf`;
-//! 4. with `vmrs.root=/dev/vdX`: mount that disk, move `/proc`, `/sys`, `/dev`, `/run` into it,
+//!    static address and default route on `eth0` (with busybox `ip`), `/etc/resolv.conf`, and
+//!    (after the switch of step 4) `/etc/hosts` naming the host when the root has none;
+//! 4. with `vmrs.root=/dev/vdX`: mount that disk (growing an ext4 file system online to fill
+//!    the disk), move `/proc`, `/sys`, `/dev`, `/run` into it,
 //!    give it a fresh `/tmp`, and switch root to it (this process stays PID 1; it needs nothing
 //!    from the image);
 //! 5. start the host agent ([`agent`]) on every `vmrs.agent*` virtio-serial port;
@@ -72,6 +74,7 @@ fn main() {
         }
     }
     write_resolv_conf(&cfg);
+    write_hosts(&cfg);
     let (shutdown_rx, shutdown_tx) = match shutdown_pipe() {
         Ok(p) => (Some(p.0), Some(Arc::new(p.1))),
         Err(e) => {
@@ -228,6 +231,23 @@ fn write_resolv_conf(cfg: &cmdline::Config) {
     }
 }
 
+/// `/etc/hosts` naming the host name, only where the root has none (an image's own file,
+/// even a dangling link, is left alone).
+fn write_hosts(cfg: &cmdline::Config) {
+    let Some(name) = &cfg.hostname else {
+        return;
+    };
+    if std::fs::symlink_metadata("/etc/hosts").is_ok() {
+        return;
+    }
+    let text =
+        format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{name}\n");
+    let _ = std::fs::create_dir_all("/etc");
+    if let Err(e) = std::fs::write("/etc/hosts", text) {
+        log(&format!("writing /etc/hosts: {e}"));
+    }
+}
+
 fn shutdown_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
@@ -283,6 +303,18 @@ fn switch_root(root: &str, fstype: Option<&str>, read_only: bool) -> Result<(), 
         });
     if !mounted {
         return Err(last);
+    }
+    // The root disk may be larger than the file system built for the image (the host sizes
+    // each VM's overlay): grow it to fill the disk. Nothing to do is not an error.
+    if !read_only {
+        match sys::grow_ext4(dev, "/newroot") {
+            Ok((before, after)) if after > before => log(&format!(
+                "grew the root file system from {before} to {after} blocks"
+            )),
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => {} // not ext4
+            Err(e) => log(&format!("cannot grow the root file system: {e}")),
+        }
     }
     for dir in ["dev", "proc", "sys", "run"] {
         let target = format!("/newroot/{dir}");

@@ -193,3 +193,34 @@ pub fn poll_readable(fds: &[RawFd], timeout_ms: libc::c_int) -> Vec<usize> {
         .map(|(i, _)| i)
         .collect()
 }
+
+/// `BLKGETSIZE64`: a block device's size in bytes (`_IOR(0x12, 114, size_t)`).
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+/// `EXT4_IOC_RESIZE_FS`: grow a mounted ext4 file system to a block count
+/// (`_IOW('f', 16, __u64)`).
+const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
+
+/// Grow the ext4 file system mounted at `mountpoint` to fill its device `dev` (online, as
+/// `resize2fs` does for a mounted file system). Returns the (data) block counts before and after.
+pub fn grow_ext4(dev: &str, mountpoint: &str) -> io::Result<(u64, u64)> {
+    let devf = std::fs::File::open(dev)?;
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 into a live variable.
+    check(unsafe { libc::ioctl(devf.as_raw_fd(), BLKGETSIZE64 as _, &mut size) })?;
+    let blocks = |path: &str| -> io::Result<(u64, u64)> {
+        let p = cstr(path)?;
+        // SAFETY: statvfs is plain old data; all zeroes is a valid value.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: statvfs fills the live struct from a valid C string path.
+        check(unsafe { libc::statvfs(p.as_ptr(), &mut st) })?;
+        Ok((st.f_blocks as u64, st.f_frsize.max(1) as u64))
+    };
+    let (before, bsize) = blocks(mountpoint)?;
+    let dir = std::fs::File::open(mountpoint)?;
+    let mut count: u64 = size / bsize;
+    // SAFETY: EXT4_IOC_RESIZE_FS reads one u64 from a live variable; the fd is the mounted
+    // file system's root directory.
+    check(unsafe { libc::ioctl(dir.as_raw_fd(), EXT4_IOC_RESIZE_FS as _, &mut count) })?;
+    let (after, _) = blocks(mountpoint)?;
+    Ok((before, after))
+}

@@ -45,7 +45,35 @@
 //!                                 ◄── s        Entry{..} Data{..}... End   (or Error)
 //! Shutdown                        ──►
 //!                                 ◄──          ShutdownOk, then the guest powers off
+//! ExecTty{exec,rows,cols}         ──► stream s                              (version 2)
+//!                                 ◄── s        Started{pid} | SpawnFailed{errno,message}
+//! Stdin{data}  (to the terminal)  ──► s
+//! Resize{rows,cols}               ──► s
+//!                                 ◄── s        Stdout{data} ... Exited | Signaled
+//! ExecMain{exec,restart}          ──► stream s                              (version 2)
+//!                                 ◄── s        Started{pid} | SpawnFailed | Error
 //! ```
+//!
+//! `ExecMain` starts the VM's main process (an image's entrypoint + cmd under `run -d`): it
+//! outlives the connection like a detached exec, its output goes to the virtio-serial port
+//! named [`LOG_PORT_NAME`] when the VM has one (else the console), it is restarted as
+//! [`Restart`] says, and when it ends for good the guest prints [`MAIN_EXIT_MARKER`] followed
+//! by `code=N` or `signal=N` on the console and powers off.
+//!
+//! ## Versions
+//!
+//! The host says hello with its newest version; a guest that speaks it answers `HelloOk` with
+//! the same version, a newer guest answers with the host's version (it speaks every version
+//! from [`MIN_VERSION`] to [`VERSION`]), and an older guest answers `Error`, after which the
+//! host says hello again with an older version. What the conversation may use is the version
+//! of the `HelloOk`:
+//!
+//! - 1: exec (pipes), signals, copy in and out, ping, shutdown.
+//! - 2: adds [`Message::ExecTty`] (a process on a pseudo-terminal of the given size, its
+//!   output on `Stdout`) with [`Message::Resize`], and [`Message::SpawnFailed`]: the reply to
+//!   an exec whose program could not be started, with the `errno` (`ENOENT` = not found,
+//!   `EACCES`/`ENOEXEC` = not executable) so the host can exit 127/126 like a shell. A version
+//!   1 guest answers such an exec with a plain `Error`.
 //!
 //! A hello always starts a new conversation: the guest forgets the streams of the previous one
 //! and kills its processes (a quick disconnect + reconnect is not always visible to the guest
@@ -66,10 +94,20 @@
 
 use std::fmt;
 
-/// Protocol version spoken by this crate.
-pub const VERSION: u16 = 1;
+/// Newest protocol version spoken by this crate (see the module docs for what each adds).
+pub const VERSION: u16 = 2;
+/// Oldest protocol version this crate still speaks.
+pub const MIN_VERSION: u16 = 1;
+/// First version with [`Message::ExecTty`], [`Message::Resize`] and [`Message::SpawnFailed`].
+pub const VERSION_TTY: u16 = 2;
 /// Name (prefix) of the virtio-serial port carrying the protocol.
 pub const PORT_NAME: &str = "vmrs.agent";
+/// Name of the virtio-serial port that receives the output of the main process
+/// ([`Message::ExecMain`]); the host end is a file.
+pub const LOG_PORT_NAME: &str = "vmrs.log";
+/// Console line prefix with which the guest reports how its main process ended, followed by
+/// `code=N` or `signal=N` (and ` restarts=N`).
+pub const MAIN_EXIT_MARKER: &str = "vmrs-init: main process exited: ";
 /// Largest payload of one frame.
 pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Bytes of the fixed header: length, type, stream.
@@ -144,6 +182,36 @@ pub struct ExecRequest {
     pub user: Option<Vec<u8>>,
     /// [`EXEC_STDIN`] | [`EXEC_DETACH`].
     pub flags: u8,
+}
+
+/// When the guest restarts a main process ([`Message::ExecMain`]) that ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RestartPolicy {
+    /// Never: its end is the VM's end.
+    #[default]
+    No,
+    /// When it exits with a code other than 0 or is killed by a signal.
+    OnFailure,
+    /// Whatever its exit.
+    Always,
+}
+
+/// Restart rule of a main process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Restart {
+    /// When.
+    pub policy: RestartPolicy,
+    /// At most this many restarts (then the next end is the VM's end).
+    pub max: u32,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WinSize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
 }
 
 /// Every message of the protocol.
@@ -235,6 +303,39 @@ pub enum Message {
     End,
     /// Guest → host: a [`Message::CopyIn`] completed.
     CopyDone,
+    /// Host → guest (version 2): start a process on a new pseudo-terminal of size `size`; its
+    /// stdin, stdout and stderr are the terminal, it leads a session of its own with the
+    /// terminal as controlling tty. [`ExecRequest::flags`] other than [`EXEC_STDIN`] are ignored
+    /// (terminal input is always accepted). Output arrives as [`Message::Stdout`].
+    ExecTty {
+        /// The command.
+        exec: ExecRequest,
+        /// Initial window size.
+        size: WinSize,
+    },
+    /// Host → guest (version 2): the terminal of this stream's process changed size (the
+    /// guest kernel tells the process with `SIGWINCH`).
+    Resize {
+        /// New size.
+        size: WinSize,
+    },
+    /// Host → guest (version 2): start the VM's main process (see the module docs).
+    /// [`ExecRequest::flags`] are ignored: stdin is `/dev/null`.
+    ExecMain {
+        /// The command.
+        exec: ExecRequest,
+        /// Whether and how often it is restarted.
+        restart: Restart,
+    },
+    /// Guest → host (version 2): the program of an exec could not be started (last message
+    /// of the stream).
+    SpawnFailed {
+        /// The `errno` of the failed start (`ENOENT`: not found; `EACCES`, `ENOEXEC`: not
+        /// executable).
+        errno: i32,
+        /// What went wrong.
+        message: Vec<u8>,
+    },
     /// Guest → host: the request on this stream failed (last message of the stream).
     Error {
         /// What went wrong.
@@ -302,6 +403,13 @@ impl W {
             self.bytes(b);
         }
     }
+    fn exec(&mut self, r: &ExecRequest) {
+        self.list(&r.argv);
+        self.list(&r.env);
+        self.opt(&r.cwd);
+        self.opt(&r.user);
+        self.u8(r.flags);
+    }
     fn opt(&mut self, o: &Option<Vec<u8>>) {
         match o {
             Some(b) => {
@@ -358,6 +466,21 @@ impl R<'_> {
         }
         (0..n).map(|_| self.bytes(MAX_PAYLOAD, what)).collect()
     }
+    fn exec(&mut self) -> Result<ExecRequest, ProtoError> {
+        Ok(ExecRequest {
+            argv: self.list(4096, "argv")?,
+            env: self.list(4096, "env")?,
+            cwd: self.opt(MAX_PATH, "cwd")?,
+            user: self.opt(256, "user")?,
+            flags: self.u8()?,
+        })
+    }
+    fn size(&mut self) -> Result<WinSize, ProtoError> {
+        Ok(WinSize {
+            rows: self.u16()?,
+            cols: self.u16()?,
+        })
+    }
     fn opt(&mut self, max: usize, what: &'static str) -> Result<Option<Vec<u8>>, ProtoError> {
         match self.u8()? {
             0 => Ok(None),
@@ -376,6 +499,9 @@ impl Message {
             Message::Exec(_) => 0x10,
             Message::Stdin { .. } => 0x11,
             Message::Signal { .. } => 0x12,
+            Message::ExecTty { .. } => 0x13,
+            Message::Resize { .. } => 0x14,
+            Message::ExecMain { .. } => 0x15,
             Message::CopyIn { .. } => 0x20,
             Message::CopyOut { .. } => 0x21,
             Message::Entry(_) => 0x22,
@@ -389,6 +515,7 @@ impl Message {
             Message::Stderr { .. } => 0x92,
             Message::Exited { .. } => 0x93,
             Message::Signaled { .. } => 0x94,
+            Message::SpawnFailed { .. } => 0x95,
             Message::CopyDone => 0xa0,
             Message::Error { .. } => 0xe0,
         }
@@ -408,12 +535,28 @@ impl Message {
             }
             Message::Ping { nonce } | Message::Pong { nonce } => w.u64(*nonce),
             Message::Shutdown | Message::ShutdownOk | Message::End | Message::CopyDone => {}
-            Message::Exec(r) => {
-                w.list(&r.argv);
-                w.list(&r.env);
-                w.opt(&r.cwd);
-                w.opt(&r.user);
-                w.u8(r.flags);
+            Message::Exec(r) => w.exec(r),
+            Message::ExecTty { exec, size } => {
+                w.exec(exec);
+                w.u16(size.rows);
+                w.u16(size.cols);
+            }
+            Message::Resize { size } => {
+                w.u16(size.rows);
+                w.u16(size.cols);
+            }
+            Message::ExecMain { exec, restart } => {
+                w.exec(exec);
+                w.u8(match restart.policy {
+                    RestartPolicy::No => 0,
+                    RestartPolicy::OnFailure => 1,
+                    RestartPolicy::Always => 2,
+                });
+                w.u32(restart.max);
+            }
+            Message::SpawnFailed { errno, message } => {
+                w.i32(*errno);
+                w.bytes(message);
             }
             Message::Started { pid } => w.u32(*pid),
             Message::Stdin { data }
@@ -452,13 +595,24 @@ impl Message {
             0x01 => Message::Hello { version: r.u16()? },
             0x02 => Message::Ping { nonce: r.u64()? },
             0x03 => Message::Shutdown,
-            0x10 => Message::Exec(ExecRequest {
-                argv: r.list(4096, "argv")?,
-                env: r.list(4096, "env")?,
-                cwd: r.opt(MAX_PATH, "cwd")?,
-                user: r.opt(256, "user")?,
-                flags: r.u8()?,
-            }),
+            0x10 => Message::Exec(r.exec()?),
+            0x13 => Message::ExecTty {
+                exec: r.exec()?,
+                size: r.size()?,
+            },
+            0x14 => Message::Resize { size: r.size()? },
+            0x15 => Message::ExecMain {
+                exec: r.exec()?,
+                restart: Restart {
+                    policy: match r.u8()? {
+                        0 => RestartPolicy::No,
+                        1 => RestartPolicy::OnFailure,
+                        2 => RestartPolicy::Always,
+                        _ => return Err(ProtoError::BadValue("restart policy")),
+                    },
+                    max: r.u32()?,
+                },
+            },
             0x11 => Message::Stdin {
                 data: r.bytes(MAX_PAYLOAD, "data")?,
             },
@@ -496,6 +650,10 @@ impl Message {
             },
             0x93 => Message::Exited { code: r.i32()? },
             0x94 => Message::Signaled { signo: r.i32()? },
+            0x95 => Message::SpawnFailed {
+                errno: r.i32()?,
+                message: r.bytes(64 * 1024, "message")?,
+            },
             0xa0 => Message::CopyDone,
             0xe0 => Message::Error {
                 message: r.bytes(64 * 1024, "message")?,
@@ -584,6 +742,18 @@ impl Decoder {
     }
 }
 
+/// How a main process ended, from a console line carrying [`MAIN_EXIT_MARKER`]: the exit code,
+/// or 128 + the signal (the shell's convention). `None` when the line is not such a report.
+pub fn parse_main_exit(line: &str) -> Option<i32> {
+    let rest = &line[line.find(MAIN_EXIT_MARKER)? + MAIN_EXIT_MARKER.len()..];
+    let word = rest.split_whitespace().next()?;
+    if let Some(c) = word.strip_prefix("code=") {
+        return c.parse().ok();
+    }
+    let s: i32 = word.strip_prefix("signal=")?.parse().ok()?;
+    (1..=64).contains(&s).then_some(128 + s)
+}
+
 /// Validate a relative copy path: `/`-separated components, none empty, `.` or `..`, no NUL.
 /// The empty path (the copy root) is valid.
 pub fn valid_relative_path(path: &[u8]) -> bool {
@@ -647,6 +817,36 @@ mod tests {
             Message::CopyDone,
             Message::Error {
                 message: b"nope".to_vec(),
+            },
+            Message::ExecTty {
+                exec: ExecRequest {
+                    argv: vec![b"sh".to_vec()],
+                    env: vec![b"TERM=xterm".to_vec()],
+                    cwd: None,
+                    user: Some(b"1000:1000".to_vec()),
+                    flags: EXEC_STDIN,
+                },
+                size: WinSize { rows: 24, cols: 80 },
+            },
+            Message::Resize {
+                size: WinSize {
+                    rows: u16::MAX,
+                    cols: 0,
+                },
+            },
+            Message::SpawnFailed {
+                errno: 2,
+                message: b"not found".to_vec(),
+            },
+            Message::ExecMain {
+                exec: ExecRequest {
+                    argv: vec![b"/entry".to_vec()],
+                    ..ExecRequest::default()
+                },
+                restart: Restart {
+                    policy: RestartPolicy::OnFailure,
+                    max: 3,
+                },
             },
         ]
     }
@@ -724,6 +924,24 @@ mod tests {
             data: vec![0; MAX_PAYLOAD - 4],
         };
         assert!(m.encode(1).is_ok());
+    }
+
+    #[test]
+    fn main_exit_lines() {
+        assert_eq!(
+            parse_main_exit("vmrs-init: main process exited: code=3 restarts=0"),
+            Some(3)
+        );
+        assert_eq!(
+            parse_main_exit("[ 1.2] vmrs-init: main process exited: signal=9\r"),
+            Some(137)
+        );
+        assert_eq!(
+            parse_main_exit("vmrs-init: main process exited: signal=999"),
+            None
+        );
+        assert_eq!(parse_main_exit("vmrs-init: main process exited: "), None);
+        assert_eq!(parse_main_exit("code=3"), None);
     }
 
     #[test]

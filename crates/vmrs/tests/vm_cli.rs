@@ -160,10 +160,19 @@ fn exec_and_cp_on_a_detached_vm() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // stdout/stderr separated, stdin piped, env and workdir applied, the exit code passed on.
+    // stdout/stderr separated, stdin piped (-i), env and workdir applied, the exit code passed on.
     let out = home
         .vmrs()
-        .args(["exec", "-e", "GREETING=hello there", "-w", "/tmp", "ex", "--"])
+        .args([
+            "exec",
+            "-i",
+            "-e",
+            "GREETING=hello there",
+            "-w",
+            "/tmp",
+            "ex",
+            "--",
+        ])
         .args(["sh", "-c", "echo \"$GREETING from $(pwd)\"; cat >&2; exit 5"])
         .write_stdin("piped-in")
         .output()

@@ -44,6 +44,7 @@
 //! ```
 
 mod copy;
+pub mod session;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -58,6 +59,7 @@ use tokio::sync::mpsc;
 
 pub use vmrs_proto as proto;
 use vmrs_proto::{Decoder, ExecRequest, Message, ProtoError, CHUNK, EXEC_DETACH, EXEC_STDIN};
+pub use vmrs_proto::{Restart, RestartPolicy, WinSize};
 
 /// How long [`AgentClient::connect`] waits for the guest's hello.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -120,6 +122,24 @@ pub enum AgentError {
         /// The guest's message.
         message: String,
     },
+    /// The command's program could not be started in the guest: not found (`errno` ENOENT)
+    /// or not executable (EACCES, ENOEXEC, ...). See [`AgentError::shell_code`].
+    #[error("{message}")]
+    Spawn {
+        /// The guest's `errno`.
+        errno: i32,
+        /// The guest's message.
+        message: String,
+    },
+    /// The guest agent speaks a protocol version without this feature (its guest assets are
+    /// older than this host: `vmrs setup` rebuilds them).
+    #[error("the guest agent (protocol version {version}) does not support {feature}; rebuild the guest assets with `vmrs setup`")]
+    Unsupported {
+        /// What was asked for.
+        feature: &'static str,
+        /// The conversation's version.
+        version: u16,
+    },
     /// A copy failed in the guest.
     #[error("copy failed in the guest: {message}")]
     GuestCopy {
@@ -163,9 +183,22 @@ impl AgentError {
             | AgentError::UnsafePath { .. } => K::Backend,
             AgentError::Timeout { .. } => K::Timeout,
             AgentError::Exec { .. } | AgentError::GuestCopy { .. } => K::Other,
+            AgentError::Spawn { errno, .. } if *errno == libc::ENOENT => K::NotFound,
+            AgentError::Spawn { .. } => K::Invalid,
+            AgentError::Unsupported { .. } => K::Unsupported,
             AgentError::HostCopy { source, .. } => K::of_io(source),
             AgentError::NoCommand => K::Invalid,
             AgentError::Task(_) => K::Other,
+        }
+    }
+
+    /// The exit code a shell gives a command that failed this way: 127 when the program was
+    /// not found, 126 when it could not be executed; `None` for failures of another kind.
+    pub fn shell_code(&self) -> Option<i32> {
+        match self {
+            AgentError::Spawn { errno, .. } if *errno == libc::ENOENT => Some(127),
+            AgentError::Spawn { .. } => Some(126),
+            _ => None,
         }
     }
 }
@@ -196,6 +229,8 @@ struct Inner {
     nonce: AtomicU64,
     reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
     agent: String,
+    /// The conversation's protocol version (from the guest's `HelloOk`).
+    version: u16,
 }
 
 impl Drop for Inner {
@@ -278,6 +313,12 @@ pub struct ExecCommand {
     pub interactive_stdin: bool,
     /// Run detached: no output or status; the process outlives the connection.
     pub detach: bool,
+    /// Run on a new pseudo-terminal of this size (`docker exec -t`): stdin, stdout and stderr
+    /// are the terminal, output arrives as [`ExecEvent::Stdout`], and
+    /// [`ExecControl::resize`] changes its size. Needs protocol version
+    /// [`proto::VERSION_TTY`]. Terminal input is accepted with or without
+    /// [`Self::interactive_stdin`].
+    pub tty: Option<WinSize>,
 }
 
 impl ExecCommand {
@@ -317,6 +358,26 @@ impl ExecCommand {
         self
     }
 
+    /// Run on a pseudo-terminal of `size` (see [`Self::tty`]).
+    pub fn tty(mut self, size: WinSize) -> Self {
+        self.tty = Some(size);
+        self
+    }
+
+    /// Keep stdin open for [`ExecStdin`] (see [`Self::interactive_stdin`]).
+    pub fn interactive(mut self) -> Self {
+        self.interactive_stdin = true;
+        self
+    }
+
+    fn message(&self, stdin: bool) -> Message {
+        let exec = self.request(stdin);
+        match self.tty {
+            Some(size) => Message::ExecTty { exec, size },
+            None => Message::Exec(exec),
+        }
+    }
+
     fn request(&self, stdin: bool) -> ExecRequest {
         let mut flags = 0;
         if stdin {
@@ -341,7 +402,8 @@ impl ExecCommand {
 
 /// The process part of an OCI image config (`Entrypoint`, `Cmd`, `Env`, `WorkingDir`, `User`),
 /// which the host applies per exec: the guest init has no image config of its own.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ImageProcess {
     /// `Entrypoint`.
     pub entrypoint: Vec<String>,
@@ -356,6 +418,26 @@ pub struct ImageProcess {
 }
 
 impl ImageProcess {
+    /// Give `cmd` this image's context where it sets none: the working directory and user,
+    /// and the environment underneath its own (`docker exec` in a container).
+    pub fn apply_defaults(&self, cmd: &mut ExecCommand) {
+        if cmd.cwd.is_none() {
+            cmd.cwd = self.working_dir.clone().filter(|w| !w.is_empty());
+        }
+        if cmd.user.is_none() {
+            cmd.user = self.user.clone().filter(|u| !u.is_empty());
+        }
+        let mut env: Vec<(String, String)> = self
+            .env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .filter(|(k, _)| !k.is_empty() && !cmd.env.iter().any(|(ck, _)| ck == k))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        env.append(&mut cmd.env);
+        cmd.env = env;
+    }
+
     /// The command `docker run IMAGE [CMD...]` would run: `Entrypoint` followed by
     /// `override_cmd` when given (`vmrs run IMAGE -- CMD`), else by `Cmd`; with the image's
     /// environment, working directory and user. Fails when that leaves nothing to run.
@@ -410,6 +492,24 @@ pub struct ExecProcess {
     events: mpsc::Receiver<Message>,
     stdin_open: bool,
     finished: bool,
+}
+
+/// The stdin of an [`ExecProcess`], taken with [`ExecProcess::take_stdin`] so it can be fed
+/// from another task while the output is read ([`session::pump_stdin`]). Dropping it without
+/// [`close`](Self::close) leaves the process's stdin open.
+#[derive(Debug)]
+pub struct ExecStdin {
+    client: AgentClient,
+    stream: u32,
+    open: bool,
+}
+
+/// Signals and terminal resizes for an [`ExecProcess`], usable from any task
+/// ([`ExecProcess::control`]); cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ExecControl {
+    client: AgentClient,
+    stream: u32,
 }
 
 impl AgentClient {
@@ -470,24 +570,34 @@ impl AgentClient {
 
     async fn handshake(stream: UnixStream) -> Result<AgentClient, AgentError> {
         let (mut reader, mut writer) = stream.into_split();
-        let hello = Message::Hello {
-            version: proto::VERSION,
-        }
-        .encode(0)
-        .map_err(|source| AgentError::Protocol { source })?;
-        writer.write_all(&hello).await.map_err(io_err)?;
+        let hello = |version| {
+            Message::Hello { version }
+                .encode(0)
+                .map_err(|source| AgentError::Protocol { source })
+        };
+        // Newest first; a guest that refuses it gets the next older one (see the protocol's
+        // "Versions").
+        let mut asked = proto::VERSION;
+        writer.write_all(&hello(asked)?).await.map_err(io_err)?;
         let mut decoder = Decoder::new();
         let mut buf = vec![0u8; CHUNK];
-        let agent = loop {
+        let (agent, version) = loop {
             match decoder.next_frame() {
                 Ok(Some(frame)) => match frame.message {
-                    Message::HelloOk { version, agent } if version == proto::VERSION => {
-                        break String::from_utf8_lossy(&agent).into_owned()
+                    Message::HelloOk { version, agent }
+                        if (proto::MIN_VERSION..=asked).contains(&version) =>
+                    {
+                        break (String::from_utf8_lossy(&agent).into_owned(), version)
                     }
                     Message::HelloOk { version, .. } => {
                         return Err(AgentError::Refused {
                             message: format!("guest speaks protocol version {version}"),
                         })
+                    }
+                    Message::Error { .. } if frame.stream == 0 && asked > proto::MIN_VERSION => {
+                        asked -= 1;
+                        writer.write_all(&hello(asked)?).await.map_err(io_err)?;
+                        continue;
                     }
                     Message::Error { message } => {
                         return Err(AgentError::Refused {
@@ -514,6 +624,7 @@ impl AgentClient {
             nonce: AtomicU64::new(1),
             reader: Mutex::new(None),
             agent,
+            version,
         });
         let weak = Arc::downgrade(&inner);
         let handle = tokio::spawn(read_loop(reader, decoder, weak));
@@ -524,6 +635,11 @@ impl AgentClient {
     /// The guest agent's name and version (from its hello).
     pub fn agent_version(&self) -> &str {
         &self.inner.agent
+    }
+
+    /// The protocol version of this connection (the newest both sides speak).
+    pub fn protocol_version(&self) -> u16 {
+        self.inner.version
     }
 
     fn closed_error(&self) -> AgentError {
@@ -618,12 +734,22 @@ impl AgentClient {
     /// bytes are written and stdin closed; with `cmd.interactive_stdin`, stdin stays open for
     /// [`ExecProcess::write_stdin`].
     pub async fn spawn(&self, cmd: ExecCommand) -> Result<ExecProcess, AgentError> {
-        let with_stdin = cmd.stdin.is_some() || cmd.interactive_stdin;
+        if cmd.tty.is_some() && self.inner.version < proto::VERSION_TTY {
+            return Err(AgentError::Unsupported {
+                feature: "terminals (-t)",
+                version: self.inner.version,
+            });
+        }
+        let with_stdin = cmd.stdin.is_some() || cmd.interactive_stdin || cmd.tty.is_some();
         let (id, mut rx) = self.open_stream()?;
         let started = async {
-            self.send(id, &Message::Exec(cmd.request(with_stdin))).await?;
+            self.send(id, &cmd.message(with_stdin)).await?;
             match self.recv(&mut rx).await? {
                 Message::Started { pid } => Ok(pid),
+                Message::SpawnFailed { errno, message } => Err(AgentError::Spawn {
+                    errno,
+                    message: String::from_utf8_lossy(&message).into_owned(),
+                }),
                 Message::Error { message } => Err(AgentError::Exec {
                     message: String::from_utf8_lossy(&message).into_owned(),
                 }),
@@ -671,6 +797,39 @@ impl AgentClient {
         Ok(process)
     }
 
+    /// Start the VM's main process (`run -d IMAGE`): like a detached exec it outlives the
+    /// connection, its output goes to the VM's process log, `restart` says whether the guest
+    /// starts it again when it ends, and when it ends for good the guest reports its exit
+    /// status on the console and powers off (see [`proto::MAIN_EXIT_MARKER`]). Returns its pid.
+    /// Needs protocol version [`proto::VERSION_TTY`].
+    pub async fn spawn_main(&self, cmd: &ExecCommand, restart: Restart) -> Result<u32, AgentError> {
+        if self.inner.version < proto::VERSION_TTY {
+            return Err(AgentError::Unsupported {
+                feature: "main processes (exit status, --restart)",
+                version: self.inner.version,
+            });
+        }
+        let (id, mut rx) = self.open_stream()?;
+        let result = async {
+            let exec = cmd.request(false);
+            self.send(id, &Message::ExecMain { exec, restart }).await?;
+            match self.recv(&mut rx).await? {
+                Message::Started { pid } => Ok(pid),
+                Message::SpawnFailed { errno, message } => Err(AgentError::Spawn {
+                    errno,
+                    message: String::from_utf8_lossy(&message).into_owned(),
+                }),
+                Message::Error { message } => Err(AgentError::Exec {
+                    message: String::from_utf8_lossy(&message).into_owned(),
+                }),
+                other => Err(unexpected(&other)),
+            }
+        }
+        .await;
+        self.close_stream(id);
+        result
+    }
+
     /// Run a command to completion, collecting its output in memory (use [`Self::spawn`] to
     /// stream instead).
     pub async fn exec(&self, cmd: ExecCommand) -> Result<ExecOutput, AgentError> {
@@ -698,23 +857,45 @@ impl AgentClient {
             let (tx, mut frames) = mpsc::channel::<Message>(8);
             let src = src.to_path_buf();
             let producer = tokio::task::spawn_blocking(move || copy::read_tree(&src, &tx));
+            // The guest's reply can arrive as soon as `End` is sent, before the producer has
+            // ended its side of the channel: once `End` is out, the reply is the answer (the
+            // cause of the old "Unexpected CopyDone" failures), not an early error.
+            let mut early = None;
             loop {
                 tokio::select! {
                     frame = frames.recv() => match frame {
-                        Some(m) => self.send(id, &m).await?,
+                        Some(m) => {
+                            let end = matches!(m, Message::End);
+                            self.send(id, &m).await?;
+                            if end {
+                                break;
+                            }
+                        }
                         None => break,
                     },
-                    reply = rx.recv() => return Err(match reply {
-                        Some(Message::Error { message }) => AgentError::GuestCopy {
-                            message: String::from_utf8_lossy(&message).into_owned(),
-                        },
-                        Some(other) => unexpected(&other),
-                        None => self.closed_error(),
-                    }),
+                    reply = rx.recv() => match reply {
+                        Some(m @ Message::Error { .. }) => {
+                            early = Some(m);
+                            break;
+                        }
+                        Some(other) => return Err(unexpected(&other)),
+                        None => return Err(self.closed_error()),
+                    },
                 }
             }
-            producer.await.map_err(AgentError::Task)??;
-            match self.recv(&mut rx).await? {
+            if early.is_some() {
+                // Stop the producer (its sends fail) before reporting the guest's error.
+                drop(frames);
+            }
+            let produced = producer.await.map_err(AgentError::Task)?;
+            let reply = match early {
+                Some(m) => m,
+                None => {
+                    produced?;
+                    self.recv(&mut rx).await?
+                }
+            };
+            match reply {
                 Message::CopyDone => Ok(()),
                 Message::Error { message } => Err(AgentError::GuestCopy {
                     message: String::from_utf8_lossy(&message).into_owned(),
@@ -798,6 +979,29 @@ impl ExecProcess {
         self.pid
     }
 
+    /// Take the process's stdin to feed it from another task (requires
+    /// [`ExecCommand::interactive_stdin`] or [`ExecCommand::tty`]); `None` when it is not open
+    /// or was taken already.
+    pub fn take_stdin(&mut self) -> Option<ExecStdin> {
+        if !self.stdin_open {
+            return None;
+        }
+        self.stdin_open = false;
+        Some(ExecStdin {
+            client: self.client.clone(),
+            stream: self.stream,
+            open: true,
+        })
+    }
+
+    /// A handle for signals and resizes that other tasks can use while this one reads.
+    pub fn control(&self) -> ExecControl {
+        ExecControl {
+            client: self.client.clone(),
+            stream: self.stream,
+        }
+    }
+
     /// Write to the process's stdin (requires [`ExecCommand::interactive_stdin`]).
     pub async fn write_stdin(&mut self, data: &[u8]) -> Result<(), AgentError> {
         if !self.stdin_open {
@@ -870,6 +1074,45 @@ impl ExecProcess {
             }
         }
         Err(AgentError::Closed)
+    }
+}
+
+impl ExecStdin {
+    /// Send `data` to the process's stdin (in frames of at most [`CHUNK`] bytes).
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), AgentError> {
+        if !self.open {
+            return Err(AgentError::Unexpected {
+                what: "stdin is closed".into(),
+            });
+        }
+        for chunk in data.chunks(CHUNK) {
+            self.client
+                .send(self.stream, &Message::Stdin { data: chunk.to_vec() })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Close stdin: the process reads end of input (on a terminal, nothing happens: the
+    /// terminal stays the process's).
+    pub async fn close(mut self) -> Result<(), AgentError> {
+        self.open = false;
+        self.client
+            .send(self.stream, &Message::Stdin { data: Vec::new() })
+            .await
+    }
+}
+
+impl ExecControl {
+    /// Send a signal to the process.
+    pub async fn signal(&self, signo: i32) -> Result<(), AgentError> {
+        self.client.send(self.stream, &Message::Signal { signo }).await
+    }
+
+    /// Change the size of the process's terminal ([`ExecCommand::tty`]); ignored by the guest
+    /// for a process without one.
+    pub async fn resize(&self, size: WinSize) -> Result<(), AgentError> {
+        self.client.send(self.stream, &Message::Resize { size }).await
     }
 }
 
@@ -972,6 +1215,30 @@ mod tests {
             none.command(Some(&["true".to_string()])).expect("cmd").argv,
             ["true"]
         );
+    }
+
+    #[test]
+    fn image_context_is_the_default_and_the_command_wins() {
+        let img = ImageProcess {
+            env: vec!["PATH=/usr/bin".into(), "A=image".into()],
+            working_dir: Some("/app".into()),
+            user: Some("www".into()),
+            ..ImageProcess::default()
+        };
+        let mut c = ExecCommand::new(["sh"]).env("A", "mine");
+        img.apply_defaults(&mut c);
+        assert_eq!(c.cwd.as_deref(), Some("/app"));
+        assert_eq!(c.user.as_deref(), Some("www"));
+        assert_eq!(
+            c.env,
+            [
+                ("PATH".to_string(), "/usr/bin".to_string()),
+                ("A".to_string(), "mine".to_string())
+            ]
+        );
+        let mut c = ExecCommand::new(["sh"]).cwd("/tmp").user("0");
+        img.apply_defaults(&mut c);
+        assert_eq!((c.cwd.as_deref(), c.user.as_deref()), (Some("/tmp"), Some("0")));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! that has ended (the VM restarted or stopped) is replaced on next use.
 
 use super::{ManagerError, VmManager};
-use crate::agent::{AgentClient, AgentError, ExecCommand, ExecOutput, ExecProcess};
+use crate::agent::{AgentClient, AgentError, ExecCommand, ExecOutput, ExecProcess, Restart};
 use crate::state::Operation;
 use std::path::Path;
 use std::time::Duration;
@@ -41,16 +41,43 @@ impl VmManager {
         Ok(client)
     }
 
-    /// Run `cmd` in VM `name` to completion, collecting its output.
+    /// Run `cmd` in VM `name` to completion, collecting its output. In an image VM the
+    /// image's working directory, environment and user are the defaults
+    /// ([`crate::agent::ImageProcess::apply_defaults`]).
     pub async fn exec(&self, name: &str, cmd: ExecCommand) -> Result<ExecOutput, ManagerError> {
         let agent = self.agent(name).await?;
+        let cmd = self.with_image_context(name, cmd);
         agent.exec(cmd).await.map_err(agent_err(name))
     }
 
-    /// Start `cmd` in VM `name` and stream its output and exit status ([`ExecProcess`]).
+    /// Start `cmd` in VM `name` and stream its output and exit status ([`ExecProcess`]); image
+    /// defaults as for [`exec`](Self::exec).
     pub async fn exec_streaming(&self, name: &str, cmd: ExecCommand) -> Result<ExecProcess, ManagerError> {
         let agent = self.agent(name).await?;
+        let cmd = self.with_image_context(name, cmd);
         agent.spawn(cmd).await.map_err(agent_err(name))
+    }
+
+    /// `cmd` with the defaults of VM `name`'s image, if it is an image VM.
+    fn with_image_context(&self, name: &str, mut cmd: ExecCommand) -> ExecCommand {
+        let start = self.vm_dir(name).join(crate::vm_dir::VmDir::START);
+        let opts: super::StartOptions = super::record::load_json_or_default(&start).unwrap_or_default();
+        if let Some(image) = &opts.image {
+            image.process.apply_defaults(&mut cmd);
+        }
+        cmd
+    }
+
+    /// Start `cmd` as VM `name`'s main process ([`AgentClient::spawn_main`]): when it ends for
+    /// good the VM powers off and records its exit code ([`super::VmInfo::exit_code`]).
+    pub async fn exec_main(
+        &self,
+        name: &str,
+        cmd: &ExecCommand,
+        restart: Restart,
+    ) -> Result<u32, ManagerError> {
+        let agent = self.agent(name).await?;
+        agent.spawn_main(cmd, restart).await.map_err(agent_err(name))
     }
 
     /// Copy the host file or directory `host_path` into VM `name` at `guest_path` (`docker cp`

@@ -273,6 +273,13 @@ pub struct VmInfo {
     pub started_at: Option<u64>,
     /// Unix time it last stopped/failed.
     pub finished_at: Option<u64>,
+    /// How the main process of an image VM ([`VmManager::exec_main`]) ended, once the VM has
+    /// stopped because of it: the exit code, or 128 + signal.
+    pub exit_code: Option<i32>,
+    /// The image of an image VM ([`VmManager::start_image`]).
+    pub image: Option<ImageRef>,
+    /// Disks the manager adds to the configured ones (an image VM's root overlay).
+    pub root_disk: Option<PathBuf>,
     /// The VM directory.
     pub dir: PathBuf,
     /// Serial console log.
@@ -522,6 +529,33 @@ impl VmManager {
         let opts = StartOptions {
             rootfs: Some(rootfs.to_path_buf()),
             require_agent: true,
+            ..StartOptions::default()
+        };
+        self.start_with(config, opts).await
+    }
+
+    /// [`start_with_rootfs`](Self::start_with_rootfs) for the root filesystem built from the
+    /// image `reference`: the VM also records the image ([`StartOptions::image`]), which
+    /// `inspect` shows and whose working directory, environment and user every exec in the VM
+    /// gets by default.
+    /// `rootfs_size` is the root disk's size in bytes (default: the image's file system with
+    /// at least 1 GiB free, [`crate::rootfs::root_disk_size`]).
+    pub async fn start_image(
+        &self,
+        config: VmConfig,
+        rootfs: &crate::rootfs::Rootfs,
+        reference: &str,
+        rootfs_size: Option<u64>,
+    ) -> Result<VmInfo, ManagerError> {
+        let opts = StartOptions {
+            rootfs: Some(rootfs.path.clone()),
+            require_agent: true,
+            rootfs_size,
+            image: Some(ImageRef {
+                reference: reference.to_string(),
+                manifest: rootfs.manifest.to_string(),
+                process: rootfs.process.clone(),
+            }),
         };
         self.start_with(config, opts).await
     }
@@ -579,6 +613,7 @@ impl VmManager {
             created_at: now(),
             started_at: Some(now()),
             finished_at: None,
+            exit_code: None,
         };
         record::write_json_atomic(&dir.join(files::STATE), &rec)?;
         let entry = self
@@ -624,6 +659,7 @@ impl VmManager {
         rec.ip = None;
         rec.started_at = Some(now());
         rec.finished_at = None;
+        rec.exit_code = None;
         record::write_json_atomic(&dir.join(files::STATE), &rec)?;
         match self.launch(&dir, &config, &opts, devices, &mut rec, driver).await {
             Ok(entry) => {
@@ -659,9 +695,11 @@ impl VmManager {
         driver: Arc<dyn VmDriver>,
     ) -> Result<Arc<VmEntry>, ManagerError> {
         let name = &config.name;
-        let mut guest_params = Vec::new();
+        // The guest's host name is the VM's (the characters a host name cannot have become
+        // '-'); the guest writes /etc/hosts for it where the root has none.
+        let mut guest_params = vec![format!("vmrs.hostname={}", guest_hostname(name))];
         if let Some(rootfs) = &opts.rootfs {
-            crate::rootfs::vm_overlay(rootfs, dir)
+            crate::rootfs::vm_overlay(rootfs, dir, opts.rootfs_size)
                 .await
                 .map_err(|e| ManagerError::Rootfs {
                     name: name.clone(),
@@ -1066,6 +1104,40 @@ pub struct StartOptions {
     /// can give it one.
     #[serde(default)]
     pub require_agent: bool,
+    /// Size in bytes of the VM's root disk (its overlay of `rootfs`; the guest grows the file
+    /// system to fill it). Default: [`crate::rootfs::root_disk_size`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_size: Option<u64>,
+    /// The image the root filesystem was built from ([`VmManager::start_image`]): shown by
+    /// `inspect`, and its working directory, environment and user are the defaults of every
+    /// exec in the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageRef>,
+}
+
+/// The image an image VM runs, as [`StartOptions::image`] records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ImageRef {
+    /// The reference it was started from (`registry/repo:tag`).
+    pub reference: String,
+    /// Its manifest digest (`sha256:…`).
+    pub manifest: String,
+    /// Its process settings (entrypoint, cmd, env, working dir, user).
+    #[serde(default)]
+    pub process: crate::agent::ImageProcess,
+}
+
+/// The guest host name for VM `name`: what a host name cannot hold becomes `-`.
+pub fn guest_hostname(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
 }
 
 /// The devices [`VmManager::start_with`] gives a VM whose directory is `dir` under the data dir
@@ -1125,6 +1197,10 @@ pub fn plan_devices(
         Some(AgentTransport::VirtioSerial) => {
             devices.agent = Some(AgentChannel::VirtioSerial {
                 socket: dir.join(exec::AGENT_SOCKET),
+                process_log: opts
+                    .rootfs
+                    .is_some()
+                    .then(|| dir.join(crate::vm_dir::VmDir::PROCESS_LOG)),
             });
         }
         None if opts.require_agent => return Err(unsupported("the guest agent (exec, cp, images)")),

@@ -86,6 +86,14 @@ fn join_pids(pids: &[u32]) -> String {
 }
 
 /// The serial log's end, as text.
+/// The exit code the guest reported for its main process ([`vmrs_proto::MAIN_EXIT_MARKER`])
+/// during the last boot in `serial` (a log keeps earlier boots: only what follows the last
+/// kernel banner counts).
+pub(super) fn main_exit_code(serial: &str) -> Option<i32> {
+    let boot = serial.rfind("Linux version ").unwrap_or(0);
+    serial[boot..].lines().rev().find_map(vmrs_proto::parse_main_exit)
+}
+
 fn serial_tail(path: &Path) -> String {
     use std::io::{Read, Seek, SeekFrom};
     let Ok(mut f) = std::fs::File::open(path) else {
@@ -525,6 +533,7 @@ impl VmEntry {
         if !to.is_live() {
             rec.finished_at = Some(now());
             rec.handle = None;
+            rec.exit_code = main_exit_code(&serial_tail(&self.serial_log()));
             *self.killer.lock().unwrap_or_else(|p| p.into_inner()) = None;
             // the VMM's devices and sizes went with it
             *self.live.lock().await = LiveChanges::default();
@@ -641,6 +650,9 @@ impl VmEntry {
     pub(super) async fn info(&self) -> super::VmInfo {
         let rec = self.record.lock().await.clone();
         let live = self.live.lock().await.clone();
+        // What the start added (an unreadable start.json only hides the image details here).
+        let opts: super::StartOptions =
+            record::load_json_or_default(&self.dir.join(files::START)).unwrap_or_default();
         super::VmInfo {
             name: self.name.clone(),
             ip: match &rec.state {
@@ -660,6 +672,12 @@ impl VmEntry {
             created_at: rec.created_at,
             started_at: rec.started_at,
             finished_at: rec.finished_at,
+            exit_code: rec.exit_code.filter(|_| !rec.state.is_live()),
+            image: opts.image,
+            root_disk: opts
+                .rootfs
+                .is_some()
+                .then(|| crate::rootfs::root_disk(&self.dir).path),
             dir: self.dir.clone(),
             serial_log: self.serial_log(),
             vmm_log: self.dir.join(files::VMM_LOG),
@@ -681,6 +699,23 @@ mod tests {
             BackendKind::Qemu,
             Path::new("/vm/vmm.log"),
         )
+    }
+
+    #[test]
+    fn the_main_exit_of_the_last_boot_counts() {
+        let one = "Linux version 6.1\nvmrs-init: main process exited: code=3 restarts=0\n";
+        assert_eq!(main_exit_code(one), Some(3));
+        let two = format!("{one}reboot: Power down\nLinux version 6.1\nvmrs-init: ready\n");
+        assert_eq!(
+            main_exit_code(&two),
+            None,
+            "an earlier boot's exit is not this one's"
+        );
+        assert_eq!(
+            main_exit_code("junk\nvmrs-init: main process exited: signal=9 restarts=2\r\n"),
+            Some(137)
+        );
+        assert_eq!(main_exit_code(""), None);
     }
 
     const PANIC: &str = "[ 1.0] Kernel panic - not syncing: No working init found.  Try passing init=\r\n";

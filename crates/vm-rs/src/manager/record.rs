@@ -86,6 +86,10 @@ pub struct VmRecord {
     /// Unix time the VM last stopped or failed.
     #[serde(default)]
     pub finished_at: Option<u64>,
+    /// How the VM's main process ([`crate::VmManager::exec_main`]) ended, when the guest
+    /// reported it before this run ended: its exit code, or 128 + signal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
 }
 
 /// Which backend a VM was started on and why (`backend.json`, written at create; see
@@ -260,6 +264,7 @@ mod tests {
             created_at: 1,
             started_at: Some(2),
             finished_at: None,
+            exit_code: None,
         };
         let path = dir.path().join(files::STATE);
         write_json_atomic(&path, &rec).expect("write");

@@ -516,6 +516,7 @@ fn recorded_live(home: &Home, name: &str, handle: VmHandle, serial: &str) {
         created_at: 1,
         started_at: Some(1),
         finished_at: None,
+        exit_code: None,
     };
     record::write_json_atomic(&dir.join(files::STATE), &rec).unwrap();
 }

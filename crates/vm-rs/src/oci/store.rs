@@ -202,6 +202,12 @@ pub struct GcReport {
     pub freed_bytes: u64,
 }
 
+/// Allocated bytes of one file (as `du` counts it).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
 /// An exclusive or shared `flock`, released on drop.
 #[derive(Debug)]
 pub(crate) struct FileLock {
@@ -529,7 +535,17 @@ impl ImageStore {
     /// Deletes every blob no reference needs, and abandoned partial downloads. Waits for
     /// running pulls and unpacks (they hold the store lock shared).
     pub async fn gc(&self) -> Result<GcReport, StoreError> {
-        let _lock = self.lock_store(true).await?;
+        self.collect(false).await
+    }
+
+    /// What [`gc`](Self::gc) would delete now, deleting nothing (`vmrs system df`'s
+    /// reclaimable space). Sizes are allocated bytes, as `du` counts them.
+    pub async fn gc_preview(&self) -> Result<GcReport, StoreError> {
+        self.collect(true).await
+    }
+
+    async fn collect(&self, dry_run: bool) -> Result<GcReport, StoreError> {
+        let _lock = self.lock_store(!dry_run).await?;
         let refs = self.read_refs().await?;
         let mut keep: BTreeSet<Digest> = BTreeSet::new();
         for r in refs.refs.values() {
@@ -556,6 +572,11 @@ impl ImageStore {
                     .is_some_and(|d| keep.contains(&d));
                 if !keep_it {
                     let size = entry.metadata().map_or(0, |m| m.len());
+                    if dry_run {
+                        report.removed_blobs += 1;
+                        report.freed_bytes += allocated(&entry.path());
+                        continue;
+                    }
                     std::fs::remove_file(entry.path()).map_err(io_err("remove", entry.path()))?;
                     report.removed_blobs += 1;
                     report.freed_bytes += size;
@@ -565,6 +586,13 @@ impl ImageStore {
                 for entry in std::fs::read_dir(dir).map_err(io_err("list", dir))? {
                     let entry = entry.map_err(io_err("list", dir))?;
                     let size = entry.metadata().map_or(0, |m| m.len());
+                    if dry_run {
+                        if is_partial {
+                            report.removed_partials += 1;
+                            report.freed_bytes += allocated(&entry.path());
+                        }
+                        continue;
+                    }
                     std::fs::remove_file(entry.path()).map_err(io_err("remove", entry.path()))?;
                     if is_partial {
                         report.removed_partials += 1;

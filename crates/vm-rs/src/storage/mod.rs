@@ -11,6 +11,7 @@
 //! * [`download`] — HTTP(S) downloads verified by SHA-256, with resume.
 //! * [`catalog`] — named base images (Ubuntu cloud images built in, user-extensible).
 //! * [`parse_size`] — `10G`, `512M`.
+//! * [`usage`] — disk usage of a tree as `du` counts it (`vmrs system df`).
 //!
 //! Disks are attached through [`crate::config::DiskConfig`]; this module only makes the files.
 //! Every file is written under a temp name beside its destination, fsynced and renamed into
@@ -27,6 +28,7 @@ pub mod image_refs;
 pub mod seed;
 mod size;
 pub mod ssh;
+pub mod usage;
 mod yaml;
 
 pub use catalog::{AssetKind, CatalogEntry, CatalogError, CatalogFile, ImageCatalog};
@@ -38,3 +40,4 @@ pub use download::{download_verified, DownloadError, DownloadOptions, DownloadOu
 pub use seed::{write_seed_image, SeedConfig, SeedError, SeedFile, SeedFiles, SeedMount, SeedNic, SeedUser};
 pub use size::{format_size, parse_size, SizeError};
 pub use ssh::{ensure_key_pair, generate_key_pair, SshKeyError, SshKeyPair};
+pub use usage::disk_usage;

@@ -3,12 +3,28 @@
 use crate::exit::CliError;
 use anyhow::Context;
 use clap::Args;
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::Duration;
-use vm_rs::agent::{ExecCommand, ExecEvent};
+use vm_rs::agent::session::{pump_stdin, terminal_size, RawTerminal};
+use vm_rs::agent::{ExecCommand, ExecEvent, ExecProcess, WinSize};
+use vm_rs::manager::ManagerError;
 use vm_rs::oci::PullOptions;
 use vm_rs::{ImageStore, VmManager};
+
+/// `-i` and `-t`, shared by `exec` and `run`.
+#[derive(Debug, Clone, Copy, Default, Args)]
+pub struct StdioArgs {
+    /// Keep stdin open and stream it to the command as it arrives (without -i the command's
+    /// stdin is /dev/null).
+    #[arg(short = 'i', long = "interactive")]
+    pub interactive: bool,
+    /// Give the command a terminal in the guest (window size followed, this terminal in raw
+    /// mode until the command ends).
+    #[arg(short = 't', long = "tty")]
+    pub tty: bool,
+}
 
 /// `vmrs exec`
 #[derive(Debug, Args)]
@@ -22,6 +38,9 @@ pub struct ExecArgs {
     /// User in the guest: user, uid, user:group or uid:gid.
     #[arg(short = 'u', long = "user")]
     pub user: Option<String>,
+    /// `-i`, `-t`.
+    #[command(flatten)]
+    pub stdio: StdioArgs,
     /// The VM name, then the command and its arguments. Everything after NAME belongs to the
     /// command, flags included (`vmrs exec web ls -l`); a `--` after NAME is accepted too.
     #[arg(
@@ -72,42 +91,177 @@ pub async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
     }
     cmd.cwd = a.workdir;
     cmd.user = a.user;
-    if !std::io::stdin().is_terminal() {
-        let data = tokio::task::spawn_blocking(|| {
-            let mut buf = Vec::new();
-            std::io::stdin().lock().read_to_end(&mut buf).map(|_| buf)
-        })
-        .await
-        .context("reading stdin")?
-        .context("reading stdin")?;
-        cmd = cmd.stdin(data);
-    }
+    let stdio = a.stdio;
+    let mut session = Session::prepare(stdio, &mut cmd)?;
+    let mut signals = super::vm::StopSignals::install()?;
     let mgr = VmManager::new().await?;
-    let process = mgr.exec_streaming(&name, cmd).await?;
-    relay(process, &name).await
+    let process = match mgr.exec_streaming(&name, cmd).await {
+        Ok(p) => p,
+        Err(e) => return spawn_failure(e),
+    };
+    session
+        .relay(process, &name, &mut signals, SignalPolicy::Forward)
+        .await
 }
 
-/// Copy a process's stdout/stderr to ours as it arrives; returns its shell exit code.
-async fn relay(mut process: vm_rs::agent::ExecProcess, name: &str) -> anyhow::Result<i32> {
-    let mut code = None;
-    while let Some(ev) = process.next_event().await {
-        match ev.with_context(|| format!("exec in {name}"))? {
-            ExecEvent::Stdout(d) => {
-                let mut out = std::io::stdout().lock();
-                out.write_all(&d)
-                    .and_then(|()| out.flush())
-                    .context("writing stdout")?;
-            }
-            ExecEvent::Stderr(d) => {
-                let mut err = std::io::stderr().lock();
-                err.write_all(&d)
-                    .and_then(|()| err.flush())
-                    .context("writing stderr")?;
-            }
-            ExecEvent::Exit(s) => code = Some(s.shell_code()),
+/// A command whose program could not start exits like a shell's (127 not found, 126 not
+/// executable) with the guest's message; any other error is an error.
+fn spawn_failure(e: ManagerError) -> anyhow::Result<i32> {
+    if let ManagerError::Agent { source, .. } = &e {
+        if let Some(code) = source.shell_code() {
+            super::vm::say(format_args!("vmrs: {source}"));
+            return Ok(code);
         }
     }
-    code.ok_or_else(|| anyhow::anyhow!("the guest agent ended the command without an exit status"))
+    Err(e.into())
+}
+
+/// What a stop signal (SIGINT, SIGTERM, SIGHUP) does during a relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SignalPolicy {
+    /// Forward each to the process (`exec`); the third gives up on it.
+    Forward,
+    /// Forward the first to the process; the second ends the relay as interrupted (`run IMAGE`
+    /// then stops the VM).
+    ForwardOnce,
+}
+
+/// The host side of one attached command: its terminal (raw while it runs) and stdin.
+pub(crate) struct Session {
+    stdio: StdioArgs,
+    raw: Option<RawTerminal>,
+}
+
+/// The size to give a new guest terminal: this process's terminal's (stdout's, else stdin's),
+/// else 24x80.
+fn host_size() -> WinSize {
+    terminal_size(std::io::stdout().as_fd())
+        .or_else(|| terminal_size(std::io::stdin().as_fd()))
+        .filter(|s| s.rows > 0 && s.cols > 0)
+        .unwrap_or(WinSize { rows: 24, cols: 80 })
+}
+
+/// A signal's name for the guest: the number (the guest is Linux, as the host).
+fn signo(name: &str) -> i32 {
+    match name {
+        "SIGINT" => libc::SIGINT,
+        "SIGHUP" => libc::SIGHUP,
+        _ => libc::SIGTERM,
+    }
+}
+
+impl Session {
+    /// Apply `-i`/`-t` to `cmd` (a terminal of this terminal's size, `TERM` passed on).
+    pub(crate) fn prepare(stdio: StdioArgs, cmd: &mut ExecCommand) -> anyhow::Result<Session> {
+        if stdio.tty && stdio.interactive && !std::io::stdin().is_terminal() {
+            return Err(
+                CliError::Invalid("the input device is not a TTY (drop -t to pipe input)".into()).into(),
+            );
+        }
+        cmd.interactive_stdin = stdio.interactive;
+        if stdio.tty {
+            cmd.tty = Some(host_size());
+            if !cmd.env.iter().any(|(k, _)| k == "TERM") {
+                let term = std::env::var("TERM")
+                    .ok()
+                    .filter(|t| !t.is_empty())
+                    .unwrap_or_else(|| "xterm".into());
+                cmd.env.push(("TERM".into(), term));
+            }
+        }
+        Ok(Session { stdio, raw: None })
+    }
+
+    /// Relay a started process: stdin in (with -i), output out, signals forwarded, the window
+    /// size followed (with -t); returns its shell exit code. The host terminal is raw from
+    /// here until this returns, however it returns.
+    pub(crate) async fn relay(
+        &mut self,
+        mut process: ExecProcess,
+        name: &str,
+        signals: &mut super::vm::StopSignals,
+        policy: SignalPolicy,
+    ) -> anyhow::Result<i32> {
+        if self.stdio.tty && std::io::stdin().is_terminal() {
+            self.raw = Some(RawTerminal::enter(std::io::stdin().as_fd())?);
+        }
+        let control = process.control();
+        let pump = process
+            .take_stdin()
+            .filter(|_| self.stdio.interactive)
+            .map(|stdin| {
+                tokio::spawn(async move {
+                    if let Err(e) = pump_stdin(tokio::io::stdin(), stdin).await {
+                        tracing::debug!(error = %e, "stdin");
+                    }
+                })
+            });
+        let mut winch = if self.stdio.tty {
+            Some(tokio::signal::unix::signal(
+                tokio::signal::unix::SignalKind::window_change(),
+            )?)
+        } else {
+            None
+        };
+        let mut forwarded = 0;
+        let result = loop {
+            tokio::select! {
+                ev = process.next_event() => match ev {
+                    None => break Err(anyhow::anyhow!("the guest agent ended the command without an exit status")),
+                    Some(Err(e)) => break Err(anyhow::Error::new(e).context(format!("exec in {name}"))),
+                    Some(Ok(ExecEvent::Exit(s))) => break Ok(s.shell_code()),
+                    Some(Ok(ExecEvent::Stdout(d))) => {
+                        if let Err(e) = write_out(&mut std::io::stdout().lock(), &d) {
+                            break closed_output(e, &control, "stdout").await;
+                        }
+                    }
+                    Some(Ok(ExecEvent::Stderr(d))) => {
+                        if let Err(e) = write_out(&mut std::io::stderr().lock(), &d) {
+                            break closed_output(e, &control, "stderr").await;
+                        }
+                    }
+                },
+                sig = signals.recv() => {
+                    forwarded += 1;
+                    let give_up = match policy {
+                        SignalPolicy::Forward => forwarded >= 3,
+                        SignalPolicy::ForwardOnce => forwarded >= 2,
+                    };
+                    if give_up {
+                        break Err(CliError::Interrupted { signal: sig }.into());
+                    }
+                    let _ = control.signal(signo(sig)).await;
+                }
+                Some(()) = async { match winch.as_mut() { Some(w) => w.recv().await, None => None } } => {
+                    let _ = control.resize(host_size()).await;
+                }
+            }
+        };
+        if let Some(p) = pump {
+            p.abort();
+        }
+        self.raw = None;
+        result
+    }
+}
+
+fn write_out(out: &mut impl Write, data: &[u8]) -> std::io::Result<()> {
+    out.write_all(data)?;
+    out.flush()
+}
+
+/// Our stdout or stderr went away: a closed pipe (`| head -1`) ends quietly with a shell's
+/// code for SIGPIPE and the process gets SIGPIPE too; any other write error is an error.
+async fn closed_output(
+    e: std::io::Error,
+    control: &vm_rs::agent::ExecControl,
+    what: &str,
+) -> anyhow::Result<i32> {
+    let _ = control.signal(libc::SIGPIPE).await;
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        return Ok(128 + libc::SIGPIPE);
+    }
+    Err(anyhow::Error::new(e).context(format!("writing {what}")))
 }
 
 /// `vmrs run IMAGE [-- CMD...]`: boot a VM whose root is the image and run its process.
@@ -133,30 +287,13 @@ pub async fn run_image(
     let override_cmd = (!a.command.is_empty()).then_some(a.command.as_slice());
     let mut cmd = rootfs.process.command(override_cmd)?;
     cmd.detach = a.detach;
+    let mut session = Session::prepare(a.stdio, &mut cmd)?;
     let mgr = VmManager::new().await?;
-    mgr.start_with_rootfs(config, &rootfs.path)
+    mgr.start_image(config, &rootfs, &image, a.rootfs_size)
         .await
         .with_context(|| format!("cannot start vm {name:?}"))?;
-    let work = async {
-        mgr.wait_ready(&name, Duration::from_secs(a.ready_timeout))
-            .await?;
-        let process = mgr.exec_streaming(&name, cmd).await?;
-        if a.detach {
-            println!("{name}");
-            return Ok(0);
-        }
-        relay(process, &name).await
-    };
-    // A stop signal ends the command's relay and stops the VM (a second one kills it), and
-    // --rm still removes it; the exit code is then a shell's for that signal.
-    let result = tokio::select! {
-        r = work => r,
-        sig = signals.recv() => {
-            super::vm::say(format_args!("\nvmrs: {sig}: stopping {name} (again to kill)"));
-            Err(crate::exit::CliError::Interrupted { signal: sig }.into())
-        }
-    };
-    if a.detach && result.is_ok() {
+    let result = attach_when_ready(&mgr, &name, cmd, &a, &mut session, &mut signals).await;
+    if a.detach && matches!(result, Ok(0)) {
         return result;
     }
     let stopped = signals
@@ -171,6 +308,72 @@ pub async fn run_image(
             .with_context(|| format!("cannot remove vm {name:?}"))?;
     }
     result
+}
+
+/// Wait until `name` is ready, start `cmd` in it and (unless detached) relay it; the exit
+/// code is the command's. A stop signal before the command started ends the run as
+/// interrupted; once it runs, the first is forwarded to it and the second interrupts.
+pub(crate) async fn attach_when_ready(
+    mgr: &VmManager,
+    name: &str,
+    cmd: ExecCommand,
+    a: &super::vm::RunArgs,
+    session: &mut Session,
+    signals: &mut super::vm::StopSignals,
+) -> anyhow::Result<i32> {
+    let start = async {
+        mgr.wait_ready(name, Duration::from_secs(a.ready_timeout)).await?;
+        if a.detach && a.image.is_some() {
+            return start_main(mgr, name, cmd, a.restart).await.map(|()| None);
+        }
+        mgr.exec_streaming(name, cmd).await.map(Some)
+    };
+    let started = tokio::select! {
+        r = start => r,
+        sig = signals.recv() => {
+            super::vm::say(format_args!("\nvmrs: {sig}: stopping {name} (again to kill)"));
+            return Err(CliError::Interrupted { signal: sig }.into());
+        }
+    };
+    let process = match started {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            println!("{name}");
+            return Ok(0);
+        }
+        Err(e) => return spawn_failure(e),
+    };
+    let r = session
+        .relay(process, name, signals, SignalPolicy::ForwardOnce)
+        .await;
+    if let Err(e) = &r {
+        if let Some(CliError::Interrupted { signal }) = e.downcast_ref::<CliError>() {
+            super::vm::say(format_args!("\nvmrs: {signal}: stopping {name} (again to kill)"));
+        }
+    }
+    r
+}
+
+/// Start an image VM's process as its main process (its end stops the VM, with its exit code
+/// recorded); a guest too old for that gets a plain detached exec.
+async fn start_main(
+    mgr: &VmManager,
+    name: &str,
+    cmd: ExecCommand,
+    restart: vm_rs::agent::Restart,
+) -> Result<(), ManagerError> {
+    match mgr.exec_main(name, &cmd, restart).await {
+        Err(ManagerError::Agent {
+            source: vm_rs::agent::AgentError::Unsupported { .. },
+            ..
+        }) => {
+            tracing::warn!(vm = %name, "the guest agent is too old to report the process's exit (run `vmrs setup`)");
+            let mut cmd = cmd;
+            cmd.detach = true;
+            mgr.exec_streaming(name, cmd).await.map(drop)
+        }
+        r => r.map(drop),
+    }
 }
 
 /// One side of `vmrs cp`.

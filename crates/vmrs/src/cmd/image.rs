@@ -53,7 +53,8 @@ pub struct RmiArgs {
     /// References (or manifest digest prefixes) to remove.
     #[arg(required_unless_present = "prune")]
     pub references: Vec<String>,
-    /// Then delete every blob no image needs (like `vmrs image gc`).
+    /// Then delete every blob no image needs (like `vmrs image gc`). Root-filesystem caches
+    /// no stored image or VM uses are deleted either way.
     #[arg(long)]
     pub prune: bool,
 }
@@ -100,7 +101,7 @@ enum ImageCommand {
     },
 }
 
-async fn store() -> anyhow::Result<ImageStore> {
+pub(crate) async fn store() -> anyhow::Result<ImageStore> {
     ImageStore::open_default()
         .await
         .context("cannot open the image store")
@@ -214,7 +215,7 @@ pub async fn pull(a: PullArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
     let mut v = bytes as f64;
     let mut u = 0;
@@ -274,11 +275,14 @@ pub async fn rmi(a: RmiArgs) -> anyhow::Result<i32> {
     }
     if a.prune {
         gc_with(&store).await?;
+    } else {
+        gc_caches(&store).await?;
     }
     Ok(0)
 }
 
-async fn gc_with(store: &ImageStore) -> anyhow::Result<()> {
+/// Delete the blobs no image needs and the root caches nothing uses.
+pub(crate) async fn gc_with(store: &ImageStore) -> anyhow::Result<()> {
     let report = store.gc().await?;
     println!(
         "deleted {} blobs and {} partial downloads, freed {}",
@@ -286,6 +290,21 @@ async fn gc_with(store: &ImageStore) -> anyhow::Result<()> {
         report.removed_partials,
         human(report.freed_bytes)
     );
+    gc_caches(store).await
+}
+
+/// Delete the root-filesystem caches no stored image or VM uses.
+async fn gc_caches(store: &ImageStore) -> anyhow::Result<()> {
+    let removed = vm_rs::rootfs::gc_caches(&vm_rs::paths::data_dir(), store)
+        .await
+        .context("cannot clean the root filesystem caches")?;
+    if !removed.is_empty() {
+        println!(
+            "deleted {} root filesystem caches, freed {}",
+            removed.len(),
+            human(removed.iter().map(|e| e.bytes).sum())
+        );
+    }
     Ok(())
 }
 

@@ -6,6 +6,7 @@ pub mod image;
 pub mod meta;
 pub mod net;
 pub mod setup;
+pub mod system;
 pub mod vm;
 pub mod vmm;
 
@@ -31,8 +32,12 @@ pub enum Command {
     Pause(vm::NamesArgs),
     /// Resume paused VMs.
     Resume(vm::NamesArgs),
-    /// Show a VM's serial console.
+    /// Show a VM's output: an image VM's process output, else (or with --console) the serial
+    /// console.
     Logs(vm::LogsArgs),
+    /// Wait until VMs stop; prints each one's exit code (an image VM's process's) and exits
+    /// with the last.
+    Wait(vm::NamesArgs),
     /// Show details of VMs as JSON.
     Inspect(vm::NamesArgs),
     /// Remove stopped VMs (-f: also running ones).
@@ -76,6 +81,9 @@ pub enum Command {
     Counters(vmm::NameArg),
     /// Show the VMM's own description of a VM as JSON (Cloud Hypervisor).
     VmmInfo(vmm::NameArg),
+    /// Disk usage (`system df`) and cleanup of what nothing uses (`system prune`).
+    #[command(subcommand)]
+    System(system::SystemCommand),
     /// Show the version, the agent protocol and the backends found on this host.
     Version(meta::VersionArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -94,6 +102,7 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Pause(a) => vm::pause(a).await,
         Command::Resume(a) => vm::resume(a).await,
         Command::Logs(a) => vm::logs(a).await,
+        Command::Wait(a) => vm::wait(a).await,
         Command::Inspect(a) => vm::inspect(a).await,
         Command::Rm(a) => vm::rm(a).await,
         Command::Exec(a) => agent::exec(a).await,
@@ -113,6 +122,7 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Device(c) => vmm::device(c).await,
         Command::Counters(a) => vmm::counters(a).await,
         Command::VmmInfo(a) => vmm::vmm_info(a).await,
+        Command::System(c) => system::system(c).await,
         Command::Version(a) => meta::version(a),
         Command::Completion(a) => meta::completion(a),
     }

@@ -68,10 +68,25 @@ pub struct RunArgs {
     /// Networking (`--net`, `-p`).
     #[command(flatten)]
     pub net: super::net::NetArgs,
+    /// With IMAGE: the size of the VM's root disk (`2G`, `512m`; bytes without a unit); the
+    /// guest's root file system grows to fill it. Default: the image's with as much again, at
+    /// least 1 GiB, free. The shared image cache is never changed.
+    #[arg(long, value_parser = parse_bytes, value_name = "SIZE")]
+    pub rootfs_size: Option<u64>,
+    /// With IMAGE and -d: restart the image's process when it ends: `no`, `on-failure[:N]`
+    /// (exit code not 0; at most N times, default 5) or `always[:N]` (default: no limit).
+    /// Once it ends for good the VM stops and records its exit code.
+    #[arg(long, value_parser = parse_restart, default_value = "no", value_name = "POLICY")]
+    pub restart: vm_rs::agent::Restart,
+    /// `-i`, `-t`: attach stdin / a guest terminal to the command (with IMAGE), or to a shell
+    /// in the built-in guest (without IMAGE; then `-- CMD` replaces the shell).
+    #[command(flatten)]
+    pub stdio: super::agent::StdioArgs,
     /// OCI image to run: its root filesystem becomes the VM's root, and its process (entrypoint
     /// + cmd, env, working dir, user) runs through the guest agent. Pulled when not stored.
     pub image: Option<String>,
-    /// With IMAGE: the command replacing the image's cmd.
+    /// With IMAGE: the command replacing the image's cmd (without IMAGE, with -i or -t: the
+    /// command to run instead of a shell).
     #[arg(last = true)]
     pub command: Vec<String>,
 }
@@ -158,6 +173,33 @@ pub fn parse_memory_mib(s: &str) -> Result<u64, String> {
     Ok(mib as u64)
 }
 
+/// `--restart`: `no`, `on-failure[:N]`, `always[:N]`.
+pub fn parse_restart(s: &str) -> Result<vm_rs::agent::Restart, String> {
+    use vm_rs::agent::{Restart, RestartPolicy};
+    let (policy, max) = match s.split_once(':') {
+        Some((p, n)) => (
+            p,
+            Some(
+                n.parse::<u32>()
+                    .map_err(|_| format!("{s:?}: the restart count must be a number"))?,
+            ),
+        ),
+        None => (s, None),
+    };
+    Ok(match policy {
+        "no" if max.is_none() => Restart::default(),
+        "on-failure" => Restart {
+            policy: RestartPolicy::OnFailure,
+            max: max.unwrap_or(5),
+        },
+        "always" => Restart {
+            policy: RestartPolicy::Always,
+            max: max.unwrap_or(u32::MAX),
+        },
+        _ => return Err(format!("{s:?}: expected no, on-failure[:N] or always[:N]")),
+    })
+}
+
 /// A size in bytes: a bare number is bytes; `k`, `m`, `g` (optionally followed by `b` or `ib`,
 /// any case) are binary units.
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -241,11 +283,22 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     // Before anything is started: from here on SIGINT, SIGTERM and SIGHUP no longer end this
     // process at once (which would leave a VM no foreground run owns), they stop the VM.
     let mut signals = StopSignals::install()?;
+    let attach = a.stdio.interactive || a.stdio.tty;
+    if attach && a.detach {
+        return Err(CliError::Invalid(
+            "-i/-t cannot be combined with -d (there is no attach); use `vmrs exec -it NAME sh` once it runs"
+                .to_string(),
+        )
+        .into());
+    }
     if let Some(image) = a.image.clone() {
         return super::agent::run_image(a, image, signals).await;
     }
+    if attach {
+        return run_attached(a, signals).await;
+    }
     if !a.command.is_empty() {
-        return Err(CliError::Invalid("a command after `--` needs an IMAGE".to_string()).into());
+        return Err(CliError::Invalid("a command after `--` needs an IMAGE (or -i/-t)".to_string()).into());
     }
     let config = run_config(&a)?;
     let name = config.name.clone();
@@ -321,6 +374,37 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
             .with_context(|| format!("cannot remove vm {name:?}"))?;
     }
     Ok(code)
+}
+
+/// `vmrs run -it [-- CMD]` of the built-in guest: boot it, attach a shell (or CMD) through the
+/// agent, and stop it (`--rm`: remove it) when that ends; the exit code is the command's.
+async fn run_attached(a: RunArgs, mut signals: StopSignals) -> anyhow::Result<i32> {
+    let config = run_config(&a)?;
+    let name = config.name.clone();
+    let argv = if a.command.is_empty() {
+        vec!["/bin/sh".to_string()]
+    } else {
+        a.command.clone()
+    };
+    let mut cmd = vm_rs::agent::ExecCommand::new(argv);
+    let mut session = super::agent::Session::prepare(a.stdio, &mut cmd)?;
+    let mgr = VmManager::new().await?;
+    mgr.start(config)
+        .await
+        .with_context(|| format!("cannot start vm {name:?}"))?;
+    let result = super::agent::attach_when_ready(&mgr, &name, cmd, &a, &mut session, &mut signals).await;
+    if let Err(e) = signals
+        .stop_vm(&mgr, &name, Duration::from_secs(a.stop_timeout))
+        .await
+    {
+        tracing::warn!(vm = %name, error = %e, "stopping after run");
+    }
+    if a.rm {
+        mgr.remove(&name, true)
+            .await
+            .with_context(|| format!("cannot remove vm {name:?}"))?;
+    }
+    result
 }
 
 /// A line on stderr that may go nowhere: after SIGHUP the terminal is gone, and `eprintln!`
@@ -415,6 +499,9 @@ pub struct PsRow {
     /// Why it failed or is damaged.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// An image VM stopped because its process ended: that process's exit code.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
     /// The VMM runs but did not answer a short probe (frozen or wedged); `state` is the last
     /// one recorded.
     pub unresponsive: bool,
@@ -445,6 +532,7 @@ impl From<&VmInfo> for PsRow {
                 VmState::Failed { reason } => Some(reason.clone()),
                 _ => None,
             },
+            exit_code: i.exit_code,
             unresponsive: i.unresponsive,
             ip: i.ip.map(|ip| ip.to_string()),
             backend: Some(i.backend),
@@ -464,6 +552,7 @@ impl From<&DamagedVm> for PsRow {
             name: d.name.clone(),
             state: "damaged",
             reason: Some(d.reason.clone()),
+            exit_code: None,
             ip: None,
             backend: None,
             pid: d.pids.first().copied(),
@@ -535,10 +624,10 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<i32> {
             );
             continue;
         }
-        let state = if r.unresponsive {
-            format!("{} (unresponsive)", r.state)
-        } else {
-            r.state.to_string()
+        let state = match (r.unresponsive, r.exit_code) {
+            (true, _) => format!("{} (unresponsive)", r.state),
+            (false, Some(code)) if r.state == "stopped" => format!("exited ({code})"),
+            _ => r.state.to_string(),
         };
         println!(
             "{:<20} {:<9} {:<16} {:<7} {:>8} {:>4} {:>6}M  {:<14} {}",
@@ -686,6 +775,10 @@ pub struct LogsArgs {
     /// Only the last N lines (then follow, with -f).
     #[arg(short = 'n', long, value_name = "N")]
     pub tail: Option<usize>,
+    /// The serial console (kernel and init messages) even for an image VM, whose logs are
+    /// otherwise its process's output.
+    #[arg(long)]
+    pub console: bool,
     /// VM name.
     pub name: String,
 }
@@ -694,14 +787,19 @@ pub struct LogsArgs {
 pub async fn logs(a: LogsArgs) -> anyhow::Result<i32> {
     let mgr = VmManager::new().await?;
     let info = mgr.inspect(&a.name).await?;
-    let bytes = std::fs::read(&info.serial_log)
-        .with_context(|| format!("cannot read {}", info.serial_log.display()))?;
+    let process_log = info.dir.join(vm_rs::vm_dir::VmDir::PROCESS_LOG);
+    let log = if !a.console && process_log.exists() {
+        process_log
+    } else {
+        info.serial_log.clone()
+    };
+    let bytes = std::fs::read(&log).with_context(|| format!("cannot read {}", log.display()))?;
     let start = a.tail.map_or(0, |n| tail_start(&bytes, n));
     if !a.follow || !info.state.is_live() {
         std::io::stdout().write_all(&bytes[start..])?;
         return Ok(0);
     }
-    let follow = tokio::spawn(follow_log(info.serial_log.clone(), start as u64));
+    let follow = tokio::spawn(follow_log(log, start as u64));
     let mut rx = mgr.subscribe(&a.name).await?;
     loop {
         tokio::select! {
@@ -729,6 +827,32 @@ fn tail_start(bytes: &[u8], n: usize) -> usize {
         .filter(|(_, b)| **b == b'\n')
         .nth(n - 1)
         .map_or(0, |(i, _)| i + 1)
+}
+
+/// `vmrs wait`: block until each VM is no longer live; print its exit code (an image VM's
+/// process's, else 0 for a stop and 1 for a failure) and exit with the last one.
+pub async fn wait(a: NamesArgs) -> anyhow::Result<i32> {
+    let mgr = VmManager::new().await?;
+    let mut last = 0;
+    for n in &a.names {
+        let mut rx = mgr.subscribe(n).await?;
+        loop {
+            if !rx.borrow_and_update().is_live() {
+                break;
+            }
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+        let info = mgr.inspect(n).await?;
+        last = match (&info.state, info.exit_code) {
+            (_, Some(code)) => code,
+            (VmState::Failed { .. }, None) => 1,
+            _ => 0,
+        };
+        println!("{last}");
+    }
+    Ok(last)
 }
 
 /// `vmrs inspect`
@@ -817,6 +941,24 @@ mod tests {
             "1.2.3m",
         ] {
             assert!(parse_memory_mib(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn restart_policies() {
+        use vm_rs::agent::{Restart, RestartPolicy};
+        assert_eq!(parse_restart("no"), Ok(Restart::default()));
+        assert_eq!(
+            parse_restart("on-failure"),
+            Ok(Restart {
+                policy: RestartPolicy::OnFailure,
+                max: 5
+            })
+        );
+        assert_eq!(parse_restart("on-failure:2").map(|r| r.max), Ok(2));
+        assert_eq!(parse_restart("always").map(|r| r.max), Ok(u32::MAX));
+        for bad in ["", "sometimes", "no:3", "on-failure:x", "always:-1"] {
+            assert!(parse_restart(bad).is_err(), "{bad}");
         }
     }
 

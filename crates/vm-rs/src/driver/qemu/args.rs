@@ -190,18 +190,33 @@ pub fn nic_args(nic: &Nic) -> Vec<OsString> {
 /// The guest agent's virtio-serial port, with QEMU listening on the channel's socket.
 pub fn agent_args(agent: &AgentChannel) -> Vec<OsString> {
     match agent {
-        AgentChannel::VirtioSerial { socket } => vec![
-            "-device".into(),
-            "virtio-serial-device,id=vmrs-vser0".into(),
-            "-chardev".into(),
-            opt("socket,id=vmrs-agent0,path=", socket, ",server=on,wait=off"),
-            "-device".into(),
-            format!(
-                "virtserialport,bus=vmrs-vser0.0,chardev=vmrs-agent0,name={}",
-                vmrs_proto::PORT_NAME
-            )
-            .into(),
-        ],
+        AgentChannel::VirtioSerial { socket, process_log } => {
+            let mut args: Vec<OsString> = vec![
+                "-device".into(),
+                "virtio-serial-device,id=vmrs-vser0".into(),
+                "-chardev".into(),
+                opt("socket,id=vmrs-agent0,path=", socket, ",server=on,wait=off"),
+                "-device".into(),
+                format!(
+                    "virtserialport,bus=vmrs-vser0.0,chardev=vmrs-agent0,name={}",
+                    vmrs_proto::PORT_NAME
+                )
+                .into(),
+            ];
+            if let Some(log) = process_log {
+                args.extend([
+                    "-chardev".into(),
+                    opt("file,id=vmrs-log0,path=", log, ",append=on"),
+                    "-device".into(),
+                    format!(
+                        "virtserialport,bus=vmrs-vser0.0,chardev=vmrs-log0,name={}",
+                        vmrs_proto::LOG_PORT_NAME
+                    )
+                    .into(),
+                ]);
+            }
+            args
+        }
     }
 }
 
@@ -423,6 +438,7 @@ mod tests {
             nics: sw.iter().map(Nic::from).collect(),
             agent: Some(AgentChannel::VirtioSerial {
                 socket: "/v,x/agent.sock".into(),
+                process_log: Some("/v,x/process.log".into()),
             }),
             memory: MemoryBackend::File {
                 path: "/m,1/ram".into(),
@@ -444,6 +460,9 @@ mod tests {
         }
         assert!(args.contains(&"virtio-blk-device,drive=disk0,serial=a,,b".to_string()));
         assert!(args.iter().any(|a| a.contains("chardev=vmrs-agent0")));
+        assert!(args
+            .iter()
+            .any(|a| a == "file,id=vmrs-log0,path=/v,,x/process.log,append=on"));
         assert!(args
             .iter()
             .any(|a| a == "memory-backend-file,id=vmrs-mem,size=256M,share=on,mem-path=/m,,1/ram"));
