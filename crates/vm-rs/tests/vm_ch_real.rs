@@ -3,7 +3,9 @@
 //! (`VMRS_CLOUD_HYPERVISOR`, then `PATH`); when it is absent every test prints
 //! `skipped: cloud-hypervisor not found` and returns.
 //!
-//! The same scenarios run against the protocol peer in `ch_driver`.
+//! The same scenarios run against the protocol peer in `ch_driver`. Verified: all pass against
+//! a Cloud Hypervisor v53.0 built by hand (outside the tree) on a host with software KVM,
+//! including `resize_and_hotplug`, whose unknown-device removal v53 answers with 500.
 
 mod support;
 

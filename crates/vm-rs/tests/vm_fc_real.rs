@@ -10,7 +10,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use support::ch_flows::block_on;
 use support::fc_flows;
 

@@ -383,7 +383,8 @@ fn manager_config(name: &str, guest: &Path) -> VmConfig {
         .expect("valid config")
 }
 
-async fn wait_state(
+/// Wait (bounded) until the state of `name` satisfies `pred`.
+pub async fn wait_state(
     mgr: &vm_rs::VmManager,
     name: &str,
     pred: impl Fn(&vm_rs::VmState) -> bool,

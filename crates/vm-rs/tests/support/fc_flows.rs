@@ -13,7 +13,7 @@ use vm_rs::driver::http::{ApiClient, Method};
 use vm_rs::driver::{BootSpec, DriverError, VmDriver, VmHandle, VmmEvent, VmmStatus};
 use vm_rs::process::VmmProcess;
 
-pub use super::ch_flows::{Flow, Vmm};
+pub use super::ch_flows::{wait_state, Flow, Vmm};
 pub use super::wait_until;
 
 /// A temporary VM directory, the guest image and a driver for `binary`.
@@ -554,28 +554,6 @@ fn manager_config(name: &str, guest: &Path) -> VmConfig {
         .backend(vm_rs::BackendKind::Firecracker)
         .build()
         .expect("valid config")
-}
-
-async fn wait_state(
-    mgr: &vm_rs::VmManager,
-    name: &str,
-    pred: impl Fn(&vm_rs::VmState) -> bool,
-) -> vm_rs::VmState {
-    let mut rx = mgr.subscribe(name).await.expect("subscribe");
-    let fut = async {
-        loop {
-            let st = rx.borrow_and_update().clone();
-            if pred(&st) {
-                return st;
-            }
-            if rx.changed().await.is_err() {
-                return mgr.state(name).await.expect("state");
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), fut)
-        .await
-        .expect("state change")
 }
 
 /// Through the manager: boot → ready, pause/resume, stop (Ctrl-Alt-Del, then the kill the
