@@ -216,7 +216,7 @@ fn every_feature_is_rendered_or_refused() {
                 (Ok(devices), want) => {
                     let rendered = match backend {
                         BackendKind::Qemu => render_qemu(&cfg, &vm_dir, &devices),
-                        _ => vm_config_body(&cfg, &devices, &f.kernel, &vm_dir.join("serial.log"), &[])
+                        _ => vm_config_body(&cfg, &devices, &f.kernel, &[])
                             .unwrap_or_else(|e| panic!("{backend} {}: {e}", feat.name))
                             .to_string(),
                     };
@@ -264,7 +264,7 @@ fn defaults_per_backend() {
     let cfg = base_config(&f, BackendKind::CloudHypervisor);
     let c = plan_devices(&cfg, &dir, &home, &opts, &CloudHypervisorDriver::new()).expect("ch");
     assert!(c.entropy && c.agent.is_none());
-    let body = vm_config_body(&cfg, &c, &f.kernel, &dir.join("serial.log"), &[]).expect("body");
+    let body = vm_config_body(&cfg, &c, &f.kernel, &[]).expect("body");
     assert_eq!(body["rng"]["src"], "/dev/urandom");
 }
 

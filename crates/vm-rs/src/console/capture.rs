@@ -187,6 +187,52 @@ impl Capture {
     }
 }
 
+/// A [`Capture`] whose VMM is being launched: dropped before [`disarm`](Self::disarm) (every
+/// early return of a launch), it aborts the capture so no sidecar outlives a VMM that never
+/// came up.
+#[derive(Debug)]
+pub struct CaptureGuard<'a> {
+    capture: Option<Capture>,
+    vm_dir: &'a Path,
+}
+
+impl<'a> CaptureGuard<'a> {
+    /// Guard `capture` of `vm_dir`.
+    pub fn new(capture: Capture, vm_dir: &'a Path) -> Self {
+        Self {
+            capture: Some(capture),
+            vm_dir,
+        }
+    }
+
+    /// The socket the VMM must connect to.
+    pub fn socket(&self) -> PathBuf {
+        self.capture
+            .as_ref()
+            .map(|c| c.socket.clone())
+            .unwrap_or_default()
+    }
+
+    /// Connect to the capture as the VMM's console: for a VMM that writes its serial port to
+    /// its standard output (Firecracker; Cloud Hypervisor in `Tty` mode), this is that stdout.
+    pub fn connect(&self) -> std::io::Result<std::os::unix::net::UnixStream> {
+        std::os::unix::net::UnixStream::connect(self.socket())
+    }
+
+    /// The VMM runs: the capture lives on with it.
+    pub fn disarm(mut self) {
+        self.capture = None;
+    }
+}
+
+impl Drop for CaptureGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.capture.take() {
+            c.abort(self.vm_dir);
+        }
+    }
+}
+
 /// Bind the console socket in `vm_dir` and start the sidecar writing `serial_log` (which
 /// should exist) capped at `max` bytes.
 pub fn start(vm_dir: &Path, serial_log: &Path, max: u64) -> Result<Capture, CaptureError> {

@@ -250,6 +250,28 @@ pub async fn guest_power_off(bin: PathBuf) {
     ));
 }
 
+/// The serial console goes through the capped log (Cloud Hypervisor's `Tty` mode into the
+/// capture sidecar, not its unbounded `File` mode): a cap smaller than the guest's output
+/// keeps the head, a marker and the tail, and never more than the cap allows.
+pub async fn serial_log_is_capped(bin: PathBuf) {
+    let fx = Fixture::new(&bin);
+    let mut cfg = fx.config();
+    cfg.kernel = super::pvh_guest::write_power_off(fx.tmp.path());
+    cfg.serial_log_max = Some(8);
+    let mut vmm = Vmm(Some(fx.driver.boot(&fx.spec(&cfg)).await.expect("boot")));
+    vmm.wait_exit().await;
+    assert!(vm_rs::console::capture::wait_done(&fx.vm_dir, Duration::from_secs(10)).await);
+    let log = std::fs::read_to_string(fx.serial()).expect("serial log");
+    assert!(log.starts_with("VMRS_REA"), "{log}");
+    assert!(log.contains(vm_rs::console::capture::CAPPED_MARKER), "{log}");
+    assert!(
+        log.len() as u64 <= 8 + vm_rs::console::capture::MAX_SLACK,
+        "{log}"
+    );
+    // the log's end still shows how the guest ended
+    assert!(log.contains("10.0.0.2"), "{log}");
+}
+
 /// Reattach: a new driver (as in a new process) drives the VM from the persisted handle.
 pub async fn reattach(bin: PathBuf) {
     let fx = Fixture::new(&bin);
@@ -363,6 +385,7 @@ pub fn shared() -> Vec<(&'static str, Flow)> {
         ("kill_is_failure", |b| Box::pin(kill_is_failure(b))),
         ("reattach", |b| Box::pin(reattach(b))),
         ("guest_power_off", |b| Box::pin(guest_power_off(b))),
+        ("serial_log_is_capped", |b| Box::pin(serial_log_is_capped(b))),
         ("bad_disk_is_clear_error", |b| {
             Box::pin(bad_disk_is_clear_error(b))
         }),

@@ -21,7 +21,8 @@
 //! It speaks the same command line (`--api-socket path=`, `--event-monitor path=`,
 //! `--log-file`), serves HTTP/1.1 on the Unix socket, and writes event-monitor records (pretty
 //! JSON followed by a blank line) for the lifecycle events. It runs no guest: on `vm.boot` it
-//! copies the `VMRS_READY` line found in the kernel image to the serial file, which is what the
+//! copies the `VMRS_READY` line found in the kernel image to the serial console (its stdout in
+//! `Tty` mode, the file in `File` mode), which is what the
 //! tiny PVH test guest (`support::pvh_guest`) prints when it really runs, and when the image
 //! holds the guest's power-off instructions it then shuts down the way the VMM does on a guest
 //! power-off (`vm shutdown`, `vm deleted`, `vmm shutdown`, exit status 0).
@@ -900,6 +901,14 @@ fn boot_payload(cfg: &Value) -> Result<bool, Reply> {
                     &format!("Failed to open disk image {p}"),
                 ],
             ));
+        }
+    }
+    // Tty: the VMM's own standard output (the driver's capped serial log)
+    if cfg["serial"]["mode"] == "Tty" {
+        if let Some(line) = super::pvh_guest::ready_line(&image) {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&line);
+            let _ = out.flush();
         }
     }
     if cfg["serial"]["mode"] == "File" {

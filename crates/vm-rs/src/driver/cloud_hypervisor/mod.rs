@@ -188,14 +188,14 @@ fn log_tail(path: &Path, max: usize) -> String {
 }
 
 /// Build the `vm.create` body for `config` and its `devices`, booting `kernel` with
-/// `guest_params` appended to the command line and writing the serial console to `serial_log`.
+/// `guest_params` appended to the command line. The serial console goes to the VMM's standard
+/// output (`Tty` mode), which the driver connects to the capped serial log's sidecar.
 /// The devices were checked against [`CloudHypervisorDriver`]'s capabilities; one this body
 /// cannot express is still refused here rather than dropped.
 pub fn vm_config(
     config: &VmConfig,
     devices: &DeviceSet,
     kernel: &Path,
-    serial_log: &Path,
     guest_params: &[String],
 ) -> Result<model::VmConfig, DriverError> {
     let unsupported = |feature| DriverError::Unsupported {
@@ -273,9 +273,11 @@ pub fn vm_config(
         rng: devices.entropy.then(|| model::RngConfig {
             src: "/dev/urandom".into(),
         }),
+        // Not `File`: Cloud Hypervisor's file has no size limit (a guest printing forever would
+        // fill the host disk); its stdout is the capture's connection (see `launch`).
         serial: model::ConsoleConfig {
-            mode: model::ConsoleMode::File,
-            file: Some(path_str(serial_log)?),
+            mode: model::ConsoleMode::Tty,
+            file: None,
         },
         console: model::ConsoleConfig {
             mode: model::ConsoleMode::Off,
@@ -289,13 +291,9 @@ pub fn vm_config_body(
     config: &VmConfig,
     devices: &DeviceSet,
     kernel: &Path,
-    serial_log: &Path,
     guest_params: &[String],
 ) -> Result<serde_json::Value, DriverError> {
-    to_value(
-        "vm.create",
-        &vm_config(config, devices, kernel, serial_log, guest_params)?,
-    )
+    to_value("vm.create", &vm_config(config, devices, kernel, guest_params)?)
 }
 
 fn to_value<T: serde::Serialize>(verb: &str, v: &T) -> Result<serde_json::Value, DriverError> {
@@ -401,7 +399,17 @@ impl CloudHypervisorDriver {
             .append(true)
             .open(&spec.vmm_log)
             .map_err(io_err(&spec.vmm_log))?;
-        let vmm_log_err = vmm_log.try_clone().map_err(io_err(&spec.vmm_log))?;
+        crate::paths::private_file()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&spec.serial_log)
+            .map_err(io_err(&spec.serial_log))?;
+        // The serial console (Tty mode) is the VMM's stdout: the capped log's sidecar.
+        let capture =
+            crate::console::capture::start(spec.vm_dir, &spec.serial_log, spec.config.serial_log_max())?;
+        let guard = crate::console::capture::CaptureGuard::new(capture, spec.vm_dir);
+        let console = guard.connect().map_err(io_err(&guard.socket()))?;
         let mut cmd = tokio::process::Command::new(&program);
         // TAP devices in a network namespace are only found from inside it
         if let Some(ns) = spec.devices.netns.as_deref() {
@@ -420,8 +428,8 @@ impl CloudHypervisorDriver {
             // orderly exit (see `events`).
             .arg("-v")
             .stdin(std::process::Stdio::null())
-            .stdout(vmm_log)
-            .stderr(vmm_log_err)
+            .stdout(std::os::fd::OwnedFd::from(console))
+            .stderr(vmm_log)
             .current_dir(spec.vm_dir);
         // owned by the VM directory: found from there even if no record ever names it
         let mut process = VmmProcess::spawn_owned(cmd, spec.vm_dir).map_err(|e| match e {
@@ -475,6 +483,7 @@ impl CloudHypervisorDriver {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(50));
         }
+        guard.disarm();
         Ok((process, files, client.with_timeout(API_TIMEOUT)))
     }
 
@@ -555,13 +564,7 @@ impl VmDriver for CloudHypervisorDriver {
                 program: PROGRAM.into(),
                 detail: format!("kernel {}: {e}", spec.config.kernel.display()),
             })?;
-        let body = vm_config_body(
-            spec.config,
-            &spec.devices,
-            &kernel,
-            &spec.serial_log,
-            &spec.guest_params,
-        )?;
+        let body = vm_config_body(spec.config, &spec.devices, &kernel, &spec.guest_params)?;
         self.launch_with(
             spec,
             &[
@@ -850,13 +853,7 @@ mod tests {
             .cmdline("a".repeat(2000))
             .build_unchecked();
         let extra = vec![format!("vmrs.x={}", "b".repeat(40))];
-        let err = vm_config_body(
-            &cfg,
-            &DeviceSet::default(),
-            Path::new("/k/vmlinux"),
-            Path::new("/v/s"),
-            &extra,
-        );
+        let err = vm_config_body(&cfg, &DeviceSet::default(), Path::new("/k/vmlinux"), &extra);
         assert!(matches!(
             err,
             Err(DriverError::Config(crate::config::ConfigError::CmdlineTooLong {
@@ -864,14 +861,7 @@ mod tests {
                 ..
             }))
         ));
-        assert!(vm_config_body(
-            &cfg,
-            &DeviceSet::default(),
-            Path::new("/k/vmlinux"),
-            Path::new("/v/s"),
-            &[]
-        )
-        .is_ok());
+        assert!(vm_config_body(&cfg, &DeviceSet::default(), Path::new("/k/vmlinux"), &[]).is_ok());
     }
 
     #[test]
@@ -901,14 +891,7 @@ mod tests {
         devices.nics = nics.iter().map(crate::devices::Nic::from).collect();
         devices.entropy = true;
         devices.memory = MemoryBackend::Memfd { shared: true };
-        let body = vm_config_body(
-            &cfg,
-            &devices,
-            Path::new("/k/vmlinux"),
-            Path::new("/v/serial.log"),
-            &extra,
-        )
-        .expect("body");
+        let body = vm_config_body(&cfg, &devices, Path::new("/k/vmlinux"), &extra).expect("body");
         assert_eq!(body["cpus"]["boot_vcpus"], 2);
         assert!(body["cpus"]["max_vcpus"].as_u64().expect("max") >= 2);
         assert_eq!(body["memory"]["size"], 128u64 << 20);
@@ -916,10 +899,7 @@ mod tests {
         assert_eq!(body["payload"]["kernel"], "/k/vmlinux");
         assert_eq!(body["payload"]["initramfs"], "/k/initrd");
         assert_eq!(body["payload"]["cmdline"], "console=ttyS0 quiet vmrs.net=1");
-        assert_eq!(
-            body["serial"],
-            serde_json::json!({"mode": "File", "file": "/v/serial.log"})
-        );
+        assert_eq!(body["serial"], serde_json::json!({"mode": "Tty"}));
         assert_eq!(body["console"]["mode"], "Off");
         assert_eq!(
             body["disks"][0],
@@ -949,7 +929,7 @@ mod tests {
             ..DeviceSet::default()
         };
         assert!(matches!(
-            vm_config_body(&cfg, &devices, Path::new("/k"), Path::new("/s"), &[]),
+            vm_config_body(&cfg, &devices, Path::new("/k"), &[]),
             Err(DriverError::Unsupported { .. })
         ));
         let caps = CloudHypervisorDriver::new().capabilities();

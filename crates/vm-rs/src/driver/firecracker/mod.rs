@@ -520,10 +520,7 @@ impl FirecrackerDriver {
             .map_err(io_err(&spec.serial_log))?;
         let capture =
             crate::console::capture::start(spec.vm_dir, &spec.serial_log, spec.config.serial_log_max())?;
-        let guard = CaptureGuard {
-            capture: Some(capture),
-            vm_dir: spec.vm_dir,
-        };
+        let guard = crate::console::capture::CaptureGuard::new(capture, spec.vm_dir);
         let socket = guard.socket();
         let console = std::os::unix::net::UnixStream::connect(&socket).map_err(io_err(&socket))?;
         let vmm_log = crate::paths::private_file()
@@ -639,33 +636,6 @@ async fn wait_api(process: &mut VmmProcess, files: &VmFiles, spec: &BootSpec<'_>
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));
-    }
-}
-
-/// Stops a console capture whose VMM never came up (every early return of a launch).
-struct CaptureGuard<'a> {
-    capture: Option<crate::console::capture::Capture>,
-    vm_dir: &'a Path,
-}
-
-impl CaptureGuard<'_> {
-    fn socket(&self) -> PathBuf {
-        self.capture
-            .as_ref()
-            .map(|c| c.socket.clone())
-            .unwrap_or_default()
-    }
-
-    fn disarm(mut self) {
-        self.capture = None;
-    }
-}
-
-impl Drop for CaptureGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(c) = self.capture.take() {
-            c.abort(self.vm_dir);
-        }
     }
 }
 
