@@ -53,12 +53,14 @@ mod exec;
 mod lock;
 mod monitor;
 pub mod record;
+mod snapshot;
 #[cfg(test)]
 mod tests;
 mod vmm;
+pub use snapshot::{RestoreOptions, SnapshotOptions};
 
 use crate::config::{BackendKind, ConfigError, VmConfig};
-use crate::devices::{AgentChannel, AgentTransport, DeviceSet, Disk, MemoryBackend, Nic, SharedFs};
+use crate::devices::{AgentChannel, AgentTransport, DeviceSet, Disk, Nic, SharedFs};
 use crate::driver::{BootSpec, DriverError, VmDriver, VmHandle};
 use crate::process::{ProcessError, VmmProcess};
 use crate::state::{Operation, StateError, VmState};
@@ -189,6 +191,9 @@ pub enum ManagerError {
         #[source]
         source: Box<ManagerError>,
     },
+    /// A snapshot verb failed or was refused ([`crate::snapshot`]).
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// Waiting timed out.
     #[error("timed out after {secs:.1}s waiting for vm {name:?} to become {what}")]
     Timeout {
@@ -225,6 +230,7 @@ impl ManagerError {
             ManagerError::Timeout { .. } | ManagerError::Busy { .. } => K::Timeout,
             ManagerError::InvalidRequest { .. } => K::Invalid,
             ManagerError::Damaged { .. } => K::Other,
+            ManagerError::Snapshot(e) => e.kind(),
         }
     }
 }
@@ -400,6 +406,8 @@ impl VmManager {
                 }
             }
         }
+        // Snapshots whose writer was killed before it published them.
+        crate::snapshot::remove_stale_temps(&crate::snapshot::snapshots_dir(&mgr.inner.home));
         // Reattach to everything recorded here, marking dead VMs failed.
         let mut live = std::collections::HashSet::new();
         for name in mgr.names()? {
@@ -543,7 +551,7 @@ impl VmManager {
         };
         record::write_json_atomic(&dir.join(files::STATE), &rec)?;
         let entry = self
-            .launch(&dir, &config, &opts, devices, &mut rec, driver)
+            .launch(&dir, &config, &opts, devices, &mut rec, driver, None)
             .await?;
         cleanup.disarm();
         self.inner
@@ -586,7 +594,10 @@ impl VmManager {
         rec.started_at = Some(now());
         rec.finished_at = None;
         record::write_json_atomic(&dir.join(files::STATE), &rec)?;
-        match self.launch(&dir, &config, &opts, devices, &mut rec, driver).await {
+        match self
+            .launch(&dir, &config, &opts, devices, &mut rec, driver, None)
+            .await
+        {
             Ok(entry) => {
                 self.inner
                     .entries
@@ -608,8 +619,9 @@ impl VmManager {
         }
     }
 
-    /// Create the host side of `devices` (root overlay, networks) and boot the VMM. On error,
-    /// what was created here is removed again.
+    /// Create the host side of `devices` (root overlay, networks) and boot the VMM (from
+    /// `snapshot`, when given). On error, what was created here is removed again.
+    #[allow(clippy::too_many_arguments)]
     async fn launch(
         &self,
         dir: &Path,
@@ -618,6 +630,7 @@ impl VmManager {
         mut devices: DeviceSet,
         rec: &mut VmRecord,
         driver: Arc<dyn VmDriver>,
+        snapshot: Option<&Path>,
     ) -> Result<Arc<VmEntry>, ManagerError> {
         let name = &config.name;
         let mut guest_params = Vec::new();
@@ -646,7 +659,9 @@ impl VmManager {
             devices.netns = st.netns.clone();
             Some(st)
         };
-        let booted = self.boot(dir, config, rec, driver, devices, guest_params).await;
+        let booted = self
+            .boot(dir, config, rec, driver, devices, guest_params, snapshot)
+            .await;
         match (booted, net) {
             (Ok(e), _) => Ok(e),
             (Err(e), Some(st)) => {
@@ -659,6 +674,8 @@ impl VmManager {
         }
     }
 
+    /// Boot the VMM (from the snapshot in `snapshot` when given, see [`crate::snapshot`]).
+    #[allow(clippy::too_many_arguments)]
     async fn boot(
         &self,
         dir: &Path,
@@ -667,6 +684,7 @@ impl VmManager {
         driver: Arc<dyn VmDriver>,
         devices: DeviceSet,
         guest_params: Vec<String>,
+        snapshot: Option<&Path>,
     ) -> Result<Arc<VmEntry>, ManagerError> {
         let serial_log = config
             .serial_log
@@ -680,10 +698,14 @@ impl VmManager {
             devices,
             guest_params,
         };
-        let launched = driver
-            .boot(&spec)
-            .await
-            .map_err(ManagerError::driver(&config.name))?;
+        // what a snapshot of the VM records; a stale RAM file of an earlier run is not reused
+        record::write_json_atomic(&dir.join(crate::vm_dir::VmDir::DEVICES), &spec.devices)?;
+        let _ = std::fs::remove_file(dir.join(crate::vm_dir::VmDir::MEMORY));
+        let launched = match snapshot {
+            Some(snap) => driver.restore(&spec, snap).await,
+            None => driver.boot(&spec).await,
+        }
+        .map_err(ManagerError::driver(&config.name))?;
         rec.handle = Some(launched.handle.clone());
         rec.state = VmState::Running;
         if let Err(e) = record::write_json_atomic(&dir.join(files::STATE), rec) {
@@ -1060,7 +1082,7 @@ pub fn plan_devices(
             })
             .collect(),
         entropy: caps.entropy,
-        memory: MemoryBackend::Anonymous,
+        memory: driver.preferred_memory(dir),
         ..DeviceSet::default()
     };
     if opts.rootfs.is_some() {
