@@ -348,7 +348,13 @@ impl VmManager {
         let dir = self.vm_dir(name);
         let vm_dir = VmDir::new(&dir);
         let (config, devices) = restored_machine(&meta, &snap_dir, name, &vm_dir)?;
-        config.validate()?;
+        // checked as it would run, with the frozen disks in place of the overlays to come
+        let mut as_checked = config.clone();
+        for ((c, orig), sd) in as_checked.disks.iter_mut().zip(&meta.config.disks).zip(&meta.disks) {
+            *c = orig.clone();
+            c.path = snap_dir.join(&sd.file);
+        }
+        as_checked.validate()?;
         driver
             .capabilities()
             .check(driver.kind(), &config, &devices)
@@ -598,13 +604,15 @@ fn restored_machine(
     if let Some(AgentChannel::VirtioSerial { socket }) = &mut devices.agent {
         *socket = vm_dir.file(VmDir::AGENT_SOCKET);
     }
-    devices.memory = if meta.memory_file {
-        MemoryBackend::File {
+    // the RAM block keeps the source's id (QEMU matches blocks by it): a backend object when
+    // the source had one, the machine's own RAM when it did not
+    devices.memory = match (&meta.memory_file, &meta.devices.memory) {
+        (true, _) => MemoryBackend::File {
             path: snap_dir.join(SnapshotDir::MEMORY),
             shared: false,
-        }
-    } else {
-        MemoryBackend::Anonymous
+        },
+        (false, MemoryBackend::Anonymous) => MemoryBackend::Anonymous,
+        (false, _) => MemoryBackend::Memfd { shared: false },
     };
     Ok((config, devices))
 }
