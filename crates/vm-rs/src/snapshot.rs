@@ -356,7 +356,9 @@ pub fn disk_usage(dir: &Path) -> u64 {
         return 0;
     };
     for e in rd.flatten() {
-        let Ok(m) = e.path().symlink_metadata() else { continue };
+        let Ok(m) = e.path().symlink_metadata() else {
+            continue;
+        };
         total += m.blocks() * 512;
         if m.is_dir() {
             total += disk_usage(&e.path());

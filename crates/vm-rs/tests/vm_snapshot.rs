@@ -2,10 +2,9 @@
 //! keeps its processes and files, clones are independent and not twins, the snapshot's files
 //! are never written, disks agree with memory, and what cannot be restored is refused.
 
-mod support;
-#[allow(dead_code)]
 #[path = "support/storage.rs"]
 mod storage_support;
+mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -147,7 +146,9 @@ async fn state_survives_restore_and_clones_are_independent_and_not_twins() {
     // the snapshot's files were never written
     assert_eq!(digests(&info.dir), before);
     // a clone is a normal vm: stop, remove; the source resumes and runs on
-    mgr.stop("c-1", Duration::from_secs(10)).await.expect("stop clone");
+    mgr.stop("c-1", Duration::from_secs(10))
+        .await
+        .expect("stop clone");
     mgr.remove("c-1", false).await.expect("rm clone");
     mgr.resume("src").await.expect("resume source");
     let c: u64 = sh(&mgr, "src", "cat /tmp/count").await.parse().expect("count");
@@ -179,7 +180,9 @@ async fn data_disk_and_memory_agree_and_mismatches_are_refused() {
         ..DiskConfig::new(&disk)
     });
     mgr.start(cfg).await.expect("start");
-    mgr.wait_ready("dsrc", support::BOOT_TIMEOUT).await.expect("ready");
+    mgr.wait_ready("dsrc", support::BOOT_TIMEOUT)
+        .await
+        .expect("ready");
     sh(
         &mgr,
         "dsrc",
@@ -191,7 +194,10 @@ async fn data_disk_and_memory_agree_and_mismatches_are_refused() {
         .snapshot("dsrc", "d1", SnapshotOptions { leave_running: true })
         .await
         .expect("snapshot");
-    assert!(matches!(mgr.state("dsrc").await.expect("state"), VmState::Ready { .. }));
+    assert!(matches!(
+        mgr.state("dsrc").await.expect("state"),
+        VmState::Ready { .. }
+    ));
     // the source keeps writing its own disk
     sh(&mgr, "dsrc", "echo later > /mnt/d/c && sync").await;
     let frozen = info.dir.join("disk-disk0");
@@ -217,11 +223,21 @@ async fn data_disk_and_memory_agree_and_mismatches_are_refused() {
     // memory and disk agree: the mount is there, synced and cached writes both read back,
     // and what the source wrote after the snapshot is not
     assert_eq!(sh(&mgr, "dclone", "cat /mnt/d/a /mnt/d/b").await, "saved\ncached");
-    assert_eq!(sh(&mgr, "dclone", "ls /mnt/d/c 2>/dev/null || echo none").await, "none");
+    assert_eq!(
+        sh(&mgr, "dclone", "ls /mnt/d/c 2>/dev/null || echo none").await,
+        "none"
+    );
     sh(&mgr, "dclone", "echo clone > /mnt/d/x && sync && cat /mnt/d/x").await;
-    assert_eq!(storage_support::sha256_file(&frozen), before, "frozen disk written");
+    assert_eq!(
+        storage_support::sha256_file(&frozen),
+        before,
+        "frozen disk written"
+    );
     // the source's own disk is unchanged by the clone
-    assert_eq!(sh(&mgr, "dsrc", "ls /mnt/d/x 2>/dev/null || echo none").await, "none");
+    assert_eq!(
+        sh(&mgr, "dsrc", "ls /mnt/d/x 2>/dev/null || echo none").await,
+        "none"
+    );
 
     // a different memory size or vcpu count is refused, before anything exists
     let e = mgr
@@ -256,10 +272,18 @@ async fn data_disk_and_memory_agree_and_mismatches_are_refused() {
         .await
         .expect_err("exists");
     assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
-    assert!(matches!(mgr.state("dsrc").await.expect("state"), VmState::Ready { .. }));
+    assert!(matches!(
+        mgr.state("dsrc").await.expect("state"),
+        VmState::Ready { .. }
+    ));
     // garbage names are refused
     for bad in ["", "../x", "a/b", ".tmp-x"] {
-        assert!(mgr.snapshot("dsrc", bad, SnapshotOptions::default()).await.is_err(), "{bad:?}");
+        assert!(
+            mgr.snapshot("dsrc", bad, SnapshotOptions::default())
+                .await
+                .is_err(),
+            "{bad:?}"
+        );
     }
     // a second snapshot of the same (resumed) vm works too
     mgr.snapshot("dsrc", "d2", SnapshotOptions { leave_running: true })
@@ -288,7 +312,9 @@ async fn a_changed_kernel_is_refused_and_a_restored_vm_can_be_snapshotted_again(
         .build()
         .expect("config");
     mgr.start(cfg).await.expect("start");
-    mgr.wait_ready("ksrc", support::BOOT_TIMEOUT).await.expect("ready");
+    mgr.wait_ready("ksrc", support::BOOT_TIMEOUT)
+        .await
+        .expect("ready");
     sh(&mgr, "ksrc", "echo one > /tmp/gen").await;
     mgr.snapshot("ksrc", "k1", SnapshotOptions::default())
         .await

@@ -216,7 +216,11 @@ fn apply_identity(id: &vmrs_proto::Identity) -> Result<(), String> {
     sys::add_entropy_and_reseed(&id.entropy).map_err(|e| format!("reseed rng: {e}"))?;
     if let Some(h) = &id.hostname {
         let h = std::str::from_utf8(h).map_err(|_| "host name is not utf-8".to_string())?;
-        if h.is_empty() || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+        if h.is_empty()
+            || !h
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
             return Err(format!("invalid host name {h:?}"));
         }
         sys::sethostname(h).map_err(|e| format!("sethostname: {e}"))?;
@@ -229,7 +233,8 @@ fn apply_identity(id: &vmrs_proto::Identity) -> Result<(), String> {
         }
         let mut line = m.clone();
         line.push(b'\n');
-        write_replacing(Path::new("/etc/machine-id"), &line).map_err(|e| format!("write /etc/machine-id: {e}"))?;
+        write_replacing(Path::new("/etc/machine-id"), &line)
+            .map_err(|e| format!("write /etc/machine-id: {e}"))?;
     }
     Ok(())
 }

@@ -51,7 +51,10 @@ fn create_ls_inspect_run_from_clone_and_rm() {
     assert_eq!(ls[0]["name"], "s1");
     assert!(ls[0]["disk_usage"].as_u64().unwrap_or(0) > 0);
     let table = ok(&home, &["snapshot", "ls"]);
-    assert!(table.lines().nth(1).is_some_and(|l| l.starts_with("s1 ")), "{table}");
+    assert!(
+        table.lines().nth(1).is_some_and(|l| l.starts_with("s1 ")),
+        "{table}"
+    );
     assert_eq!(home.json(&["snapshot", "inspect", "s1"])["cpus"], 1);
 
     // run --from: a normal VM, ready for exec, with the snapshot's files and its own name
@@ -60,7 +63,11 @@ fn create_ls_inspect_run_from_clone_and_rm() {
     assert_eq!(ok(&home, &["exec", "r1", "--", "cat", "/tmp/f"]), "kept\n");
     assert_eq!(ok(&home, &["exec", "r1", "--", "hostname"]), "r1\n");
     // a different memory size is refused (exit 5), nothing is created
-    let err = fails(&home, &["run", "-d", "--from", "s1", "--name", "r2", "-m", "512"], 5);
+    let err = fails(
+        &home,
+        &["run", "-d", "--from", "s1", "--name", "r2", "-m", "512"],
+        5,
+    );
     assert!(err.contains("memory"), "{err}");
     assert!(home.ps().iter().all(|v| v["name"] != "r2"));
     fails(&home, &["run", "-d", "--from", "nope"], 3);

@@ -1,6 +1,7 @@
 //! [`VmManager`]: the verbs (start, stop, kill, pause, resume, state, list, remove, wait_ready,
-//! wait_all_ready, exec/copy, and the VMM verbs snapshot, resize, add_disk, add_net,
-//! remove_device, counters, vmm_info), one directory per VM, and reattaching to VMs started by
+//! wait_all_ready, exec/copy, snapshot/restore/clone_snapshot and the snapshot store (see
+//! `snapshot`), and the VMM verbs resize, add_disk, add_net, remove_device, counters,
+//! vmm_info), one directory per VM, and reattaching to VMs started by
 //! other processes. Every verb checks the VM's state against [`crate::state`] first.
 //!
 //! [`VmManager::builder`] sets the data dir and, for tests and embedders, the one driver every

@@ -70,10 +70,12 @@ fn refused(name: &str, reason: impl Into<String>) -> ManagerError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ManagerError + '_ {
-    move |source| ManagerError::Snapshot(SnapshotError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    move |source| {
+        ManagerError::Snapshot(SnapshotError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
 }
 
 async fn blocking<T: Send + 'static>(
@@ -295,9 +297,11 @@ impl VmManager {
             }
         }
         // out of the way in one step (a stale temp name, so a killed remove is finished later)
-        let tomb = self
-            .snapshots_dir()
-            .join(format!("{}rm-{snapshot}-{}", snap::TEMP_PREFIX, std::process::id()));
+        let tomb = self.snapshots_dir().join(format!(
+            "{}rm-{snapshot}-{}",
+            snap::TEMP_PREFIX,
+            std::process::id()
+        ));
         std::fs::rename(&dir, &tomb).map_err(io(&dir))?;
         blocking(&tomb, {
             let t = tomb.clone();
@@ -331,6 +335,7 @@ impl VmManager {
         snap::validate_name(snapshot).map_err(|_| SnapshotError::NotFound {
             name: snapshot.to_string(),
         })?;
+        let started = std::time::Instant::now();
         let snap_dir = self.snapshot_dir(snapshot);
         let meta = snap::load_meta(snapshot, &snap_dir)?;
         check_restorable(&meta, &opts).await?;
@@ -350,7 +355,12 @@ impl VmManager {
         let (config, devices) = restored_machine(&meta, &snap_dir, name, &vm_dir)?;
         // checked as it would run, with the frozen disks in place of the overlays to come
         let mut as_checked = config.clone();
-        for ((c, orig), sd) in as_checked.disks.iter_mut().zip(&meta.config.disks).zip(&meta.disks) {
+        for ((c, orig), sd) in as_checked
+            .disks
+            .iter_mut()
+            .zip(&meta.config.disks)
+            .zip(&meta.disks)
+        {
             *c = orig.clone();
             c.path = snap_dir.join(&sd.file);
         }
@@ -403,9 +413,18 @@ impl VmManager {
         };
         record::write_json_atomic(&dir.join(files::STATE), &rec)?;
         let entry = self
-            .launch(&dir, &config, &meta.start, devices.clone(), &mut rec, driver, Some(&snap_dir))
+            .launch(
+                &dir,
+                &config,
+                &meta.start,
+                devices.clone(),
+                &mut rec,
+                driver,
+                Some(&snap_dir),
+            )
             .await?;
         drop(start_lock);
+        tracing::debug!(vm = %name, ms = started.elapsed().as_millis(), "restored vmm resumed");
         self.inner
             .entries
             .lock()
@@ -440,6 +459,7 @@ impl VmManager {
             drop(lock);
             return Err(e);
         }
+        tracing::debug!(vm = %name, ms = started.elapsed().as_millis(), "restored vm has its identity");
         cleanup.disarm();
         drop(lock);
         Ok(entry.info().await)
@@ -531,12 +551,17 @@ async fn check_restorable(meta: &SnapshotMeta, opts: &RestoreOptions) -> Result<
         })
     };
     if let Some(m) = opts.memory_mib.filter(|m| *m != meta.memory_mib) {
-        return Err(mismatch("memory (MiB)", meta.memory_mib.to_string(), m.to_string()));
+        return Err(mismatch(
+            "memory (MiB)",
+            meta.memory_mib.to_string(),
+            m.to_string(),
+        ));
     }
     if let Some(c) = opts.cpus.filter(|c| *c != meta.cpus) {
         return Err(mismatch("vcpus", meta.cpus.to_string(), c.to_string()));
     }
-    let files = std::iter::once(("kernel", &meta.kernel)).chain(meta.initramfs.iter().map(|i| ("initramfs", i)));
+    let files =
+        std::iter::once(("kernel", &meta.kernel)).chain(meta.initramfs.iter().map(|i| ("initramfs", i)));
     for (what, digest) in files {
         let d = digest.clone();
         let same = tokio::task::spawn_blocking(move || d.still_matches())
@@ -698,6 +723,133 @@ mod tests {
         assert_eq!(a.hostname.as_deref(), Some(&b"clone-1"[..]));
         let frame = vmrs_proto::Message::SetIdentity(a).encode(1).expect("encode");
         assert!(frame.len() < 256);
+    }
+
+    #[test]
+    fn what_cannot_be_restored_is_refused_before_anything_pauses() {
+        use crate::config::NetworkAttachment;
+        let cfg = crate::VmConfig::builder("v").kernel("/k").build_unchecked();
+        let plain = DeviceSet::default();
+        assert!(check_snapshottable("s", "v", &cfg, &plain).is_ok());
+        let user = crate::net::plan(
+            "v",
+            Path::new("/h/vms/v"),
+            Path::new("/h"),
+            &[NetworkAttachment::user(Vec::new())],
+        )
+        .expect("plan");
+        let with_user = DeviceSet {
+            nics: user.iter().map(crate::devices::Nic::from).collect(),
+            ..DeviceSet::default()
+        };
+        assert!(check_snapshottable("s", "v", &cfg, &with_user).is_ok());
+        let switch = crate::net::plan(
+            "v",
+            Path::new("/h/vms/v"),
+            Path::new("/h"),
+            &[NetworkAttachment::switch("lab")],
+        )
+        .expect("plan");
+        let on_switch = DeviceSet {
+            nics: switch.iter().map(crate::devices::Nic::from).collect(),
+            ..DeviceSet::default()
+        };
+        let e = check_snapshottable("s", "v", &cfg, &on_switch).expect_err("switch");
+        assert_eq!(e.kind(), crate::ErrorKind::Unsupported);
+        assert!(e.to_string().contains("switch network"), "{e}");
+        let shared = DeviceSet {
+            shared_dirs: vec![crate::devices::SharedFs {
+                tag: "t".into(),
+                host_path: "/tmp".into(),
+                read_only: false,
+            }],
+            ..DeviceSet::default()
+        };
+        let e = check_snapshottable("s", "v", &cfg, &shared).expect_err("shared dirs");
+        assert!(e.to_string().contains("virtio-fs"), "{e}");
+        let memfd = DeviceSet {
+            memory: MemoryBackend::Memfd { shared: true },
+            ..DeviceSet::default()
+        };
+        assert!(check_snapshottable("s", "v", &cfg, &memfd).is_err());
+    }
+
+    #[test]
+    fn a_restored_machine_lives_in_its_own_directory() {
+        let cfg = crate::VmConfig::builder("src")
+            .kernel("/k")
+            .disk(crate::config::DiskConfig::new("/data/d.img"))
+            .build_unchecked();
+        let devices = DeviceSet {
+            disks: vec![
+                crate::devices::Disk::from_config(0, &cfg.disks[0]),
+                crate::rootfs::root_disk(Path::new("/h/vms/src")),
+            ],
+            agent: Some(AgentChannel::VirtioSerial {
+                socket: "/h/vms/src/agent.sock".into(),
+            }),
+            memory: MemoryBackend::File {
+                path: "/h/vms/src/memory".into(),
+                shared: true,
+            },
+            ..DeviceSet::default()
+        };
+        let meta = SnapshotMeta {
+            version: SNAPSHOT_VERSION,
+            name: "s".into(),
+            source_vm: "src".into(),
+            backend: crate::config::BackendKind::Qemu,
+            created_at: 0,
+            cpus: 1,
+            memory_mib: 256,
+            kernel: FileDigest {
+                path: "/k".into(),
+                sha256: String::new(),
+                size: 0,
+                mtime_ns: 0,
+                ino: 0,
+            },
+            initramfs: None,
+            config: cfg,
+            start: StartOptions::default(),
+            disks: devices
+                .disks
+                .iter()
+                .map(|d| SnapshotDisk {
+                    id: d.id.clone(),
+                    file: SnapshotDir::disk_name(&d.id),
+                })
+                .collect(),
+            devices,
+            memory_file: true,
+            ip: None,
+            accel: Some("tcg".into()),
+        };
+        let vm = VmDir::new("/h/vms/new");
+        let (config, devices) =
+            restored_machine(&meta, Path::new("/h/snapshots/s"), "new", &vm).expect("machine");
+        assert_eq!(config.name, "new");
+        assert_eq!(config.accel, crate::config::Accel::Tcg);
+        assert_eq!(config.disks[0].path, Path::new("/h/vms/new/disk-disk0.qcow2"));
+        assert_eq!(config.disks[0].format, DiskFormat::Qcow2);
+        assert_eq!(devices.disks[1].path, Path::new("/h/vms/new/root.qcow2"));
+        assert_eq!(
+            devices.agent,
+            Some(AgentChannel::VirtioSerial {
+                socket: "/h/vms/new/agent.sock".into()
+            })
+        );
+        assert_eq!(
+            devices.memory,
+            MemoryBackend::File {
+                path: "/h/snapshots/s/memory".into(),
+                shared: false
+            }
+        );
+        // every path the restored vm writes is in its own directory
+        for d in &devices.disks {
+            assert!(d.path.starts_with("/h/vms/new"), "{d:?}");
+        }
     }
 
     #[test]

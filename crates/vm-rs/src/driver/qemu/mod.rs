@@ -177,7 +177,9 @@ impl VmDriver for QemuDriver {
     }
 
     async fn restore(&self, spec: &BootSpec<'_>, dir: &Path) -> Result<Launched, DriverError> {
+        let started = Instant::now();
         let mut launched = self.launch(spec, true).await?;
+        tracing::debug!(vm = %spec.config.name, ms = started.elapsed().as_millis(), "qemu waits for the snapshot");
         match snapshot::load(self, &launched.handle, dir).await {
             Ok(()) => Ok(launched),
             Err(e) => {
@@ -387,7 +389,6 @@ impl QemuDriver {
         capture.disarm();
         Ok(Launched { handle, process })
     }
-
 }
 
 /// Whether `accel` as configured would use KVM on this host (probe included).

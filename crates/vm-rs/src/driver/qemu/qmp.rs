@@ -158,8 +158,13 @@ impl Qmp {
                 let mut anc = SendAncillaryBuffer::new(&mut space);
                 anc.push(SendAncillaryMessage::ScmRights(&fds));
                 let r = stream.try_io(tokio::io::Interest::WRITABLE, || {
-                    sendmsg(stream, &[std::io::IoSlice::new(bytes)], &mut anc, SendFlags::NOSIGNAL)
-                        .map_err(std::io::Error::from)
+                    sendmsg(
+                        stream,
+                        &[std::io::IoSlice::new(bytes)],
+                        &mut anc,
+                        SendFlags::NOSIGNAL,
+                    )
+                    .map_err(std::io::Error::from)
                 });
                 match r {
                     // a QMP command line is far below a socket buffer: sent whole or not at all

@@ -9,7 +9,8 @@
 //! (`migrate-incoming fd:NAME`), then `cont`.
 //!
 //! After a save QEMU stays in `postmigrate` with its disks flushed and inactive; `cont`
-//! (resume) reactivates them.
+//! (resume) reactivates them. QEMU will not migrate a VM in `postmigrate` again, so saving one
+//! first resumes and stops it.
 
 use super::{QemuDriver, QMP_TIMEOUT};
 use crate::driver::{DriverError, VmHandle};
@@ -34,8 +35,18 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DriverError + '_ {
 /// Save the paused VM's state into `dir`.
 pub(super) async fn save(driver: &QemuDriver, handle: &VmHandle, dir: &Path) -> Result<(), DriverError> {
     let mut q = driver.qmp(handle).await?;
+    // QEMU refuses to migrate a VM still stopped by its previous migration (a VM left paused
+    // by the last snapshot): let it run for a moment, which is what resuming it would do
+    let status = q.execute("query-status", None).await?;
+    if status.get("status").and_then(|s| s.as_str()) == Some("postmigrate") {
+        q.execute("cont", None).await?;
+        q.execute("stop", None).await?;
+    }
     let share = q
-        .execute("qom-get", Some(json!({"path": MEMORY_OBJECT, "property": "share"})))
+        .execute(
+            "qom-get",
+            Some(json!({"path": MEMORY_OBJECT, "property": "share"})),
+        )
         .await
         .ok()
         .and_then(|v| v.as_bool())
