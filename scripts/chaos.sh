@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Chaos harness for issue 16, invariants 1 (no orphans, whatever dies when) and 2 (damage is
 # contained). CHAOS_CLIENTS clients run random `vmrs` verbs (run -d, start, stop, kill, pause,
-# resume, rm -f, exec) on four VM names — one on user networking, two on one switch network
-# (a vmrs-net sidecar with two members), one on a NAT bridge in a namespace of its own — while a killer SIGKILLs random vmrs CLI processes at
+# resume, rm -f, exec, snapshot create, run --from) on four VM names — one on user
+# networking, two on one switch network (a vmrs-net sidecar with two members), one on a NAT
+# bridge in a namespace of its own — while a killer SIGKILLs random vmrs CLI processes at
 # random moments, a third of the time a `run -d kx3` it started itself (after `rm -f kx3`)
 # within its first 200 ms.
 # After each round (CHAOS_PER_ROUND kills) the clients stop and the harness checks:
@@ -10,7 +11,10 @@
 #   - every process a VM directory owns (VMRS_OWNER in its environment: VMMs, forwarders) is
 #     the VMM `ps` shows for that VM, and every switch sidecar is the one its network records;
 #   - `rm -f` removes every VM; then nothing is left: no VM directory, no owned process, no
-#     TAP device of these VMs, no switch sidecar, no nft table that was not there before.
+#     TAP device of these VMs, no switch sidecar, no nft table that was not there before;
+#   - `snapshot ls --json` works and lists every snapshot directory (each one whole: its
+#     metadata, device state and RAM), no half-written snapshot directory is left, and
+#     `snapshot rm -f` removes them all.
 # CHAOS_KILLS=20 (default, CI) or 100 (long). Uses its own VMRS_HOME; prints the figures and
 # exits non-zero on any violation.
 set -uo pipefail
@@ -96,7 +100,7 @@ client() {
     local n v
     while [ ! -e "$home/.stop" ]; do
         n=${names[RANDOM % 4]}
-        v=$((RANDOM % 11))
+        v=$((RANDOM % 13))
         case $v in
         # a VM that exists is started again rather than refused (a VM that gets ready is what
         # the other verbs need)
@@ -109,6 +113,9 @@ client() {
         8) set -- exec "$n" true ;;
         9) set -- ps -a ;;
         10) set -- run -d --name "$n" ${net[$n]} ;;
+        # switch VMs are refused (their address is per VM): a refusal must leave nothing either
+        11) set -- snapshot create "$n" "snap$((RANDOM % 3))" --leave-running ;;
+        12) set -- run -d --from "snap$((RANDOM % 3))" --name "$n" ;;
         esac
         timeout 180 "$VMRS" "$@" >/dev/null 2>&1
         echo "verb $1 rc=$?" >>"$home/verbs.log"
@@ -177,10 +184,36 @@ for r in json.load(sys.stdin):
             ;;
         esac
     done <<<"$after"
+    # snapshots: listed whole, none half-written, all removable (after the VMs restored from
+    # them, which use their files)
+    local snaps listed s
+    if ! listed=$(timeout 60 "$VMRS" snapshot ls --json 2>>"$log"); then
+        violation "snapshot ls --json failed"
+        listed='[]'
+    fi
+    snaps=$(find "$home/snapshots" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' 2>/dev/null | sort)
+    for s in $snaps; do
+        case $s in
+        .*) violation "half-written snapshot left: $s" ;;
+        *)
+            echo "$listed" | python3 -c 'import json,sys; sys.exit(0 if any(r["name"]==sys.argv[1] for r in json.load(sys.stdin)) else 1)' "$s" ||
+                violation "snapshot dir $s not listed by snapshot ls"
+            for f in snapshot.json vmstate memory; do
+                [ -f "$home/snapshots/$s/$f" ] || violation "snapshot $s lacks $f"
+            done
+            ;;
+        esac
+    done
     # every VM is removable
     for vm in $dirs; do
         timeout 60 "$VMRS" rm -f "$vm" >>"$log" 2>&1 || violation "rm -f $vm failed"
     done
+    for s in $snaps; do
+        case $s in .*) continue ;; esac
+        timeout 60 "$VMRS" snapshot rm -f "$s" >>"$log" 2>&1 || violation "snapshot rm -f $s failed"
+    done
+    left=$(find "$home/snapshots" -mindepth 1 -maxdepth 1 2>/dev/null)
+    [ -n "$left" ] && violation "left in snapshots/: $left"
     # and then nothing is left
     sleep 0.5
     left=$(find "$home/vms" -mindepth 1 -maxdepth 1 2>/dev/null)

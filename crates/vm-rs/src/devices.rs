@@ -18,7 +18,7 @@
 //! | [`AgentChannel`] | virtio-serial port on a Unix socket | refused (vsock: later) |
 //! | [`SharedFs`] | refused (virtio-fs: later) | refused (virtio-fs: later) |
 //! | entropy | `virtio-rng-device` | `rng` |
-//! | [`MemoryBackend`] | `memory-backend-memfd`/`-file` | `memory.shared` |
+//! | [`MemoryBackend`] | `memory-backend-memfd`/`-file` (default: a shared file in the VM directory, so a snapshot can copy it) | `memory.shared` |
 
 use crate::config::{Accel, BackendKind, CacheMode, DiskFormat, MacAddr, VmConfig};
 use crate::driver::DriverError;

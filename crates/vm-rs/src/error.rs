@@ -63,6 +63,7 @@ impl ErrorKind {
         try_types!(
             crate::manager::ManagerError,
             crate::manager::record::RecordError,
+            crate::snapshot::SnapshotError,
             crate::driver::DriverError,
             crate::config::ConfigError,
             crate::state::StateError,

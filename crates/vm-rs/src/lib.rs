@@ -37,6 +37,7 @@
 //! * [`paths`] — where data lives (`VMRS_HOME`).
 //! * [`setup`] — one-call helpers: seed image, SSH key, catalog image → per-VM disk.
 //! * [`vm_dir`] — the layout of a VM's directory (every file name in one place).
+//! * [`snapshot`] — snapshots: a running VM saved once, restored and cloned many times.
 //! * [`storage`] — disks, copy-on-write clones, cloud-init seeds, SSH keys, verified downloads.
 //!
 //! Every VM has a directory under the data dir (`$VMRS_HOME/vms/<name>`), so a new
@@ -82,6 +83,7 @@ pub mod paths;
 pub mod process;
 pub mod rootfs;
 pub mod setup;
+pub mod snapshot;
 pub mod state;
 pub mod storage;
 pub mod vm_dir;

@@ -15,6 +15,10 @@
 //! | `vmm.log` | VMM | the VMM's own stdout/stderr |
 //! | `agent.sock` | VMM | host end of the guest agent's channel |
 //! | `root.qcow2` | manager | the per-VM overlay of an image root filesystem |
+//! | `memory` | QEMU | guest RAM (a shared file, so a snapshot can copy it; removed when the VMM exits) |
+//! | `devices.json` | manager | the devices the VMM was started with (what a snapshot records) |
+//! | `disk-<id>.qcow2` | manager | a restored VM's overlay over a snapshot's frozen disk |
+//! | `origin.json` | manager | the snapshot a restored VM came from |
 //! | `net.json`, `net<N>.sock` | networking | host network state; switch-port sockets |
 //! | `qmp.sock`, `qmp-events.sock` | QEMU | QMP monitors (commands, events) |
 //! | `ch-api.sock`, `ch-events.json`, `ch.log`, `ch-quit-requested`, `vmlinux` | Cloud Hypervisor | API, event monitor, log, quit marker, unpacked kernel |
@@ -56,6 +60,12 @@ impl VmDir {
     pub const ROOT_OVERLAY: &'static str = "root.qcow2";
     /// Output of an image VM's main process (the guest's `vmrs.log` port; `vmrs logs`).
     pub const PROCESS_LOG: &'static str = "process.log";
+    /// Guest RAM of a QEMU VM (`memory-backend-file`, `share=on`).
+    pub const MEMORY: &'static str = "memory";
+    /// The devices the running VMM was started with.
+    pub const DEVICES: &'static str = "devices.json";
+    /// The snapshot a restored VM came from.
+    pub const ORIGIN: &'static str = "origin.json";
     /// Host network state.
     pub const NET_STATE: &'static str = "net.json";
     /// QEMU's QMP command socket.
@@ -110,11 +120,18 @@ impl VmDir {
         self.path.join(format!("net{index}.sock"))
     }
 
-    /// Remove the sockets a VMM that is gone left behind (missing ones are fine).
+    /// A restored VM's overlay over the snapshot disk `id` (`disk-<id>.qcow2`).
+    pub fn disk_overlay(&self, id: &str) -> PathBuf {
+        self.path.join(format!("disk-{id}.qcow2"))
+    }
+
+    /// Remove the sockets a VMM that is gone left behind, and its guest RAM file (missing ones
+    /// are fine).
     pub fn remove_vmm_sockets(&self) {
         for s in Self::VMM_SOCKETS {
             let _ = std::fs::remove_file(self.file(s));
         }
+        let _ = std::fs::remove_file(self.file(Self::MEMORY));
     }
 }
 
@@ -151,6 +168,9 @@ mod tests {
             VmDir::FC_LOG,
             VmDir::FC_QUIT_MARKER,
             VmDir::VMLINUX,
+            VmDir::MEMORY,
+            VmDir::DEVICES,
+            VmDir::ORIGIN,
         ];
         let set: std::collections::HashSet<_> = names.iter().collect();
         assert_eq!(set.len(), names.len());

@@ -215,6 +215,46 @@ fn serve_port(port: &Path, shutdown: &OwnedFd) {
     }
 }
 
+/// Take the identity a restore gives the guest: clock first (certificates), then entropy and
+/// a reseed, then host name and machine id. The first failure is the answer.
+fn apply_identity(id: &vmrs_proto::Identity) -> Result<(), String> {
+    if id.realtime_ns != 0 {
+        sys::set_realtime(id.realtime_ns).map_err(|e| format!("set clock: {e}"))?;
+    }
+    sys::add_entropy_and_reseed(&id.entropy).map_err(|e| format!("reseed rng: {e}"))?;
+    if let Some(h) = &id.hostname {
+        let h = std::str::from_utf8(h).map_err(|_| "host name is not utf-8".to_string())?;
+        if h.is_empty()
+            || !h
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(format!("invalid host name {h:?}"));
+        }
+        sys::sethostname(h).map_err(|e| format!("sethostname: {e}"))?;
+        // best effort: a read-only root keeps the file it has
+        let _ = write_replacing(Path::new("/etc/hostname"), format!("{h}\n").as_bytes());
+    }
+    if let Some(m) = &id.machine_id {
+        if m.len() != 32 || !m.iter().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+            return Err("machine id must be 32 lower-case hex digits".into());
+        }
+        let mut line = m.clone();
+        line.push(b'\n');
+        write_replacing(Path::new("/etc/machine-id"), &line)
+            .map_err(|e| format!("write /etc/machine-id: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Replace `path` through a temp file and a rename (a reader never sees half a file).
+fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("vmrs-tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444))?;
+    std::fs::rename(&tmp, path)
+}
+
 /// The bytes every hello frame starts with: length 7, type 0x01, stream 0.
 const HELLO_PREFIX: [u8; 9] = [0, 0, 0, 7, 0x01, 0, 0, 0, 0];
 
@@ -272,6 +312,12 @@ fn handle(
             // SAFETY: writes one byte from a live buffer to a pipe we own.
             unsafe { libc::write(shutdown.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
         }
+        Message::SetIdentity(id) => match apply_identity(&id) {
+            Ok(()) => {
+                out.send(gen, stream, &Message::IdentitySet);
+            }
+            Err(e) => out.error(gen, stream, e),
+        },
         Message::Exec(_) | Message::ExecTty { .. } => {
             let (req, size) = match msg {
                 Message::ExecTty { exec, size } => (exec, Some(size)),

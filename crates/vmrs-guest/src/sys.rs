@@ -224,3 +224,47 @@ pub fn grow_ext4(dev: &str, mountpoint: &str) -> io::Result<(u64, u64)> {
     let (after, _) = blocks(mountpoint)?;
     Ok((before, after))
 }
+
+/// Set the wall clock (`CLOCK_REALTIME`) to `ns` nanoseconds since the Unix epoch.
+pub fn set_realtime(ns: u64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `ts` is a valid timespec for the duration of the call.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `RNDADDENTROPY` (`_IOW('R', 0x03, int[2])`).
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG` (`_IO('R', 0x07)`).
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Mix `bytes` into the kernel's entropy pool, credited in full, then reseed its CRNG, so
+/// what `getrandom` returns from now on differs from what a twin restored from the same
+/// snapshot gets.
+pub fn add_entropy_and_reseed(bytes: &[u8]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    if !bytes.is_empty() {
+        // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+        let mut info = Vec::with_capacity(8 + bytes.len());
+        let bits = (bytes.len() * 8) as libc::c_int;
+        info.extend_from_slice(&bits.to_ne_bytes());
+        info.extend_from_slice(&(bytes.len() as libc::c_int).to_ne_bytes());
+        info.extend_from_slice(bytes);
+        // SAFETY: `info` holds a rand_pool_info header followed by `buf_size` bytes, alive for
+        // the call; the fd is open.
+        if unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument; the fd is open.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -52,7 +52,15 @@
 //!                                 ◄── s        Stdout{data} ... Exited | Signaled
 //! ExecMain{exec,restart}          ──► stream s                              (version 2)
 //!                                 ◄── s        Started{pid} | SpawnFailed | Error
+//! SetIdentity{clock,entropy,..}   ──►                                      (version 2, after a restore)
+//!                                 ◄──          IdentitySet                 (or Error)
 //! ```
+//!
+//! `SetIdentity` is what makes one snapshot's clones differ: the host's wall clock (a restored
+//! guest's clock resumes at the snapshot's time), entropy mixed into and credited to the
+//! kernel's pool followed by a reseed of its CRNG (`RNDADDENTROPY`, `RNDRESEEDCRNG`), and a new
+//! host name and `/etc/machine-id`.
+//!
 //!
 //! `ExecMain` starts the VM's main process (an image's entrypoint + cmd under `run -d`): it
 //! outlives the connection like a detached exec, its output goes to the virtio-serial port
@@ -214,6 +222,24 @@ pub struct WinSize {
     pub cols: u16,
 }
 
+/// Longest entropy payload of [`Identity::entropy`].
+pub const MAX_ENTROPY: usize = 4096;
+/// Longest host name (`HOST_NAME_MAX`).
+pub const MAX_HOSTNAME: usize = 64;
+
+/// A restored guest's new identity ([`Message::SetIdentity`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Identity {
+    /// The host's wall clock, nanoseconds since the Unix epoch.
+    pub realtime_ns: u64,
+    /// Random bytes from the host for the kernel's pool (at most [`MAX_ENTROPY`]).
+    pub entropy: Vec<u8>,
+    /// New host name (at most [`MAX_HOSTNAME`] bytes).
+    pub hostname: Option<Vec<u8>>,
+    /// New `/etc/machine-id` (32 lower-case hex digits).
+    pub machine_id: Option<Vec<u8>>,
+}
+
 /// Every message of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -243,6 +269,10 @@ pub enum Message {
     Shutdown,
     /// Guest → host: shutdown begins.
     ShutdownOk,
+    /// Host → guest: take a new identity (after a restore from a snapshot).
+    SetIdentity(Identity),
+    /// Guest → host: the identity was applied.
+    IdentitySet,
     /// Host → guest: start a process on this stream.
     Exec(ExecRequest),
     /// Guest → host: the process started.
@@ -496,6 +526,8 @@ impl Message {
             Message::Hello { .. } => 0x01,
             Message::Ping { .. } => 0x02,
             Message::Shutdown => 0x03,
+            Message::SetIdentity(_) => 0x40,
+            Message::IdentitySet => 0xb0,
             Message::Exec(_) => 0x10,
             Message::Stdin { .. } => 0x11,
             Message::Signal { .. } => 0x12,
@@ -534,7 +566,17 @@ impl Message {
                 w.bytes(agent);
             }
             Message::Ping { nonce } | Message::Pong { nonce } => w.u64(*nonce),
-            Message::Shutdown | Message::ShutdownOk | Message::End | Message::CopyDone => {}
+            Message::Shutdown
+            | Message::ShutdownOk
+            | Message::End
+            | Message::CopyDone
+            | Message::IdentitySet => {}
+            Message::SetIdentity(id) => {
+                w.u64(id.realtime_ns);
+                w.bytes(&id.entropy);
+                w.opt(&id.hostname);
+                w.opt(&id.machine_id);
+            }
             Message::Exec(r) => w.exec(r),
             Message::ExecTty { exec, size } => {
                 w.exec(exec);
@@ -655,6 +697,13 @@ impl Message {
                 message: r.bytes(64 * 1024, "message")?,
             },
             0xa0 => Message::CopyDone,
+            0x40 => Message::SetIdentity(Identity {
+                realtime_ns: r.u64()?,
+                entropy: r.bytes(MAX_ENTROPY, "entropy")?,
+                hostname: r.opt(MAX_HOSTNAME, "hostname")?,
+                machine_id: r.opt(32, "machine id")?,
+            }),
+            0xb0 => Message::IdentitySet,
             0xe0 => Message::Error {
                 message: r.bytes(64 * 1024, "message")?,
             },
@@ -784,6 +833,14 @@ mod tests {
             Message::Pong { nonce: u64::MAX },
             Message::Shutdown,
             Message::ShutdownOk,
+            Message::SetIdentity(Identity {
+                realtime_ns: 1_800_000_000_123_456_789,
+                entropy: vec![7; 64],
+                hostname: Some(b"clone-1".to_vec()),
+                machine_id: Some(b"0123456789abcdef0123456789abcdef".to_vec()),
+            }),
+            Message::SetIdentity(Identity::default()),
+            Message::IdentitySet,
             Message::Exec(ExecRequest {
                 argv: vec![b"sh".to_vec(), b"-c".to_vec(), b"echo hi".to_vec()],
                 env: vec![b"A=1".to_vec()],

@@ -15,7 +15,10 @@
 //! vmrs images [--json]            list stored images
 //! vmrs rmi REF... [--prune]       remove images (and unused blobs)
 //! vmrs image inspect|gc|unpack    image details, garbage collection, unpack to a directory
-//! vmrs snapshot N DIR             save a paused VM (Cloud Hypervisor)
+//! vmrs snapshot create N SNAP     save a VM (paused after; --leave-running resumes it)
+//! vmrs snapshot ls|inspect|rm     the snapshots
+//! vmrs run --from SNAP [--name N] start a VM from a snapshot (-d, --rm)
+//! vmrs clone SNAP -n N [--prefix] start N VMs from a snapshot, ready for exec
 //! vmrs resize N --cpus/--memory   resize a running VM (Cloud Hypervisor)
 //! vmrs device add-disk|add-net|remove N ...   hot-plug (Cloud Hypervisor)
 //! vmrs counters|vmm-info N        device counters / the VMM's view, as JSON

@@ -715,6 +715,22 @@ impl AgentClient {
         result
     }
 
+    /// Give a guest restored from a snapshot a new identity (wall clock, kernel RNG reseed,
+    /// host name, machine id; see [`vmrs_proto::Identity`]); returns once it is applied.
+    pub async fn set_identity(&self, identity: vmrs_proto::Identity) -> Result<(), AgentError> {
+        let (id, mut rx) = self.open_stream()?;
+        let result = async {
+            self.send(id, &Message::SetIdentity(identity)).await?;
+            match self.recv(&mut rx).await? {
+                Message::IdentitySet => Ok(()),
+                other => Err(unexpected(&other)),
+            }
+        }
+        .await;
+        self.close_stream(id);
+        result
+    }
+
     /// Ask the guest to power off in an orderly way; returns once the guest acknowledged.
     pub async fn shutdown(&self) -> Result<(), AgentError> {
         let (id, mut rx) = self.open_stream()?;

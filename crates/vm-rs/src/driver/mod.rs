@@ -301,7 +301,15 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug {
         })
     }
 
-    /// Save the VM's state into `dir` (the VM must be paused).
+    /// Where guest RAM lives when nothing else asks for a backend: what the backend needs to
+    /// [`snapshot`](Self::snapshot) the VM cheaply (QEMU: a shared file in `vm_dir`).
+    fn preferred_memory(&self, vm_dir: &Path) -> crate::devices::MemoryBackend {
+        let _ = vm_dir;
+        crate::devices::MemoryBackend::Anonymous
+    }
+
+    /// Save the VM's state into the snapshot directory `dir` (the VM must be paused); the
+    /// files are the backend's ([`crate::snapshot::SnapshotDir`] names them).
     async fn snapshot(&self, handle: &VmHandle, dir: &Path) -> Result<(), DriverError> {
         let _ = (handle, dir);
         Err(DriverError::Unsupported {

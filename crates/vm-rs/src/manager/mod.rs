@@ -1,6 +1,7 @@
 //! [`VmManager`]: the verbs (start, stop, kill, pause, resume, state, list, remove, wait_ready,
-//! wait_all_ready, exec/copy, and the VMM verbs snapshot, resize, add_disk, add_net,
-//! remove_device, counters, vmm_info), one directory per VM, and reattaching to VMs started by
+//! wait_all_ready, exec/copy, snapshot/restore/clone_snapshot and the snapshot store (see
+//! `snapshot`), and the VMM verbs resize, add_disk, add_net, remove_device, counters,
+//! vmm_info), one directory per VM, and reattaching to VMs started by
 //! other processes. Every verb checks the VM's state against [`crate::state`] first.
 //!
 //! [`VmManager::builder`] sets the data dir and, for tests and embedders, the one driver every
@@ -53,12 +54,14 @@ mod exec;
 mod lock;
 mod monitor;
 pub mod record;
+mod snapshot;
 #[cfg(test)]
 mod tests;
 mod vmm;
+pub use snapshot::{RestoreOptions, SnapshotOptions};
 
 use crate::config::{BackendKind, ConfigError, VmConfig};
-use crate::devices::{AgentChannel, AgentTransport, DeviceSet, Disk, MemoryBackend, Nic, SharedFs};
+use crate::devices::{AgentChannel, AgentTransport, DeviceSet, Disk, Nic, SharedFs};
 use crate::driver::{BootSpec, DriverError, VmDriver, VmHandle};
 use crate::process::{ProcessError, VmmProcess};
 use crate::state::{Operation, StateError, VmState};
@@ -189,6 +192,9 @@ pub enum ManagerError {
         #[source]
         source: Box<ManagerError>,
     },
+    /// A snapshot verb failed or was refused ([`crate::snapshot`]).
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// Waiting timed out.
     #[error("timed out after {secs:.1}s waiting for vm {name:?} to become {what}")]
     Timeout {
@@ -225,6 +231,7 @@ impl ManagerError {
             ManagerError::Timeout { .. } | ManagerError::Busy { .. } => K::Timeout,
             ManagerError::InvalidRequest { .. } => K::Invalid,
             ManagerError::Damaged { .. } => K::Other,
+            ManagerError::Snapshot(e) => e.kind(),
         }
     }
 }
@@ -413,6 +420,8 @@ impl VmManager {
                 }
             }
         }
+        // Snapshots whose writer was killed before it published them.
+        crate::snapshot::remove_stale_temps(&crate::snapshot::snapshots_dir(&mgr.inner.home));
         // Reattach to everything recorded here, marking dead VMs failed.
         let mut live = std::collections::HashSet::new();
         let names = mgr.names()?;
@@ -617,7 +626,7 @@ impl VmManager {
         };
         record::write_json_atomic(&dir.join(files::STATE), &rec)?;
         let entry = self
-            .launch(&dir, &config, &opts, devices, &mut rec, driver)
+            .launch(&dir, &config, &opts, devices, &mut rec, driver, None)
             .await?;
         cleanup.disarm();
         self.inner
@@ -661,7 +670,10 @@ impl VmManager {
         rec.finished_at = None;
         rec.exit_code = None;
         record::write_json_atomic(&dir.join(files::STATE), &rec)?;
-        match self.launch(&dir, &config, &opts, devices, &mut rec, driver).await {
+        match self
+            .launch(&dir, &config, &opts, devices, &mut rec, driver, None)
+            .await
+        {
             Ok(entry) => {
                 self.inner
                     .entries
@@ -683,8 +695,9 @@ impl VmManager {
         }
     }
 
-    /// Create the host side of `devices` (root overlay, networks) and boot the VMM. On error,
-    /// what was created here is removed again.
+    /// Create the host side of `devices` (root overlay, networks) and boot the VMM (from
+    /// `snapshot`, when given). On error, what was created here is removed again.
+    #[allow(clippy::too_many_arguments)]
     async fn launch(
         &self,
         dir: &Path,
@@ -693,6 +706,7 @@ impl VmManager {
         mut devices: DeviceSet,
         rec: &mut VmRecord,
         driver: Arc<dyn VmDriver>,
+        snapshot: Option<&Path>,
     ) -> Result<Arc<VmEntry>, ManagerError> {
         let name = &config.name;
         // The guest's host name is the VM's (the characters a host name cannot have become
@@ -723,7 +737,9 @@ impl VmManager {
             devices.netns = st.netns.clone();
             Some(st)
         };
-        let booted = self.boot(dir, config, rec, driver, devices, guest_params).await;
+        let booted = self
+            .boot(dir, config, rec, driver, devices, guest_params, snapshot)
+            .await;
         match (booted, net) {
             (Ok(e), _) => Ok(e),
             (Err(e), Some(st)) => {
@@ -736,6 +752,8 @@ impl VmManager {
         }
     }
 
+    /// Boot the VMM (from the snapshot in `snapshot` when given, see [`crate::snapshot`]).
+    #[allow(clippy::too_many_arguments)]
     async fn boot(
         &self,
         dir: &Path,
@@ -744,6 +762,7 @@ impl VmManager {
         driver: Arc<dyn VmDriver>,
         devices: DeviceSet,
         guest_params: Vec<String>,
+        snapshot: Option<&Path>,
     ) -> Result<Arc<VmEntry>, ManagerError> {
         let serial_log = config
             .serial_log
@@ -757,10 +776,14 @@ impl VmManager {
             devices,
             guest_params,
         };
-        let launched = driver
-            .boot(&spec)
-            .await
-            .map_err(ManagerError::driver(&config.name))?;
+        // what a snapshot of the VM records; a stale RAM file of an earlier run is not reused
+        record::write_json_atomic(&dir.join(crate::vm_dir::VmDir::DEVICES), &spec.devices)?;
+        let _ = std::fs::remove_file(dir.join(crate::vm_dir::VmDir::MEMORY));
+        let launched = match snapshot {
+            Some(snap) => driver.restore(&spec, snap).await,
+            None => driver.boot(&spec).await,
+        }
+        .map_err(ManagerError::driver(&config.name))?;
         rec.handle = Some(launched.handle.clone());
         rec.state = VmState::Running;
         if let Err(e) = record::write_json_atomic(&dir.join(files::STATE), rec) {
@@ -1177,7 +1200,7 @@ pub fn plan_devices(
             })
             .collect(),
         entropy: caps.entropy,
-        memory: MemoryBackend::Anonymous,
+        memory: driver.preferred_memory(dir),
         ..DeviceSet::default()
     };
     if opts.rootfs.is_some() {

@@ -670,9 +670,21 @@ async fn vmm_verbs_check_state_reach_the_driver_and_record_changes() {
         ),
         "{unsupported:?}"
     );
+    // a resized vm with a hot-plugged NIC cannot be restored as it runs: refused before the
+    // driver is asked to pause anything
+    let refused = mgr
+        .snapshot("v", "snap", crate::manager::SnapshotOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &refused,
+            ManagerError::Snapshot(crate::snapshot::SnapshotError::Refused { .. })
+        ),
+        "{refused:?}"
+    );
+    assert!(!mgr.snapshots_dir().join("snap").exists());
     mgr.pause("v").await.unwrap();
-    mgr.snapshot("v", Path::new("snap")).await.unwrap();
-    let snap = std::env::current_dir().unwrap().join("snap");
     assert_eq!(
         fake.calls()[1..],
         [
@@ -682,7 +694,6 @@ async fn vmm_verbs_check_state_reach_the_driver_and_record_changes() {
             "add net Some(\"tap9\")".into(),
             format!("remove {disk}"),
             "pause".into(),
-            format!("snapshot {}", snap.display()),
         ]
     );
 
@@ -717,7 +728,9 @@ async fn vmm_verbs_check_state_reach_the_driver_and_record_changes() {
         (Operation::VmmInfo, mgr.vmm_info("v").await.unwrap_err()),
         (
             Operation::Snapshot,
-            mgr.snapshot("v", Path::new("s")).await.unwrap_err(),
+            mgr.snapshot("v", "s", crate::manager::SnapshotOptions::default())
+                .await
+                .unwrap_err(),
         ),
         (Operation::Pause, mgr.pause("v").await.unwrap_err()),
         (Operation::Exec, mgr.agent("v").await.unwrap_err()),
@@ -833,4 +846,63 @@ async fn a_damaged_record_is_listed_as_damaged_beside_the_others_and_removed() {
     assert!(!fresh.vm_dir("bad").exists());
     assert_eq!(fresh.list().await.unwrap().len(), 1);
     fresh.remove("good", true).await.unwrap();
+}
+
+#[tokio::test]
+async fn snapshot_pauses_publishes_whole_and_a_failed_restore_leaves_nothing() {
+    use crate::manager::{RestoreOptions, SnapshotOptions};
+    let home = Home::new();
+    let fake = Fake::new(Button::PowerOff);
+    let mgr = home.manager(&fake).await;
+    started(&mgr, &home, "v").await;
+    let info = mgr.snapshot("v", "s", SnapshotOptions::default()).await.unwrap();
+    // paused for the backend, and left paused
+    assert_eq!(mgr.state("v").await.unwrap(), VmState::Paused);
+    let calls = fake.calls();
+    let tmp = crate::snapshot::temp_dir(&mgr.snapshots_dir(), "s");
+    assert_eq!(
+        calls[calls.len() - 2..],
+        ["pause".to_string(), format!("snapshot {}", tmp.display())]
+    );
+    // published under its name, sealed, with its metadata; no temp dir left
+    assert_eq!(info.dir, mgr.snapshot_dir("s"));
+    assert_eq!(info.meta.source_vm, "v");
+    assert_eq!(info.meta.ip, Some(GUEST_IP));
+    assert_eq!(info.meta.kernel.path, home.kernel);
+    assert!(!tmp.exists());
+    let names: Vec<_> = mgr
+        .list_snapshots()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.meta.name)
+        .collect();
+    assert_eq!(names, ["s"]);
+    assert!(matches!(
+        mgr.snapshot("v", "s", SnapshotOptions::default()).await,
+        Err(ManagerError::Snapshot(
+            crate::snapshot::SnapshotError::AlreadyExists { .. }
+        ))
+    ));
+    // --leave-running resumes a VM that was running
+    mgr.resume("v").await.unwrap();
+    mgr.snapshot("v", "s2", SnapshotOptions { leave_running: true })
+        .await
+        .unwrap();
+    assert_eq!(mgr.state("v").await.unwrap(), VmState::Ready { ip: GUEST_IP });
+    // the fake cannot restore: the restore fails and leaves no VM behind
+    let e = mgr
+        .restore("s", "r", RestoreOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), crate::ErrorKind::Unsupported, "{e:?}");
+    assert!(!mgr.vm_dir("r").exists());
+    mgr.remove_snapshot("s", false).await.unwrap();
+    mgr.remove_snapshot("s2", false).await.unwrap();
+    assert!(mgr.list_snapshots().await.unwrap().is_empty());
+    assert_eq!(
+        std::fs::read_dir(mgr.snapshots_dir()).unwrap().count(),
+        0,
+        "removed snapshots left files"
+    );
 }

@@ -1,5 +1,4 @@
-//! The verbs that talk to a running VMM and leave the lifecycle state as it is: snapshot,
-//! resize, device hot-plug, counters and the VMM's own view of the VM.
+//! The verbs that talk to a running VMM and leave the lifecycle state as it is: resize, device hot-plug, counters and the VMM's own view of the VM.
 //!
 //! Each checks the state ([`VmState::check`](crate::state::VmState::check) — the VMM must be
 //! up), takes the VM's handle through its entry (so it works on VMs other processes started),
@@ -13,7 +12,6 @@ use super::{ManagerError, VmManager};
 use crate::config::DiskConfig;
 use crate::driver::{Counters, TapNetwork, VmDriver, VmHandle};
 use crate::state::Operation;
-use std::path::Path;
 use std::sync::Arc;
 
 impl VmManager {
@@ -28,21 +26,6 @@ impl VmManager {
         let handle = entry.require_handle(name).await?;
         let driver = entry.driver();
         Ok((entry, driver, handle))
-    }
-
-    /// Save the VM's state into `dir` through the backend (Cloud Hypervisor wants the VM
-    /// paused first).
-    pub async fn snapshot(&self, name: &str, dir: &Path) -> Result<(), ManagerError> {
-        let (_, driver, handle) = self.vmm_for(name, Operation::Snapshot).await?;
-        // the VMM runs in the VM's directory: a relative path would land there
-        let dir = std::path::absolute(dir).map_err(|source| ManagerError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        driver
-            .snapshot(&handle, &dir)
-            .await
-            .map_err(ManagerError::driver(name))
     }
 
     /// Change the running VM's vCPUs and/or memory (at least one). The new sizes show in

@@ -6,6 +6,7 @@ pub mod image;
 pub mod meta;
 pub mod net;
 pub mod setup;
+pub mod snapshot;
 pub mod system;
 pub mod vm;
 pub mod vmm;
@@ -70,8 +71,11 @@ pub enum Command {
     /// Serve a switch network or a published port (started by vm-rs itself).
     #[command(hide = true)]
     NetSidecar(net::SidecarArgs),
-    /// Save a paused VM's state into a directory (Cloud Hypervisor).
-    Snapshot(vmm::SnapshotArgs),
+    /// Snapshots: create (save a VM), ls, inspect, rm; start one with `run --from`.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
+    /// Start N VMs from a snapshot at once (PREFIX-1 .. PREFIX-N), ready for exec.
+    Clone(snapshot::CloneArgs),
     /// Change a running VM's vCPUs and/or memory (Cloud Hypervisor).
     Resize(vmm::ResizeArgs),
     /// Hot-plug disks and NICs, unplug devices (Cloud Hypervisor).
@@ -117,7 +121,8 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Download(a) => disk::run_download(a).await.map(|()| 0),
         Command::Network(c) => net::network(c).await,
         Command::NetSidecar(a) => net::net_sidecar(a).await,
-        Command::Snapshot(a) => vmm::snapshot(a).await,
+        Command::Snapshot(c) => snapshot::snapshot(c).await,
+        Command::Clone(a) => snapshot::clone(a).await,
         Command::Resize(a) => vmm::resize(a).await,
         Command::Device(c) => vmm::device(c).await,
         Command::Counters(a) => vmm::counters(a).await,

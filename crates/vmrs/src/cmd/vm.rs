@@ -82,6 +82,11 @@ pub struct RunArgs {
     /// in the built-in guest (without IMAGE; then `-- CMD` replaces the shell).
     #[command(flatten)]
     pub stdio: super::agent::StdioArgs,
+    /// Start the VM from this snapshot (`vmrs snapshot create`) instead of booting: its RAM,
+    /// devices and disks as saved, a new identity. `--cpus`/`--memory`, when given, must be
+    /// the snapshot's; kernel, disk and network options are the snapshot's.
+    #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["image", "kernel", "initrd", "disks"])]
+    pub from: Option<String>,
     /// OCI image to run: its root filesystem becomes the VM's root, and its process (entrypoint
     /// + cmd, env, working dir, user) runs through the guest agent. Pulled when not stored.
     pub image: Option<String>,
@@ -278,6 +283,15 @@ pub fn run_config(a: &RunArgs) -> anyhow::Result<VmConfig> {
     Ok(b.build()?)
 }
 
+/// What `--cpus`/`--memory` ask of a restore: only sizes that differ from the flags' defaults
+/// were given (and must then match the snapshot).
+pub fn restore_options(cpus: u32, memory_mib: u64) -> vm_rs::manager::RestoreOptions {
+    vm_rs::manager::RestoreOptions {
+        cpus: (cpus != 1).then_some(cpus),
+        memory_mib: (memory_mib != 256).then_some(memory_mib),
+    }
+}
+
 /// `vmrs run`
 pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     // Before anything is started: from here on SIGINT, SIGTERM and SIGHUP no longer end this
@@ -300,13 +314,26 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     if !a.command.is_empty() {
         return Err(CliError::Invalid("a command after `--` needs an IMAGE (or -i/-t)".to_string()).into());
     }
-    let config = run_config(&a)?;
-    let name = config.name.clone();
     let mgr = VmManager::new().await?;
-    let info = mgr
-        .start(config)
-        .await
-        .with_context(|| format!("cannot start vm {name:?}"))?;
+    let (name, info) = match &a.from {
+        Some(snapshot) => {
+            let name = a.name.clone().unwrap_or_else(generated_name);
+            let info = mgr
+                .restore(snapshot, &name, restore_options(a.cpus, a.memory))
+                .await
+                .with_context(|| format!("cannot start vm {name:?} from snapshot {snapshot:?}"))?;
+            (name, info)
+        }
+        None => {
+            let config = run_config(&a)?;
+            let name = config.name.clone();
+            let info = mgr
+                .start(config)
+                .await
+                .with_context(|| format!("cannot start vm {name:?}"))?;
+            (name, info)
+        }
+    };
     if a.detach {
         let ready = tokio::select! {
             r = mgr.wait_ready(&name, Duration::from_secs(a.ready_timeout)) => r.map_err(anyhow::Error::new),

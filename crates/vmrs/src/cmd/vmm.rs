@@ -1,10 +1,8 @@
-//! Backend verbs beyond the lifecycle: snapshot, resize, device hot-plug, counters and the VMM's
+//! Backend verbs beyond the lifecycle: resize, device hot-plug, counters and the VMM's
 //! own view of the VM, each one [`VmManager`] verb (state checked, driver errors mapped, works on
 //! VMs started by other processes). Backends without them (QEMU today) answer "not supported".
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
-use std::path::PathBuf;
 use vm_rs::config::DiskConfig;
 use vm_rs::driver::TapNetwork;
 use vm_rs::VmManager;
@@ -14,15 +12,6 @@ use vm_rs::VmManager;
 pub struct NameArg {
     /// VM name.
     pub name: String,
-}
-
-/// `vmrs snapshot`
-#[derive(Debug, Args)]
-pub struct SnapshotArgs {
-    /// VM name (the VM must be paused).
-    pub name: String,
-    /// Directory to write the snapshot into.
-    pub dir: PathBuf,
 }
 
 /// `vmrs resize`
@@ -66,16 +55,6 @@ pub enum DeviceCommand {
         /// Device id.
         id: String,
     },
-}
-
-/// `vmrs snapshot`
-pub async fn snapshot(a: SnapshotArgs) -> anyhow::Result<i32> {
-    let mgr = VmManager::new().await?;
-    mgr.snapshot(&a.name, &a.dir)
-        .await
-        .with_context(|| format!("cannot snapshot vm {:?} into {}", a.name, a.dir.display()))?;
-    println!("{}", a.dir.display());
-    Ok(0)
 }
 
 /// `vmrs resize`

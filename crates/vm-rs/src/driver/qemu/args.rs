@@ -248,6 +248,12 @@ fn memory_args(memory: &MemoryBackend, mib: u64) -> Vec<OsString> {
     }
 }
 
+/// `-incoming defer`: QEMU starts with its vCPUs stopped and waits for a migration stream
+/// (`migrate-incoming`), how a snapshot is restored.
+pub fn incoming_args() -> Vec<OsString> {
+    vec!["-incoming".into(), "defer".into()]
+}
+
 /// Build the argument vector (without the program name).
 pub fn build(input: &QemuArgsInput<'_>) -> Vec<OsString> {
     let cfg = input.config;

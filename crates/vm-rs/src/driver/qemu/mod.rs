@@ -21,10 +21,11 @@ pub mod accel;
 pub mod args;
 pub mod qmp;
 pub mod refusal;
+mod snapshot;
 
 use super::{BootSpec, DriverError, EventStream, Launched, VmDriver, VmHandle, VmmEvent, VmmStatus};
 use crate::config::{Accel, BackendKind, CacheMode, DiskFormat};
-use crate::devices::{AgentTransport, Capabilities, MemoryKind};
+use crate::devices::{AgentTransport, Capabilities, MemoryBackend, MemoryKind};
 use crate::process::{ExitInfo, VmmProcess};
 use qmp::Qmp;
 use std::path::{Path, PathBuf};
@@ -153,7 +154,7 @@ impl VmDriver for QemuDriver {
             entropy: true,
             memory: &[MemoryKind::Anonymous, MemoryKind::Memfd, MemoryKind::File],
             pause: true,
-            snapshot: false,
+            snapshot: true,
             resize: false,
             hotplug: false,
             counters: false,
@@ -161,6 +162,109 @@ impl VmDriver for QemuDriver {
     }
 
     async fn boot(&self, spec: &BootSpec<'_>) -> Result<Launched, DriverError> {
+        self.launch(spec, false).await
+    }
+
+    fn preferred_memory(&self, vm_dir: &Path) -> MemoryBackend {
+        MemoryBackend::File {
+            path: vm_dir.join(crate::vm_dir::VmDir::MEMORY),
+            shared: true,
+        }
+    }
+
+    async fn snapshot(&self, handle: &VmHandle, dir: &Path) -> Result<(), DriverError> {
+        snapshot::save(self, handle, dir).await
+    }
+
+    async fn restore(&self, spec: &BootSpec<'_>, dir: &Path) -> Result<Launched, DriverError> {
+        let started = Instant::now();
+        let mut launched = self.launch(spec, true).await?;
+        tracing::debug!(vm = %spec.config.name, ms = started.elapsed().as_millis(), "qemu waits for the snapshot");
+        match snapshot::load(self, &launched.handle, dir).await {
+            Ok(()) => Ok(launched),
+            Err(e) => {
+                // QEMU exits when the stream does not fit the machine: its own words say why
+                if let Some(exit) = refusal::exited_within(&mut launched.process, refusal::EXIT_GRACE).await {
+                    return Err(refusal::refusal(&self.find_binary()?, &spec.vmm_log, exit));
+                }
+                let _ = launched.process.kill();
+                Err(e)
+            }
+        }
+    }
+
+    async fn status(&self, handle: &VmHandle) -> Result<VmmStatus, DriverError> {
+        let v = self.run(handle, "query-status").await?;
+        Ok(match v.get("status").and_then(|s| s.as_str()) {
+            Some("running") => VmmStatus::Running,
+            // after a snapshot's migration the vCPUs stay stopped ("postmigrate"); a restore
+            // waits for its stream ("inmigrate")
+            Some("paused" | "suspended" | "prelaunch" | "postmigrate" | "inmigrate") => VmmStatus::Paused,
+            Some("shutdown") => VmmStatus::Shutdown,
+            _ => VmmStatus::Other,
+        })
+    }
+
+    async fn pause(&self, handle: &VmHandle) -> Result<(), DriverError> {
+        self.run(handle, "stop").await.map(drop)
+    }
+
+    async fn resume(&self, handle: &VmHandle) -> Result<(), DriverError> {
+        self.run(handle, "cont").await.map(drop)
+    }
+
+    async fn request_shutdown(&self, handle: &VmHandle) -> Result<(), DriverError> {
+        self.run(handle, "system_powerdown").await.map(drop)
+    }
+
+    async fn quit(&self, handle: &VmHandle) -> Result<(), DriverError> {
+        match self.run(handle, "quit").await {
+            Ok(_) => Ok(()),
+            // QEMU may close the socket before the reply arrives.
+            Err(DriverError::Protocol(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn events(&self, handle: &VmHandle) -> Result<EventStream, DriverError> {
+        let path = handle
+            .event_socket
+            .clone()
+            .unwrap_or_else(|| handle.api_socket.clone());
+        let qmp = Qmp::connect(&path, QMP_TIMEOUT).await?;
+        let stream = futures::stream::unfold(qmp, |mut qmp| async move {
+            loop {
+                let ev = qmp.next_event().await.ok()?;
+                let mapped = match ev.name.as_str() {
+                    "STOP" => Some(VmmEvent::Paused),
+                    "RESUME" => Some(VmmEvent::Resumed),
+                    "SHUTDOWN" => Some(VmmEvent::Shutdown {
+                        guest: ev.data.get("guest").and_then(|g| g.as_bool()).unwrap_or(false),
+                        reason: ev
+                            .data
+                            .get("reason")
+                            .and_then(|r| r.as_str())
+                            .unwrap_or("unknown")
+                            .to_string(),
+                    }),
+                    "GUEST_PANICKED" => Some(VmmEvent::Error {
+                        reason: "guest kernel panicked".into(),
+                    }),
+                    _ => None,
+                };
+                if let Some(m) = mapped {
+                    return Some((m, qmp));
+                }
+            }
+        });
+        Ok(Box::pin(stream))
+    }
+}
+
+impl QemuDriver {
+    /// Launch QEMU for `spec` (waiting for `-incoming defer` when `incoming`) and return once
+    /// its QMP socket answers.
+    async fn launch(&self, spec: &BootSpec<'_>, incoming: bool) -> Result<Launched, DriverError> {
         let binary = self.find_binary()?;
         let choice =
             accel::resolve(spec.config.accel).map_err(|reason| DriverError::AccelUnavailable { reason })?;
@@ -218,7 +322,10 @@ impl VmDriver for QemuDriver {
             tsc_khz: crate::host::cpu_khz(),
         };
         crate::config::check_kernel_cmdline(&spec.config.kernel, &args::kernel_cmdline(&input))?;
-        let argv = args::build(&input);
+        let mut argv = args::build(&input);
+        if incoming {
+            argv.extend(args::incoming_args());
+        }
         let mut cmd = tokio::process::Command::new(&binary);
         // TAP devices in a network namespace are only found from inside it
         if let Some(ns) = spec.devices.netns.as_deref() {
@@ -281,71 +388,6 @@ impl VmDriver for QemuDriver {
         }
         capture.disarm();
         Ok(Launched { handle, process })
-    }
-
-    async fn status(&self, handle: &VmHandle) -> Result<VmmStatus, DriverError> {
-        let v = self.run(handle, "query-status").await?;
-        Ok(match v.get("status").and_then(|s| s.as_str()) {
-            Some("running") => VmmStatus::Running,
-            Some("paused") | Some("suspended") | Some("prelaunch") => VmmStatus::Paused,
-            Some("shutdown") => VmmStatus::Shutdown,
-            _ => VmmStatus::Other,
-        })
-    }
-
-    async fn pause(&self, handle: &VmHandle) -> Result<(), DriverError> {
-        self.run(handle, "stop").await.map(drop)
-    }
-
-    async fn resume(&self, handle: &VmHandle) -> Result<(), DriverError> {
-        self.run(handle, "cont").await.map(drop)
-    }
-
-    async fn request_shutdown(&self, handle: &VmHandle) -> Result<(), DriverError> {
-        self.run(handle, "system_powerdown").await.map(drop)
-    }
-
-    async fn quit(&self, handle: &VmHandle) -> Result<(), DriverError> {
-        match self.run(handle, "quit").await {
-            Ok(_) => Ok(()),
-            // QEMU may close the socket before the reply arrives.
-            Err(DriverError::Protocol(_)) => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-
-    async fn events(&self, handle: &VmHandle) -> Result<EventStream, DriverError> {
-        let path = handle
-            .event_socket
-            .clone()
-            .unwrap_or_else(|| handle.api_socket.clone());
-        let qmp = Qmp::connect(&path, QMP_TIMEOUT).await?;
-        let stream = futures::stream::unfold(qmp, |mut qmp| async move {
-            loop {
-                let ev = qmp.next_event().await.ok()?;
-                let mapped = match ev.name.as_str() {
-                    "STOP" => Some(VmmEvent::Paused),
-                    "RESUME" => Some(VmmEvent::Resumed),
-                    "SHUTDOWN" => Some(VmmEvent::Shutdown {
-                        guest: ev.data.get("guest").and_then(|g| g.as_bool()).unwrap_or(false),
-                        reason: ev
-                            .data
-                            .get("reason")
-                            .and_then(|r| r.as_str())
-                            .unwrap_or("unknown")
-                            .to_string(),
-                    }),
-                    "GUEST_PANICKED" => Some(VmmEvent::Error {
-                        reason: "guest kernel panicked".into(),
-                    }),
-                    _ => None,
-                };
-                if let Some(m) = mapped {
-                    return Some((m, qmp));
-                }
-            }
-        });
-        Ok(Box::pin(stream))
     }
 }
 

@@ -120,6 +120,68 @@ impl Qmp {
         }
     }
 
+    /// Hand QEMU the file descriptor `fd` under `name` (`getfd`, the descriptor travels as
+    /// `SCM_RIGHTS` with the command's bytes), for a later command that names it (`fd:NAME`
+    /// migration URIs). No shell and no path is involved.
+    pub async fn send_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), DriverError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let msg = json!({ "execute": "getfd", "arguments": { "fdname": name }, "id": id });
+        let mut bytes = serde_json::to_vec(&msg).map_err(|e| DriverError::Protocol(e.to_string()))?;
+        bytes.push(b'\n');
+        let timeout = self.timeout;
+        let exchange = async {
+            self.send_with_fd(&bytes, fd).await?;
+            self.reply(id, "getfd").await.map(drop)
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(DriverError::Timeout {
+                what: "QEMU's reply to QMP command getfd".into(),
+                secs: timeout.as_secs_f64(),
+            }),
+        }
+    }
+
+    /// Write `bytes` with `fd` attached (`SCM_RIGHTS`).
+    async fn send_with_fd(&self, bytes: &[u8], fd: std::os::fd::BorrowedFd<'_>) -> Result<(), DriverError> {
+        use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+        let stream: &UnixStream = self.writer.as_ref();
+        {
+            loop {
+                stream
+                    .writable()
+                    .await
+                    .map_err(|e| DriverError::Protocol(format!("writing QMP command getfd: {e}")))?;
+                let fds = [fd];
+                let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+                let mut anc = SendAncillaryBuffer::new(&mut space);
+                anc.push(SendAncillaryMessage::ScmRights(&fds));
+                let r = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                    sendmsg(
+                        stream,
+                        &[std::io::IoSlice::new(bytes)],
+                        &mut anc,
+                        SendFlags::NOSIGNAL,
+                    )
+                    .map_err(std::io::Error::from)
+                });
+                match r {
+                    // a QMP command line is far below a socket buffer: sent whole or not at all
+                    Ok(n) if n == bytes.len() => return Ok(()),
+                    Ok(n) => {
+                        return Err(DriverError::Protocol(format!(
+                            "QMP command getfd sent short ({n} of {} bytes)",
+                            bytes.len()
+                        )))
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(DriverError::Protocol(format!("writing QMP command getfd: {e}"))),
+                }
+            }
+        }
+    }
+
     /// Send one command and read until its reply (no deadline of its own).
     async fn exchange(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, DriverError> {
         let id = self.next_id;
@@ -134,6 +196,11 @@ impl Qmp {
             .write_all(&bytes)
             .await
             .map_err(|e| DriverError::Protocol(format!("writing QMP command {command}: {e}")))?;
+        self.reply(id, command).await
+    }
+
+    /// Read until the reply to command `id` (events on the way are queued).
+    async fn reply(&mut self, id: u64, command: &str) -> Result<Value, DriverError> {
         loop {
             let reply = self.read_message().await?;
             if let Some(name) = reply.get("event").and_then(Value::as_str) {
