@@ -16,6 +16,7 @@
 //! | `agent.sock` | VMM | host end of the guest agent's channel |
 //! | `root.qcow2` | manager | the per-VM overlay of an image root filesystem |
 //! | `net.json`, `net<N>.sock` | networking | host network state; switch-port sockets |
+//! | `virtiofsd.json`, `virtiofsd.log`, `fs<N>.sock` | shared directories | the virtiofsd sidecars (pid + start time), their output, their vhost-user sockets |
 //! | `qmp.sock`, `qmp-events.sock` | QEMU | QMP monitors (commands, events) |
 //! | `ch-api.sock`, `ch-events.json`, `ch.log`, `ch-quit-requested`, `vmlinux` | Cloud Hypervisor | API, event monitor, log, quit marker, unpacked kernel |
 
@@ -56,6 +57,10 @@ impl VmDir {
     pub const ROOT_OVERLAY: &'static str = "root.qcow2";
     /// Host network state.
     pub const NET_STATE: &'static str = "net.json";
+    /// The virtiofsd sidecars of the VM's shared directories (see [`crate::virtiofs`]).
+    pub const VIRTIOFSD_RECORD: &'static str = "virtiofsd.json";
+    /// What the virtiofsd sidecars print.
+    pub const VIRTIOFSD_LOG: &'static str = "virtiofsd.log";
     /// QEMU's QMP command socket.
     pub const QMP_SOCKET: &'static str = "qmp.sock";
     /// QEMU's QMP event socket.
@@ -99,6 +104,12 @@ impl VmDir {
         self.path.join(format!("net{index}.sock"))
     }
 
+    /// The vhost-user socket of shared directory `index` (`fs<index>.sock`), served by its
+    /// virtiofsd.
+    pub fn fs_socket(&self, index: usize) -> PathBuf {
+        self.path.join(format!("fs{index}.sock"))
+    }
+
     /// Remove the sockets a VMM that is gone left behind (missing ones are fine).
     pub fn remove_vmm_sockets(&self) {
         for s in Self::VMM_SOCKETS {
@@ -135,11 +146,14 @@ mod tests {
             VmDir::CH_LOG,
             VmDir::CH_QUIT_MARKER,
             VmDir::VMLINUX,
+            VmDir::VIRTIOFSD_RECORD,
+            VmDir::VIRTIOFSD_LOG,
         ];
         let set: std::collections::HashSet<_> = names.iter().collect();
         assert_eq!(set.len(), names.len());
         let d = VmDir::new("/v");
         assert_eq!(d.nic_socket(3), Path::new("/v/net3.sock"));
+        assert_eq!(d.fs_socket(2), Path::new("/v/fs2.sock"));
         assert_eq!(d.file(VmDir::STATE), Path::new("/v/state.json"));
     }
 

@@ -150,6 +150,12 @@ pub(super) fn classify_exit(
         ExitCause::Requested(_) => return VmState::Stopped,
         ExitCause::VmmShutdown { .. } | ExitCause::Unrequested => {}
     }
+    // the guest init said why it could not come up, then powered off
+    if let Some(why) = crate::console::failure_message(serial) {
+        return VmState::Failed {
+            reason: format!("guest failed to boot: {why}"),
+        };
+    }
     if let Some(p) = panic {
         return VmState::Failed {
             reason: format!("guest kernel panic: {p}"),
@@ -321,6 +327,8 @@ impl VmEntry {
                 entry.spawn_watchers(process, handle, follow_console);
             }
             Err(ProcessError::Gone { .. }) | Err(ProcessError::Reused { .. }) => {
+                // the VMM died unwatched: its shares' daemons go too
+                crate::virtiofs::stop(&entry.dir);
                 let reported = entry.driver.exit_reason(&handle).await.ok().flatten();
                 let cause = entry.requested_exit(&handle).unwrap_or(ExitCause::Unrequested);
                 let state = classify_exit(
@@ -371,7 +379,22 @@ impl VmEntry {
                 }
             }));
         }
-        // 3. VMM events (best effort: another process may hold the event socket)
+        // 3. the shared directories' daemons: one that dies while the VM runs leaves the guest
+        // with I/O errors on that share (inspect shows it as not serving)
+        for d in crate::virtiofs::load(&self.dir).daemons {
+            let me = self.clone();
+            tasks.push(tokio::spawn(async move {
+                let Ok(mut p) = VmmProcess::attach(d.pid, d.start_time) else {
+                    return;
+                };
+                let _ = p.wait().await;
+                if me.state().is_live() && me.exit_cause() == ExitCause::Unrequested {
+                    tracing::warn!(vm = %me.name, tag = %d.tag, pid = d.pid,
+                        "virtiofsd exited while the vm runs: the guest gets i/o errors on this share");
+                }
+            }));
+        }
+        // 4. VMM events (best effort: another process may hold the event socket)
         let me = self.clone();
         tasks.push(tokio::spawn(async move {
             let events = tokio::time::timeout(Duration::from_secs(2), me.driver.events(&handle)).await;
@@ -495,6 +518,8 @@ impl VmEntry {
         if let Err(e) = crate::net::host::teardown_vm_dir(&self.dir).await {
             tracing::warn!(vm = %self.name, error = %e, "network teardown failed");
         }
+        // shared directories' daemons end with their VMM; any still running are killed
+        crate::virtiofs::stop(&self.dir);
         let result = match self.state() {
             s if s.is_live() => self.transition(state).await,
             // already recorded as ended (e.g. found dead by an attach racing this task)
@@ -656,6 +681,7 @@ impl VmEntry {
             cpus: live.cpus.unwrap_or(self.config.cpus),
             memory_mib: live.memory_mib.unwrap_or(self.config.memory_mib),
             devices: live.devices,
+            mounts: crate::virtiofs::mounts(&self.dir, &self.config.shared_dirs, rec.state.is_live()),
             created_at: rec.created_at,
             started_at: rec.started_at,
             finished_at: rec.finished_at,
@@ -753,6 +779,18 @@ mod tests {
         }
         assert!(
             matches!(classify(cause, "", None, CLEAN), Failed { reason } if reason.contains("guest error"))
+        );
+        // a guest that could not mount a share powers off after saying why
+        assert_eq!(
+            classify(
+                reset(),
+                "VMRS_FAILED cannot mount share vmrs0 at /data: x\nvmrs-init: power off\nreboot: Power down\n",
+                Some(shutdown()),
+                CLEAN
+            ),
+            Failed {
+                reason: "guest failed to boot: cannot mount share vmrs0 at /data: x".into()
+            }
         );
         assert!(matches!(
             classify(ExitCause::Unrequested, "", None, SeenExit::Unwatched { pid: 7 }),

@@ -41,7 +41,9 @@
 //!   user-mode NAT and switch networks are refused by [`VmDriver::capabilities`] before anything
 //!   is created (Cloud Hypervisor has neither);
 //! * an entropy device (`rng` from `/dev/urandom`); guest RAM anonymous or `shared`;
-//! * no guest agent (it needs vsock) and no shared directories yet: refused up front too.
+//! * shared directories as `fs` entries (virtio-fs on the share's virtiofsd socket, see
+//!   [`crate::virtiofs`]), with `memory.shared` on: the daemon maps guest RAM;
+//! * no guest agent (it needs vsock yet): refused up front too.
 //!
 //! Snapshots need a paused VM; restore re-creates the VM from the snapshot's own
 //! configuration, so the restored guest writes to the serial log path recorded there. Saving
@@ -217,9 +219,6 @@ pub fn vm_config_body(
         backend: BackendKind::CloudHypervisor,
         feature,
     };
-    if !devices.shared_dirs.is_empty() {
-        return Err(unsupported("shared directories (virtio-fs)"));
-    }
     if devices.agent.is_some() {
         return Err(unsupported("the guest agent over virtio-serial"));
     }
@@ -275,6 +274,24 @@ pub fn vm_config_body(
         MemoryBackend::Memfd { shared } => memory_body["shared"] = (*shared).into(),
         MemoryBackend::File { .. } => return Err(unsupported("file-backed guest memory")),
     }
+    // vhost-user devices need guest RAM the daemon can map
+    if !devices.shared_dirs.is_empty() && memory_body["shared"] != true {
+        return Err(unsupported("shared directories without shared guest memory"));
+    }
+    let fs = devices
+        .shared_dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            Ok(serde_json::json!({
+                "id": format!("fs{i}"),
+                "tag": d.tag,
+                "socket": path_str(&d.socket)?,
+                "num_queues": 1,
+                "queue_size": 1024,
+            }))
+        })
+        .collect::<Result<Vec<_>, DriverError>>()?;
     let mut body = serde_json::json!({
         "cpus": { "boot_vcpus": config.cpus, "max_vcpus": max_vcpus },
         "memory": memory_body,
@@ -287,6 +304,9 @@ pub fn vm_config_body(
     }
     if !nets.is_empty() {
         body["net"] = nets.into();
+    }
+    if !fs.is_empty() {
+        body["fs"] = fs.into();
     }
     if devices.entropy {
         body["rng"] = serde_json::json!({ "src": "/dev/urandom" });
@@ -538,7 +558,7 @@ impl VmDriver for CloudHypervisorDriver {
             netns: true,
             // The agent needs vsock here (hybrid vsock over the VM's Unix socket): not built yet.
             agent_transports: &[],
-            shared_dirs: false,
+            shared_dirs: true,
             entropy: true,
             memory: &[MemoryKind::Anonymous, MemoryKind::Memfd],
             pause: true,
@@ -888,6 +908,12 @@ mod tests {
         devices.nics = nics.iter().map(crate::devices::Nic::from).collect();
         devices.entropy = true;
         devices.memory = MemoryBackend::Memfd { shared: true };
+        devices.shared_dirs.push(crate::devices::SharedFs {
+            tag: "vmrs0".into(),
+            host_path: "/srv".into(),
+            read_only: true,
+            socket: "/v/fs0.sock".into(),
+        });
         let body = vm_config_body(
             &cfg,
             &devices,
@@ -919,6 +945,17 @@ mod tests {
                 "mac": crate::net::derive_mac("a", 0).to_string()})
         );
         assert_eq!(body["rng"]["src"], "/dev/urandom");
+        assert_eq!(
+            body["fs"][0],
+            serde_json::json!({"id": "fs0", "tag": "vmrs0", "socket": "/v/fs0.sock",
+                "num_queues": 1, "queue_size": 1024})
+        );
+        // a share without shared memory is refused, not rendered
+        devices.memory = MemoryBackend::Anonymous;
+        assert!(matches!(
+            vm_config_body(&cfg, &devices, Path::new("/k/vmlinux"), Path::new("/v/serial.log"), &extra),
+            Err(DriverError::Unsupported { feature, .. }) if feature.contains("shared guest memory")
+        ));
     }
 
     #[test]
