@@ -66,6 +66,13 @@ pub(super) enum ExitCause {
         /// The VMM's description.
         reason: String,
     },
+    /// A shared directory's daemon died while the VM ran, so the VMM was killed: every guest
+    /// request on that share would wait forever (a FUSE request the device has taken is not
+    /// interruptible), and so would the guest's shutdown.
+    ShareLost {
+        /// Which share, and how its daemon ended.
+        reason: String,
+    },
 }
 
 impl ExitCause {
@@ -76,7 +83,7 @@ impl ExitCause {
             ExitCause::Unrequested => 0,
             ExitCause::VmmShutdown { .. } => 1,
             ExitCause::Requested(_) => 2,
-            ExitCause::GuestError { .. } => 3,
+            ExitCause::GuestError { .. } | ExitCause::ShareLost { .. } => 3,
         }
     }
 }
@@ -139,6 +146,11 @@ pub(super) fn classify_exit(
     };
     let panic = panic_message(serial);
     match cause {
+        ExitCause::ShareLost { reason } => {
+            return VmState::Failed {
+                reason: reason.clone(),
+            }
+        }
         ExitCause::GuestError { reason } => {
             return match panic {
                 Some(p) => VmState::Failed {
@@ -379,18 +391,32 @@ impl VmEntry {
                 }
             }));
         }
-        // 3. the shared directories' daemons: one that dies while the VM runs leaves the guest
-        // with I/O errors on that share (inspect shows it as not serving)
+        // 3. the shared directories' daemons: one that dies while its VMM runs (and no exit was
+        // asked for) leaves every guest access to the share hanging for good, so the VM is
+        // killed and failed with the reason (see `ExitCause::ShareLost`). A daemon found dead
+        // when attaching counts the same.
         for d in crate::virtiofs::load(&self.dir).daemons {
             let me = self.clone();
             tasks.push(tokio::spawn(async move {
-                let Ok(mut p) = VmmProcess::attach(d.pid, d.start_time) else {
-                    return;
+                let status = match VmmProcess::attach(d.pid, d.start_time) {
+                    Ok(mut p) => p.wait().await.unwrap_or(ExitInfo::Unknown),
+                    Err(_) => ExitInfo::Unknown,
                 };
-                let _ = p.wait().await;
-                if me.state().is_live() && me.exit_cause() == ExitCause::Unrequested {
-                    tracing::warn!(vm = %me.name, tag = %d.tag, pid = d.pid,
-                        "virtiofsd exited while the vm runs: the guest gets i/o errors on this share");
+                // the VMM exiting first ends its daemons: that is not a lost share
+                if !me.state().is_live() || me.exit_cause() != ExitCause::Unrequested || !me.vmm_alive() {
+                    return;
+                }
+                let reason = format!(
+                    "the virtiofsd of shared directory {} (tag {}, pid {}) exited ({status}) while the vm ran; \
+                     the vm was killed, its guest would hang on the share",
+                    d.host_path.display(),
+                    d.tag,
+                    d.pid
+                );
+                tracing::warn!(vm = %me.name, %reason, "shared directory lost");
+                me.note_exit(ExitCause::ShareLost { reason });
+                if let Err(e) = me.kill().await {
+                    tracing::warn!(vm = %me.name, error = %e, "cannot kill the vmm of a lost share");
                 }
             }));
         }
@@ -620,6 +646,15 @@ impl VmEntry {
             state: self.state(),
             serial_log: self.serial_log(),
         })
+    }
+
+    /// Whether the VMM this entry watches still runs.
+    fn vmm_alive(&self) -> bool {
+        self.killer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|k| k.is_alive())
     }
 
     pub(super) async fn kill(&self) -> Result<(), ProcessError> {
