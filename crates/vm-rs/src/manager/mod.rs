@@ -35,7 +35,8 @@
 //!
 //! ## Nothing untracked
 //!
-//! Every process vm-rs spawns for a VM (its VMM, port forwarders) carries the VM directory in
+//! Every process vm-rs spawns for a VM (its VMM, port forwarders, the virtiofsd of each shared
+//! directory, see [`crate::virtiofs`]) carries the VM directory in
 //! its environment ([`crate::process::OWNER_ENV`]), set before `exec`. So a VMM can be found
 //! from its directory even when the process that spawned it died before any record named it:
 //! a manager that finds a VM recorded `starting` whose starter is gone, or a VM not live whose
