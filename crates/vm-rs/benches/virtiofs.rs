@@ -118,9 +118,7 @@ async fn main() {
     let drop_caches = "sync; echo 3 > /proc/sys/vm/drop_caches";
     let read = |dir: &str| format!("{drop_caches}; dd if={dir}/big of=/dev/null bs=1M 2>/dev/null");
     let walk = |dir: &str| {
-        format!(
-            "{drop_caches}; find {dir}/tree -type f | xargs stat -c %s | wc -l | grep -qx {FILES}"
-        )
+        format!("{drop_caches}; find {dir}/tree -type f | xargs stat -c %s | wc -l | grep -qx {FILES}")
     };
     let (mut fs_read, mut blk_read, mut fs_walk, mut blk_walk) = (vec![], vec![], vec![], vec![]);
     for _ in 0..n {
@@ -129,7 +127,12 @@ async fn main() {
         blk_walk.push(timed(&mgr, &walk("/blk")).await);
         fs_walk.push(timed(&mgr, &walk("/fs")).await);
     }
-    let (fr, br, fw, bw) = (median(fs_read), median(blk_read), median(fs_walk), median(blk_walk));
+    let (fr, br, fw, bw) = (
+        median(fs_read),
+        median(blk_read),
+        median(fs_walk),
+        median(blk_walk),
+    );
     let mib = BIG_MIB as f64;
     println!("virtio-fs bench (TCG guest, median of {n}; guest page cache dropped before each run)");
     println!(

@@ -355,6 +355,24 @@ fn percent_encode(bytes: &[u8]) -> String {
     out
 }
 
+/// The reason a VM is failed with when the daemon `d` of one of its shares died while it ran
+/// (`how`: its exit status, when known).
+pub fn lost_reason(d: &DaemonRecord, how: Option<&str>) -> String {
+    format!(
+        "the virtiofsd of shared directory {} (tag {}, pid {}) exited{} while the vm ran; \
+         the vm was killed, its guest would hang on the share",
+        d.host_path.display(),
+        d.tag,
+        d.pid,
+        how.map(|h| format!(" ({h})")).unwrap_or_default()
+    )
+}
+
+/// The first recorded daemon of the VM in `vm_dir` that no longer runs, if any.
+pub fn first_dead(vm_dir: &Path) -> Option<DaemonRecord> {
+    load(vm_dir).daemons.into_iter().find(|d| !d.is_alive())
+}
+
 /// Kills daemons a failed start left, unless disarmed.
 struct Started<'a> {
     vm_dir: &'a Path,
@@ -485,12 +503,31 @@ pub fn stop(vm_dir: &Path) -> Vec<u32> {
     let dir = VmDir::new(vm_dir);
     let record = load(vm_dir);
     let mut killed = Vec::new();
+    let mut gone: Vec<(u32, u64)> = Vec::new();
     for d in &record.daemons {
         if let Ok(p) = VmmProcess::attach(d.pid, d.start_time) {
+            // its sandboxed worker (a child in the daemon's process group) goes with it
+            let children =
+                std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", d.pid)).unwrap_or_default();
+            for c in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+                if let Ok(Some(t)) = crate::process::start_time(c) {
+                    gone.push((c, t));
+                }
+            }
             if p.kill().is_ok() {
                 killed.push(d.pid);
+                gone.push((d.pid, d.start_time));
             }
         }
+    }
+    // SIGKILL is delivered asynchronously: the caller may be about to report "nothing left"
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while gone
+        .iter()
+        .any(|(pid, t)| crate::process::is_same_process_alive(*pid, *t))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
     for i in 0..record.daemons.len().max(crate::config::MAX_SHARES) {
         let _ = std::fs::remove_file(dir.fs_socket(i));

@@ -396,3 +396,95 @@ async fn invalid_shares_are_refused_before_anything_starts() {
         "duplicate guest path"
     );
 }
+
+#[tokio::test]
+async fn shares_are_mounted_in_an_image_root_too() {
+    let assets = support::guest::assets().await;
+    let home = TestHome::new();
+    let work = tempfile::tempdir().expect("tmp");
+    // a tiny image: busybox and no /data (the init creates the mount point in the new root)
+    let tree = work.path().join("tree");
+    for d in ["bin", "etc", "proc", "sys", "dev", "tmp"] {
+        std::fs::create_dir_all(tree.join(d)).expect("mkdir");
+    }
+    std::fs::copy(&assets.busybox, tree.join("bin/busybox")).expect("busybox");
+    std::fs::set_permissions(tree.join("bin/busybox"), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    for applet in ["sh", "cat", "grep", "echo"] {
+        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).expect("symlink");
+    }
+    std::fs::write(tree.join("etc/os-release"), "ID=share-image\n").expect("os-release");
+    let img = work.path().join("root.ext4");
+    let status = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&img)
+        .arg("32M")
+        .status()
+        .expect("mkfs.ext4");
+    assert!(status.success());
+    let share = work.path().join("share");
+    std::fs::create_dir(&share).expect("mkdir");
+    std::fs::write(share.join("f"), b"into the image root\n").expect("w");
+
+    let cfg = config("share6", vec![SharedDir::new(&share, "/data", "vmrs0")]).await;
+    let mgr = VmManager::with_home(home.path()).await.expect("manager");
+    mgr.start_with_rootfs(cfg, &img).await.expect("start");
+    if let Err(e) = mgr.wait_ready("share6", BOOT_TIMEOUT).await {
+        let log = std::fs::read_to_string(home.path().join("vms/share6/serial.log")).unwrap_or_default();
+        panic!("not ready: {e:?}\n{log}");
+    }
+    let out = sh(
+        &mgr,
+        "share6",
+        "cat /etc/os-release /data/f; grep ' /data ' /proc/mounts; echo w > /data/back",
+    )
+    .await;
+    let o = text(&out.stdout);
+    assert!(
+        o.starts_with("ID=share-image\ninto the image root\nvmrs0 /data virtiofs rw"),
+        "{o}"
+    );
+    assert_eq!(std::fs::read(share.join("back")).expect("back"), b"w\n");
+    mgr.kill("share6").await.expect("kill");
+    assert!(owned(&home, "share6").is_empty());
+    mgr.remove("share6", false).await.expect("rm");
+}
+
+/// Debian's old C virtiofsd (`VMRS_VIRTIOFSD`): it serves read-write shares, and a read-only
+/// share on it is refused before anything starts (it has no read-only mode).
+#[tokio::test]
+async fn the_c_daemon_serves_read_write_shares_and_refuses_read_only_ones() {
+    let c_daemon = Path::new(vm_rs::virtiofs::QEMU_FALLBACK);
+    assert!(
+        c_daemon.exists(),
+        "qemu-system-common ships {}",
+        c_daemon.display()
+    );
+    // this test binary's process only (nextest runs each test in its own process)
+    std::env::set_var(vm_rs::virtiofs::ENV, c_daemon);
+    let home = TestHome::new();
+    let share = tempfile::tempdir().expect("tmp");
+    std::fs::write(share.path().join("f"), b"c daemon\n").expect("w");
+    let mgr = VmManager::with_home(home.path()).await.expect("manager");
+    let mut ro = SharedDir::new(share.path(), "/data", "vmrs0");
+    ro.read_only = true;
+    match mgr.start(config("share7", vec![ro]).await).await {
+        Err(e @ ManagerError::Share { .. }) => {
+            assert_eq!(e.kind(), vm_rs::ErrorKind::Unsupported);
+            let chain = format!("{:?}", e);
+            assert!(chain.contains("ReadOnlyUnsupported"), "{chain}");
+        }
+        other => panic!("expected the read-only share refused, got {other:?}"),
+    }
+    assert!(!home.path().join("vms/share7").exists());
+    let cfg = config("share7", vec![SharedDir::new(share.path(), "/data", "vmrs0")]).await;
+    mgr.start(cfg).await.expect("start");
+    mgr.wait_ready("share7", BOOT_TIMEOUT).await.expect("ready");
+    let out = sh(&mgr, "share7", "cat /data/f && echo back > /data/g").await;
+    assert_eq!(out.stdout, b"c daemon\n");
+    assert_eq!(std::fs::read(share.path().join("g")).expect("g"), b"back\n");
+    mgr.kill("share7").await.expect("kill");
+    assert!(owned(&home, "share7").is_empty());
+    mgr.remove("share7", false).await.expect("rm");
+}

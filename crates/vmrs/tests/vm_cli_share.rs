@@ -57,7 +57,16 @@ fn volumes_are_mounted_shown_and_leave_nothing_behind() {
     let out = home
         .vmrs()
         .current_dir(work.path())
-        .args(["run", "-d", "--name", "c1", "-v", "./data/../data:/data:ro", "-v", ".:/work"])
+        .args([
+            "run",
+            "-d",
+            "--name",
+            "c1",
+            "-v",
+            "./data/../data:/data:ro",
+            "-v",
+            ".:/work",
+        ])
         .output()
         .expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -79,7 +88,10 @@ fn volumes_are_mounted_shown_and_leave_nothing_behind() {
     assert_eq!(mounts[0]["read_only"], true);
     assert_eq!(mounts[0]["serving"], true);
     let table = ok(&home, &["ps"]);
-    assert!(table.lines().next().unwrap_or_default().ends_with("MOUNTS"), "{table}");
+    assert!(
+        table.lines().next().unwrap_or_default().ends_with("MOUNTS"),
+        "{table}"
+    );
     assert!(table.contains(":/data:ro"), "{table}");
     let inspect: Value = serde_json::from_str(&ok(&home, &["inspect", "c1"])).expect("json");
     assert_eq!(inspect[0]["mounts"][1]["guest_path"], "/work");
@@ -91,8 +103,14 @@ fn volumes_are_mounted_shown_and_leave_nothing_behind() {
         .output()
         .expect("exec");
     assert!(!w.status.success());
-    ok(&home, &["exec", "c1", "sh", "-c", "echo from-guest > /work/g.txt"]);
-    assert_eq!(std::fs::read(work.path().join("g.txt")).expect("g"), b"from-guest\n");
+    ok(
+        &home,
+        &["exec", "c1", "sh", "-c", "echo from-guest > /work/g.txt"],
+    );
+    assert_eq!(
+        std::fs::read(work.path().join("g.txt")).expect("g"),
+        b"from-guest\n"
+    );
     assert!(!host.join("new").exists());
 
     let daemons = owned(&home, "c1");
@@ -120,7 +138,9 @@ fn kill_9_of_the_cli_and_qemu_leaves_no_virtiofsd() {
         .spawn()
         .expect("spawn vmrs run");
     let ready = wait_until(Duration::from_secs(120), || {
-        home.ps().iter().any(|r| r["name"] == "c2" && r["state"] == "ready")
+        home.ps()
+            .iter()
+            .any(|r| r["name"] == "c2" && r["state"] == "ready")
     });
     if !ready {
         let _ = cli.kill();
@@ -142,4 +162,37 @@ fn kill_9_of_the_cli_and_qemu_leaves_no_virtiofsd() {
     }));
     assert!(!home.0.path().join("vms/c2/virtiofsd.json").exists());
     ok(&home, &["rm", "c2"]);
+}
+
+#[test]
+fn a_daemon_killed_while_nobody_watches_fails_the_vm_at_the_next_ps() {
+    let home = Home::new();
+    let share = tempfile::tempdir().expect("tmp");
+    let spec = format!("{}:/data", share.path().display());
+    ok(&home, &["run", "-d", "--name", "c3", "-v", &spec]);
+    let rec: Value = serde_json::from_slice(
+        &std::fs::read(home.0.path().join("vms/c3/virtiofsd.json")).expect("virtiofsd.json"),
+    )
+    .expect("json");
+    let pid = rec["daemons"][0]["pid"].as_u64().expect("pid") as i32;
+    // the recorded daemon and its sandboxed worker
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    // SAFETY: kill(2) of the daemon the VM's record names and of its children.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        for c in children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()) {
+            libc::kill(c, libc::SIGKILL);
+        }
+    }
+    assert!(wait_until(Duration::from_secs(10), || !std::path::Path::new(
+        &format!("/proc/{pid}/exe")
+    )
+    .exists()));
+    let rows = home.ps();
+    let r = row(&rows, "c3");
+    assert_eq!(r["state"], "failed", "{r}");
+    let reason = r["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("virtiofsd of shared directory"), "{reason}");
+    assert!(owned(&home, "c3").is_empty(), "{:?}", owned(&home, "c3"));
+    ok(&home, &["rm", "c3"]);
 }

@@ -307,7 +307,20 @@ impl VmEntry {
             return Ok(entry);
         };
         match VmmProcess::attach(handle.pid, handle.start_time) {
-            Ok(process) => {
+            Ok(mut process) => {
+                // A share's daemon died while no vm-rs process watched: the guest hangs on it
+                // for good, so the VM is ended here (by this process, so the reason is kept).
+                if let Some(dead) = crate::virtiofs::first_dead(&entry.dir)
+                    .filter(|_| entry.requested_exit(&handle).is_none())
+                {
+                    let reason = crate::virtiofs::lost_reason(&dead, None);
+                    tracing::warn!(vm = %entry.name, %reason, "shared directory lost");
+                    let _ = process.kill();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), process.wait()).await;
+                    crate::virtiofs::stop(&entry.dir);
+                    entry.transition(VmState::Failed { reason }).await?;
+                    return Ok(entry);
+                }
                 if let Ok(k) = VmmProcess::attach(handle.pid, handle.start_time) {
                     *entry.killer.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(k));
                 }
@@ -406,13 +419,8 @@ impl VmEntry {
                 if !me.state().is_live() || me.exit_cause() != ExitCause::Unrequested || !me.vmm_alive() {
                     return;
                 }
-                let reason = format!(
-                    "the virtiofsd of shared directory {} (tag {}, pid {}) exited ({status}) while the vm ran; \
-                     the vm was killed, its guest would hang on the share",
-                    d.host_path.display(),
-                    d.tag,
-                    d.pid
-                );
+                let how = (status != ExitInfo::Unknown).then(|| status.to_string());
+                let reason = crate::virtiofs::lost_reason(&d, how.as_deref());
                 tracing::warn!(vm = %me.name, %reason, "shared directory lost");
                 me.note_exit(ExitCause::ShareLost { reason });
                 if let Err(e) = me.kill().await {

@@ -328,6 +328,12 @@ pub fn build(input: &QemuArgsInput<'_>) -> Vec<OsString> {
     if let Some(agent) = &devices.agent {
         a.extend(agent_args(agent));
     }
+    if !devices.shared_dirs.is_empty() {
+        // microvm's virtio-mmio transports default to the legacy (v1) interface, which
+        // libvhost-user daemons (the C virtiofsd) refuse: "virtio legacy devices aren't
+        // supported by libvhost-user"
+        a.extend(["-global".into(), "virtio-mmio.force-legacy=false".into()]);
+    }
     for (i, fs) in devices.shared_dirs.iter().enumerate() {
         a.extend(shared_fs_args(i, fs));
     }
@@ -524,6 +530,7 @@ mod tests {
         let args = strings(build(&input_for(&cfg, &paths, &devices, Accel::Tcg)));
         let joined = args.join(" ");
         assert!(joined.contains("microvm,acpi=on,x-option-roms=off,rtc=on,memory-backend=vmrs-mem"));
+        assert!(joined.contains("-global virtio-mmio.force-legacy=false"));
         assert!(
             args.contains(&"socket,id=vmrs-fs0,path=/v,,x/fs0.sock".to_string()),
             "{args:?}"
