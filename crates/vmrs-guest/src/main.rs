@@ -10,13 +10,13 @@
 //! 4. with `vmrs.root=/dev/vdX`: mount that disk, move `/proc`, `/sys`, `/dev`, `/run` into it,
 //!    give it a fresh `/tmp`, and switch root to it (this process stays PID 1; it needs nothing
 //!    from the image);
-//! 4b. mount every `vmrs.mount=` virtio-fs share at its path (in the new root when there is
+//! 5. mount every `vmrs.mount=` virtio-fs share at its path (in the new root when there is
 //!    one; read-only when asked). A share that cannot be mounted fails the boot: the init prints
 //!    `VMRS_FAILED <reason>` and powers off, and the host records the VM as failed with that
 //!    reason instead of waiting for a readiness that never comes;
-//! 5. start the host agent ([`agent`]) on every `vmrs.agent*` virtio-serial port;
-//! 6. print `VMRS_READY <ip>` on its own console line (`127.0.0.1` without network);
-//! 7. loop forever: reap zombies ([`reaper`]); on the ACPI power button (an `EV_KEY`/`KEY_POWER`
+//! 6. start the host agent ([`agent`]) on every `vmrs.agent*` virtio-serial port;
+//! 7. print `VMRS_READY <ip>` on its own console line (`127.0.0.1` without network);
+//! 8. loop forever: reap zombies ([`reaper`]); on the ACPI power button (an `EV_KEY`/`KEY_POWER`
 //!    press on any `/dev/input/event*`), SIGTERM/SIGUSR2/SIGPWR/SIGINT or an agent `Shutdown`,
 //!    shut down: print `vmrs-init: shutting down`, SIGTERM then SIGKILL every process, sync,
 //!    unmount, print `vmrs-init: power off` and power the machine off.
