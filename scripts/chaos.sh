@@ -8,8 +8,9 @@
 # within its first 200 ms.
 # After each round (CHAOS_PER_ROUND kills) the clients stop and the harness checks:
 #   - `vmrs ps -a --json` works and lists every VM directory (readable or `damaged`);
-#   - every process a VM directory owns (VMRS_OWNER in its environment: VMMs, forwarders) is
-#     the VMM `ps` shows for that VM, and every switch sidecar is the one its network records;
+#   - every process a VM directory owns (VMRS_OWNER in its environment: VMMs, forwarders,
+#     virtiofsd) is the VMM `ps` shows for that VM or a sidecar its records name, and every
+#     switch sidecar is the one its network records;
 #   - `rm -f` removes every VM; then nothing is left: no VM directory, no owned process, no
 #     TAP device of these VMs, no switch sidecar, no nft table that was not there before;
 #   - `snapshot ls --json` works and lists every snapshot directory (each one whole: its
@@ -45,7 +46,9 @@ names=(kx0 kx1 kx2 kx3)
 # namespace of the harness's own: TAP, bridge and nft table windows are hunted too
 ns=vmrs-chaos-$$
 ip netns add "$ns" || exit 1
-declare -A net=([kx0]="" [kx1]="--net switch=kxnet" [kx2]="--net switch=kxnet"
+# kx0 also shares a host directory (a virtiofsd sidecar per share, owned by its VM directory)
+mkdir -p "$home/share"
+declare -A net=([kx0]="-v $home/share:/data" [kx1]="--net switch=kxnet" [kx2]="--net switch=kxnet"
     [kx3]="--net bridge=kxbr0,gateway=10.77.0.1/24,nat,netns=/run/netns/$ns")
 log=$home/chaos.log
 violations=0
@@ -147,7 +150,7 @@ killer() {
 }
 
 check_round() {
-    local before after rows dirs pid owner vm want
+    local before after rows dirs pid owner vm want ppid
     before=$(owned | wc -l)
     if ! rows=$(timeout 60 "$VMRS" ps -a --json 2>>"$log"); then
         violation "ps -a --json failed"
@@ -173,8 +176,11 @@ for r in json.load(sys.stdin):
             want=$(echo "$rows" | python3 -c 'import json,sys
 for r in json.load(sys.stdin):
     if r["name"]==sys.argv[1] and r["state"] in ("starting","running","ready","paused"): print(r.get("pid"))' "$vm")
-            # a forwarder of a live VM is tracked by its net.json; a VMM by the record
-            if [ "$want" != "$pid" ] && ! grep -q "\"pid\": *$pid\b" "$owner/net.json" 2>/dev/null; then
+            # a forwarder of a live VM is tracked by its net.json; a VMM by the record; a
+            # virtiofsd (or its sandboxed worker, a child) by virtiofsd.json
+            ppid=$(awk '{print $4}' "/proc/$pid/stat" 2>/dev/null)
+            if [ "$want" != "$pid" ] && ! grep -q "\"pid\": *$pid\b" "$owner/net.json" 2>/dev/null &&
+                ! grep -qE "\"pid\": *($pid|${ppid:-x})\b" "$owner/virtiofsd.json" 2>/dev/null; then
                 violation "process $pid ($(cat /proc/$pid/comm 2>/dev/null)) owned by $vm is tracked by no record (ps: ${want:-not live})"
             fi
             ;;

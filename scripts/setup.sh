@@ -5,7 +5,7 @@
 # only checks.
 #
 # Needs: Debian 12 (apt), root or sudo, Rust >= the workspace's rust-version (see Cargo.toml).
-# cargo-nextest is installed with `cargo install --locked` when it is missing.
+# cargo-nextest and virtiofsd are installed with `cargo install --locked` when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -99,6 +99,26 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "setup: installing cargo-nextest (cargo install --locked)" >&2
     cargo install --locked cargo-nextest
+fi
+
+# The virtio-fs daemon for shared directories (`vmrs run -v`): the maintained Rust virtiofsd
+# (Debian 12's qemu-system-common only ships the old C one, which has no read-only mode).
+virtiofsd_version=1.14.0
+cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+have_virtiofsd() {
+    local v
+    for v in "${VMRS_VIRTIOFSD:-}" "$(command -v virtiofsd || true)" "$cargo_bin/virtiofsd"; do
+        [ -n "$v" ] && [ -x "$v" ] && "$v" --version 2>/dev/null | grep -q '^virtiofsd [0-9]' && return 0
+    done
+    return 1
+}
+if ! have_virtiofsd; then
+    echo "setup: installing virtiofsd $virtiofsd_version (cargo install --locked)" >&2
+    cargo install --locked virtiofsd --version "$virtiofsd_version"
+fi
+if ! have_virtiofsd; then
+    echo "setup: virtiofsd missing after cargo install (looked on PATH and in $cargo_bin)" >&2
+    exit 1
 fi
 
 echo "setup: building vmrs and the guest init" >&2

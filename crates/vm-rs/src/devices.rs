@@ -16,7 +16,7 @@
 //! | [`Nic`] tap | `-netdev tap` | `net[]` with `tap` |
 //! | [`Nic`] switch | `-netdev dgram` (Unix) | refused |
 //! | [`AgentChannel`] | virtio-serial port on a Unix socket | refused (vsock: later) |
-//! | [`SharedFs`] | refused (virtio-fs: later) | refused (virtio-fs: later) |
+//! | [`SharedFs`] | `vhost-user-fs-device` on the virtiofsd socket (needs shared memory) | `fs[]` (needs `memory.shared`) |
 //! | entropy | `virtio-rng-device` | `rng` |
 //! | [`MemoryBackend`] | `memory-backend-memfd`/`-file` (default: a shared file in the VM directory, so a snapshot can copy it) | `memory.shared` |
 
@@ -142,15 +142,20 @@ impl AgentChannel {
     }
 }
 
-/// A host directory shared over virtio-fs.
+/// A host directory shared over virtio-fs: a vhost-user-fs device whose backend is a virtiofsd
+/// sidecar serving `host_path` on `socket` (see [`crate::virtiofs`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SharedFs {
     /// Tag the guest mounts.
     pub tag: String,
     /// Directory on the host.
     pub host_path: PathBuf,
-    /// Share read-only.
+    /// Share read-only (the daemon enforces it).
     pub read_only: bool,
+    /// The virtiofsd's vhost-user socket (in the VM directory, [`crate::vm_dir::VmDir::fs_socket`]);
+    /// the VMM connects to it.
+    #[serde(default)]
+    pub socket: PathBuf,
 }
 
 /// Where guest RAM lives.
@@ -299,6 +304,13 @@ impl Capabilities {
         if !devices.shared_dirs.is_empty() && !self.shared_dirs {
             return Err(refuse("shared directories (virtio-fs)"));
         }
+        let shared_memory = matches!(
+            devices.memory,
+            MemoryBackend::Memfd { shared: true } | MemoryBackend::File { shared: true, .. }
+        );
+        if !devices.shared_dirs.is_empty() && !shared_memory {
+            return Err(refuse("shared directories without shared guest memory"));
+        }
         if devices.entropy && !self.entropy {
             return Err(refuse("an entropy device"));
         }
@@ -405,6 +417,7 @@ mod tests {
                 tag: "t".into(),
                 host_path: "/tmp".into(),
                 read_only: false,
+                socket: "/v/fs0.sock".into(),
             })
         });
         assert!(feature(c.check(b, &cfg, &shared)).contains("virtio-fs"));

@@ -76,6 +76,7 @@ impl ErrorKind {
             crate::net::switch::server::ServeError,
             crate::agent::AgentError,
             crate::rootfs::RootfsError,
+            crate::virtiofs::VirtiofsError,
             crate::oci::StoreError,
             crate::oci::PullError,
             crate::oci::pull::TransferError,

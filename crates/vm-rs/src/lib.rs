@@ -36,6 +36,7 @@
 //! * [`host`] — host facts: KVM usability, program lookup, CPU clock.
 //! * [`paths`] — where data lives (`VMRS_HOME`).
 //! * [`setup`] — one-call helpers: seed image, SSH key, catalog image → per-VM disk.
+//! * [`virtiofs`] — shared directories: the virtiofsd sidecar serving each one over virtio-fs.
 //! * [`vm_dir`] — the layout of a VM's directory (every file name in one place).
 //! * [`snapshot`] — snapshots: a running VM saved once, restored and cloned many times.
 //! * [`storage`] — disks, copy-on-write clones, cloud-init seeds, SSH keys, verified downloads.
@@ -86,6 +87,7 @@ pub mod setup;
 pub mod snapshot;
 pub mod state;
 pub mod storage;
+pub mod virtiofs;
 pub mod vm_dir;
 
 pub use config::{Accel, BackendKind, DiskConfig, NetworkAttachment, SharedDir, VmConfig};

@@ -20,6 +20,7 @@
 //! | `disk-<id>.qcow2` | manager | a restored VM's overlay over a snapshot's frozen disk |
 //! | `origin.json` | manager | the snapshot a restored VM came from |
 //! | `net.json`, `net<N>.sock` | networking | host network state; switch-port sockets |
+//! | `virtiofsd.json`, `virtiofsd.log`, `fs<N>.sock` | shared directories | the virtiofsd sidecars (pid + start time), their output, their vhost-user sockets |
 //! | `qmp.sock`, `qmp-events.sock` | QEMU | QMP monitors (commands, events) |
 //! | `ch-api.sock`, `ch-events.json`, `ch.log`, `ch-quit-requested`, `vmlinux` | Cloud Hypervisor | API, event monitor, log, quit marker, unpacked kernel |
 
@@ -68,6 +69,10 @@ impl VmDir {
     pub const ORIGIN: &'static str = "origin.json";
     /// Host network state.
     pub const NET_STATE: &'static str = "net.json";
+    /// The virtiofsd sidecars of the VM's shared directories (see [`crate::virtiofs`]).
+    pub const VIRTIOFSD_RECORD: &'static str = "virtiofsd.json";
+    /// What the virtiofsd sidecars print.
+    pub const VIRTIOFSD_LOG: &'static str = "virtiofsd.log";
     /// QEMU's QMP command socket.
     pub const QMP_SOCKET: &'static str = "qmp.sock";
     /// QEMU's QMP event socket.
@@ -125,6 +130,12 @@ impl VmDir {
         self.path.join(format!("disk-{id}.qcow2"))
     }
 
+    /// The vhost-user socket of shared directory `index` (`fs<index>.sock`), served by its
+    /// virtiofsd.
+    pub fn fs_socket(&self, index: usize) -> PathBuf {
+        self.path.join(format!("fs{index}.sock"))
+    }
+
     /// Remove the sockets a VMM that is gone left behind, and its guest RAM file (missing ones
     /// are fine).
     pub fn remove_vmm_sockets(&self) {
@@ -171,11 +182,14 @@ mod tests {
             VmDir::MEMORY,
             VmDir::DEVICES,
             VmDir::ORIGIN,
+            VmDir::VIRTIOFSD_RECORD,
+            VmDir::VIRTIOFSD_LOG,
         ];
         let set: std::collections::HashSet<_> = names.iter().collect();
         assert_eq!(set.len(), names.len());
         let d = VmDir::new("/v");
         assert_eq!(d.nic_socket(3), Path::new("/v/net3.sock"));
+        assert_eq!(d.fs_socket(2), Path::new("/v/fs2.sock"));
         assert_eq!(d.file(VmDir::STATE), Path::new("/v/state.json"));
     }
 

@@ -130,15 +130,9 @@ fn features() -> Vec<Feature> {
         },
         Feature {
             name: "shared directory",
-            apply: |c, _, f| {
-                c.shared_dirs.push(SharedDir {
-                    host_path: f.dir.path().to_path_buf(),
-                    tag: "share".into(),
-                    read_only: false,
-                })
-            },
-            qemu: "",
-            ch: "",
+            apply: |c, _, f| c.shared_dirs.push(SharedDir::new(f.dir.path(), "/data", "share")),
+            qemu: "vhost-user-fs-device,chardev=vmrs-fs0,queue-size=1024,tag=share",
+            ch: "\"fs\":[{",
         },
         Feature {
             name: "tcg acceleration",
@@ -309,15 +303,6 @@ async fn refused_configs_leave_nothing_behind() {
             ..StartOptions::default()
         },
     ));
-    let mut c = base_config(&f, BackendKind::Qemu);
-    c.networks = vec![bridge(Some(ns.path()))];
-    c.shared_dirs.push(SharedDir {
-        host_path: f.dir.path().to_path_buf(),
-        tag: "t".into(),
-        read_only: true,
-    });
-    cases.push((c, StartOptions::default()));
-
     for (cfg, opts) in cases {
         let what = format!("{:?} {:?} {opts:?}", cfg.backend, cfg.networks);
         match mgr.start_with(cfg, opts).await {
@@ -336,4 +321,66 @@ async fn refused_configs_leave_nothing_behind() {
         );
     }
     assert!(mgr.list().await.expect("list").is_empty());
+
+    // A backend that cannot share refuses a share before its network, its directory or a
+    // virtiofsd exists.
+    let mgr = VmManager::builder()
+        .home(&home)
+        .driver(std::sync::Arc::new(NoShares(QemuDriver::new())))
+        .build()
+        .await
+        .expect("manager");
+    let mut c = base_config(&f, BackendKind::Qemu);
+    c.networks = vec![bridge(Some(ns.path()))];
+    let mut share = SharedDir::new(f.dir.path(), "/data", "t");
+    share.read_only = true;
+    c.shared_dirs.push(share);
+    match mgr.start_with(c, StartOptions::default()).await {
+        Err(ManagerError::Driver {
+            source: DriverError::Unsupported { feature, .. },
+            ..
+        }) => assert!(feature.contains("virtio-fs"), "{feature}"),
+        other => panic!("expected unsupported, got {other:?}"),
+    }
+    assert!(vms_in(&home).is_empty());
+    assert_eq!(ns.links(), before, "devices left in the namespace");
+    assert!(
+        vm_rs::process::owned_by(&home.join("vms/feat")).is_empty(),
+        "a virtiofsd was started"
+    );
+}
+
+/// QEMU with its shared directories switched off: a backend that cannot share.
+#[derive(Debug)]
+struct NoShares(QemuDriver);
+
+#[async_trait::async_trait]
+impl VmDriver for NoShares {
+    fn kind(&self) -> BackendKind {
+        self.0.kind()
+    }
+    fn capabilities(&self) -> vm_rs::devices::Capabilities {
+        vm_rs::devices::Capabilities {
+            shared_dirs: false,
+            ..self.0.capabilities()
+        }
+    }
+    async fn boot(&self, spec: &vm_rs::driver::BootSpec<'_>) -> Result<vm_rs::driver::Launched, DriverError> {
+        self.0.boot(spec).await
+    }
+    async fn status(&self, h: &vm_rs::VmHandle) -> Result<vm_rs::driver::VmmStatus, DriverError> {
+        self.0.status(h).await
+    }
+    async fn pause(&self, h: &vm_rs::VmHandle) -> Result<(), DriverError> {
+        self.0.pause(h).await
+    }
+    async fn resume(&self, h: &vm_rs::VmHandle) -> Result<(), DriverError> {
+        self.0.resume(h).await
+    }
+    async fn request_shutdown(&self, h: &vm_rs::VmHandle) -> Result<(), DriverError> {
+        self.0.request_shutdown(h).await
+    }
+    async fn quit(&self, h: &vm_rs::VmHandle) -> Result<(), DriverError> {
+        self.0.quit(h).await
+    }
 }

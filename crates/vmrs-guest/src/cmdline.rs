@@ -12,8 +12,12 @@
 //! | `vmrs.root=serial:S` | the same, for the virtio disk whose serial is `S`    |
 //! | `vmrs.rootfstype=T`  | its filesystem type (default: try ext4, then erofs)  |
 //! | `vmrs.rootflags=ro`  | mount it read-only                                   |
+//! | `vmrs.mount=TAG:PATH[:ro]` | mount the virtio-fs share `TAG` at `PATH` (repeatable) |
 //!
 //! Invalid values are reported and ignored (the guest still boots); unknown `vmrs.*` keys too.
+//! The exception is `vmrs.mount=`: the host asked for a share, so one that cannot be parsed is
+//! a fatal problem ([`Config::fatal`]) and the boot fails rather than run without it. Its `TAG`
+//! and `PATH` are percent-encoded (`%20` a space, `%3A` a colon, `%25` a percent sign).
 
 use std::net::IpAddr;
 
@@ -38,8 +42,68 @@ pub struct Config {
     pub root_ro: bool,
     /// Configure eth0 by DHCP (`vmrs.ip=dhcp`).
     pub dhcp: bool,
+    /// virtio-fs shares to mount, in order.
+    pub mounts: Vec<Mount>,
     /// Problems found while parsing (reported on the console).
     pub warnings: Vec<String>,
+    /// Problems that must fail the boot (a share that was asked for but cannot be parsed).
+    pub fatal: Vec<String>,
+}
+
+/// One `vmrs.mount=` share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// The virtio-fs tag.
+    pub tag: String,
+    /// Where to mount it: absolute, normalised, not `/`.
+    pub path: String,
+    /// Mount it read-only.
+    pub read_only: bool,
+}
+
+/// Decode `%XX` escapes; `None` on a malformed escape or a result that is not UTF-8 or holds
+/// a NUL.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    let text = String::from_utf8(out).ok()?;
+    (!text.contains('\0')).then_some(text)
+}
+
+/// Parse the value of `vmrs.mount=`.
+pub fn parse_mount(value: &str) -> Option<Mount> {
+    let mut parts = value.split(':');
+    let tag = percent_decode(parts.next()?)?;
+    let path = percent_decode(parts.next()?)?;
+    let read_only = match parts.next() {
+        None => false,
+        Some("ro") => true,
+        Some("rw") => false,
+        Some(_) => return None,
+    };
+    if parts.next().is_some() || tag.is_empty() || tag.len() > 36 {
+        return None;
+    }
+    let normal = path.starts_with('/')
+        && path
+            .split('/')
+            .skip(1)
+            .all(|c| !c.is_empty() && c != "." && c != "..");
+    if !normal || path == "/" || path.chars().any(char::is_control) {
+        return None;
+    }
+    Some(Mount { tag, path, read_only })
 }
 
 fn parse_cidr(v: &str) -> Option<(IpAddr, u8)> {
@@ -116,6 +180,10 @@ pub fn parse(cmdline: &str) -> Config {
                 }
             }
             "rootflags" => cfg.root_ro = value.split(',').any(|f| f == "ro"),
+            "mount" => match parse_mount(value) {
+                Some(m) => cfg.mounts.push(m),
+                None => cfg.fatal.push(format!("invalid vmrs.mount={value}")),
+            },
             _ => {}
         }
     }
@@ -182,6 +250,48 @@ mod tests {
         assert_eq!(c.warnings.len(), 5);
         let c = parse("vmrs.root=serial:vmrs-root");
         assert_eq!(c.root.as_deref(), Some("serial:vmrs-root"));
+    }
+
+    #[test]
+    fn mounts() {
+        let c = parse("vmrs.mount=vmrs0:/data vmrs.mount=t%3A1:/mnt/my%20dir%3Ax%25y:ro");
+        assert_eq!(
+            c.mounts,
+            vec![
+                Mount {
+                    tag: "vmrs0".into(),
+                    path: "/data".into(),
+                    read_only: false
+                },
+                Mount {
+                    tag: "t:1".into(),
+                    path: "/mnt/my dir:x%y".into(),
+                    read_only: true
+                },
+            ]
+        );
+        assert!(c.fatal.is_empty());
+        for bad in [
+            "vmrs.mount=",
+            "vmrs.mount=t",
+            "vmrs.mount=t:relative",
+            "vmrs.mount=t:/",
+            "vmrs.mount=t:/a/../etc",
+            "vmrs.mount=t:/a/./b",
+            "vmrs.mount=t:/a//b",
+            "vmrs.mount=t:/a:rx",
+            "vmrs.mount=t:/a:ro:x",
+            "vmrs.mount=:/a",
+            "vmrs.mount=t:/a%2",
+            "vmrs.mount=t:/a%zz",
+            "vmrs.mount=t:/a%00b",
+            "vmrs.mount=t:/a%0Ab",
+            "vmrs.mount=t:/a%FF",
+        ] {
+            let c = parse(bad);
+            assert!(c.mounts.is_empty(), "{bad}");
+            assert_eq!(c.fatal.len(), 1, "{bad}");
+        }
     }
 
     #[test]

@@ -12,9 +12,13 @@
 //!    the disk), move `/proc`, `/sys`, `/dev`, `/run` into it,
 //!    give it a fresh `/tmp`, and switch root to it (this process stays PID 1; it needs nothing
 //!    from the image);
-//! 5. start the host agent ([`agent`]) on every `vmrs.agent*` virtio-serial port;
-//! 6. print `VMRS_READY <ip>` on its own console line (`127.0.0.1` without network);
-//! 7. loop forever: reap zombies ([`reaper`]); on the ACPI power button (an `EV_KEY`/`KEY_POWER`
+//! 5. mount every `vmrs.mount=` virtio-fs share at its path (in the new root when there is
+//!    one; read-only when asked). A share that cannot be mounted fails the boot: the init prints
+//!    `VMRS_FAILED <reason>` and powers off, and the host records the VM as failed with that
+//!    reason instead of waiting for a readiness that never comes;
+//! 6. start the host agent ([`agent`]) on every `vmrs.agent*` virtio-serial port;
+//! 7. print `VMRS_READY <ip>` on its own console line (`127.0.0.1` without network);
+//! 8. loop forever: reap zombies ([`reaper`]); on the ACPI power button (an `EV_KEY`/`KEY_POWER`
 //!    press on any `/dev/input/event*`), SIGTERM/SIGUSR2/SIGPWR/SIGINT or an agent `Shutdown`,
 //!    shut down: print `vmrs-init: shutting down`, SIGTERM then SIGKILL every process, sync,
 //!    unmount, print `vmrs-init: power off` and power the machine off.
@@ -72,6 +76,9 @@ fn main() {
             log(&format!("cannot switch to root {dev}: {e}"));
             power_off();
         }
+    }
+    if let Err(reason) = mount_shares(&cfg) {
+        fail_boot(&reason);
     }
     write_resolv_conf(&cfg);
     write_hosts(&cfg);
@@ -340,6 +347,52 @@ fn switch_root(root: &str, fstype: Option<&str>, read_only: bool) -> Result<(), 
     sys::mount(".", "/", "", libc::MS_MOVE, "").map_err(|e| format!("move root: {e}"))?;
     sys::chroot(".").map_err(|e| format!("chroot: {e}"))?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    Ok(())
+}
+
+/// The line the host reads as "this guest cannot come up" (`vm_rs::console::FAILED_MARKER`).
+const FAILED_MARKER: &str = "VMRS_FAILED";
+
+/// Report a boot failure to the host and power off.
+fn fail_boot(reason: &str) -> ! {
+    let one_line: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    sys::console(&format!("{FAILED_MARKER} {one_line}"));
+    power_off();
+}
+
+/// How long a share's device may take to appear after the virtiofs module loaded.
+const SHARE_WAIT: Duration = Duration::from_secs(5);
+
+/// Mount the `vmrs.mount=` shares; the first one that fails is the error.
+fn mount_shares(cfg: &cmdline::Config) -> Result<(), String> {
+    if let Some(bad) = cfg.fatal.first() {
+        return Err(bad.clone());
+    }
+    for m in &cfg.mounts {
+        let what = format!("share {} at {}", m.tag, m.path);
+        match std::fs::metadata(&m.path) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => return Err(format!("cannot mount {what}: {} is not a directory", m.path)),
+            Err(_) => std::fs::create_dir_all(&m.path)
+                .map_err(|e| format!("cannot create {} for {what}: {e}", m.path))?,
+        }
+        let flags = if m.read_only { libc::MS_RDONLY } else { 0 };
+        let deadline = Instant::now() + SHARE_WAIT;
+        loop {
+            match sys::mount(&m.tag, &m.path, "virtiofs", flags, "") {
+                Ok(()) => break,
+                // the filesystem type is not there at all: the kernel has no virtiofs
+                Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
+                    return Err(format!("cannot mount {what}: the kernel has no virtiofs ({e})"))
+                }
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => return Err(format!("cannot mount {what}: {e}")),
+            }
+        }
+    }
     Ok(())
 }
 

@@ -27,7 +27,7 @@
 //! ```
 //!
 //! Global flags: `--home DIR` (`VMRS_HOME`), `--verbose` (twice: debug; `RUST_LOG` overrides).
-//! There is no `-v`: in docker it is the volume flag.
+//! There is no global `-v`: as in docker, `-v` is `run`'s volume flag (`-v HOST:GUEST[:ro]`).
 //!
 //! Exit codes: see [`exit`].
 
@@ -52,7 +52,7 @@ struct Cli {
     #[arg(long, global = true, env = "VMRS_HOME", value_name = "DIR")]
     home: Option<std::path::PathBuf>,
     /// More log output (--verbose: info, twice: debug); RUST_LOG overrides. (No `-v`: that
-    /// is docker's volume flag.)
+    /// is docker's volume flag, `vmrs run -v HOST:GUEST[:ro]`.)
     #[arg(long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
     #[command(subcommand)]
@@ -156,5 +156,13 @@ mod tests {
                 vm_rs::BackendKind::Firecracker
             );
         }
+        // on run, -v is docker's volume flag (repeatable)
+        let cli = parse(&["run", "-d", "-v", "/a:/b", "--volume", "/c:/d:ro", "img"]).expect("parse");
+        let cmd::Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(a.volumes, ["/a:/b", "/c:/d:ro"]);
+        assert_eq!(a.image.as_deref(), Some("img"));
+        assert_eq!(cli.verbose, 0);
     }
 }

@@ -13,7 +13,7 @@ pub use network::{
 };
 pub use validate::{
     bzimage_cmdline_size, check_kernel_cmdline, host_memory_mib, kernel_cmdline_limit, validate_disk,
-    validate_name, ConfigError, COMMAND_LINE_SIZE, MAX_NAME_LEN,
+    validate_name, ConfigError, COMMAND_LINE_SIZE, MAX_NAME_LEN, MAX_SHARES, MAX_TAG_LEN,
 };
 
 use serde::{Deserialize, Serialize};
@@ -255,16 +255,97 @@ impl DiskConfig {
     }
 }
 
-/// A host directory shared into the guest over virtio-fs (mounted by tag).
+/// A host directory shared into the guest over virtio-fs (docker's `-v HOST:GUEST[:ro]`).
+///
+/// A virtiofsd sidecar serves `host_path` to the guest as the virtio-fs device `tag`; the guest
+/// init mounts it at `guest_path` (read-only when asked) before the guest is ready, and a share
+/// that cannot be mounted fails the VM. Without `guest_path` the share is only offered: the
+/// guest mounts it itself (`mount -t virtiofs TAG /mnt`).
+///
+/// `read_only` is enforced by the daemon (`virtiofsd --readonly`), not only by the guest's
+/// mount options: a guest that remounts the share read-write still cannot write.
+///
+/// ```
+/// use vm_rs::SharedDir;
+/// let d = SharedDir::parse_volume("/srv/data:/data:ro", 0).expect("spec");
+/// assert_eq!(d.guest_path.as_deref(), Some(std::path::Path::new("/data")));
+/// assert!(d.read_only);
+/// assert_eq!(d.tag, "vmrs0");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SharedDir {
-    /// Directory on the host.
+    /// Directory on the host (made absolute before the VM is created).
     pub host_path: PathBuf,
-    /// virtio-fs tag the guest mounts (`mount -t virtiofs TAG /mnt`).
+    /// virtio-fs tag the guest mounts (`mount -t virtiofs TAG /mnt`): 1-36 bytes without
+    /// whitespace, `,` or control characters, unique within the VM.
     pub tag: String,
-    /// Share read-only.
+    /// Share read-only (enforced by the daemon).
     #[serde(default)]
     pub read_only: bool,
+    /// Where the guest init mounts it: absolute, not `/`, without `.`/`..` components or
+    /// control characters, unique within the VM. `None`: not mounted by the init.
+    #[serde(default)]
+    pub guest_path: Option<PathBuf>,
+}
+
+impl SharedDir {
+    /// Share `host` at `guest` in the guest, read-write, with tag `tag`.
+    pub fn new(host: impl Into<PathBuf>, guest: impl Into<PathBuf>, tag: impl Into<String>) -> Self {
+        SharedDir {
+            host_path: host.into(),
+            tag: tag.into(),
+            read_only: false,
+            guest_path: Some(guest.into()),
+        }
+    }
+
+    /// The tag vm-rs gives share `index` of a VM when the caller names none (`vmrs<index>`).
+    pub fn default_tag(index: usize) -> String {
+        format!("vmrs{index}")
+    }
+
+    /// Parse docker's volume syntax `HOST:GUEST[:ro|:rw]` for share `index` (its tag is
+    /// [`default_tag`](Self::default_tag)). A relative `HOST` is resolved against the current
+    /// directory; both paths must be non-empty, and `GUEST` absolute. The host directory's
+    /// existence is checked by validation, before anything starts.
+    pub fn parse_volume(spec: &str, index: usize) -> Result<Self, ConfigError> {
+        let bad = |reason: &str| ConfigError::InvalidVolumeSpec {
+            spec: spec.to_string(),
+            reason: reason.to_string(),
+        };
+        let mut parts: Vec<&str> = spec.split(':').collect();
+        let read_only = match parts.last().copied() {
+            Some("ro") if parts.len() == 3 => {
+                parts.pop();
+                true
+            }
+            Some("rw") if parts.len() == 3 => {
+                parts.pop();
+                false
+            }
+            _ => false,
+        };
+        let [host, guest] = parts[..] else {
+            return Err(bad("expected HOST:GUEST[:ro|:rw] (paths cannot contain ':')"));
+        };
+        if host.is_empty() {
+            return Err(bad("the host path is empty"));
+        }
+        if !guest.starts_with('/') {
+            return Err(bad("the guest path must be absolute"));
+        }
+        let mut host_path = PathBuf::from(host);
+        if host_path.is_relative() {
+            host_path = std::path::absolute(&host_path).map_err(|e| bad(&e.to_string()))?;
+        }
+        Ok(SharedDir {
+            host_path,
+            tag: Self::default_tag(index),
+            read_only,
+            guest_path: Some(PathBuf::from(guest)),
+        })
+    }
 }
 
 /// Everything needed to boot one VM.

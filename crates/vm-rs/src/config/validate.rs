@@ -101,6 +101,14 @@ pub enum ConfigError {
         /// The missing path.
         path: PathBuf,
     },
+    /// A `-v HOST:GUEST[:ro]` specification could not be parsed.
+    #[error("invalid volume {spec:?}: {reason}")]
+    InvalidVolumeSpec {
+        /// The spec as given.
+        spec: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The kernel command line contains a character that cannot be passed safely.
     #[error("kernel command line contains a control character")]
     InvalidCmdline,
@@ -348,20 +356,83 @@ pub(super) fn validate(cfg: &VmConfig) -> Result<(), ConfigError> {
     for disk in &cfg.disks {
         validate_disk(disk)?;
     }
-    for dir in &cfg.shared_dirs {
+    validate_shared_dirs(&cfg.shared_dirs)?;
+    Ok(())
+}
+
+/// Longest virtio-fs tag (the device's `tag` field is 36 bytes).
+pub const MAX_TAG_LEN: usize = 36;
+/// Most shared directories one VM takes (each is a device and a virtiofsd process).
+pub const MAX_SHARES: usize = 8;
+
+fn validate_shared_dirs(dirs: &[crate::config::SharedDir]) -> Result<(), ConfigError> {
+    let invalid = |field, reason: String| ConfigError::Invalid { field, reason };
+    let mut tags = std::collections::HashSet::new();
+    let mut guests = std::collections::HashSet::new();
+    if dirs.len() > MAX_SHARES {
+        return Err(invalid(
+            "shared_dirs",
+            format!("{} shared directories; at most {MAX_SHARES}", dirs.len()),
+        ));
+    }
+    for dir in dirs {
+        if dir.host_path.to_str().is_none() {
+            return Err(invalid(
+                "shared_dirs.host_path",
+                format!("{} is not valid utf-8", dir.host_path.display()),
+            ));
+        }
         if !dir.host_path.is_dir() {
             return Err(ConfigError::DirNotFound {
                 path: dir.host_path.clone(),
             });
         }
-        if dir.tag.is_empty() || dir.tag.len() > 36 || dir.tag.chars().any(|c| c == ',' || c.is_control()) {
-            return Err(ConfigError::Invalid {
-                field: "shared_dirs.tag",
-                reason: format!(
-                    "tag {:?} must be 1-36 characters without ',' or control characters",
+        if dir.tag.is_empty()
+            || dir.tag.len() > MAX_TAG_LEN
+            || dir
+                .tag
+                .chars()
+                .any(|c| c == ',' || c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                "shared_dirs.tag",
+                format!(
+                    "tag {:?} must be 1-{MAX_TAG_LEN} bytes without ',', whitespace or control characters",
                     dir.tag
                 ),
-            });
+            ));
+        }
+        if !tags.insert(dir.tag.as_str()) {
+            return Err(invalid(
+                "shared_dirs.tag",
+                format!("tag {:?} is used twice", dir.tag),
+            ));
+        }
+        if let Some(g) = &dir.guest_path {
+            let text = g.to_str().unwrap_or_default();
+            let normal = g.is_absolute()
+                && text.len() <= 1024
+                && !text.chars().any(char::is_control)
+                && g.components()
+                    .skip(1)
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+                && g.parent().is_some();
+            if g.to_str().is_none() || !normal {
+                return Err(invalid(
+                    "shared_dirs.guest_path",
+                    format!(
+                        "{:?} must be an absolute path other than / without '.' or '..' components or control characters",
+                        g
+                    ),
+                ));
+            }
+            let key = g.components().collect::<PathBuf>();
+            if !guests.insert(key) {
+                return Err(invalid(
+                    "shared_dirs.guest_path",
+                    format!("{} is mounted twice", g.display()),
+                ));
+            }
         }
     }
     Ok(())

@@ -24,6 +24,21 @@ use std::path::{Path, PathBuf};
 /// The readiness marker the guest prints, followed by a space and its address.
 pub const READY_MARKER: &str = "VMRS_READY";
 
+/// The line a guest init prints, followed by a space and the reason, when the guest cannot come
+/// up as asked (a shared directory that does not mount): it then powers off, and the VM is
+/// failed with that reason ([`failure_message`]).
+pub const FAILED_MARKER: &str = "VMRS_FAILED";
+
+/// The reason of the last failure marker line in `serial` (a marker must start its line).
+pub fn failure_message(serial: &str) -> Option<String> {
+    let prefix = format!("{FAILED_MARKER} ");
+    let line = serial
+        .lines()
+        .rev()
+        .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix.as_str()))?;
+    Some(line.trim().chars().take(300).collect())
+}
+
 /// Longest console line the parser buffers; longer lines are discarded (they cannot be a marker).
 pub const MAX_LINE: usize = 256;
 
@@ -176,6 +191,19 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")
+    }
+
+    #[test]
+    fn failure_marker_starts_its_line() {
+        assert_eq!(failure_message("boot\nall good\n"), None);
+        assert_eq!(failure_message("echo VMRS_FAILED x\n"), None);
+        assert_eq!(
+            failure_message(
+                "a\r\nVMRS_FAILED cannot mount share vmrs0 at /data: EIO\r\nvmrs-init: power off\r\n"
+            )
+            .as_deref(),
+            Some("cannot mount share vmrs0 at /data: EIO")
+        );
     }
 
     #[test]

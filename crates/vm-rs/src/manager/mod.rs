@@ -36,7 +36,8 @@
 //!
 //! ## Nothing untracked
 //!
-//! Every process vm-rs spawns for a VM (its VMM, port forwarders) carries the VM directory in
+//! Every process vm-rs spawns for a VM (its VMM, port forwarders, the virtiofsd of each shared
+//! directory, see [`crate::virtiofs`]) carries the VM directory in
 //! its environment ([`crate::process::OWNER_ENV`]), set before `exec`. So a VMM can be found
 //! from its directory even when the process that spawned it died before any record named it:
 //! a manager that finds a VM recorded `starting` whose starter is gone, or a VM not live whose
@@ -158,6 +159,15 @@ pub enum ManagerError {
         #[source]
         source: Box<crate::rootfs::RootfsError>,
     },
+    /// A shared directory's daemon (virtiofsd) could not be started.
+    #[error("vm {name:?}: shared directory setup failed")]
+    Share {
+        /// VM name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: crate::virtiofs::VirtiofsError,
+    },
     /// Talking to the guest agent failed.
     #[error("vm {name:?}: guest agent error")]
     Agent {
@@ -228,6 +238,7 @@ impl ManagerError {
             ManagerError::Network { source, .. } => source.kind(),
             ManagerError::Rootfs { source, .. } => source.kind(),
             ManagerError::Agent { source, .. } => source.kind(),
+            ManagerError::Share { source, .. } => source.kind(),
             ManagerError::Timeout { .. } | ManagerError::Busy { .. } => K::Timeout,
             ManagerError::InvalidRequest { .. } => K::Invalid,
             ManagerError::Damaged { .. } => K::Other,
@@ -274,6 +285,9 @@ pub struct VmInfo {
     pub memory_mib: u64,
     /// Devices hot-plugged into the running VMM ([`VmManager::add_disk`], [`VmManager::add_net`]).
     pub devices: Vec<PluggedDevice>,
+    /// The shared directories and, while the VM is live, whether each one's daemon still
+    /// serves it.
+    pub mounts: Vec<crate::virtiofs::MountInfo>,
     /// Unix time created.
     pub created_at: u64,
     /// Unix time of the last start.
@@ -737,9 +751,24 @@ impl VmManager {
             devices.netns = st.netns.clone();
             Some(st)
         };
-        let booted = self
-            .boot(dir, config, rec, driver, devices, guest_params, snapshot)
-            .await;
+        // The shared directories' daemons (virtiofsd), listening before the VMM starts; recorded
+        // in virtiofsd.json and killed when the VM ends, is removed, or is found dead.
+        guest_params.extend(crate::virtiofs::guest_params(&config.shared_dirs));
+        let booted = match crate::virtiofs::start(dir, &devices.shared_dirs).await {
+            Ok(_) => {
+                let booted = self
+                    .boot(dir, config, rec, driver, devices, guest_params, snapshot)
+                    .await;
+                if booted.is_err() {
+                    crate::virtiofs::stop(dir);
+                }
+                booted
+            }
+            Err(source) => Err(ManagerError::Share {
+                name: name.clone(),
+                source,
+            }),
+        };
         match (booted, net) {
             (Ok(e), _) => Ok(e),
             (Err(e), Some(st)) => {
@@ -1080,6 +1109,7 @@ impl VmManager {
         self.inner.entries.lock().await.remove(name);
         self.drop_agent(name).await;
         let teardown = crate::net::host::teardown_vm_dir(&dir).await;
+        crate::virtiofs::stop(&dir);
         // anything the directory still owns (a VMM or forwarder no record names)
         let strays = crate::process::kill_owned_by(&dir);
         if !strays.is_empty() {
@@ -1193,16 +1223,29 @@ pub fn plan_devices(
         shared_dirs: config
             .shared_dirs
             .iter()
-            .map(|d| SharedFs {
+            .enumerate()
+            .map(|(i, d)| SharedFs {
                 tag: d.tag.clone(),
                 host_path: d.host_path.clone(),
                 read_only: d.read_only,
+                socket: crate::vm_dir::VmDir::new(dir).fs_socket(i),
             })
             .collect(),
         entropy: caps.entropy,
         memory: driver.preferred_memory(dir),
         ..DeviceSet::default()
     };
+    // virtio-fs daemons map guest RAM: it must be shareable (the backend's preferred file,
+    // mapped shared, already is)
+    if !devices.shared_dirs.is_empty()
+        && !matches!(
+            devices.memory,
+            crate::devices::MemoryBackend::File { shared: true, .. }
+                | crate::devices::MemoryBackend::Memfd { shared: true }
+        )
+    {
+        devices.memory = crate::devices::MemoryBackend::Memfd { shared: true };
+    }
     if opts.rootfs.is_some() {
         devices.disks.push(crate::rootfs::root_disk(dir));
     }

@@ -66,6 +66,13 @@ pub(super) enum ExitCause {
         /// The VMM's description.
         reason: String,
     },
+    /// A shared directory's daemon died while the VM ran, so the VMM was killed: every guest
+    /// request on that share would wait forever (a FUSE request the device has taken is not
+    /// interruptible), and so would the guest's shutdown.
+    ShareLost {
+        /// Which share, and how its daemon ended.
+        reason: String,
+    },
 }
 
 impl ExitCause {
@@ -76,7 +83,7 @@ impl ExitCause {
             ExitCause::Unrequested => 0,
             ExitCause::VmmShutdown { .. } => 1,
             ExitCause::Requested(_) => 2,
-            ExitCause::GuestError { .. } => 3,
+            ExitCause::GuestError { .. } | ExitCause::ShareLost { .. } => 3,
         }
     }
 }
@@ -147,6 +154,11 @@ pub(super) fn classify_exit(
     };
     let panic = panic_message(serial);
     match cause {
+        ExitCause::ShareLost { reason } => {
+            return VmState::Failed {
+                reason: reason.clone(),
+            }
+        }
         ExitCause::GuestError { reason } => {
             return match panic {
                 Some(p) => VmState::Failed {
@@ -157,6 +169,12 @@ pub(super) fn classify_exit(
         }
         ExitCause::Requested(_) => return VmState::Stopped,
         ExitCause::VmmShutdown { .. } | ExitCause::Unrequested => {}
+    }
+    // the guest init said why it could not come up, then powered off
+    if let Some(why) = crate::console::failure_message(serial) {
+        return VmState::Failed {
+            reason: format!("guest failed to boot: {why}"),
+        };
     }
     if let Some(p) = panic {
         return VmState::Failed {
@@ -297,7 +315,20 @@ impl VmEntry {
             return Ok(entry);
         };
         match VmmProcess::attach(handle.pid, handle.start_time) {
-            Ok(process) => {
+            Ok(mut process) => {
+                // A share's daemon died while no vm-rs process watched: the guest hangs on it
+                // for good, so the VM is ended here (by this process, so the reason is kept).
+                if let Some(dead) = crate::virtiofs::first_dead(&entry.dir)
+                    .filter(|_| entry.requested_exit(&handle).is_none())
+                {
+                    let reason = crate::virtiofs::lost_reason(&dead, None);
+                    tracing::warn!(vm = %entry.name, %reason, "shared directory lost");
+                    let _ = process.kill();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), process.wait()).await;
+                    crate::virtiofs::stop(&entry.dir);
+                    entry.transition(VmState::Failed { reason }).await?;
+                    return Ok(entry);
+                }
                 if let Ok(k) = VmmProcess::attach(handle.pid, handle.start_time) {
                     *entry.killer.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(k));
                 }
@@ -329,6 +360,8 @@ impl VmEntry {
                 entry.spawn_watchers(process, handle, follow_console);
             }
             Err(ProcessError::Gone { .. }) | Err(ProcessError::Reused { .. }) => {
+                // the VMM died unwatched: its shares' daemons go too
+                crate::virtiofs::stop(&entry.dir);
                 let reported = entry.driver.exit_reason(&handle).await.ok().flatten();
                 let cause = entry.requested_exit(&handle).unwrap_or(ExitCause::Unrequested);
                 let state = classify_exit(
@@ -379,7 +412,31 @@ impl VmEntry {
                 }
             }));
         }
-        // 3. VMM events (best effort: another process may hold the event socket)
+        // 3. the shared directories' daemons: one that dies while its VMM runs (and no exit was
+        // asked for) leaves every guest access to the share hanging for good, so the VM is
+        // killed and failed with the reason (see `ExitCause::ShareLost`). A daemon found dead
+        // when attaching counts the same.
+        for d in crate::virtiofs::load(&self.dir).daemons {
+            let me = self.clone();
+            tasks.push(tokio::spawn(async move {
+                let status = match VmmProcess::attach(d.pid, d.start_time) {
+                    Ok(mut p) => p.wait().await.unwrap_or(ExitInfo::Unknown),
+                    Err(_) => ExitInfo::Unknown,
+                };
+                // the VMM exiting first ends its daemons: that is not a lost share
+                if !me.state().is_live() || me.exit_cause() != ExitCause::Unrequested || !me.vmm_alive() {
+                    return;
+                }
+                let how = (status != ExitInfo::Unknown).then(|| status.to_string());
+                let reason = crate::virtiofs::lost_reason(&d, how.as_deref());
+                tracing::warn!(vm = %me.name, %reason, "shared directory lost");
+                me.note_exit(ExitCause::ShareLost { reason });
+                if let Err(e) = me.kill().await {
+                    tracing::warn!(vm = %me.name, error = %e, "cannot kill the vmm of a lost share");
+                }
+            }));
+        }
+        // 4. VMM events (best effort: another process may hold the event socket)
         let me = self.clone();
         tasks.push(tokio::spawn(async move {
             let events = tokio::time::timeout(Duration::from_secs(2), me.driver.events(&handle)).await;
@@ -503,6 +560,8 @@ impl VmEntry {
         if let Err(e) = crate::net::host::teardown_vm_dir(&self.dir).await {
             tracing::warn!(vm = %self.name, error = %e, "network teardown failed");
         }
+        // shared directories' daemons end with their VMM; any still running are killed
+        crate::virtiofs::stop(&self.dir);
         let result = match self.state() {
             s if s.is_live() => self.transition(state).await,
             // already recorded as ended (e.g. found dead by an attach racing this task)
@@ -606,6 +665,15 @@ impl VmEntry {
         })
     }
 
+    /// Whether the VMM this entry watches still runs.
+    fn vmm_alive(&self) -> bool {
+        self.killer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|k| k.is_alive())
+    }
+
     pub(super) async fn kill(&self) -> Result<(), ProcessError> {
         let killer = self.killer.lock().unwrap_or_else(|p| p.into_inner()).clone();
         match killer {
@@ -669,6 +737,7 @@ impl VmEntry {
             cpus: live.cpus.unwrap_or(self.config.cpus),
             memory_mib: live.memory_mib.unwrap_or(self.config.memory_mib),
             devices: live.devices,
+            mounts: crate::virtiofs::mounts(&self.dir, &self.config.shared_dirs, rec.state.is_live()),
             created_at: rec.created_at,
             started_at: rec.started_at,
             finished_at: rec.finished_at,
@@ -789,6 +858,18 @@ mod tests {
         }
         assert!(
             matches!(classify(cause, "", None, CLEAN), Failed { reason } if reason.contains("guest error"))
+        );
+        // a guest that could not mount a share powers off after saying why
+        assert_eq!(
+            classify(
+                reset(),
+                "VMRS_FAILED cannot mount share vmrs0 at /data: x\nvmrs-init: power off\nreboot: Power down\n",
+                Some(shutdown()),
+                CLEAN
+            ),
+            Failed {
+                reason: "guest failed to boot: cannot mount share vmrs0 at /data: x".into()
+            }
         );
         assert!(matches!(
             classify(ExitCause::Unrequested, "", None, SeenExit::Unwatched { pid: 7 }),

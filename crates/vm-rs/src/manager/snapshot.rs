@@ -766,6 +766,7 @@ mod tests {
                 tag: "t".into(),
                 host_path: "/tmp".into(),
                 read_only: false,
+                socket: "/v/fs0.sock".into(),
             }],
             ..DeviceSet::default()
         };

@@ -853,6 +853,19 @@ fn validate_config(cfg: &Value) -> Result<(), Reply> {
             return Err(bad("Invalid memory size"));
         }
     }
+    // FsConfig: tag, socket, num_queues and queue_size are required; vhost-user devices need
+    // shared guest memory (the binary refuses "Using fs requires shared memory")
+    for fs in cfg["fs"].as_array().into_iter().flatten() {
+        if fs["tag"].as_str().map_or(true, str::is_empty) || fs["socket"].as_str().is_none() {
+            return Err(bad("Missing fs tag or socket"));
+        }
+        if fs["num_queues"].as_u64().is_none() || fs["queue_size"].as_u64().is_none() {
+            return Err(bad("Missing fs num_queues or queue_size"));
+        }
+        if cfg["memory"]["shared"] != true {
+            return Err(bad("Using fs requires shared memory"));
+        }
+    }
     for key in ["serial", "console"] {
         if let Some(c) = cfg.get(key) {
             let mode = c["mode"].as_str().ok_or_else(|| bad("Missing console mode"))?;
@@ -901,6 +914,24 @@ fn boot_payload(cfg: &Value) -> Result<bool, Reply> {
                     &format!("Failed to open disk image {p}"),
                 ],
             ));
+        }
+    }
+    // the VMM connects to each virtio-fs daemon when it creates the device
+    for fs in cfg["fs"].as_array().into_iter().flatten() {
+        let p = fs["socket"].as_str().unwrap_or_default();
+        match UnixStream::connect(p) {
+            // held for the VMM's life, as the binary's vhost-user frontend does
+            Ok(s) => std::mem::forget(s),
+            Err(_) => {
+                return Err(err(
+                    500,
+                    &[
+                        "The VM could not boot",
+                        "Error creating devices",
+                        &format!("Failed to connect to vhost-user socket {p}"),
+                    ],
+                ))
+            }
         }
     }
     // Tty: the VMM's own standard output (the driver's capped serial log)

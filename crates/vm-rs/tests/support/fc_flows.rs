@@ -653,11 +653,7 @@ pub async fn manager_refuses_what_firecracker_lacks(bin: PathBuf) {
     let mut user = manager_config("nat", &guest);
     user.networks = vec![vm_rs::config::NetworkAttachment::user(vec![])];
     let mut share = manager_config("share", &guest);
-    share.shared_dirs = vec![vm_rs::config::SharedDir {
-        host_path: home.path().to_path_buf(),
-        tag: "share".into(),
-        read_only: false,
-    }];
+    share.shared_dirs = vec![vm_rs::config::SharedDir::new(home.path(), "/mnt", "share")];
     let qcow = home.path().join("d.qcow2");
     let made = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])

@@ -89,6 +89,12 @@ impl Drop for TestHome {
                 let _ = p.kill();
             }
         }
+        // and every sidecar a VM directory owns (virtiofsd, forwarders)
+        if let Ok(rd) = std::fs::read_dir(self.path().join("vms")) {
+            for e in rd.flatten() {
+                vm_rs::process::kill_owned_by(&e.path());
+            }
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use vm_rs::config::{Accel, BackendKind, DiskConfig};
 use vm_rs::manager::{DamagedVm, ManagerError, VmListing};
 use vm_rs::state::{Operation, StateError};
-use vm_rs::{VmConfig, VmInfo, VmManager, VmState};
+use vm_rs::{SharedDir, VmConfig, VmInfo, VmManager, VmState};
 
 /// `vmrs run`
 #[derive(Debug, Args)]
@@ -36,6 +36,12 @@ pub struct RunArgs {
     /// Extra kernel command line.
     #[arg(long, default_value = "")]
     pub cmdline: String,
+    /// Share a host directory into the guest over virtio-fs: HOST:GUEST[:ro] (repeatable, as
+    /// docker's `-v`). A relative HOST is resolved against the current directory and must be
+    /// an existing directory; GUEST is created in the guest and the share mounted there before
+    /// the VM is ready. `:ro` is enforced by the host daemon.
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]")]
+    pub volumes: Vec<String>,
     /// Attach a disk: PATH[,ro][,format=raw|qcow2][,cache=writeback|none|unsafe][,backing=deny|allow]
     /// (repeatable). A qcow2 image that names other host files (backing or data file) needs
     /// backing=allow.
@@ -276,6 +282,9 @@ pub fn run_config(a: &RunArgs) -> anyhow::Result<VmConfig> {
     }
     for d in &a.disks {
         b = b.disk(DiskConfig::parse(d)?);
+    }
+    for (i, v) in a.volumes.iter().enumerate() {
+        b = b.shared_dir(SharedDir::parse_volume(v, i)?);
     }
     for n in super::net::networks(&a.net)? {
         b = b.network(n);
@@ -548,6 +557,27 @@ pub struct PsRow {
     pub created_at: u64,
     /// Published ports (`127.0.0.1:8080->80/tcp`).
     pub ports: Vec<String>,
+    /// Shared directories (`-v`), each with whether its daemon still serves it.
+    pub mounts: Vec<vm_rs::virtiofs::MountInfo>,
+}
+
+impl PsRow {
+    /// The mounts column: `HOST:GUEST[:ro]`, with `(down)` for a live VM's share whose
+    /// daemon died.
+    fn mounts_column(&self) -> String {
+        let live = matches!(self.state, "starting" | "running" | "ready" | "paused");
+        self.mounts
+            .iter()
+            .map(|m| {
+                if live && !m.serving {
+                    format!("{} (down)", m.spec())
+                } else {
+                    m.spec()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 impl From<&VmInfo> for PsRow {
@@ -569,6 +599,7 @@ impl From<&VmInfo> for PsRow {
             memory_mib: i.memory_mib,
             created_at: i.created_at,
             ports: super::net::ports(&i.config.networks),
+            mounts: i.mounts.clone(),
         }
     }
 }
@@ -588,6 +619,7 @@ impl From<&DamagedVm> for PsRow {
             memory_mib: 0,
             created_at: 0,
             ports: Vec::new(),
+            mounts: Vec::new(),
             unresponsive: false,
         }
     }
@@ -638,8 +670,8 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     println!(
-        "{:<20} {:<9} {:<16} {:<7} {:>8} {:>4} {:>7}  {:<14} PORTS",
-        "NAME", "STATE", "IP", "BACKEND", "PID", "CPUS", "MEM", "CREATED"
+        "{:<20} {:<9} {:<16} {:<7} {:>8} {:>4} {:>7}  {:<14} {:<24} MOUNTS",
+        "NAME", "STATE", "IP", "BACKEND", "PID", "CPUS", "MEM", "CREATED", "PORTS"
     );
     for r in &rows {
         if r.state == "damaged" {
@@ -656,8 +688,8 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<i32> {
             (false, Some(code)) if r.state == "stopped" => format!("exited ({code})"),
             _ => r.state.to_string(),
         };
-        println!(
-            "{:<20} {:<9} {:<16} {:<7} {:>8} {:>4} {:>6}M  {:<14} {}",
+        let line = format!(
+            "{:<20} {:<9} {:<16} {:<7} {:>8} {:>4} {:>6}M  {:<14} {:<24} {}",
             r.name,
             state,
             r.ip.as_deref().unwrap_or("-"),
@@ -666,8 +698,10 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<i32> {
             r.cpus,
             r.memory_mib,
             ago(r.created_at),
-            r.ports.join(", ")
+            r.ports.join(", "),
+            r.mounts_column()
         );
+        println!("{}", line.trim_end());
     }
     Ok(0)
 }

@@ -42,7 +42,9 @@
 //!   user-mode NAT and switch networks are refused by [`VmDriver::capabilities`] before anything
 //!   is created (Cloud Hypervisor has neither);
 //! * an entropy device (`rng` from `/dev/urandom`); guest RAM anonymous or `shared`;
-//! * no guest agent (it needs vsock) and no shared directories yet: refused up front too.
+//! * shared directories as `fs` entries (virtio-fs on the share's virtiofsd socket, see
+//!   [`crate::virtiofs`]), with `memory.shared` on: the daemon maps guest RAM;
+//! * no guest agent (it needs vsock yet): refused up front too.
 //!
 //! Snapshots need a paused VM; restore re-creates the VM from the snapshot's own
 //! configuration, so the restored guest writes to the serial log path recorded there. Saving
@@ -202,9 +204,6 @@ pub fn vm_config(
         backend: BackendKind::CloudHypervisor,
         feature,
     };
-    if !devices.shared_dirs.is_empty() {
-        return Err(unsupported("shared directories (virtio-fs)"));
-    }
     if devices.agent.is_some() {
         return Err(unsupported("the guest agent over virtio-serial"));
     }
@@ -257,6 +256,24 @@ pub fn vm_config(
         MemoryBackend::Memfd { shared } => Some(*shared),
         MemoryBackend::File { .. } => return Err(unsupported("file-backed guest memory")),
     };
+    // vhost-user devices need guest RAM the daemon can map
+    if !devices.shared_dirs.is_empty() && shared != Some(true) {
+        return Err(unsupported("shared directories without shared guest memory"));
+    }
+    let fs = devices
+        .shared_dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            Ok(model::FsConfig {
+                id: Some(format!("fs{i}")),
+                tag: d.tag.clone(),
+                socket: path_str(&d.socket)?,
+                num_queues: 1,
+                queue_size: 1024,
+            })
+        })
+        .collect::<Result<Vec<_>, DriverError>>()?;
     Ok(model::VmConfig {
         cpus: model::CpusConfig {
             boot_vcpus: config.cpus,
@@ -270,6 +287,7 @@ pub fn vm_config(
         payload,
         disks,
         net,
+        fs,
         rng: devices.entropy.then(|| model::RngConfig {
             src: "/dev/urandom".into(),
         }),
@@ -545,7 +563,7 @@ impl VmDriver for CloudHypervisorDriver {
             netns: true,
             // The agent needs vsock here (hybrid vsock over the VM's Unix socket): not built yet.
             agent_transports: &[],
-            shared_dirs: false,
+            shared_dirs: true,
             entropy: true,
             memory: &[MemoryKind::Anonymous, MemoryKind::Memfd],
             pause: true,
@@ -891,6 +909,12 @@ mod tests {
         devices.nics = nics.iter().map(crate::devices::Nic::from).collect();
         devices.entropy = true;
         devices.memory = MemoryBackend::Memfd { shared: true };
+        devices.shared_dirs.push(crate::devices::SharedFs {
+            tag: "vmrs0".into(),
+            host_path: "/srv".into(),
+            read_only: true,
+            socket: "/v/fs0.sock".into(),
+        });
         let body = vm_config_body(&cfg, &devices, Path::new("/k/vmlinux"), &extra).expect("body");
         assert_eq!(body["cpus"]["boot_vcpus"], 2);
         assert!(body["cpus"]["max_vcpus"].as_u64().expect("max") >= 2);
@@ -912,6 +936,17 @@ mod tests {
                 "mac": crate::net::derive_mac("a", 0).to_string()})
         );
         assert_eq!(body["rng"]["src"], "/dev/urandom");
+        assert_eq!(
+            body["fs"][0],
+            serde_json::json!({"id": "fs0", "tag": "vmrs0", "socket": "/v/fs0.sock",
+                "num_queues": 1, "queue_size": 1024})
+        );
+        // a share without shared memory is refused, not rendered
+        devices.memory = MemoryBackend::Anonymous;
+        assert!(matches!(
+            vm_config_body(&cfg, &devices, Path::new("/k/vmlinux"), &extra),
+            Err(DriverError::Unsupported { feature, .. }) if feature.contains("shared guest memory")
+        ));
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub struct VmConfig {
     /// virtio-net devices.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub net: Vec<NetConfig>,
+    /// virtio-fs devices (vhost-user, served by virtiofsd).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fs: Vec<FsConfig>,
     /// Entropy device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rng: Option<RngConfig>,
@@ -88,6 +91,23 @@ pub enum ConsoleMode {
     Socket,
     /// Discarded.
     Null,
+}
+
+/// `FsConfig`: a virtio-fs device whose backend is a vhost-user daemon on `socket`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// Device id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The mount tag the guest names.
+    pub tag: String,
+    /// The daemon's vhost-user socket.
+    pub socket: String,
+    /// Request queues.
+    pub num_queues: u32,
+    /// Entries per queue.
+    pub queue_size: u32,
 }
 
 /// `ConsoleConfig` / `SerialConfig`.

@@ -9,7 +9,7 @@
 //! reused by the benchmark that compares vm-rs against running the same command line by hand.
 
 use crate::config::{Accel, CacheMode, VmConfig};
-use crate::devices::{AgentChannel, DeviceSet, Disk, MemoryBackend, Nic};
+use crate::devices::{AgentChannel, DeviceSet, Disk, MemoryBackend, Nic, SharedFs};
 use crate::net::NicBackend;
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
@@ -220,6 +220,22 @@ pub fn agent_args(agent: &AgentChannel) -> Vec<OsString> {
     }
 }
 
+/// `-chardev socket` to the share's virtiofsd + `-device vhost-user-fs-device` (the virtio-mmio
+/// flavour, for microvm) for shared directory `index`. QEMU is the vhost-user client; the
+/// daemon listens (see [`crate::virtiofs`]). Needs guest RAM in a shared backend.
+pub fn shared_fs_args(index: usize, fs: &SharedFs) -> Vec<OsString> {
+    vec![
+        "-chardev".into(),
+        opt(&format!("socket,id=vmrs-fs{index},path="), &fs.socket, ""),
+        "-device".into(),
+        opt(
+            &format!("vhost-user-fs-device,chardev=vmrs-fs{index},queue-size=1024,tag="),
+            &fs.tag,
+            "",
+        ),
+    ]
+}
+
 /// `-object memory-backend-...` for guest RAM (nothing for anonymous memory); the machine is
 /// pointed at it with `memory-backend=` (see [`build`]).
 fn memory_args(memory: &MemoryBackend, mib: u64) -> Vec<OsString> {
@@ -332,6 +348,15 @@ pub fn build(input: &QemuArgsInput<'_>) -> Vec<OsString> {
     }
     if let Some(agent) = &devices.agent {
         a.extend(agent_args(agent));
+    }
+    if !devices.shared_dirs.is_empty() {
+        // microvm's virtio-mmio transports default to the legacy (v1) interface, which
+        // libvhost-user daemons (the C virtiofsd) refuse: "virtio legacy devices aren't
+        // supported by libvhost-user"
+        a.extend(["-global".into(), "virtio-mmio.force-legacy=false".into()]);
+    }
+    for (i, fs) in devices.shared_dirs.iter().enumerate() {
+        a.extend(shared_fs_args(i, fs));
     }
     if devices.entropy {
         a.extend([
@@ -511,5 +536,30 @@ mod tests {
             "{joined}"
         );
         assert!(joined.contains("memory-backend-memfd,id=vmrs-mem,size=256M,share=on"));
+    }
+
+    #[test]
+    fn shared_dirs_are_vhost_user_fs_devices_on_shared_memory() {
+        let cfg = VmConfig::builder("t5").kernel("/k").build_unchecked();
+        let paths = QemuPaths::in_dir(Path::new("/v"), "/v/s".into());
+        let devices = DeviceSet {
+            shared_dirs: vec![SharedFs {
+                tag: "a,b".into(),
+                host_path: "/srv".into(),
+                read_only: true,
+                socket: "/v,x/fs0.sock".into(),
+            }],
+            memory: MemoryBackend::Memfd { shared: true },
+            ..DeviceSet::default()
+        };
+        let args = strings(build(&input_for(&cfg, &paths, &devices, Accel::Tcg)));
+        let joined = args.join(" ");
+        assert!(joined.contains("microvm,acpi=on,x-option-roms=off,rtc=on,memory-backend=vmrs-mem"));
+        assert!(joined.contains("-global virtio-mmio.force-legacy=false"));
+        assert!(
+            args.contains(&"socket,id=vmrs-fs0,path=/v,,x/fs0.sock".to_string()),
+            "{args:?}"
+        );
+        assert!(args.contains(&"vhost-user-fs-device,chardev=vmrs-fs0,queue-size=1024,tag=a,,b".to_string()));
     }
 }

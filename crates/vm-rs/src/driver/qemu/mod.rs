@@ -149,8 +149,8 @@ impl VmDriver for QemuDriver {
             nic_switch: true,
             netns: true,
             agent_transports: &[AgentTransport::VirtioSerial],
-            // virtio-fs needs a virtiofsd sidecar per share; not built yet.
-            shared_dirs: false,
+            // vhost-user-fs-device on a virtiofsd sidecar per share (guest RAM in a memfd)
+            shared_dirs: true,
             entropy: true,
             memory: &[MemoryKind::Anonymous, MemoryKind::Memfd, MemoryKind::File],
             pause: true,
