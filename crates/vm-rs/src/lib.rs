@@ -28,7 +28,9 @@
 //! * [`process`] — VMM process identity and signalling (never signals a reused pid).
 //! * [`console`] — serial console following and readiness detection ([`READY_MARKER`]).
 //! * [`manager`] — [`VmManager`], the verbs users call; persistence and reattach.
-//! * [`agent`] — host side of the guest agent (exec, copy, ping, shutdown over virtio-serial).
+//! * [`agent`] — host side of the guest agent (exec, copy, ping, shutdown over virtio-serial;
+//!   terminals, streamed stdin and the VM's main process), with [`agent::session`] for
+//!   attaching a local terminal or stream to a guest process.
 //! * [`guest`] — guest assets: kernel, modules, busybox, vmrs-init, and the initramfs builder.
 //! * [`net`] — networking: user-mode NAT, TAP/bridge/NAT, the userspace switch, port forwarding.
 //! * [`oci`] — OCI images: pull into a content-addressed store ([`ImageStore`]), unpack safely.

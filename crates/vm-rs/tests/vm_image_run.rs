@@ -85,6 +85,17 @@ async fn two_vms_from_one_image_keep_their_writes_and_the_cache_unchanged() {
         (&b"hi\n"[..], Some(3))
     );
 
+    // One main process per boot: a second is refused, execs still run beside it.
+    let main = ExecCommand::new(["busybox", "sleep", "600"]);
+    mgr.exec_main("img-b", &main, vm_rs::agent::Restart::default())
+        .await
+        .expect("main process");
+    let e = mgr
+        .exec_main("img-b", &main, vm_rs::agent::Restart::default())
+        .await
+        .expect_err("a second main process");
+    assert!(format!("{e:?}").contains("main process already"), "{e:?}");
+
     // Each VM writes its own file on its root; neither sees the other's.
     for name in ["img-a", "img-b"] {
         let out = mgr

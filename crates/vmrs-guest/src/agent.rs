@@ -461,6 +461,12 @@ fn start_main(
     restart: Restart,
     shutdown: OwnedFd,
 ) {
+    // One main process per boot: its end is the VM's.
+    static STARTED: AtomicBool = AtomicBool::new(false);
+    if STARTED.swap(true, Ordering::SeqCst) {
+        out.error(gen, stream, "the VM has a main process already");
+        return;
+    }
     let program = req.argv.first().cloned().unwrap_or_default();
     let spawn = move || -> Result<(std::process::Child, Receiver<libc::c_int>), ExecError> {
         let (mut cmd, cwd) = command(&req, false)?;
@@ -471,6 +477,9 @@ fn start_main(
         reaper::spawn_registered(&mut cmd).map_err(|e| spawn_error(&program, &cwd, e))
     };
     let first = spawn();
+    if first.is_err() {
+        STARTED.store(false, Ordering::SeqCst);
+    }
     let (child, status_rx) = match first {
         Ok(c) => c,
         Err(ExecError::Spawn { errno, message }) if out.version.load(Ordering::SeqCst) >= VERSION_TTY => {
