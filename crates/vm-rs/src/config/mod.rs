@@ -30,6 +30,8 @@ pub enum BackendKind {
     Qemu,
     /// Cloud Hypervisor, driven over its REST API.
     CloudHypervisor,
+    /// Apple's Virtualization.framework (macOS), run by a per-VM `vmrs-vz` host process.
+    Vz,
 }
 
 impl std::fmt::Display for BackendKind {
@@ -38,6 +40,7 @@ impl std::fmt::Display for BackendKind {
             BackendKind::Auto => "auto",
             BackendKind::Qemu => "qemu",
             BackendKind::CloudHypervisor => "cloud-hypervisor",
+            BackendKind::Vz => "vz",
         })
     }
 }
@@ -49,10 +52,11 @@ impl std::str::FromStr for BackendKind {
             "auto" => Ok(Self::Auto),
             "qemu" => Ok(Self::Qemu),
             "cloud-hypervisor" | "ch" => Ok(Self::CloudHypervisor),
+            "vz" => Ok(Self::Vz),
             other => Err(ConfigError::UnknownValue {
                 field: "backend",
                 value: other.to_string(),
-                expected: "auto, qemu, cloud-hypervisor",
+                expected: "auto, qemu, cloud-hypervisor, vz",
             }),
         }
     }

@@ -11,6 +11,7 @@
 pub mod cloud_hypervisor;
 #[cfg(feature = "qemu")]
 pub mod qemu;
+pub mod vz;
 
 use crate::config::{BackendKind, VmConfig};
 use crate::process::{ProcessError, VmmProcess};
@@ -189,6 +190,9 @@ pub enum DriverError {
     /// Process bookkeeping failed.
     #[error(transparent)]
     Process(#[from] ProcessError),
+    /// The VM cannot run on Virtualization.framework as configured (see [`vz::plan`]).
+    #[error(transparent)]
+    Vz(vz::plan::VzPlanError),
     /// The serial console's capture (the capped log's sidecar) could not be set up.
     #[error("cannot capture the serial console")]
     Console(#[from] crate::console::capture::CaptureError),
@@ -225,6 +229,7 @@ impl DriverError {
             DriverError::Console(e) => e.kind(),
             DriverError::Io { .. } => K::Other,
             DriverError::Config(e) => e.kind(),
+            DriverError::Vz(e) => e.kind(),
         }
     }
 }

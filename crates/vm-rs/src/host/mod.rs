@@ -1,8 +1,22 @@
-//! Facts about the host, in one place: whether KVM is usable ([`kvm`]), where programs are
-//! ([`find_on_path`]), and the CPU's clock ([`cpu_khz`]). Drivers and the manager ask here;
-//! no backend reaches into another backend's module for them.
+//! Facts about the host, in one place, and the platform facade: whatever differs between
+//! Linux and macOS hosts sits behind a function here, so callers write no `cfg`.
+//!
+//! * [`kvm`] — whether KVM is usable (Linux only; elsewhere it never is).
+//! * [`proc`] — process start times, environments, exit handles (pidfd / kqueue).
+//! * [`watch`] — file change events (inotify / kqueue).
+//! * [`fs`] — confined opens (`openat2` / a portable walk), `O_PATH`, modes, write-back.
+//! * [`codec`] — zstd and xz decoders (C libraries on Linux, pure Rust elsewhere).
+//! * [`find_on_path`], [`cpu_khz`], [`enter_net_namespace`].
+//!
+//! Drivers and the manager ask here; no backend reaches into another backend's module for
+//! them. Networking's host devices (netlink, TAP) are Linux-only and stay in
+//! `crate::net::host`, which answers "unsupported" for them on other hosts.
 
+pub mod codec;
+pub mod fs;
 pub mod kvm;
+pub mod proc;
+pub mod watch;
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +34,26 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|d| d.join(name))
         .find(|p| is_executable(p))
+}
+
+/// Move the calling thread into the network namespace open at `fd` (`setns(2)` with
+/// `CLONE_NEWNET`). Async-signal-safe (it may run between fork and exec). Hosts without
+/// network namespaces answer [`std::io::ErrorKind::Unsupported`].
+pub fn enter_net_namespace(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: setns(2) with a namespace fd and CLONE_NEWNET only changes the network
+        // namespace of the calling thread; it touches no memory. A bad fd is an error return.
+        if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = fd;
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
 }
 
 /// The host CPU's clock in kHz (`cpu MHz` of `/proc/cpuinfo`), used as the TSC frequency hint

@@ -107,6 +107,8 @@ pub enum BackendArg {
     /// Cloud Hypervisor over its REST API.
     #[value(alias = "ch")]
     CloudHypervisor,
+    /// Apple's Virtualization.framework (macOS hosts).
+    Vz,
 }
 
 impl From<BackendArg> for BackendKind {
@@ -115,6 +117,7 @@ impl From<BackendArg> for BackendKind {
             BackendArg::Auto => BackendKind::Auto,
             BackendArg::Qemu => BackendKind::Qemu,
             BackendArg::CloudHypervisor => BackendKind::CloudHypervisor,
+            BackendArg::Vz => BackendKind::Vz,
         }
     }
 }
