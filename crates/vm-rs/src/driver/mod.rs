@@ -390,7 +390,8 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug {
 
 /// Resolve [`BackendKind::Auto`] (and check an explicit choice is available), returning a
 /// driver. `VMRS_BACKEND` overrides `Auto`. `Auto` prefers Cloud Hypervisor when its binary is
-/// found and KVM is usable, else QEMU.
+/// found and KVM is usable, on macOS Virtualization.framework when `vmrs-vz` is found, else
+/// QEMU.
 pub fn detect(kind: BackendKind) -> Result<Arc<dyn VmDriver>, DriverError> {
     let kind = match kind {
         BackendKind::Auto => match std::env::var("VMRS_BACKEND") {
@@ -411,6 +412,10 @@ pub fn detect(kind: BackendKind) -> Result<Arc<dyn VmDriver>, DriverError> {
 
 /// The backend `Auto` resolves to on this host.
 pub fn auto_backend() -> BackendKind {
+    #[cfg(all(target_os = "macos", feature = "vz"))]
+    if vz::VzDriver::new().find_binary().is_ok() {
+        return BackendKind::Vz;
+    }
     #[cfg(feature = "cloud-hypervisor")]
     if cloud_hypervisor::find_binary(None).is_ok() && cloud_hypervisor::kvm_usable().is_ok() {
         return BackendKind::CloudHypervisor;
@@ -425,6 +430,8 @@ pub fn driver_for(kind: BackendKind) -> Result<Arc<dyn VmDriver>, DriverError> {
         BackendKind::Qemu | BackendKind::Auto => Ok(Arc::new(qemu::QemuDriver::new())),
         #[cfg(feature = "cloud-hypervisor")]
         BackendKind::CloudHypervisor => Ok(Arc::new(cloud_hypervisor::CloudHypervisorDriver::new())),
+        #[cfg(all(target_os = "macos", feature = "vz"))]
+        BackendKind::Vz => Ok(Arc::new(vz::VzDriver::new())),
         #[allow(unreachable_patterns)]
         other => Err(DriverError::Unsupported {
             backend: other,
