@@ -49,8 +49,9 @@ pub struct VmHandle {
     pub backend: BackendKind,
     /// VMM process id.
     pub pid: u32,
-    /// VMM process start time (clock ticks since boot, `/proc/<pid>/stat` field 22); with `pid`
-    /// it identifies the process so a reused pid is never signalled.
+    /// VMM process start time (on Linux clock ticks since boot, `/proc/<pid>/stat` field 22;
+    /// on macOS microseconds since the epoch, see [`crate::host::proc`]); with `pid` it
+    /// identifies the process so a reused pid is never signalled.
     pub start_time: u64,
     /// Control socket (QMP for QEMU, REST API for Cloud Hypervisor).
     pub api_socket: PathBuf,

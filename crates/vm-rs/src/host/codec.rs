@@ -1,6 +1,6 @@
 //! Decoders for the compressed data vm-rs reads (OCI layers, Debian packages, kernel
 //! payloads), behind one interface: the C zstd and liblzma libraries on Linux, pure-Rust
-//! decoders ([`ruzstd`], [`lzma_rust2`]) on other hosts.
+//! decoders (`ruzstd`, `lzma-rust2`) on other hosts.
 //!
 //! Why two: on Linux the C libraries are the fastest decoders and what vm-rs has always used.
 //! A macOS build, though, must compile without a C toolchain for the target (CI type-checks

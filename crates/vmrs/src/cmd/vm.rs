@@ -85,6 +85,8 @@ pub enum AccelArg {
     Kvm,
     /// QEMU's software emulation.
     Tcg,
+    /// Apple's Hypervisor.framework (macOS hosts).
+    Hvf,
 }
 
 impl From<AccelArg> for Accel {
@@ -93,6 +95,7 @@ impl From<AccelArg> for Accel {
             AccelArg::Auto => Accel::Auto,
             AccelArg::Kvm => Accel::Kvm,
             AccelArg::Tcg => Accel::Tcg,
+            AccelArg::Hvf => Accel::Hvf,
         }
     }
 }

@@ -119,8 +119,8 @@ impl VzDriver {
 /// What VZ can run, for [`Capabilities::check`]; [`plan::VzPlan::build`] refines it (no
 /// published ports on NAT NICs, VZ's memory and CPU bounds).
 pub const CAPABILITIES: Capabilities = Capabilities {
-    // VZ always uses Hypervisor.framework; only `auto` is accepted.
-    accels: &[],
+    // VZ always uses Hypervisor.framework.
+    accels: &[Accel::Hvf],
     disk_formats: &[DiskFormat::Raw],
     cache_modes: &[CacheMode::Writeback, CacheMode::None, CacheMode::Unsafe],
     disk_serial: true,
@@ -150,12 +150,6 @@ impl VmDriver for VzDriver {
     }
 
     async fn boot(&self, spec: &BootSpec<'_>) -> Result<Launched, DriverError> {
-        if spec.config.accel != Accel::Auto {
-            return Err(plan::VzPlanError::Unsupported {
-                feature: "choosing an accelerator (VZ always uses Hypervisor.framework)",
-            }
-            .into());
-        }
         let plan = plan::VzPlan::build(spec, &host_limits())?;
         let binary = self.find_binary()?;
         let io = |path: &Path| {

@@ -336,7 +336,7 @@ impl VzPlan {
         let config = spec.config;
         let devices = &spec.devices;
         match config.accel {
-            Accel::Auto => {}
+            Accel::Auto | Accel::Hvf => {}
             Accel::Kvm => return Err(unsupported("kvm acceleration (VZ runs on Hypervisor.framework)")),
             Accel::Tcg => return Err(unsupported("tcg (software) acceleration")),
         }
@@ -829,6 +829,11 @@ mod tests {
         assert!(feature(plan_of(&c, DeviceSet::default())).starts_with("tcg"));
         c.accel = Accel::Kvm;
         assert!(feature(plan_of(&c, DeviceSet::default())).starts_with("kvm"));
+        c.accel = Accel::Hvf;
+        assert!(
+            plan_of(&c, DeviceSet::default()).is_ok(),
+            "hvf is what VZ runs on"
+        );
     }
 
     #[test]
