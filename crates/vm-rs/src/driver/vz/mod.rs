@@ -74,11 +74,24 @@ impl VzDriver {
 
     /// The `vmrs-vz` program.
     pub fn find_binary(&self) -> Result<PathBuf, DriverError> {
-        if let Some(b) = &self.binary {
-            return Ok(b.clone());
+        let not_found = |searched: String| {
+            DriverError::BinaryNotFound {
+            program: "vmrs-vz".into(),
+            searched,
+            hint: "build it on macOS (cargo build -p vm-rs --bin vmrs-vz) and sign it with the virtualization entitlement (docs/macos.md)",
         }
-        if let Some(p) = std::env::var_os(BIN_ENV).filter(|v| !v.is_empty()) {
-            return Ok(PathBuf::from(p));
+        };
+        let chosen = self.binary.clone().or_else(|| {
+            std::env::var_os(BIN_ENV)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        });
+        if let Some(b) = chosen {
+            return if crate::host::is_executable(&b) {
+                Ok(b)
+            } else {
+                Err(not_found(b.display().to_string()))
+            };
         }
         if let Ok(exe) = std::env::current_exe() {
             for dir in exe.ancestors().skip(1).take(2) {
@@ -88,11 +101,8 @@ impl VzDriver {
                 }
             }
         }
-        crate::host::find_on_path("vmrs-vz").ok_or(DriverError::BinaryNotFound {
-            program: "vmrs-vz".into(),
-            searched: format!("${BIN_ENV}, beside this program, PATH"),
-            hint: "build it on macOS (cargo build -p vm-rs --bin vmrs-vz) and sign it with the virtualization entitlement (docs/macos.md)",
-        })
+        crate::host::find_on_path("vmrs-vz")
+            .ok_or_else(|| not_found(format!("${BIN_ENV}, beside this program, PATH")))
     }
 
     async fn exchange(&self, handle: &VmHandle, request: Request) -> Result<Reply, DriverError> {
@@ -309,7 +319,12 @@ mod tests {
 
     #[test]
     fn an_explicit_binary_is_used_and_a_missing_one_is_typed() {
-        let d = VzDriver::with_binary("/opt/vmrs-vz");
-        assert_eq!(d.find_binary().expect("binary"), Path::new("/opt/vmrs-vz"));
+        let sh = crate::host::find_on_path("sh").expect("sh");
+        assert_eq!(VzDriver::with_binary(&sh).find_binary().expect("binary"), sh);
+        let missing = VzDriver::with_binary("/nonexistent/vmrs-vz").find_binary();
+        assert!(
+            matches!(missing, Err(DriverError::BinaryNotFound { .. })),
+            "{missing:?}"
+        );
     }
 }
