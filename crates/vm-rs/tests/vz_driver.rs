@@ -134,3 +134,28 @@ async fn a_missing_vmrs_vz_is_binary_not_found() {
     assert!(matches!(err, DriverError::BinaryNotFound { .. }), "{err:?}");
     assert!(err.to_string().contains("docs/macos.md"), "{err}");
 }
+
+#[tokio::test]
+async fn restoring_without_a_saved_state_is_not_found_and_starts_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let snap = dir.path().join("snap");
+    std::fs::create_dir(&snap).expect("mkdir");
+    let cfg = config(dir.path());
+    let err = stub()
+        .restore(&spec(&cfg, dir.path(), DeviceSet::default()), &snap)
+        .await
+        .expect_err("no state");
+    assert!(
+        matches!(&err, DriverError::Io { path, source }
+            if path.ends_with(vm_rs::driver::vz::SAVE_FILE) && source.kind() == std::io::ErrorKind::NotFound),
+        "{err:?}"
+    );
+    assert!(!dir.path().join(PLAN_FILE).exists());
+    // with a state file, vmrs-vz is started with it (and, here, says it cannot run)
+    std::fs::write(snap.join(vm_rs::driver::vz::SAVE_FILE), b"state").expect("state");
+    let err = stub()
+        .restore(&spec(&cfg, dir.path(), DeviceSet::default()), &snap)
+        .await
+        .expect_err("not macOS");
+    assert!(matches!(err, DriverError::BootFailed { .. }), "{err:?}");
+}

@@ -1,7 +1,7 @@
 //! `vmrs-vz`: the per-VM host process of the Virtualization.framework backend (macOS).
 //!
-//! `vmrs-vz --plan <vm_dir>/vz-plan.json --control <vm_dir>/vz.sock` builds the machine the
-//! plan describes, starts it, serves the control socket (`vm_rs::driver::vz::control`) and
+//! `vmrs-vz --plan <vm_dir>/vz-plan.json --control <vm_dir>/vz.sock [--restore STATE]` builds
+//! the machine the plan describes, starts it (or restores a saved state and resumes it), serves the control socket (`vm_rs::driver::vz::control`) and
 //! exits when the machine stops. The VZ driver launches it; it is not meant to be run by hand.
 //! It must be signed with the `com.apple.security.virtualization` entitlement (docs/macos.md).
 //! On other hosts it only says so and exits with status 2.
@@ -11,19 +11,21 @@ fn main() {
     use std::path::PathBuf;
     let mut plan: Option<PathBuf> = None;
     let mut control: Option<PathBuf> = None;
+    let mut restore: Option<PathBuf> = None;
     let mut args = std::env::args_os().skip(1);
     while let Some(a) = args.next() {
         match a.to_str() {
             Some("--plan") => plan = args.next().map(PathBuf::from),
             Some("--control") => control = args.next().map(PathBuf::from),
+            Some("--restore") => restore = args.next().map(PathBuf::from),
             _ => {
-                eprintln!("usage: vmrs-vz --plan PLAN.json --control SOCKET");
+                eprintln!("usage: vmrs-vz --plan PLAN.json --control SOCKET [--restore STATE.vzvmsave]");
                 std::process::exit(2);
             }
         }
     }
     let (Some(plan_path), Some(control)) = (plan, control) else {
-        eprintln!("usage: vmrs-vz --plan PLAN.json --control SOCKET");
+        eprintln!("usage: vmrs-vz --plan PLAN.json --control SOCKET [--restore STATE.vzvmsave]");
         std::process::exit(2);
     };
     let plan: vm_rs::driver::vz::plan::VzPlan = match std::fs::read(&plan_path)
@@ -45,7 +47,7 @@ fn main() {
         );
         std::process::exit(2);
     }
-    vm_rs::driver::vz::host::run(plan, &control)
+    vm_rs::driver::vz::host::run(plan, &control, restore.as_deref())
 }
 
 #[cfg(not(all(target_os = "macos", feature = "vz")))]

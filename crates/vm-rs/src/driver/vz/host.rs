@@ -176,6 +176,26 @@ pub fn configuration(plan: &VzPlan) -> Result<Retained<VZVirtualMachineConfigura
     }
 }
 
+/// A value made on the main thread that only the main queue touches again (the NSURL of a
+/// state to restore).
+struct SendOnMain<T>(T);
+
+// SAFETY: the wrapped value is created on the main thread before the I/O thread starts and is
+// only dereferenced inside a closure run on the main queue (the main thread); the I/O thread
+// merely carries it there.
+unsafe impl<T> Send for SendOnMain<T> {}
+
+/// Whether this macOS has `saveMachineStateToURL:` and `restoreMachineStateFromURL:` (14+).
+fn supports_save_restore() -> bool {
+    objc2::runtime::AnyClass::get(c"VZVirtualMachine").is_some_and(|cls| {
+        cls.instance_method(objc2::sel!(saveMachineStateToURL:completionHandler:))
+            .is_some()
+            && cls
+                .instance_method(objc2::sel!(restoreMachineStateFromURL:completionHandler:))
+                .is_some()
+    })
+}
+
 thread_local! {
     /// The machine; only ever set and read on the main thread (the main queue's).
     static MACHINE: RefCell<Option<Retained<VZVirtualMachine>>> = const { RefCell::new(None) };
@@ -241,6 +261,11 @@ fn on_main(request: Request) -> tokio::sync::oneshot::Receiver<Reply> {
                             Err(e) => Reply::Error {
                                 message: describe(&e),
                             },
+                        });
+                    }
+                    Request::Save { .. } if !supports_save_restore() => {
+                        let _ = tx.send(Reply::Error {
+                            message: "saving a machine state needs macOS 14 or later".into(),
                         });
                     }
                     Request::Save { path } => match file_url(&path) {
@@ -367,9 +392,10 @@ async fn serve_agent(socket: &Path, port: u32) -> std::io::Result<()> {
     }
 }
 
-/// Run the machine of `plan`, serving `control_socket`, until it stops. Never returns: the
+/// Run the machine of `plan`, serving `control_socket`, until it stops; with `restore`, the
+/// machine state saved there is restored and resumed instead of booting. Never returns: the
 /// process exits with 0 when the guest stopped, 1 on an error.
-pub fn run(plan: VzPlan, control_socket: &Path) -> ! {
+pub fn run(plan: VzPlan, control_socket: &Path, restore: Option<&Path>) -> ! {
     // SAFETY: a class property without arguments.
     if !unsafe { VZVirtualMachine::isSupported() } {
         eprintln!("vmrs-vz: Virtualization.framework is not supported on this Mac");
@@ -387,6 +413,19 @@ pub fn run(plan: VzPlan, control_socket: &Path) -> ! {
     let vm = unsafe { VZVirtualMachine::initWithConfiguration(VZVirtualMachine::alloc(), &config) };
     MACHINE.with(|m| *m.borrow_mut() = Some(vm));
 
+    let restore_url = match restore.map(file_url).transpose() {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("vmrs-vz: {e}");
+            std::process::exit(1);
+        }
+    };
+    if restore_url.is_some() && !supports_save_restore() {
+        eprintln!("vmrs-vz: restoring a machine state needs macOS 14 or later");
+        std::process::exit(1);
+    }
+    // the URL is only used on the main queue, by the start step below
+    let restore_url = SendOnMain(restore_url);
     let control = control_socket.to_path_buf();
     let agent = plan.vsock.clone();
     let name = plan.name.clone();
@@ -407,15 +446,30 @@ pub fn run(plan: VzPlan, control_socket: &Path) -> ! {
             rt.block_on(async move {
                 // start, then watch for the machine to end (the delegate's job, done by asking)
                 let (tx, rx) = tokio::sync::oneshot::channel();
+                let restoring = restore_url.0.is_some();
                 DispatchQueue::main().exec_async(move || {
+                    let url = restore_url;
                     MACHINE.with(|m| {
                         if let Some(vm) = m.borrow().as_deref() {
-                            // SAFETY: on the machine's queue; the block is copied by the framework.
-                            unsafe { vm.startWithCompletionHandler(&completion(tx)) };
+                            // SAFETY: on the machine's queue; the block is copied by the
+                            // framework; the URL is a live NSURL.
+                            unsafe {
+                                match url.0.as_deref() {
+                                    Some(url) => {
+                                        vm.restoreMachineStateFromURL_completionHandler(url, &completion(tx))
+                                    }
+                                    None => vm.startWithCompletionHandler(&completion(tx)),
+                                }
+                            }
                         }
                     });
                 });
-                match rx.await {
+                let mut started = rx.await;
+                if restoring && started == Ok(Reply::Ok) {
+                    // a restored machine is paused: run it
+                    started = on_main(Request::Resume).await;
+                }
+                match started {
                     Ok(Reply::Ok) => eprintln!("vmrs-vz: {name} started"),
                     Ok(Reply::Error { message }) => {
                         eprintln!("vmrs-vz: cannot start {name}: {message}");

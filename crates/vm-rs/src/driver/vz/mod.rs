@@ -49,6 +49,8 @@ pub const CONTROL_SOCKET: &str = "vz.sock";
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `vmrs-vz` may take to validate and start the machine.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// File name of a saved machine state in a snapshot directory.
+pub const SAVE_FILE: &str = "machine.vzvmsave";
 /// Environment variable naming the `vmrs-vz` binary (else: beside the running executable, then
 /// `PATH`).
 pub const BIN_ENV: &str = "VMRS_VZ_BIN";
@@ -143,7 +145,8 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     entropy: true,
     memory: &[MemoryKind::Anonymous],
     pause: true,
-    snapshot: false,
+    // saveMachineStateToURL / restoreMachineStateFromURL, macOS 14+
+    snapshot: true,
     resize: false,
     hotplug: false,
     counters: false,
@@ -160,6 +163,67 @@ impl VmDriver for VzDriver {
     }
 
     async fn boot(&self, spec: &BootSpec<'_>) -> Result<Launched, DriverError> {
+        self.launch(spec, None).await
+    }
+
+    async fn status(&self, handle: &VmHandle) -> Result<VmmStatus, DriverError> {
+        match self.exchange(handle, Request::Status).await? {
+            Reply::State { state } => Ok(state.status()),
+            other => Err(DriverError::Protocol(format!(
+                "vmrs-vz answered {other:?} to status"
+            ))),
+        }
+    }
+
+    async fn pause(&self, handle: &VmHandle) -> Result<(), DriverError> {
+        self.verb(handle, Request::Pause).await
+    }
+
+    async fn resume(&self, handle: &VmHandle) -> Result<(), DriverError> {
+        self.verb(handle, Request::Resume).await
+    }
+
+    async fn request_shutdown(&self, handle: &VmHandle) -> Result<(), DriverError> {
+        self.verb(handle, Request::RequestStop).await
+    }
+
+    async fn quit(&self, handle: &VmHandle) -> Result<(), DriverError> {
+        match self.verb(handle, Request::Stop).await {
+            // vmrs-vz exits once the machine stopped; the reply may not make it out.
+            Ok(()) | Err(DriverError::Connect { .. }) | Err(DriverError::Protocol(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `saveMachineStateToURL` (macOS 14+) into `dir`/[`SAVE_FILE`]; the VM must be paused.
+    async fn snapshot(&self, handle: &VmHandle, dir: &Path) -> Result<(), DriverError> {
+        self.verb(
+            handle,
+            Request::Save {
+                path: dir.join(SAVE_FILE),
+            },
+        )
+        .await
+    }
+
+    /// A new `vmrs-vz` for `spec` that restores `dir`/[`SAVE_FILE`]
+    /// (`restoreMachineStateFromURL`, macOS 14+) and resumes it, instead of booting.
+    async fn restore(&self, spec: &BootSpec<'_>, dir: &Path) -> Result<Launched, DriverError> {
+        let state = dir.join(SAVE_FILE);
+        if !state.is_file() {
+            return Err(DriverError::Io {
+                path: state,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no saved VZ machine state"),
+            });
+        }
+        self.launch(spec, Some(&state)).await
+    }
+}
+
+impl VzDriver {
+    /// Write the plan, start `vmrs-vz` (booting, or restoring `restore`) and wait until its
+    /// control socket answers.
+    async fn launch(&self, spec: &BootSpec<'_>, restore: Option<&Path>) -> Result<Launched, DriverError> {
         let plan = plan::VzPlan::build(spec, &host_limits())?;
         let binary = self.find_binary()?;
         let io = |path: &Path| {
@@ -188,11 +252,11 @@ impl VmDriver for VzDriver {
             .map_err(io(&spec.vmm_log))?;
         let vmm_log_err = vmm_log.try_clone().map_err(io(&spec.vmm_log))?;
         let mut cmd = tokio::process::Command::new(&binary);
-        cmd.arg("--plan")
-            .arg(&plan_path)
-            .arg("--control")
-            .arg(&socket)
-            .current_dir(spec.vm_dir)
+        cmd.arg("--plan").arg(&plan_path).arg("--control").arg(&socket);
+        if let Some(state) = restore {
+            cmd.arg("--restore").arg(state);
+        }
+        cmd.current_dir(spec.vm_dir)
             .stdin(std::process::Stdio::null())
             .stdout(vmm_log)
             .stderr(vmm_log_err);
@@ -239,35 +303,6 @@ impl VmDriver for VzDriver {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(Launched { handle, process })
-    }
-
-    async fn status(&self, handle: &VmHandle) -> Result<VmmStatus, DriverError> {
-        match self.exchange(handle, Request::Status).await? {
-            Reply::State { state } => Ok(state.status()),
-            other => Err(DriverError::Protocol(format!(
-                "vmrs-vz answered {other:?} to status"
-            ))),
-        }
-    }
-
-    async fn pause(&self, handle: &VmHandle) -> Result<(), DriverError> {
-        self.verb(handle, Request::Pause).await
-    }
-
-    async fn resume(&self, handle: &VmHandle) -> Result<(), DriverError> {
-        self.verb(handle, Request::Resume).await
-    }
-
-    async fn request_shutdown(&self, handle: &VmHandle) -> Result<(), DriverError> {
-        self.verb(handle, Request::RequestStop).await
-    }
-
-    async fn quit(&self, handle: &VmHandle) -> Result<(), DriverError> {
-        match self.verb(handle, Request::Stop).await {
-            // vmrs-vz exits once the machine stopped; the reply may not make it out.
-            Ok(()) | Err(DriverError::Connect { .. }) | Err(DriverError::Protocol(_)) => Ok(()),
-            Err(e) => Err(e),
-        }
     }
 }
 
