@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Chaos harness for issue 16, invariants 1 (no orphans, whatever dies when) and 2 (damage is
 # contained). CHAOS_CLIENTS clients run random `vmrs` verbs (run -d, start, stop, kill, pause,
-# resume, rm -f, exec) on four VM names — two on user networking, two on one switch network
-# (a vmrs-net sidecar with two members) — while a killer SIGKILLs random vmrs CLI processes at
+# resume, rm -f, exec) on four VM names — one on user networking, two on one switch network
+# (a vmrs-net sidecar with two members), one on a NAT bridge in a namespace of its own — while a killer SIGKILLs random vmrs CLI processes at
 # random moments, a third of the time a `run -d kx3` it started itself (after `rm -f kx3`)
 # within its first 200 ms.
 # After each round (CHAOS_PER_ROUND kills) the clients stop and the harness checks:
@@ -37,7 +37,12 @@ home=$(mktemp -d /tmp/vmrs-chaos.XXXXXX)
 export VMRS_HOME=$home
 unset RUST_LOG
 names=(kx0 kx1 kx2 kx3)
-declare -A net=([kx0]="" [kx1]="--net switch=kxnet" [kx2]="--net switch=kxnet" [kx3]="")
+# kx3 (the VM the killer starts and kills within 200 ms) is on a NAT bridge in a network
+# namespace of the harness's own: TAP, bridge and nft table windows are hunted too
+ns=vmrs-chaos-$$
+ip netns add "$ns" || exit 1
+declare -A net=([kx0]="" [kx1]="--net switch=kxnet" [kx2]="--net switch=kxnet"
+    [kx3]="--net bridge=kxbr0,gateway=10.77.0.1/24,nat,netns=/run/netns/$ns")
 log=$home/chaos.log
 violations=0
 reaped=0
@@ -77,8 +82,15 @@ cli_pids() {
 }
 
 # TAP devices of these VMs (none are asked for, but a switch or user NIC must not leave one)
-taps() { ip -d -o link show 2>/dev/null | grep -oE "alias vmrs:[0-9a-f]+:tap:kx[0-9]:[0-9]+" || true; }
+taps() {
+    { ip -d -o link show; ip -n "$ns" -d -o link show; } 2>/dev/null |
+        grep -oE "alias vmrs:[0-9a-f]+:tap:kx[0-9]:[0-9]+" || true
+}
 nft_tables() { nft list tables 2>/dev/null | sort; }
+ns_leftovers() {
+    ip -n "$ns" -o link show kxbr0 2>/dev/null | cut -d: -f2
+    ip netns exec "$ns" nft list tables 2>/dev/null
+}
 
 client() {
     local n v
@@ -178,6 +190,8 @@ for r in json.load(sys.stdin):
     local t
     t=$(taps)
     [ -n "$t" ] && violation "TAP devices left: $t"
+    t=$(ns_leftovers)
+    [ -n "$t" ] && violation "bridge or nft table left in the namespace: $(echo $t)"
     if [ "$(nft_tables)" != "$nft_before" ]; then
         violation "nft tables changed: $(diff <(echo "$nft_before") <(nft_tables) | tr '\n' ' ')"
     fi
@@ -193,7 +207,7 @@ cleanup() {
         tr '\0' '\n' 2>/dev/null <"$p/environ" | grep -qx "VMRS_HOME=$home" && kill -9 "${p#/proc/}" 2>/dev/null
     done
 }
-trap cleanup EXIT
+trap 'cleanup; ip netns del "$ns" 2>/dev/null' EXIT
 
 nft_before=$(nft_tables)
 note "home $home, $KILLS kills, $PER_ROUND per round, $CLIENTS clients"

@@ -9,6 +9,8 @@
 #                    grown across runs; fuzz/corpus-seeds/<target> is read as extra seeds
 #   FUZZ_TARGET_DIR  cargo target directory (default target/fuzz)
 #   FUZZ_JOBS        build jobs (default 2)
+#   FUZZ_DEV=1       build without optimizations (cargo fuzz --dev): a much shorter build for
+#                    a smoke run whose few seconds need no speed (CI sets it)
 # A crash leaves its input in fuzz/artifacts/<target>/; reproduce with
 #   cargo +nightly fuzz run --target-dir target/fuzz <target> fuzz/artifacts/<target>/<file>
 set -euo pipefail
@@ -27,7 +29,9 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install --locked cargo-fuzz
 fi
 
-build=(cargo +nightly fuzz build --target-dir "$target_dir")
+mode=()
+[ "${FUZZ_DEV:-}" = 1 ] && mode=(--dev)
+build=(cargo +nightly fuzz build "${mode[@]}" --target-dir "$target_dir")
 start=$(date +%s)
 "${build[@]}"
 echo "fuzz.sh: build took $(( $(date +%s) - start )) s"
@@ -45,7 +49,7 @@ for t in "${targets[@]}"; do
     seeds=()
     [ -d "fuzz/corpus-seeds/$t" ] && seeds=("fuzz/corpus-seeds/$t")
     log="$log_dir/$t.log"
-    if cargo +nightly fuzz run --target-dir "$target_dir" "$t" "$corpus/$t" "${seeds[@]}" -- \
+    if cargo +nightly fuzz run "${mode[@]}" --target-dir "$target_dir" "$t" "$corpus/$t" "${seeds[@]}" -- \
         -max_total_time="$secs" -timeout=30 -rss_limit_mb=2048 -print_final_stats=1 \
         -artifact_prefix="fuzz/artifacts/$t/" >"$log" 2>&1; then
         result=ok

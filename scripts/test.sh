@@ -24,5 +24,5 @@ fi
 # Fuzz smoke: every target in fuzz/ for a few seconds (nightly toolchain). The corpus grows in
 # fuzz/corpus (gitignored) across runs; FUZZ_SMOKE_SECONDS=0 skips it.
 if [ "${FUZZ_SMOKE_SECONDS:-5}" != 0 ]; then
-    scripts/fuzz.sh "${FUZZ_SMOKE_SECONDS:-5}"
+    FUZZ_DEV="${FUZZ_DEV:-1}" scripts/fuzz.sh "${FUZZ_SMOKE_SECONDS:-5}"
 fi

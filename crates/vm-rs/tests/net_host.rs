@@ -204,3 +204,61 @@ async fn another_home_never_reaps_our_devices() {
     host::teardown(&ost).await.expect("teardown");
     assert!(!ns.links().iter().any(|l| l.starts_with("vmrs")));
 }
+
+/// `tap=lo` or `bridge=<a veth>` names a device that exists and is not what the attachment
+/// needs: refused with the kind the kernel reports, before an address or a controller is set
+/// on it, and nothing is left behind; a TAP the user made is used as is.
+#[tokio::test]
+async fn an_existing_device_of_the_wrong_kind_is_refused_untouched() {
+    let ns = TestNetns::new("kind");
+    let home = tempfile::tempdir().expect("home");
+    ns.ip(&[
+        "link", "add", "usrveth0", "type", "veth", "peer", "name", "usrveth1",
+    ]);
+    ns.ip(&["tuntap", "add", "dev", "usrtap0", "mode", "tap"]);
+    let tap = |ifname: &str| NetworkAttachment::Tap {
+        ifname: Some(ifname.into()),
+        host_address: Some("10.97.0.1/30".parse().expect("cidr")),
+        address: GuestAddress::Auto,
+        dns: vec![],
+        mac: None,
+        netns: Some(ns.path()),
+    };
+    let addrs_before = ns.ip(&["-4", "addr", "show"]);
+    for (i, (att, wanted, actual)) in [
+        (tap("lo"), "tap", "loopback"),
+        (tap("usrveth0"), "tap", "veth"),
+        (bridge(&ns, "usrtap0", "10.98.0.1/24", true), "bridge", "tun"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("wrong{i}");
+        let dir = vm_dir(home.path(), &name);
+        let err = host::prepare(home.path(), &name, &dir, &[att])
+            .await
+            .expect_err("a device of the wrong kind must be refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(wanted) && msg.contains(actual),
+            "{wanted}/{actual}: {msg}"
+        );
+        assert_eq!(err.kind(), vm_rs::ErrorKind::Invalid, "{msg}");
+    }
+    assert_eq!(
+        ns.ip(&["-4", "addr", "show"]),
+        addrs_before,
+        "an address was added"
+    );
+    assert!(!nft_tables(&ns).contains("vmrs_"));
+    let links = ns.links();
+    assert!(!links.iter().any(|l| l.starts_with("vmrs")), "{links:?}");
+    // the user's own TAP is accepted, configured, and not deleted at teardown
+    let dir = vm_dir(home.path(), "mine");
+    let st = host::prepare(home.path(), "mine", &dir, &[tap("usrtap0")])
+        .await
+        .expect("a user-made tap is used");
+    assert!(ns.ip(&["-4", "addr", "show", "usrtap0"]).contains("10.97.0.1/30"));
+    host::teardown(&st).await.expect("teardown");
+    assert!(ns.links().contains(&"usrtap0".to_string()));
+}

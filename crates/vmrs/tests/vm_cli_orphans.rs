@@ -163,6 +163,34 @@ fn a_damaged_record_is_listed_beside_healthy_vms_and_rm_f_kills_its_vmm() {
     ok(&home, &["rm", "-f", "healthy"]);
 }
 
+/// A damaged record whose VMM still runs keeps its network: a new manager (here `ps`) must
+/// not reconcile its switch membership away (which would stop the switch under a running
+/// guest); `rm -f` then removes the VM and the switch with it.
+#[test]
+fn a_damaged_vm_with_a_live_vmm_keeps_its_switch_until_removed() {
+    let home = Home::new();
+    ok(&home, &["run", "-d", "--name", "hurt", "--net", "switch=dmg"]);
+    let nets = home.json(&["network", "ls", "--json"]);
+    let switch = nets[0]["switch_pid"].as_u64().expect("switch pid");
+    let path = vm_dir(&home, "hurt").join("state.json");
+    std::fs::write(&path, b"{\"truncated").expect("damage");
+    for _ in 0..2 {
+        let rows = home.ps();
+        assert_eq!(row(&rows, "hurt")["state"], "damaged", "{rows:?}");
+    }
+    let nets = home.json(&["network", "ls", "--json"]);
+    assert_eq!(nets[0]["members"][0], "hurt", "{nets}");
+    assert_eq!(nets[0]["running"], true, "{nets}");
+    assert!(alive(switch), "the switch of a running guest was stopped");
+    ok(&home, &["rm", "-f", "hurt"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || !alive(switch)),
+        "switch {switch} outlived its last VM"
+    );
+    let nets = home.json(&["network", "ls", "--json"]);
+    assert_eq!(nets.as_array().map(Vec::len), Some(0), "{nets}");
+}
+
 #[test]
 fn rm_f_racing_a_start_leaves_no_vmm_and_no_directory() {
     let home = Home::new();

@@ -337,6 +337,9 @@ struct Inner {
     entries: tokio::sync::Mutex<HashMap<String, Arc<VmEntry>>>,
     /// One agent connection per VM (the agent socket takes one client at a time).
     agents: tokio::sync::Mutex<HashMap<String, crate::agent::AgentClient>>,
+    /// One attach at a time per VM name; attaches of different VMs (each may wait up to the
+    /// status probe for a frozen VMM) run side by side.
+    attaching: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// How long a graceful stop waits before forcing.
@@ -382,6 +385,7 @@ impl VmManager {
                 drivers,
                 entries: tokio::sync::Mutex::new(HashMap::new()),
                 agents: tokio::sync::Mutex::new(HashMap::new()),
+                attaching: std::sync::Mutex::new(HashMap::new()),
             }),
         };
         // Directories of removals whose remover died (their processes were killed first);
@@ -400,13 +404,22 @@ impl VmManager {
         }
         // Reattach to everything recorded here, marking dead VMs failed.
         let mut live = std::collections::HashSet::new();
-        for name in mgr.names()? {
-            match mgr.entry(&name).await {
+        let names = mgr.names()?;
+        let attached = futures::future::join_all(names.iter().map(|n| mgr.entry(n))).await;
+        for (name, attached) in names.into_iter().zip(attached) {
+            match attached {
                 Ok(e) if e.state().is_live() => {
                     live.insert(name);
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(vm = %name, error = %e, "cannot reattach"),
+                Err(e) => {
+                    tracing::warn!(vm = %name, error = %e, "cannot reattach");
+                    // A damaged record whose VMM (or a sidecar) still runs: its TAPs, switch
+                    // membership and forwarders are in use until `rm -f` kills it.
+                    if !crate::process::owned_by(&mgr.vm_dir(&name)).is_empty() {
+                        live.insert(name);
+                    }
+                }
             }
         }
         // Remove host network devices, switch memberships and forwarders of VMs that died
@@ -449,8 +462,20 @@ impl VmManager {
         crate::config::validate_name(name).map_err(|_| ManagerError::NotFound {
             name: name.to_string(),
         })?;
-        let mut entries = self.inner.entries.lock().await;
-        if let Some(e) = entries.get(name) {
+        if let Some(e) = self.inner.entries.lock().await.get(name) {
+            return Ok(e.clone());
+        }
+        let gate = self
+            .inner
+            .attaching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        let _attaching = gate.lock().await;
+        // attached by whoever held the gate before us
+        if let Some(e) = self.inner.entries.lock().await.get(name) {
             return Ok(e.clone());
         }
         let dir = self.vm_dir(name);
@@ -470,7 +495,11 @@ impl VmManager {
             .map_err(damaged)?;
         // A VM another process is still starting is not cached: ask again next time.
         if !(entry.state() == VmState::Starting && entry.handle().await.is_none()) {
-            entries.insert(name.to_string(), entry.clone());
+            self.inner
+                .entries
+                .lock()
+                .await
+                .insert(name.to_string(), entry.clone());
         }
         Ok(entry)
     }
@@ -729,13 +758,19 @@ impl VmManager {
     /// never hides the others.
     pub async fn list(&self) -> Result<Vec<VmListing>, ManagerError> {
         let mut out = Vec::new();
-        for name in self.names()? {
-            let dir = self.vm_dir(&name);
+        let names: Vec<String> = self
+            .names()?
+            .into_iter()
             // being created right now: not a VM yet
-            if !dir.join(files::STATE).exists() && lock::held(&dir, VM_LOCK) {
-                continue;
-            }
-            match self.listing(&name).await {
+            .filter(|name| {
+                let dir = self.vm_dir(name);
+                dir.join(files::STATE).exists() || !lock::held(&dir, VM_LOCK)
+            })
+            .collect();
+        let listings = futures::future::join_all(names.iter().map(|n| self.listing(n))).await;
+        for (name, listing) in names.into_iter().zip(listings) {
+            let dir = self.vm_dir(&name);
+            match listing {
                 Ok(l) => out.push(l),
                 Err(ManagerError::NotFound { .. }) => {} // removed meanwhile
                 Err(e) => out.push(VmListing::Damaged(DamagedVm {

@@ -3,7 +3,7 @@
 //! real, while the guest's side (serial console, VMM events) is written by the test.
 
 use super::record::{self, files, PluggedDevice, VmRecord, RECORD_VERSION};
-use super::{ManagerError, VmManager};
+use super::{ManagerError, VmListing, VmManager};
 use crate::config::{BackendKind, DiskConfig, VmConfig};
 use crate::driver::{
     BootSpec, Counters, DriverError, EventStream, Launched, TapNetwork, VmDriver, VmHandle, VmmEvent,
@@ -339,6 +339,42 @@ async fn a_frozen_vmm_is_listed_at_once_and_killed_on_time() {
     );
     assert!(!alive(&h));
     assert!(!other.inspect("frz").await.unwrap().unresponsive);
+}
+
+/// Eight frozen VMMs: a new manager attaches to them side by side, so opening it and
+/// listing take about one status probe, not eight.
+#[tokio::test]
+async fn many_frozen_vmms_are_probed_side_by_side() {
+    let home = Home::new();
+    let fake = Fake::new(Button::Frozen);
+    let mgr = home.manager(&fake).await;
+    let names: Vec<String> = (0..8).map(|i| format!("frz{i}")).collect();
+    let mut handles = Vec::new();
+    for n in &names {
+        handles.push(started(&mgr, &home, n).await);
+    }
+    let t0 = std::time::Instant::now();
+    let other = home.manager(&fake).await;
+    let listed = other.list().await.unwrap();
+    let took = t0.elapsed();
+    assert_eq!(listed.len(), names.len());
+    for l in &listed {
+        match l {
+            VmListing::Vm(info) => assert!(info.unresponsive, "{info:?}"),
+            VmListing::Damaged(d) => panic!("{d:?}"),
+        }
+    }
+    // sequential probes would take 8 x STATUS_PROBE = 2 s
+    assert!(
+        took < super::monitor::STATUS_PROBE * 4,
+        "open + list of 8 frozen VMMs took {took:?}"
+    );
+    for n in &names {
+        other.kill(n).await.unwrap();
+    }
+    for h in &handles {
+        assert!(!alive(h));
+    }
 }
 
 #[tokio::test]

@@ -35,7 +35,7 @@ use crate::config::{Ipv4Cidr, NetworkAttachment};
 #[cfg(target_os = "linux")]
 use futures::TryStreamExt;
 #[cfg(target_os = "linux")]
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -103,6 +103,17 @@ pub enum HostError {
         /// What was asked for.
         what: &'static str,
     },
+    /// An existing interface the user named is not the kind of device the attachment needs
+    /// (e.g. `tap=lo`, `bridge=eth0`): refused before anything is configured on it.
+    #[error("interface {name} is a {actual} device, not a {wanted}")]
+    WrongKind {
+        /// Its name.
+        name: String,
+        /// What the attachment needs (`tap` or `bridge`).
+        wanted: &'static str,
+        /// What the kernel says it is (`loopback`, `veth`, `physical`, ...).
+        actual: String,
+    },
 }
 
 impl HostError {
@@ -120,6 +131,7 @@ impl HostError {
             HostError::Sidecar(e) => e.kind(),
             HostError::MixedNamespaces => K::Invalid,
             HostError::Foreign { .. } => K::Conflict,
+            HostError::WrongKind { .. } => K::Invalid,
         }
     }
 }
@@ -316,6 +328,50 @@ fn alias_of(m: &LinkMessage) -> Option<&str> {
     m.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfAlias(s) => Some(s.as_str()),
         _ => None,
+    })
+}
+
+/// The kernel's kind of a link (`tun`, `bridge`, `veth`, ...); `None` for a device without
+/// link info (loopback, most physical NICs).
+#[cfg(target_os = "linux")]
+fn kind_of(m: &LinkMessage) -> Option<&InfoKind> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// Refuses an existing link that is not `wanted` (a TAP is kind `tun`).
+#[cfg(target_os = "linux")]
+fn check_kind(m: &LinkMessage, name: &str, wanted: &'static str) -> Result<(), HostError> {
+    let ok = matches!(
+        (wanted, kind_of(m)),
+        ("tap", Some(InfoKind::Tun)) | ("bridge", Some(InfoKind::Bridge))
+    );
+    if ok {
+        return Ok(());
+    }
+    let actual = match kind_of(m) {
+        Some(InfoKind::Tun) => "tun".to_string(),
+        Some(InfoKind::Bridge) => "bridge".to_string(),
+        Some(InfoKind::Other(k)) => k.clone(),
+        Some(k) => format!("{k:?}").to_lowercase(),
+        None if m
+            .header
+            .flags
+            .contains(rtnetlink::packet_route::link::LinkFlags::Loopback) =>
+        {
+            "loopback".to_string()
+        }
+        None => "physical".to_string(),
+    };
+    Err(HostError::WrongKind {
+        name: name.into(),
+        wanted,
+        actual,
     })
 }
 
@@ -563,7 +619,10 @@ async fn ensure_bridge(
     let ours = bridge_alias(hid);
     let existing = nl.link_by_name(name).await?;
     let (index, created) = match existing {
-        Some(m) => (m.header.index, alias_of(&m) == Some(ours.as_str())),
+        Some(m) => {
+            check_kind(&m, name, "bridge")?;
+            (m.header.index, alias_of(&m) == Some(ours.as_str()))
+        }
         None => {
             match nl
                 .handle
@@ -634,8 +693,11 @@ async fn ensure_tap(
         Some(m) if alias_of(&m).is_some_and(|a| a.starts_with(ALIAS_PREFIX)) => {
             return Err(HostError::Foreign { name: name.into() })
         }
-        // a device the user made: use it as is
-        Some(_) => false,
+        // a TAP the user made: use it as is (anything else is refused before it is touched)
+        Some(m) => {
+            check_kind(&m, name, "tap")?;
+            false
+        }
         None => {
             let n = name.to_string();
             netns::run_in(state.netns.as_deref(), move || create_tap(&n))
