@@ -96,6 +96,18 @@ if ! command -v cargo >/dev/null; then
     echo "setup: cargo not found; install Rust (rustup) >= $(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)" >&2
     exit 1
 fi
+# The Apple targets' standard libraries, for the macOS type-check in scripts/test.sh (nothing
+# is built for them here; see docs/macos.md).
+if ! command -v rustup >/dev/null; then
+    echo "setup: rustup not found; it is needed for the aarch64/x86_64-apple-darwin targets" >&2
+    exit 1
+fi
+for target in aarch64-apple-darwin x86_64-apple-darwin; do
+    if ! rustup target list --installed | grep -qx "$target"; then
+        echo "setup: adding the $target target (rustup)" >&2
+        rustup target add "$target"
+    fi
+done
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "setup: installing cargo-nextest (cargo install --locked)" >&2
     cargo install --locked cargo-nextest

@@ -6,6 +6,13 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# macOS hosts: the library and the CLI (their lib and bin targets, VZ backend and vmrs-vz
+# included) type-check and are clippy-clean for both Apple targets. Compiled only, never run:
+# no test binary is built for them (docs/macos.md says what was run where).
+for target in aarch64-apple-darwin x86_64-apple-darwin; do
+    cargo check -p vm-rs -p vmrs --target "$target"
+    cargo clippy -p vm-rs -p vmrs --target "$target" -- -D warnings
+done
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 cargo nextest run --workspace --no-fail-fast "$@"
 cargo test -q --workspace --doc

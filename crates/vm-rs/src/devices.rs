@@ -9,16 +9,16 @@
 //! configuration asks for is ignored: a backend renders it or [`Capabilities::check`] refuses it
 //! with [`DriverError::Unsupported`] naming the feature.
 //!
-//! | device | QEMU (microvm) | Cloud Hypervisor |
-//! |--------|----------------|------------------|
-//! | [`Disk`] | `-blockdev` (JSON) + `virtio-blk-device` (serial) | `disks[]` (serial) |
-//! | [`Nic`] user | `-netdev user` + `hostfwd` | refused (no user-mode NAT) |
-//! | [`Nic`] tap | `-netdev tap` | `net[]` with `tap` |
-//! | [`Nic`] switch | `-netdev dgram` (Unix) | refused |
-//! | [`AgentChannel`] | virtio-serial port on a Unix socket | refused (vsock: later) |
-//! | [`SharedFs`] | `vhost-user-fs-device` on the virtiofsd socket (needs shared memory) | `fs[]` (needs `memory.shared`) |
-//! | entropy | `virtio-rng-device` | `rng` |
-//! | [`MemoryBackend`] | `memory-backend-memfd`/`-file` (default: a shared file in the VM directory, so a snapshot can copy it) | `memory.shared` |
+//! | device | QEMU (microvm) | Cloud Hypervisor | Firecracker | VZ ([`crate::driver::vz::plan`]) |
+//! |--------|----------------|------------------|-------------|----|
+//! | [`Disk`] | `-blockdev` (JSON) + `virtio-blk-device` (serial) | `disks[]` (serial) | `/drives/{id}` (raw, no serial) | virtio-blk over a raw image (identifier) |
+//! | [`Nic`] user | `-netdev user` + `hostfwd` | refused (no user-mode NAT) | refused | NAT attachment (no published ports) |
+//! | [`Nic`] tap | `-netdev tap` | `net[]` with `tap` | `/network-interfaces/{id}` | refused |
+//! | [`Nic`] switch | `-netdev dgram` (Unix) | refused | refused | refused |
+//! | [`AgentChannel`] | virtio-serial port on a Unix socket | refused (vsock: later) | refused (vsock: later) | vsock, bridged by `vmrs-vz` |
+//! | [`SharedFs`] | `vhost-user-fs-device` on the virtiofsd socket (needs shared memory) | `fs[]` (needs `memory.shared`) | refused | virtio-fs device + directory share |
+//! | entropy | `virtio-rng-device` | `rng` | `/entropy` | virtio entropy device |
+//! | [`MemoryBackend`] | `memory-backend-memfd`/`-file` (default: a shared file in the VM directory, so a snapshot can copy it) | `memory.shared` | anonymous only | anonymous only |
 
 use crate::config::{Accel, BackendKind, CacheMode, DiskFormat, MacAddr, VmConfig};
 use crate::driver::DriverError;
@@ -258,6 +258,7 @@ impl Capabilities {
         if config.accel != Accel::Auto && !self.accels.contains(&config.accel) {
             return Err(refuse(match config.accel {
                 Accel::Kvm => "kvm acceleration",
+                Accel::Hvf => "hvf acceleration",
                 _ => "tcg (software) acceleration",
             }));
         }

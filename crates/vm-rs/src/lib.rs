@@ -9,7 +9,8 @@
 //!  VmManager ──────────────┬──────────────► VmDriver (trait)
 //!   │ one directory per VM │                  ├─ driver::qemu   (QMP over a Unix socket)
 //!   │ (config.json,        │                  ├─ driver::cloud_hypervisor (REST API on a Unix socket)
-//!   │                      │                  └─ driver::firecracker (REST API on a Unix socket)
+//!   │                      │                  ├─ driver::firecracker (REST API on a Unix socket)
+//!   │                      │                  └─ driver::vz     (macOS: a vmrs-vz host process per VM)
 //!   │  state.json,         │
 //!   │  serial.log, vmm.log)├──► process  : pid + start time + pidfd, own session
 //!   │                      ├──► console  : serial log follower + VMRS_READY parser
@@ -35,7 +36,9 @@
 //! * [`net`] — networking: user-mode NAT, TAP/bridge/NAT, the userspace switch, port forwarding.
 //! * [`oci`] — OCI images: pull into a content-addressed store ([`ImageStore`]), unpack safely.
 //! * [`devices`] — the device model every backend renders, and backend capabilities.
-//! * [`host`] — host facts: KVM usability, program lookup, CPU clock.
+//! * [`host`] — host facts (KVM, HVF, program lookup, CPU clock) and the platform facade: what
+//!   differs between Linux and macOS hosts (process handles, file events, confined opens,
+//!   codecs) sits behind its functions, so no caller writes a `cfg`.
 //! * [`paths`] — where data lives (`VMRS_HOME`).
 //! * [`setup`] — one-call helpers: seed image, SSH key, catalog image → per-VM disk.
 //! * [`virtiofs`] — shared directories: the virtiofsd sidecar serving each one over virtio-fs.

@@ -4,7 +4,8 @@
 //! A pid alone is not an identity: after a VMM dies its pid can be reused by an unrelated
 //! process. Every record therefore carries the process start time (`/proc/<pid>/stat` field 22),
 //! and [`VmmProcess::attach`] opens a pidfd and then checks the start time, so once attached the
-//! pidfd pins the right process and signals can never reach a stranger.
+//! pidfd pins the right process and signals can never reach a stranger. The host-specific
+//! parts (the start time's source, pidfd vs kqueue on macOS) are in [`crate::host::proc`].
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -30,15 +31,9 @@ pub struct OwnedProcess {
 pub fn owned_by(owner: &Path) -> Vec<OwnedProcess> {
     let mut marker = format!("{OWNER_ENV}=").into_bytes();
     marker.extend_from_slice(owner.as_os_str().as_encoded_bytes());
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
     let mut out = Vec::new();
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+    for pid in crate::host::proc::pids() {
+        let Some(env) = crate::host::proc::environ(pid) else {
             continue;
         };
         if !env.split(|b| *b == 0).any(|v| v == marker.as_slice()) {
@@ -175,38 +170,15 @@ fn signal_name(sig: i32) -> Option<&'static str> {
 
 /// Start time of `pid` in clock ticks since boot, or `None` if there is no such process.
 pub fn start_time(pid: u32) -> Result<Option<u64>, ProcessError> {
-    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(ProcessError::Inspect { pid, source: e }),
-    };
-    // comm (field 2) may hold spaces and parentheses; fields resume after the last ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    // rest starts at field 3 (state); starttime is field 22.
-    let field = rest.split_whitespace().nth(19);
-    let parsed = field.and_then(|f| f.parse::<u64>().ok());
-    match parsed {
-        Some(t) => Ok(Some(t)),
-        None => Err(ProcessError::Inspect {
-            pid,
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed /proc/<pid>/stat"),
-        }),
-    }
+    crate::host::proc::stat(pid)
+        .map(|s| s.map(|s| s.start_time))
+        .map_err(|source| ProcessError::Inspect { pid, source })
 }
 
 /// Whether `pid` is alive (not a zombie) and started at `start`.
 pub fn is_same_process_alive(pid: u32, start: u64) -> bool {
-    if !matches!(start_time(pid), Ok(Some(t)) if t == start) {
-        return false;
-    }
     // a zombie has exited; treat it as dead
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !matches!(
-            s.rsplit_once(')').map(|(_, r)| r.trim_start().chars().next()),
-            Some(Some('Z' | 'X'))
-        ),
-        Err(_) => false,
-    }
+    matches!(crate::host::proc::stat(pid), Ok(Some(s)) if s.start_time == start && !s.zombie)
 }
 
 /// A running VMM, either our child or attached by pid + start time.
@@ -302,7 +274,7 @@ impl VmmProcess {
 
     /// Send `signal` to the process through its pidfd (never to a reused pid).
     pub fn signal(&self, signal: rustix::process::Signal) -> Result<(), ProcessError> {
-        match rustix::process::pidfd_send_signal(&self.pidfd, signal) {
+        match crate::host::proc::send_signal(&self.pidfd, self.pid, signal) {
             Ok(()) => Ok(()),
             Err(rustix::io::Errno::SRCH) => Err(ProcessError::Gone { pid: self.pid }),
             Err(e) => Err(ProcessError::Signal {
@@ -388,8 +360,7 @@ impl VmmProcess {
 }
 
 fn pidfd_open(pid: u32) -> Result<OwnedFd, ProcessError> {
-    let raw = rustix::process::Pid::from_raw(pid as i32).ok_or(ProcessError::Gone { pid })?;
-    match rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()) {
+    match crate::host::proc::open_handle(pid) {
         Ok(fd) => Ok(fd),
         Err(rustix::io::Errno::SRCH) => Err(ProcessError::Gone { pid }),
         Err(e) => Err(ProcessError::Inspect {

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! vmrs setup                      fetch the guest kernel/busybox and build the initramfs
-//! vmrs run [-d] [--name N] [-m 512m] [--accel auto|kvm|tcg] [--backend auto|qemu|cloud-hypervisor|firecracker] ...
+//! vmrs run [-d] [--name N] [-m 512m] [--accel auto|kvm|tcg|hvf] [--backend auto|qemu|cloud-hypervisor|firecracker|vz] ...
 //!                                 boot a VM (the built-in guest by default)
 //! vmrs ps [-a] [-q] [--json]      list VMs (-q: names only)
 //! vmrs stop|kill|pause|resume N   lifecycle (stop of a stopped VM is a no-op)

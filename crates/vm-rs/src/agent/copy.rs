@@ -13,7 +13,8 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{Mode, OFlags, ResolveFlags};
+use crate::host::fs::{Confine, O_PATH};
+use rustix::fs::{Mode, OFlags};
 use tokio::sync::mpsc;
 use vmrs_proto::{valid_relative_path, Entry, EntryKind, Message, CHUNK};
 
@@ -194,12 +195,12 @@ impl TreeWriter {
     fn open_beneath(&self, rel: &[u8], flags: OFlags) -> Result<OwnedFd, AgentError> {
         let root = self.root_fd(rel)?;
         let path = if rel.is_empty() { &b"."[..] } else { rel };
-        rustix::fs::openat2(
+        crate::host::fs::openat_confined(
             root.as_fd(),
             std::ffi::OsStr::from_bytes(path),
             flags | OFlags::CLOEXEC,
             Mode::empty(),
-            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+            Confine::NoSymlinks,
         )
         .map_err(|e| match e {
             rustix::io::Errno::LOOP | rustix::io::Errno::XDEV | rustix::io::Errno::NOTDIR => unsafe_path(rel),
@@ -234,7 +235,7 @@ impl TreeWriter {
             Some(i) => (&e.path[..i], &e.path[i + 1..]),
             None => (&b""[..], &e.path[..]),
         };
-        let parent_fd = self.open_beneath(parent, OFlags::PATH | OFlags::DIRECTORY)?;
+        let parent_fd = self.open_beneath(parent, O_PATH | OFlags::DIRECTORY)?;
         let name = std::ffi::OsStr::from_bytes(name);
         let full = self.target.join(std::ffi::OsStr::from_bytes(&e.path));
         match e.kind {
@@ -243,7 +244,7 @@ impl TreeWriter {
                     Ok(()) => {}
                     Err(rustix::io::Errno::EXIST) => {
                         // Must be a real directory (open_beneath refuses symlinks).
-                        self.open_beneath(&e.path, OFlags::PATH | OFlags::DIRECTORY)?;
+                        self.open_beneath(&e.path, O_PATH | OFlags::DIRECTORY)?;
                     }
                     Err(err) => return Err(rustix_err(&full)(err)),
                 }
@@ -260,7 +261,7 @@ impl TreeWriter {
                     rustix::io::Errno::LOOP => unsafe_path(&e.path),
                     other => rustix_err(&full)(other),
                 })?;
-                rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(rustix_err(&full))?;
+                rustix::fs::fchmod(&fd, crate::host::fs::mode(mode)).map_err(rustix_err(&full))?;
                 if e.size > 0 {
                     self.current = Some((File::from(fd), e.size, full));
                 }
@@ -311,7 +312,7 @@ impl TreeWriter {
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(rustix_err(&path))?;
-                rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(rustix_err(&path))?;
+                rustix::fs::fchmod(&fd, crate::host::fs::mode(mode)).map_err(rustix_err(&path))?;
                 if size > 0 {
                     self.current = Some((File::from(fd), size, path));
                 }
@@ -360,7 +361,7 @@ impl TreeWriter {
         let dirs = std::mem::take(&mut self.dirs);
         for (rel, mode) in dirs.iter().rev() {
             let fd = self.open_beneath(rel, OFlags::RDONLY | OFlags::DIRECTORY)?;
-            rustix::fs::fchmod(&fd, Mode::from_raw_mode(*mode)).map_err(rustix_err(&self.target))?;
+            rustix::fs::fchmod(&fd, crate::host::fs::mode(*mode)).map_err(rustix_err(&self.target))?;
         }
         Ok(())
     }

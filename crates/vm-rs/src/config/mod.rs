@@ -32,6 +32,8 @@ pub enum BackendKind {
     CloudHypervisor,
     /// Firecracker, driven over its REST API.
     Firecracker,
+    /// Apple's Virtualization.framework (macOS), run by a per-VM `vmrs-vz` host process.
+    Vz,
 }
 
 impl std::fmt::Display for BackendKind {
@@ -41,6 +43,7 @@ impl std::fmt::Display for BackendKind {
             BackendKind::Qemu => "qemu",
             BackendKind::CloudHypervisor => "cloud-hypervisor",
             BackendKind::Firecracker => "firecracker",
+            BackendKind::Vz => "vz",
         })
     }
 }
@@ -53,10 +56,11 @@ impl std::str::FromStr for BackendKind {
             "qemu" => Ok(Self::Qemu),
             "cloud-hypervisor" | "ch" => Ok(Self::CloudHypervisor),
             "firecracker" | "fc" => Ok(Self::Firecracker),
+            "vz" => Ok(Self::Vz),
             other => Err(ConfigError::UnknownValue {
                 field: "backend",
                 value: other.to_string(),
-                expected: "auto, qemu, cloud-hypervisor, firecracker",
+                expected: "auto, qemu, cloud-hypervisor, firecracker, vz",
             }),
         }
     }
@@ -73,6 +77,8 @@ pub enum Accel {
     Kvm,
     /// QEMU's software emulation; slow but works everywhere.
     Tcg,
+    /// Apple's Hypervisor.framework (macOS hosts: QEMU `-accel hvf`; what VZ always uses).
+    Hvf,
 }
 
 impl std::fmt::Display for Accel {
@@ -81,6 +87,7 @@ impl std::fmt::Display for Accel {
             Accel::Auto => "auto",
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
+            Accel::Hvf => "hvf",
         })
     }
 }
@@ -92,10 +99,11 @@ impl std::str::FromStr for Accel {
             "auto" => Ok(Self::Auto),
             "kvm" => Ok(Self::Kvm),
             "tcg" => Ok(Self::Tcg),
+            "hvf" => Ok(Self::Hvf),
             other => Err(ConfigError::UnknownValue {
                 field: "accel",
                 value: other.to_string(),
-                expected: "auto, kvm, tcg",
+                expected: "auto, kvm, tcg, hvf",
             }),
         }
     }
@@ -607,7 +615,12 @@ mod tests {
     #[test]
     fn enums_parse_from_cli_strings() {
         assert_eq!("tcg".parse::<Accel>().ok(), Some(Accel::Tcg));
-        assert!("hvf".parse::<Accel>().is_err());
+        assert_eq!("hvf".parse::<Accel>().ok(), Some(Accel::Hvf));
+        assert!("warp".parse::<Accel>().is_err());
         assert_eq!("qemu".parse::<BackendKind>().ok(), Some(BackendKind::Qemu));
+        assert_eq!("vz".parse::<BackendKind>().ok(), Some(BackendKind::Vz));
+        for a in [Accel::Auto, Accel::Kvm, Accel::Tcg, Accel::Hvf] {
+            assert_eq!(a.to_string().parse::<Accel>().ok(), Some(a));
+        }
     }
 }

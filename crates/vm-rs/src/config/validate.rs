@@ -246,12 +246,9 @@ pub fn validate_name(name: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Total host memory in MiB, from `/proc/meminfo` (None when it cannot be read).
+/// Total host memory in MiB (None when it cannot be read; see [`crate::host::memory_mib`]).
 pub fn host_memory_mib() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024)
+    crate::host::memory_mib()
 }
 
 /// Check that `path` names a regular file (following symlinks); returns its size.

@@ -102,26 +102,22 @@ pub fn scan_log(path: &Path) -> std::io::Result<Option<IpAddr>> {
     }
 }
 
-/// Follows a growing file with inotify and yields appended bytes.
+/// Follows a growing file and yields appended bytes, woken by file events (inotify on Linux,
+/// kqueue on macOS: [`crate::host::watch`]).
 #[derive(Debug)]
 pub struct LogFollower {
     path: PathBuf,
     file: tokio::fs::File,
-    events: inotify::EventStream<Vec<u8>>,
+    events: crate::host::watch::FileWatch,
 }
 
 impl LogFollower {
     /// Start following `path` from `offset` (0 = from the beginning). The file must exist.
     pub async fn open(path: &Path, offset: u64) -> std::io::Result<Self> {
         use tokio::io::AsyncSeekExt;
-        let inotify = inotify::Inotify::init()?;
-        inotify.watches().add(
-            path,
-            inotify::WatchMask::MODIFY | inotify::WatchMask::CLOSE_WRITE | inotify::WatchMask::DELETE_SELF,
-        )?;
+        let events = crate::host::watch::FileWatch::open(path)?;
         let mut file = tokio::fs::File::open(path).await?;
         file.seek(std::io::SeekFrom::Start(offset)).await?;
-        let events = inotify.into_event_stream(vec![0u8; 4096])?;
         Ok(Self {
             path: path.to_path_buf(),
             file,
@@ -137,18 +133,16 @@ impl LogFollower {
     /// Next chunk of appended bytes; waits (event-driven) until there is some. Returns `None`
     /// when the file is deleted.
     pub async fn next_chunk(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
-        use futures::StreamExt;
+        use crate::host::watch::Change;
         use tokio::io::AsyncReadExt;
         loop {
             let n = self.file.read(buf).await?;
             if n > 0 {
                 return Ok(Some(n));
             }
-            match self.events.next().await {
-                Some(Ok(ev)) if ev.mask.contains(inotify::EventMask::DELETE_SELF) => return Ok(None),
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(e),
-                None => return Ok(None),
+            match self.events.next().await? {
+                Change::Deleted => return Ok(None),
+                Change::Modified => continue,
             }
         }
     }

@@ -18,6 +18,7 @@ pub mod http;
 pub mod qemu;
 #[cfg(any(feature = "cloud-hypervisor", feature = "firecracker"))]
 pub mod vmlinux;
+pub mod vz;
 
 use crate::config::{BackendKind, VmConfig};
 use crate::process::{ProcessError, VmmProcess};
@@ -55,8 +56,9 @@ pub struct VmHandle {
     pub backend: BackendKind,
     /// VMM process id.
     pub pid: u32,
-    /// VMM process start time (clock ticks since boot, `/proc/<pid>/stat` field 22); with `pid`
-    /// it identifies the process so a reused pid is never signalled.
+    /// VMM process start time (on Linux clock ticks since boot, `/proc/<pid>/stat` field 22;
+    /// on macOS microseconds since the epoch, see [`crate::host::proc`]); with `pid` it
+    /// identifies the process so a reused pid is never signalled.
     pub start_time: u64,
     /// Control socket (QMP for QEMU, REST API for Cloud Hypervisor).
     pub api_socket: PathBuf,
@@ -196,6 +198,9 @@ pub enum DriverError {
     /// Process bookkeeping failed.
     #[error(transparent)]
     Process(#[from] ProcessError),
+    /// The VM cannot run on Virtualization.framework as configured (see [`vz::plan`]).
+    #[error(transparent)]
+    Vz(vz::plan::VzPlanError),
     /// The serial console's capture (the capped log's sidecar) could not be set up.
     #[error("cannot capture the serial console")]
     Console(#[from] crate::console::capture::CaptureError),
@@ -232,6 +237,7 @@ impl DriverError {
             DriverError::Console(e) => e.kind(),
             DriverError::Io { .. } => K::Other,
             DriverError::Config(e) => e.kind(),
+            DriverError::Vz(e) => e.kind(),
         }
     }
 }
@@ -435,7 +441,8 @@ pub(crate) fn find_program(
 
 /// Resolve [`BackendKind::Auto`] (and check an explicit choice is available), returning a
 /// driver. `VMRS_BACKEND` overrides `Auto`. `Auto` takes the first backend of
-/// [`auto_backend`]; [`choose`] also weighs what a VM needs.
+/// [`auto_backend`] (on macOS Virtualization.framework when `vmrs-vz` is found); [`choose`]
+/// also weighs what a VM needs.
 pub fn detect(kind: BackendKind) -> Result<Arc<dyn VmDriver>, DriverError> {
     let kind = match kind {
         BackendKind::Auto => match env_backend()? {
@@ -466,6 +473,8 @@ fn check_installed(kind: BackendKind) -> Result<Option<PathBuf>, DriverError> {
         BackendKind::CloudHypervisor => cloud_hypervisor::find_binary(None).map(Some),
         #[cfg(feature = "firecracker")]
         BackendKind::Firecracker => firecracker::find_binary(None).map(Some),
+        #[cfg(all(target_os = "macos", feature = "vz"))]
+        BackendKind::Vz => vz::VzDriver::new().find_binary().map(Some),
         _ => Ok(None),
     }
 }
@@ -482,6 +491,10 @@ const KVM_BACKENDS: &[BackendKind] = &[
 /// The backend `Auto` resolves to on this host when nothing about the VM is known: the first
 /// installed KVM-only backend when KVM is usable, else QEMU.
 pub fn auto_backend() -> BackendKind {
+    #[cfg(all(target_os = "macos", feature = "vz"))]
+    if vz::VzDriver::new().find_binary().is_ok() {
+        return BackendKind::Vz;
+    }
     if crate::host::kvm::usable().is_ok() {
         for &k in KVM_BACKENDS {
             if check_installed(k).is_ok() {
@@ -520,6 +533,17 @@ pub fn choose(
             driver: driver_for(k)?,
             reason: format!("{k}: {why}"),
         });
+    }
+    // on macOS, Virtualization.framework when its host process is installed and the VM fits
+    #[cfg(all(target_os = "macos", feature = "vz"))]
+    if check_installed(BackendKind::Vz).is_ok() {
+        let vz = vz::VzDriver::new();
+        if fits(&vz).is_ok() {
+            return Ok(BackendChoice {
+                driver: Arc::new(vz),
+                reason: "vz: Virtualization.framework (vmrs-vz found)".into(),
+            });
+        }
     }
     choose_auto(crate::host::kvm::usable().map(drop), &check_installed, fits)
 }
@@ -582,6 +606,8 @@ pub fn driver_for(kind: BackendKind) -> Result<Arc<dyn VmDriver>, DriverError> {
         BackendKind::CloudHypervisor => Ok(Arc::new(cloud_hypervisor::CloudHypervisorDriver::new())),
         #[cfg(feature = "firecracker")]
         BackendKind::Firecracker => Ok(Arc::new(firecracker::FirecrackerDriver::new())),
+        #[cfg(all(target_os = "macos", feature = "vz"))]
+        BackendKind::Vz => Ok(Arc::new(vz::VzDriver::new())),
         #[allow(unreachable_patterns)]
         other => Err(DriverError::Unsupported {
             backend: other,

@@ -301,15 +301,15 @@ pub fn decompress(payload: &Payload<'_>) -> Result<Vec<u8>, VmlinuxError> {
     let out = match c {
         Compression::Gzip => read_bounded(flate2::read::GzDecoder::new(payload.data), c)?,
         Compression::Zstd => {
-            let dec = zstd::stream::read::Decoder::new(payload.data)
-                .map_err(|source| VmlinuxError::Decompress {
+            let dec = crate::host::codec::zstd_single_frame(payload.data).map_err(|source| {
+                VmlinuxError::Decompress {
                     compression: c,
                     source,
-                })?
-                .single_frame();
+                }
+            })?;
             read_bounded(dec, c)?
         }
-        Compression::Xz => read_bounded(xz2::read::XzDecoder::new(payload.data), c)?,
+        Compression::Xz => read_bounded(crate::host::codec::xz(payload.data), c)?,
         Compression::Lz4Legacy => lz4_legacy(payload.data)?,
     };
     if let Some(expected) = payload.recorded_size {

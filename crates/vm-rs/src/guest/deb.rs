@@ -101,11 +101,10 @@ fn with_member<T>(
         };
         let mut reader: Box<dyn Read> = match suffix {
             ".tar" => Box::new(entry),
-            ".tar.xz" => Box::new(xz2::read::XzDecoder::new(entry)),
+            ".tar.xz" => crate::host::codec::xz(entry),
             ".tar.gz" => Box::new(flate2::read::GzDecoder::new(entry)),
-            ".tar.zst" => {
-                Box::new(zstd::stream::read::Decoder::new(entry).map_err(|e| bad(format!("zstd: {e}")))?)
-            }
+            ".tar.zst" => crate::host::codec::zstd(std::io::BufReader::new(entry))
+                .map_err(|e| bad(format!("zstd: {e}")))?,
             other => return Err(bad(format!("unsupported compression {prefix}{other}"))),
         };
         return f(&mut reader);

@@ -9,7 +9,7 @@
 //! [`usable`] caches the verdict per process and per boot.
 
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long the probe loop may take before KVM is declared too slow.
 pub const PROBE_BUDGET: Duration = Duration::from_millis(50);
@@ -171,7 +171,7 @@ fn run_probe_guest() -> Result<Duration, String> {
         regs.rflags = 2;
         vcpu.set_regs(&regs)
             .map_err(|e| format!("KVM_SET_REGS failed: {e}"))?;
-        let start = Instant::now();
+        let start = std::time::Instant::now();
         loop {
             match vcpu.run() {
                 Ok(VcpuExit::Hlt) => break,

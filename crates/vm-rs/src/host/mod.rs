@@ -1,8 +1,22 @@
-//! Facts about the host, in one place: whether KVM is usable ([`kvm`]), where programs are
-//! ([`find_on_path`]), and the CPU's clock ([`cpu_khz`]). Drivers and the manager ask here;
-//! no backend reaches into another backend's module for them.
+//! Facts about the host, in one place, and the platform facade: whatever differs between
+//! Linux and macOS hosts sits behind a function here, so callers write no `cfg`.
+//!
+//! * [`kvm`] — whether KVM is usable (Linux only; elsewhere it never is).
+//! * [`proc`] — process start times, environments, exit handles (pidfd / kqueue).
+//! * [`watch`] — file change events (inotify / kqueue).
+//! * [`fs`] — confined opens (`openat2` / a portable walk), `O_PATH`, modes, write-back.
+//! * [`codec`] — zstd and xz decoders (C libraries on Linux, pure Rust elsewhere).
+//! * [`find_on_path`], [`cpu_khz`], [`enter_net_namespace`], [`hvf_usable`].
+//!
+//! Drivers and the manager ask here; no backend reaches into another backend's module for
+//! them. Networking's host devices (netlink, TAP) are Linux-only and stay in
+//! `crate::net::host`, which answers "unsupported" for them on other hosts.
 
+pub mod codec;
+pub mod fs;
 pub mod kvm;
+pub mod proc;
+pub mod watch;
 
 use std::path::{Path, PathBuf};
 
@@ -22,11 +36,112 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|p| is_executable(p))
 }
 
-/// The host CPU's clock in kHz (`cpu MHz` of `/proc/cpuinfo`), used as the TSC frequency hint
-/// for software-emulated guests (`tsc_early_khz=`, see `driver::qemu::args`).
+/// Move the calling thread into the network namespace open at `fd` (`setns(2)` with
+/// `CLONE_NEWNET`). Async-signal-safe (it may run between fork and exec). Hosts without
+/// network namespaces answer [`std::io::ErrorKind::Unsupported`].
+pub fn enter_net_namespace(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: setns(2) with a namespace fd and CLONE_NEWNET only changes the network
+        // namespace of the calling thread; it touches no memory. A bad fd is an error return.
+        if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = fd;
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
+}
+
+/// Whether QEMU can use Apple's Hypervisor.framework (`-accel hvf`) here: `None` on hosts
+/// that have no such thing (anything but macOS), else `Ok` or why not.
+pub fn hvf_usable() -> Option<Result<(), String>> {
+    #[cfg(target_os = "macos")]
+    {
+        Some(macos_hvf())
+    }
+    #[cfg(not(target_os = "macos"))]
+    {
+        None
+    }
+}
+
+#[cfg(target_os = "macos")]
+fn macos_hvf() -> Result<(), String> {
+    if cfg!(target_arch = "aarch64") {
+        return Err("QEMU's hvf runs guests of the host's own architecture (arm64), and vm-rs's QEMU guests are x86_64".into());
+    }
+    let mut value: libc::c_int = 0;
+    let mut size = std::mem::size_of::<libc::c_int>();
+    // SAFETY: the name is a NUL-terminated literal; `value` is writable for `size` bytes.
+    let r = unsafe {
+        libc::sysctlbyname(
+            c"kern.hv_support".as_ptr(),
+            std::ptr::addr_of_mut!(value).cast(),
+            &mut size,
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    match (r, value) {
+        (0, 1) => Ok(()),
+        (0, _) => Err("this Mac's CPU has no hardware virtualization (kern.hv_support = 0)".into()),
+        _ => Err(format!(
+            "cannot read kern.hv_support: {}",
+            std::io::Error::last_os_error()
+        )),
+    }
+}
+
+/// The host CPU's clock in kHz, used as the TSC frequency hint for software-emulated guests
+/// (`tsc_early_khz=`, see `driver::qemu::args`): `cpu MHz` of `/proc/cpuinfo` on Linux,
+/// `hw.cpufrequency` on (Intel) Macs.
 pub fn cpu_khz() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    parse_cpu_khz(&text)
+    #[cfg(target_os = "macos")]
+    {
+        sysctl_u64(c"hw.cpufrequency").map(|hz| hz / 1000)
+    }
+    #[cfg(not(target_os = "macos"))]
+    {
+        let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+        parse_cpu_khz(&text)
+    }
+}
+
+/// Total host memory in MiB: `MemTotal` of `/proc/meminfo` on Linux, `hw.memsize` on macOS.
+pub fn memory_mib() -> Option<u64> {
+    #[cfg(target_os = "macos")]
+    {
+        sysctl_u64(c"hw.memsize").map(|b| b >> 20)
+    }
+    #[cfg(not(target_os = "macos"))]
+    {
+        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib / 1024)
+    }
+}
+
+/// A 64-bit integer sysctl by name.
+#[cfg(target_os = "macos")]
+fn sysctl_u64(name: &std::ffi::CStr) -> Option<u64> {
+    let mut value: u64 = 0;
+    let mut size = std::mem::size_of::<u64>();
+    // SAFETY: `name` is NUL-terminated; `value` is writable for `size` bytes.
+    let r = unsafe {
+        libc::sysctlbyname(
+            name.as_ptr(),
+            std::ptr::addr_of_mut!(value).cast(),
+            &mut size,
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    (r == 0 && size == std::mem::size_of::<u64>()).then_some(value)
 }
 
 /// The `cpu MHz` of `/proc/cpuinfo` text, in kHz.

@@ -427,9 +427,7 @@ impl VmManager {
                     continue;
                 };
                 let remover = rest.rsplit_once('-').and_then(|(_, pid)| pid.parse::<u32>().ok());
-                if remover.map_or(true, |pid| {
-                    !std::path::Path::new(&format!("/proc/{pid}")).exists()
-                }) {
+                if remover.map_or(true, |pid| !crate::host::proc::exists(pid)) {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }

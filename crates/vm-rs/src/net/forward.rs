@@ -233,7 +233,26 @@ async fn relay(mut client: TcpStream, target: SocketAddr, stats: &Stats) -> std:
     Ok(())
 }
 
+/// Hosts without `splice(2)` (macOS) relay through user-space buffers.
+#[cfg(not(target_os = "linux"))]
+mod splice {
+    pub(super) enum SpliceError {
+        /// splice is not possible here; nothing was transferred.
+        Unsupported,
+        #[allow(dead_code)]
+        Io(std::io::Error),
+    }
+
+    pub(super) async fn bidirectional(
+        _a: &tokio::net::TcpStream,
+        _b: &tokio::net::TcpStream,
+    ) -> Result<(u64, u64), SpliceError> {
+        Err(SpliceError::Unsupported)
+    }
+}
+
 /// Zero-copy relaying between two TCP sockets with `splice(2)`.
+#[cfg(target_os = "linux")]
 mod splice {
     use std::os::fd::{AsFd, OwnedFd};
     use tokio::io::Interest;

@@ -26,11 +26,15 @@
 //! someone else and is never deleted. NAT rules live in an nftables table
 //! `vmrs_<home id>_<bridge>` (family `ip`), deleted with the bridge.
 
+#[cfg_attr(not(target_os = "linux"), allow(unused_imports))]
 use super::netns::{self, NetnsError};
 use super::sidecar::{self, SidecarError, SidecarRecord};
 use super::{plan, NetError, NicBackend, NicPlan};
+#[cfg_attr(not(target_os = "linux"), allow(unused_imports))]
 use crate::config::{Ipv4Cidr, NetworkAttachment};
+#[cfg(target_os = "linux")]
 use futures::TryStreamExt;
+#[cfg(target_os = "linux")]
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
@@ -52,6 +56,7 @@ pub enum HostError {
     #[error("invalid network configuration")]
     Config(#[from] NetError),
     /// A netlink request failed.
+    #[cfg(target_os = "linux")]
     #[error("netlink: cannot {op}")]
     Netlink {
         /// What was being done.
@@ -92,6 +97,12 @@ pub enum HostError {
         /// Its name.
         name: String,
     },
+    /// Host devices (TAPs, bridges, NAT rules) on a host that has none (they need Linux).
+    #[error("{what} needs a Linux host")]
+    Unsupported {
+        /// What was asked for.
+        what: &'static str,
+    },
     /// An existing interface the user named is not the kind of device the attachment needs
     /// (e.g. `tap=lo`, `bridge=eth0`): refused before anything is configured on it.
     #[error("interface {name} is a {actual} device, not a {wanted}")]
@@ -111,7 +122,10 @@ impl HostError {
         use crate::ErrorKind as K;
         match self {
             HostError::Config(e) => e.kind(),
-            HostError::Netlink { .. } | HostError::Firewall { .. } => K::Backend,
+            #[cfg(target_os = "linux")]
+            HostError::Netlink { .. } => K::Backend,
+            HostError::Firewall { .. } => K::Backend,
+            HostError::Unsupported { .. } => K::Unsupported,
             HostError::Io { source, .. } => K::of_io(source),
             HostError::Netns(e) => e.kind(),
             HostError::Sidecar(e) => e.kind(),
@@ -127,6 +141,7 @@ fn io_op(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> HostError {
     move |source| HostError::Io { op, source }
 }
 
+#[cfg(target_os = "linux")]
 fn nl_op(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> HostError {
     let op = op.into();
     move |source| HostError::Netlink { op, source }
@@ -139,6 +154,7 @@ pub fn home_id(home: &Path) -> String {
     hex::encode(&h[..4])
 }
 
+#[cfg(target_os = "linux")]
 fn tap_alias(home_id: &str, vm: &str, index: usize) -> String {
     format!("{ALIAS_PREFIX}{home_id}:tap:{vm}:{index}")
 }
@@ -232,17 +248,20 @@ impl NetState {
 }
 
 /// A netlink connection, possibly inside a namespace.
+#[cfg(target_os = "linux")]
 struct Netlink {
     handle: rtnetlink::Handle,
     task: tokio::task::JoinHandle<()>,
 }
 
+#[cfg(target_os = "linux")]
 impl Drop for Netlink {
     fn drop(&mut self) {
         self.task.abort();
     }
 }
 
+#[cfg(target_os = "linux")]
 impl Netlink {
     async fn open(ns: Option<&Path>) -> Result<Self, HostError> {
         let rt = tokio::runtime::Handle::current();
@@ -304,6 +323,7 @@ impl Netlink {
     }
 }
 
+#[cfg(target_os = "linux")]
 fn alias_of(m: &LinkMessage) -> Option<&str> {
     m.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfAlias(s) => Some(s.as_str()),
@@ -313,6 +333,7 @@ fn alias_of(m: &LinkMessage) -> Option<&str> {
 
 /// The kernel's kind of a link (`tun`, `bridge`, `veth`, ...); `None` for a device without
 /// link info (loopback, most physical NICs).
+#[cfg(target_os = "linux")]
 fn kind_of(m: &LinkMessage) -> Option<&InfoKind> {
     m.attributes.iter().find_map(|a| match a {
         LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
@@ -324,6 +345,7 @@ fn kind_of(m: &LinkMessage) -> Option<&InfoKind> {
 }
 
 /// Refuses an existing link that is not `wanted` (a TAP is kind `tun`).
+#[cfg(target_os = "linux")]
 fn check_kind(m: &LinkMessage, name: &str, wanted: &'static str) -> Result<(), HostError> {
     let ok = matches!(
         (wanted, kind_of(m)),
@@ -353,6 +375,7 @@ fn check_kind(m: &LinkMessage, name: &str, wanted: &'static str) -> Result<(), H
     })
 }
 
+#[cfg(target_os = "linux")]
 fn name_of(m: &LinkMessage) -> Option<&str> {
     m.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(s) => Some(s.as_str()),
@@ -360,6 +383,7 @@ fn name_of(m: &LinkMessage) -> Option<&str> {
     })
 }
 
+#[cfg(target_os = "linux")]
 fn controller_of(m: &LinkMessage) -> Option<u32> {
     m.attributes.iter().find_map(|a| match a {
         LinkAttribute::Controller(i) => Some(*i),
@@ -368,6 +392,7 @@ fn controller_of(m: &LinkMessage) -> Option<u32> {
 }
 
 /// Create a persistent TAP device with the TUN ioctls (netlink cannot create TUN/TAP).
+#[cfg(target_os = "linux")]
 fn create_tap(name: &str) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -409,10 +434,12 @@ fn create_tap(name: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+#[cfg(target_os = "linux")]
 fn enable_forwarding() -> std::io::Result<()> {
     std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1")
 }
 
+#[cfg(target_os = "linux")]
 async fn nft(ns: Option<&Path>, op: &str, script: String) -> Result<(), HostError> {
     use tokio::io::AsyncWriteExt;
     let mut cmd = tokio::process::Command::new("nft");
@@ -440,6 +467,7 @@ async fn nft(ns: Option<&Path>, op: &str, script: String) -> Result<(), HostErro
     Ok(())
 }
 
+#[cfg(target_os = "linux")]
 async fn add_nat(ns: Option<&Path>, table: &str, bridge: &str, subnet: Ipv4Cidr) -> Result<(), HostError> {
     // names were validated ([A-Za-z0-9_.-]) and the subnet is a parsed CIDR: nothing here can
     // inject nft syntax
@@ -455,6 +483,7 @@ async fn add_nat(ns: Option<&Path>, table: &str, bridge: &str, subnet: Ipv4Cidr)
     nft(ns, &format!("add nat table {table}"), script).await
 }
 
+#[cfg(target_os = "linux")]
 async fn delete_nat(ns: Option<&Path>, table: &str) -> Result<(), HostError> {
     match nft(
         ns,
@@ -578,6 +607,7 @@ async fn build(
     Ok(())
 }
 
+#[cfg(target_os = "linux")]
 async fn ensure_bridge(
     state: &mut NetState,
     nl: &Netlink,
@@ -646,6 +676,7 @@ async fn ensure_bridge(
     Ok(index)
 }
 
+#[cfg(target_os = "linux")]
 async fn ensure_tap(
     state: &mut NetState,
     nl: &Netlink,
@@ -752,6 +783,7 @@ pub async fn teardown_vm_dir(vm_dir: &Path) -> Result<(), HostError> {
     Ok(())
 }
 
+#[cfg(target_os = "linux")]
 async fn delete_link(nl: &Netlink, name: &str) -> Result<(), HostError> {
     if let Some(m) = nl.link_by_name(name).await? {
         nl.del(m.header.index, name).await?;
@@ -759,6 +791,7 @@ async fn delete_link(nl: &Netlink, name: &str) -> Result<(), HostError> {
     Ok(())
 }
 
+#[cfg(target_os = "linux")]
 async fn delete_bridge_if_unused(
     nl: &Netlink,
     ns: Option<&Path>,
@@ -879,3 +912,104 @@ pub async fn reconcile(
     }
     Ok(deleted)
 }
+
+/// Hosts without netlink and TAP devices (macOS): vm-rs has no host devices there, so
+/// listing finds none and tearing down has nothing to do, while making one is
+/// [`HostError::Unsupported`]. (The manager refuses TAP and bridge NICs before this through
+/// the backend's capabilities; switch networks and port-forward sidecars work as on Linux.)
+#[cfg(not(target_os = "linux"))]
+mod no_devices {
+    use super::{HostError, NetState};
+    use crate::config::Ipv4Cidr;
+    use std::path::Path;
+
+    pub(super) struct LinkHeader {
+        pub(super) index: u32,
+    }
+
+    /// Never made: a host without netlink has no links to describe.
+    pub(super) struct LinkMessage {
+        pub(super) header: LinkHeader,
+    }
+
+    pub(super) struct Netlink;
+
+    impl Netlink {
+        pub(super) async fn open(_ns: Option<&Path>) -> Result<Self, HostError> {
+            Ok(Netlink)
+        }
+
+        pub(super) async fn link_by_name(&self, _name: &str) -> Result<Option<LinkMessage>, HostError> {
+            Ok(None)
+        }
+
+        pub(super) async fn links(&self) -> Result<Vec<LinkMessage>, HostError> {
+            Ok(Vec::new())
+        }
+
+        pub(super) async fn del(&self, _index: u32, _name: &str) -> Result<(), HostError> {
+            Ok(())
+        }
+
+        pub(super) async fn add_addr(
+            &self,
+            _index: u32,
+            _cidr: Ipv4Cidr,
+            _dev: &str,
+        ) -> Result<(), HostError> {
+            Err(HostError::Unsupported {
+                what: "a host address on a tap",
+            })
+        }
+    }
+
+    pub(super) fn alias_of(m: &LinkMessage) -> Option<&str> {
+        let _ = m.header.index;
+        None
+    }
+
+    pub(super) fn name_of(_m: &LinkMessage) -> Option<&str> {
+        None
+    }
+
+    pub(super) async fn ensure_bridge(
+        _state: &mut NetState,
+        _nl: &Netlink,
+        _hid: &str,
+        _name: &str,
+        _gateway: Ipv4Cidr,
+        _nat: bool,
+    ) -> Result<u32, HostError> {
+        Err(HostError::Unsupported {
+            what: "a bridge network",
+        })
+    }
+
+    pub(super) async fn ensure_tap(
+        _state: &mut NetState,
+        _nl: &Netlink,
+        _hid: &str,
+        _name: &str,
+        _nic: usize,
+        _bridge: Option<u32>,
+    ) -> Result<(), HostError> {
+        Err(HostError::Unsupported {
+            what: "a tap network",
+        })
+    }
+
+    pub(super) async fn delete_link(_nl: &Netlink, _name: &str) -> Result<(), HostError> {
+        Ok(())
+    }
+
+    pub(super) async fn delete_bridge_if_unused(
+        _nl: &Netlink,
+        _ns: Option<&Path>,
+        _name: &str,
+        _nat_table: Option<&str>,
+    ) -> Result<(), HostError> {
+        Ok(())
+    }
+}
+#[cfg(not(target_os = "linux"))]
+use no_devices::*;

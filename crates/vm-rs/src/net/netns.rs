@@ -54,16 +54,10 @@ fn open_ns(path: &Path) -> Result<OwnedFd, NetnsError> {
 }
 
 fn enter(fd: &OwnedFd, path: &Path) -> Result<(), NetnsError> {
-    // SAFETY: setns(2) with a valid namespace fd and CLONE_NEWNET only changes the network
-    // namespace of the calling thread; it touches no memory.
-    let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-    if r != 0 {
-        return Err(NetnsError::Enter {
-            path: path.to_path_buf(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
+    crate::host::enter_net_namespace(fd.as_raw_fd()).map_err(|source| NetnsError::Enter {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Run `f` on a new thread inside the namespace at `ns` (or, when `ns` is `None`, on a
@@ -104,10 +98,7 @@ pub fn command_in(cmd: &mut tokio::process::Command, ns: &Path) -> Result<(), Ne
     unsafe {
         cmd.pre_exec(move || {
             let _keep = &fd;
-            if libc::setns(raw, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
+            crate::host::enter_net_namespace(raw)
         });
     }
     Ok(())

@@ -636,15 +636,8 @@ const WRITEBACK_STEP: u64 = 8 << 20;
 /// little left to do and disk writes overlap with the download. Best effort, off the runtime.
 fn start_writeback(fd: Arc<std::os::fd::OwnedFd>, offset: u64, len: u64) {
     drop(tokio::task::spawn_blocking(move || {
-        use std::os::fd::AsRawFd;
-        let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return;
-        };
-        // SAFETY: sync_file_range only reads its integer arguments; `fd` is a valid open file
-        // kept alive by the Arc for the duration of the call.
-        unsafe {
-            libc::sync_file_range(fd.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE);
-        }
+        use std::os::fd::AsFd;
+        crate::host::fs::start_writeback(fd.as_fd(), offset, len);
     }));
 }
 

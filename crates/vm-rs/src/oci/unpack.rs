@@ -27,11 +27,12 @@
 use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
+use crate::host::fs::{Confine, O_PATH};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 use rustix::io::Errno;
 
 use super::digest::{Digest, Hasher};
@@ -284,15 +285,11 @@ impl<'a> Unpacker<'a> {
             path: root.to_owned(),
             source,
         })?;
-        let fd = rustix::fs::open(
-            root,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| UnpackError::Root {
-            path: root.to_owned(),
-            source: e.into(),
-        })?;
+        let fd = rustix::fs::open(root, O_PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| UnpackError::Root {
+                path: root.to_owned(),
+                source: e.into(),
+            })?;
         Ok(Self {
             root: fd,
             opts,
@@ -314,12 +311,12 @@ impl<'a> Unpacker<'a> {
             OsStr::from_bytes(rel)
         };
         loop {
-            match rustix::fs::openat2(
-                &self.root,
+            match crate::host::fs::openat_confined(
+                self.root.as_fd(),
                 path,
                 flags | OFlags::DIRECTORY | OFlags::CLOEXEC,
                 Mode::empty(),
-                ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+                Confine::InRoot,
             ) {
                 Err(Errno::AGAIN) | Err(Errno::INTR) => continue,
                 r => return r,
@@ -340,16 +337,14 @@ impl<'a> Unpacker<'a> {
                 });
             }
         }
-        let fd = match self.open_in_root(&key, OFlags::PATH) {
+        let fd = match self.open_in_root(&key, O_PATH) {
             Ok(fd) => fd,
             Err(Errno::NOENT) => {
                 // Create the missing directories one by one, each resolved inside the root.
-                let mut cur = self
-                    .open_in_root(b"", OFlags::PATH)
-                    .map_err(io_at("open", b"."))?;
+                let mut cur = self.open_in_root(b"", O_PATH).map_err(io_at("open", b"."))?;
                 for i in 0..parent.len() {
                     let prefix = join(&parent[..=i]);
-                    match self.open_in_root(&prefix, OFlags::PATH) {
+                    match self.open_in_root(&prefix, O_PATH) {
                         Ok(fd) => cur = fd,
                         Err(Errno::NOENT) => {
                             match rustix::fs::mkdirat(
@@ -361,7 +356,7 @@ impl<'a> Unpacker<'a> {
                                 Err(e) => return Err(io_at("create directory", &prefix)(e)),
                             }
                             cur = self
-                                .open_in_root(&prefix, OFlags::PATH)
+                                .open_in_root(&prefix, O_PATH)
                                 .map_err(io_at("open", &prefix))?;
                         }
                         Err(e) => return Err(io_at("open", &prefix)(e)),
@@ -503,7 +498,7 @@ impl<'a> Unpacker<'a> {
             }
             removed.extend_from_slice(target);
             self.forget_owners(&removed);
-            match self.open_in_root(&join(parent), OFlags::PATH) {
+            match self.open_in_root(&join(parent), O_PATH) {
                 Ok(dir) => self.remove_all(&dir, target, &rel)?,
                 Err(Errno::NOENT) | Err(Errno::NOTDIR) => {}
                 Err(e) => return Err(io_at("open", &join(parent))(e)),
@@ -620,7 +615,7 @@ impl<'a> Unpacker<'a> {
             if let Some((u, g)) = owner {
                 rustix::fs::fchown(&fd, Some(u), Some(g)).map_err(io_at("chown", &rel))?;
             }
-            rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(io_at("chmod", &rel))?;
+            rustix::fs::fchmod(&fd, crate::host::fs::mode(mode)).map_err(io_at("chmod", &rel))?;
             self.dir_times.push((rel, mtime));
         } else if kind.is_file() || kind == tar::EntryType::Continuous || kind == tar::EntryType::GNUSparse {
             let size = entry.size();
@@ -664,7 +659,7 @@ impl<'a> Unpacker<'a> {
             if let Some((u, g)) = owner {
                 rustix::fs::fchown(&file, Some(u), Some(g)).map_err(io_at("chown", &rel))?;
             }
-            rustix::fs::fchmod(&file, Mode::from_raw_mode(mode)).map_err(io_at("chmod", &rel))?;
+            rustix::fs::fchmod(&file, crate::host::fs::mode(mode)).map_err(io_at("chmod", &rel))?;
             rustix::fs::futimens(&file, &ts(mtime)).map_err(io_at("set times of", &rel))?;
         } else if kind.is_symlink() {
             let target = entry
@@ -697,7 +692,7 @@ impl<'a> Unpacker<'a> {
                 });
             };
             let tdir = self
-                .open_in_root(&join(tparent), OFlags::PATH)
+                .open_in_root(&join(tparent), O_PATH)
                 .map_err(io_at("open", &target_raw))?;
             rustix::fs::linkat(&tdir, OsStr::from_bytes(tname), &parent, cname, AtFlags::empty())
                 .map_err(io_at("hardlink", &rel))?;
@@ -714,7 +709,7 @@ impl<'a> Unpacker<'a> {
                 ),
                 _ => (FileType::Fifo, 0),
             };
-            rustix::fs::mknodat(&parent, cname, ft, Mode::from_raw_mode(mode), rdev)
+            crate::host::fs::mknodat(parent.as_fd(), cname, ft, crate::host::fs::mode(mode), rdev)
                 .map_err(io_at("create node", &rel))?;
             if let Some((u, g)) = owner {
                 rustix::fs::chownat(&parent, cname, Some(u), Some(g), AtFlags::SYMLINK_NOFOLLOW)
@@ -790,7 +785,7 @@ pub fn decompress<'a, R: Read + 'a>(reader: R) -> std::io::Result<Box<dyn Read +
     if head.starts_with(&[0x1f, 0x8b]) {
         Ok(Box::new(flate2::read::MultiGzDecoder::new(buf)))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Ok(Box::new(zstd::stream::read::Decoder::with_buffer(buf)?))
+        crate::host::codec::zstd(buf)
     } else {
         Ok(Box::new(buf))
     }

@@ -281,6 +281,7 @@ fn copy_range(
     base: &Path,
     kernel_copy: bool,
 ) -> Result<(), CloneError> {
+    #[cfg(target_os = "linux")]
     const CHUNK: u64 = 64 << 20;
     let mut off = start;
     #[cfg(target_os = "linux")]

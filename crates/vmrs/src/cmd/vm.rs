@@ -111,6 +111,8 @@ pub enum AccelArg {
     Kvm,
     /// QEMU's software emulation.
     Tcg,
+    /// Apple's Hypervisor.framework (macOS hosts).
+    Hvf,
 }
 
 impl From<AccelArg> for Accel {
@@ -119,6 +121,7 @@ impl From<AccelArg> for Accel {
             AccelArg::Auto => Accel::Auto,
             AccelArg::Kvm => Accel::Kvm,
             AccelArg::Tcg => Accel::Tcg,
+            AccelArg::Hvf => Accel::Hvf,
         }
     }
 }
@@ -136,6 +139,8 @@ pub enum BackendArg {
     /// Firecracker over its REST API.
     #[value(alias = "fc")]
     Firecracker,
+    /// Apple's Virtualization.framework (macOS hosts).
+    Vz,
 }
 
 impl From<BackendArg> for BackendKind {
@@ -145,6 +150,7 @@ impl From<BackendArg> for BackendKind {
             BackendArg::Qemu => BackendKind::Qemu,
             BackendArg::CloudHypervisor => BackendKind::CloudHypervisor,
             BackendArg::Firecracker => BackendKind::Firecracker,
+            BackendArg::Vz => BackendKind::Vz,
         }
     }
 }

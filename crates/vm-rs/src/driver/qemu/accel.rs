@@ -1,6 +1,7 @@
 //! Choosing QEMU's accelerator: [`resolve`] turns [`Accel::Auto`] into KVM — only when the
-//! host probe proves it usable ([`crate::host::kvm`]) — or TCG, logging why when it falls back;
-//! `VMRS_ACCEL=kvm|tcg|auto` overrides `auto`.
+//! host probe proves it usable ([`crate::host::kvm`]) —, on macOS into HVF when
+//! Hypervisor.framework can run the guest ([`crate::host::hvf_usable`]), or else TCG, logging
+//! why when it falls back; `VMRS_ACCEL=kvm|hvf|tcg|auto` overrides `auto`.
 
 use crate::config::Accel;
 use crate::host::kvm::usable as kvm_usable;
@@ -21,8 +22,9 @@ pub fn resolve(requested: Accel) -> Result<AccelChoice, String> {
         Accel::Auto => match std::env::var("VMRS_ACCEL").ok().as_deref() {
             Some("kvm") => Accel::Kvm,
             Some("tcg") => Accel::Tcg,
+            Some("hvf") => Accel::Hvf,
             Some("auto") | Some("") | None => Accel::Auto,
-            Some(other) => return Err(format!("VMRS_ACCEL={other:?} is not one of auto, kvm, tcg")),
+            Some(other) => return Err(format!("VMRS_ACCEL={other:?} is not one of auto, kvm, hvf, tcg")),
         },
         other => other,
     };
@@ -38,13 +40,31 @@ pub fn resolve(requested: Accel) -> Result<AccelChoice, String> {
             }),
             Err(reason) => Err(reason),
         },
+        Accel::Hvf => match crate::host::hvf_usable() {
+            Some(Ok(())) => Ok(AccelChoice {
+                accel: Accel::Hvf,
+                fallback_reason: None,
+            }),
+            Some(Err(reason)) => Err(reason),
+            None => Err("Hypervisor.framework (hvf) exists only on macOS".into()),
+        },
         Accel::Auto => match kvm_usable() {
             Ok(_) => Ok(AccelChoice {
                 accel: Accel::Kvm,
                 fallback_reason: None,
             }),
-            Err(reason) => {
-                tracing::info!("kvm not usable ({reason}); falling back to tcg software emulation");
+            Err(kvm_reason) => {
+                let reason = match crate::host::hvf_usable() {
+                    Some(Ok(())) => {
+                        return Ok(AccelChoice {
+                            accel: Accel::Hvf,
+                            fallback_reason: None,
+                        })
+                    }
+                    Some(Err(hvf_reason)) => hvf_reason,
+                    None => kvm_reason,
+                };
+                tracing::info!("no hardware acceleration ({reason}); falling back to tcg software emulation");
                 Ok(AccelChoice {
                     accel: Accel::Tcg,
                     fallback_reason: Some(reason),
@@ -66,6 +86,18 @@ mod tests {
     }
 
     #[test]
+    fn hvf_is_refused_with_a_reason_where_the_host_has_none() {
+        match crate::host::hvf_usable() {
+            None => {
+                let e = resolve(Accel::Hvf).expect_err("hvf off macOS");
+                assert!(e.contains("only on macOS"), "{e}");
+            }
+            Some(Ok(())) => assert_eq!(resolve(Accel::Hvf).map(|c| c.accel), Ok(Accel::Hvf)),
+            Some(Err(why)) => assert_eq!(resolve(Accel::Hvf).map(|c| c.accel), Err(why)),
+        }
+    }
+
+    #[test]
     fn auto_resolves_to_a_concrete_accel_with_reason_on_fallback() {
         let c = resolve(Accel::Auto).expect("auto");
         match c.accel {
@@ -75,6 +107,7 @@ mod tests {
                     assert!(c.fallback_reason.is_some());
                 }
             }
+            Accel::Hvf => assert!(matches!(crate::host::hvf_usable(), Some(Ok(())))),
             Accel::Auto => panic!("auto must resolve"),
         }
     }

@@ -293,6 +293,11 @@ pub fn build(input: &QemuArgsInput<'_>) -> Vec<OsString> {
             push("-cpu");
             push("host");
         }
+        Accel::Hvf => {
+            push("hvf");
+            push("-cpu");
+            push("host");
+        }
         _ => {
             push("tcg");
             push("-cpu");
@@ -447,6 +452,8 @@ mod tests {
         let devices = DeviceSet::default();
         let input = input_for(&cfg, &paths, &devices, Accel::Kvm);
         assert!(strings(build(&input)).join(" ").contains("-accel kvm -cpu host"));
+        let input = input_for(&cfg, &paths, &devices, Accel::Hvf);
+        assert!(strings(build(&input)).join(" ").contains("-accel hvf -cpu host"));
         assert!(!kernel_cmdline(&input).contains("tsc_early_khz"));
     }
 

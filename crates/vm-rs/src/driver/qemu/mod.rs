@@ -140,7 +140,7 @@ impl VmDriver for QemuDriver {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            accels: &[Accel::Kvm, Accel::Tcg],
+            accels: &[Accel::Kvm, Accel::Hvf, Accel::Tcg],
             disk_formats: &[DiskFormat::Raw, DiskFormat::Qcow2],
             cache_modes: &[CacheMode::Writeback, CacheMode::None, CacheMode::Unsafe],
             disk_serial: true,
