@@ -235,3 +235,29 @@ fn version_and_completion_scripts_the_shells_accept() {
     }
     home.vmrs().args(["completion", "tcsh"]).assert().code(2);
 }
+
+/// `--restart` restarts an image's main process: without an IMAGE, or in the foreground, there
+/// is nothing it could apply to, so it is refused (never silently ignored) before anything is
+/// pulled or started.
+#[test]
+fn restart_without_a_detached_image_is_refused() {
+    let home = Home::new();
+    for args in [
+        &["run", "-d", "--restart", "always", "--name", "rs"][..],
+        &[
+            "run",
+            "--restart",
+            "on-failure:2",
+            "--name",
+            "rs",
+            "127.0.0.1:9/none:latest",
+            "--",
+            "true",
+        ][..],
+    ] {
+        let out = home.vmrs().args(args).output().expect("run");
+        assert_eq!(out.status.code(), Some(5), "{args:?}: {out:?}");
+        assert!(stderr(&out).contains("--restart"), "{args:?}: {}", stderr(&out));
+    }
+    no_vms(&home);
+}

@@ -320,6 +320,13 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         )
         .into());
     }
+    // the guest restarts an image's main process; nothing else has one to restart
+    if a.restart != vm_rs::agent::Restart::default() && (a.image.is_none() || !a.detach) {
+        return Err(CliError::Invalid(
+            "--restart needs an IMAGE and -d (it restarts the image's process when it ends)".to_string(),
+        )
+        .into());
+    }
     if let Some(image) = a.image.clone() {
         return super::agent::run_image(a, image, signals).await;
     }
