@@ -56,6 +56,20 @@ pub fn enter_net_namespace(fd: std::os::fd::RawFd) -> std::io::Result<()> {
     }
 }
 
+/// Flags for a `sendmsg` on a socket whose peer may be gone: no SIGPIPE for the caller, an
+/// `EPIPE` error instead (`MSG_NOSIGNAL` on Linux; macOS has no such flag, and a Rust binary
+/// ignores SIGPIPE there anyway).
+pub fn send_nosignal() -> rustix::net::SendFlags {
+    #[cfg(target_os = "linux")]
+    {
+        rustix::net::SendFlags::NOSIGNAL
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        rustix::net::SendFlags::empty()
+    }
+}
+
 /// Whether QEMU can use Apple's Hypervisor.framework (`-accel hvf`) here: `None` on hosts
 /// that have no such thing (anything but macOS), else `Ok` or why not.
 pub fn hvf_usable() -> Option<Result<(), String>> {

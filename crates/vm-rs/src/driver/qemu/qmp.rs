@@ -145,7 +145,7 @@ impl Qmp {
 
     /// Write `bytes` with `fd` attached (`SCM_RIGHTS`).
     async fn send_with_fd(&self, bytes: &[u8], fd: std::os::fd::BorrowedFd<'_>) -> Result<(), DriverError> {
-        use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+        use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage};
         let stream: &UnixStream = self.writer.as_ref();
         {
             loop {
@@ -162,7 +162,7 @@ impl Qmp {
                         stream,
                         &[std::io::IoSlice::new(bytes)],
                         &mut anc,
-                        SendFlags::NOSIGNAL,
+                        crate::host::send_nosignal(),
                     )
                     .map_err(std::io::Error::from)
                 });
