@@ -217,8 +217,13 @@ pub struct Capabilities {
     pub cache_modes: &'static [CacheMode],
     /// Disk serial numbers (needed for an image root disk).
     pub disk_serial: bool,
-    /// User-mode NAT NICs (with port publishing).
+    /// User-mode NAT NICs.
     pub nic_user: bool,
+    /// Published ports (`-p`) on a user-mode NIC (QEMU's `hostfwd`; VZ's NAT has none).
+    pub nic_user_port_forwards: bool,
+    /// A guest address the user fixes on a user-mode NIC (QEMU's user-mode network takes any;
+    /// VZ's NAT hands out addresses by DHCP only).
+    pub nic_user_fixed_address: bool,
     /// TAP NICs (plain or on a bridge).
     pub nic_tap: bool,
     /// NICs on a vm-rs switch network (Unix datagram sockets).
@@ -294,6 +299,27 @@ impl Capabilities {
                 }));
             }
         }
+        if self.nic_user {
+            for net in &config.networks {
+                if let crate::config::NetworkAttachment::User {
+                    port_forwards,
+                    address,
+                    ..
+                } = net
+                {
+                    if !port_forwards.is_empty() && !self.nic_user_port_forwards {
+                        return Err(refuse("published ports (-p) on a user-mode network"));
+                    }
+                    if matches!(address, crate::config::GuestAddress::Static(_))
+                        && !self.nic_user_fixed_address
+                    {
+                        return Err(refuse(
+                            "a fixed guest address on a user-mode network (its NAT assigns addresses by DHCP)",
+                        ));
+                    }
+                }
+            }
+        }
         if devices.netns.is_some() && !self.netns {
             return Err(refuse("running the vmm in a network namespace"));
         }
@@ -338,6 +364,8 @@ mod tests {
             cache_modes: &[CacheMode::Writeback],
             disk_serial: false,
             nic_user: false,
+            nic_user_port_forwards: false,
+            nic_user_fixed_address: false,
             nic_tap: true,
             nic_switch: false,
             netns: false,

@@ -558,6 +558,8 @@ impl VmDriver for CloudHypervisorDriver {
             cache_modes: &[CacheMode::Writeback, CacheMode::None],
             disk_serial: true,
             nic_user: false,
+            nic_user_port_forwards: false,
+            nic_user_fixed_address: false,
             nic_tap: true,
             nic_switch: false,
             netns: true,

@@ -652,6 +652,8 @@ impl VmDriver for FirecrackerDriver {
             cache_modes: &[CacheMode::Writeback, CacheMode::Unsafe],
             disk_serial: false,
             nic_user: false,
+            nic_user_port_forwards: false,
+            nic_user_fixed_address: false,
             nic_tap: true,
             nic_switch: false,
             netns: true,

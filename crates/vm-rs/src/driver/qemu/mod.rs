@@ -145,6 +145,8 @@ impl VmDriver for QemuDriver {
             cache_modes: &[CacheMode::Writeback, CacheMode::None, CacheMode::Unsafe],
             disk_serial: true,
             nic_user: true,
+            nic_user_port_forwards: true,
+            nic_user_fixed_address: true,
             nic_tap: true,
             nic_switch: true,
             netns: true,

@@ -137,6 +137,10 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     cache_modes: &[CacheMode::Writeback, CacheMode::None, CacheMode::Unsafe],
     disk_serial: true,
     nic_user: true,
+    // VZ's NAT has no port forwarding (and vm-rs no proxy for it yet) and is DHCP only: both
+    // are refused before anything is created (the plan refuses them again, for its own callers).
+    nic_user_port_forwards: false,
+    nic_user_fixed_address: false,
     nic_tap: false,
     nic_switch: false,
     netns: false,
@@ -350,6 +354,56 @@ mod tests {
         assert!(CAPABILITIES
             .check(BackendKind::Vz, &cfg, &DeviceSet::default())
             .is_ok());
+    }
+
+    #[test]
+    fn published_ports_and_fixed_nat_addresses_are_refused_up_front() {
+        use crate::config::{GuestAddress, NetworkAttachment, PortForward, Protocol};
+        use crate::devices::DeviceSet;
+        let mut cfg: crate::VmConfig =
+            serde_json::from_value(serde_json::json!({"name": "v", "kernel": "/k"})).expect("config");
+        cfg.networks = vec![NetworkAttachment::user(vec![PortForward {
+            protocol: Protocol::Tcp,
+            host_ip: None,
+            host_port: 8080,
+            guest_port: 80,
+        }])];
+        let e = CAPABILITIES
+            .check(BackendKind::Vz, &cfg, &DeviceSet::default())
+            .expect_err("-p");
+        assert!(
+            matches!(e, DriverError::Unsupported { feature, .. } if feature.contains("published ports")),
+            "{e}"
+        );
+        cfg.networks = vec![NetworkAttachment::User {
+            port_forwards: vec![],
+            mac: None,
+            address: GuestAddress::Static("10.0.2.40/24".parse().expect("cidr")),
+        }];
+        let e = CAPABILITIES
+            .check(BackendKind::Vz, &cfg, &DeviceSet::default())
+            .expect_err("fixed address");
+        assert!(e.to_string().contains("DHCP"), "{e}");
+        cfg.networks = vec![NetworkAttachment::user(vec![])];
+        CAPABILITIES
+            .check(BackendKind::Vz, &cfg, &DeviceSet::default())
+            .expect("plain NAT");
+        // QEMU takes both.
+        cfg.networks = vec![NetworkAttachment::User {
+            port_forwards: vec![PortForward {
+                protocol: Protocol::Tcp,
+                host_ip: None,
+                host_port: 8080,
+                guest_port: 80,
+            }],
+            mac: None,
+            address: GuestAddress::Static("10.0.2.40/24".parse().expect("cidr")),
+        }];
+        use crate::driver::VmDriver;
+        crate::driver::qemu::QemuDriver::new()
+            .capabilities()
+            .check(BackendKind::Qemu, &cfg, &DeviceSet::default())
+            .expect("qemu");
     }
 
     #[test]

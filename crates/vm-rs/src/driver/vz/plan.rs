@@ -23,9 +23,14 @@
 //! (VZ's NAT attachment is the networking it has without an entitlement Apple grants on
 //! request), published ports on a NAT NIC (VZ's NAT has no port forwarding, and vm-rs has no
 //! proxy for it yet), software or KVM acceleration (VZ always runs on Hypervisor.framework), and
-//! guest RAM backed by a memfd or a file.
+//! guest RAM backed by a memfd or a file, and a fixed guest address on a NAT NIC.
+//!
+//! NAT NICs ask DHCP: the NIC planner writes QEMU user-mode addressing (`vmrs.ip=10.0.2.15/24`,
+//! gateway, DNS) on the kernel command line, which would not route behind VZ's NAT (its DHCP
+//! server hands out a subnet macOS picks), so [`nat_dhcp_params`] replaces those words with
+//! `vmrs.ip[.ethN]=dhcp` and the guest init's DHCP client takes the lease.
 
-use crate::config::{Accel, BackendKind, CacheMode, DiskFormat, MacAddr};
+use crate::config::{Accel, BackendKind, CacheMode, DiskFormat, GuestAddress, MacAddr, NetworkAttachment};
 use crate::devices::{AgentChannel, MemoryBackend, MAX_DISK_SERIAL};
 use crate::driver::BootSpec;
 use crate::net::NicBackend;
@@ -237,6 +242,13 @@ pub enum VzPlanError {
         /// First published port.
         host_port: u16,
     },
+    /// A user-mode NIC with a fixed guest address: VZ's NAT hands out addresses by DHCP on a
+    /// subnet macOS chooses, so a fixed one would not route.
+    #[error("eth{index} asks a fixed address, but Virtualization.framework's NAT assigns guest addresses by DHCP (use ip=dhcp or leave the address out)")]
+    NatAddress {
+        /// NIC.
+        index: usize,
+    },
     /// A multicast MAC address (`VZMACAddress` must be unicast).
     #[error("eth{index}'s MAC address {mac} is multicast")]
     MulticastMac {
@@ -278,7 +290,9 @@ impl VzPlanError {
     pub fn kind(&self) -> crate::ErrorKind {
         use crate::ErrorKind as K;
         match self {
-            VzPlanError::Unsupported { .. } | VzPlanError::PortForward { .. } => K::Unsupported,
+            VzPlanError::Unsupported { .. }
+            | VzPlanError::PortForward { .. }
+            | VzPlanError::NatAddress { .. } => K::Unsupported,
             _ => K::Invalid,
         }
     }
@@ -294,6 +308,23 @@ impl From<VzPlanError> for crate::driver::DriverError {
             other => crate::driver::DriverError::Vz(other),
         }
     }
+}
+
+/// `params` with the addressing words of the NICs at `nat_indexes` (`vmrs.ip[.ethN]=`,
+/// `vmrs.dns[.ethN]=`, and `vmrs.gw=` for `eth0`; see [`crate::net`]) replaced by one
+/// `vmrs.ip[.ethN]=dhcp` each. Every other word is kept, in order.
+pub fn nat_dhcp_params(params: &[String], nat_indexes: &[usize]) -> Vec<String> {
+    let suffix = |i: usize| if i == 0 { String::new() } else { format!(".eth{i}") };
+    let addressing = |word: &str| {
+        let key = word.split_once('=').map_or(word, |(k, _)| k);
+        nat_indexes.iter().any(|&i| {
+            let s = suffix(i);
+            key == format!("vmrs.ip{s}") || key == format!("vmrs.dns{s}") || (i == 0 && key == "vmrs.gw")
+        })
+    };
+    let mut out: Vec<String> = params.iter().filter(|w| !addressing(w)).cloned().collect();
+    out.extend(nat_indexes.iter().map(|&i| format!("vmrs.ip{}=dhcp", suffix(i))));
+    out
 }
 
 fn unsupported(feature: &'static str) -> VzPlanError {
@@ -364,9 +395,28 @@ impl VzPlan {
             MemoryBackend::File { .. } => return Err(unsupported("file-backed guest memory")),
         }
 
+        // VZ's NAT (VZNATNetworkDeviceAttachment) runs its own DHCP server on a subnet macOS
+        // picks (192.168.64.0/24 by default, but not fixed): the QEMU user-mode addressing the
+        // NIC plan wrote (10.0.2.15, gateway .2, dns .3) would leave the guest unreachable, so
+        // every NAT NIC asks DHCP, and an address the user fixed is refused, not ignored.
+        for (index, net) in config.networks.iter().enumerate() {
+            if let NetworkAttachment::User {
+                address: GuestAddress::Static(_),
+                ..
+            } = net
+            {
+                return Err(VzPlanError::NatAddress { index });
+            }
+        }
+        let nat_nics: Vec<usize> = devices
+            .nics
+            .iter()
+            .filter(|n| matches!(n.backend, NicBackend::User { .. }))
+            .map(|n| n.index)
+            .collect();
+        let params = nat_dhcp_params(&spec.guest_params, &nat_nics);
         let mut cmdline = format!("console={GUEST_CONSOLE} reboot=t panic=-1");
-        for word in spec
-            .guest_params
+        for word in params
             .iter()
             .map(String::as_str)
             .chain(std::iter::once(config.cmdline.trim()).filter(|s| !s.is_empty()))
@@ -925,5 +975,119 @@ mod tests {
         let p = plan_of(&config(), devices).expect("plan");
         let json = serde_json::to_string(&p).expect("encode");
         assert_eq!(serde_json::from_str::<VzPlan>(&json).expect("decode"), p);
+    }
+
+    /// The words the NIC planner really writes for `nets`, as the manager passes them.
+    fn planned_params(nets: &[NetworkAttachment]) -> Vec<String> {
+        let plans = crate::net::plan("vz1", Path::new("/vms/vz1"), Path::new("/h"), nets).expect("plan");
+        let mut words = vec!["vmrs.hostname=vz1".to_string()];
+        words.extend(plans.iter().flat_map(crate::net::NicPlan::guest_cmdline));
+        words.push("vmrs.fs=tag".to_string());
+        words
+    }
+
+    #[test]
+    fn nat_nics_ask_dhcp_instead_of_qemu_user_mode_addresses() {
+        let mut c = config();
+        c.networks = vec![NetworkAttachment::user(vec![]), NetworkAttachment::user(vec![])];
+        let params = planned_params(&c.networks);
+        // What QEMU's user-mode network would get: a static 10.0.2.15 with gateway and DNS.
+        assert!(
+            params.iter().any(|w| w.starts_with("vmrs.ip=10.0.2.15")),
+            "{params:?}"
+        );
+        assert!(params.iter().any(|w| w.starts_with("vmrs.gw=")), "{params:?}");
+        let spec = BootSpec {
+            config: &c,
+            vm_dir: Path::new("/vms/vz1"),
+            serial_log: PathBuf::from("/vms/vz1/serial.log"),
+            vmm_log: PathBuf::from("/vms/vz1/vmm.log"),
+            devices: DeviceSet {
+                nics: vec![user_nic(0, vec![]), user_nic(1, vec![])],
+                ..DeviceSet::default()
+            },
+            guest_params: params,
+        };
+        let p = VzPlan::build(&spec, &VzLimits::FALLBACK).expect("plan");
+        let words: Vec<&str> = p.boot.cmdline.split(' ').collect();
+        assert!(
+            words.contains(&"vmrs.ip=dhcp") && words.contains(&"vmrs.ip.eth1=dhcp"),
+            "{words:?}"
+        );
+        for w in &words {
+            assert!(
+                !w.starts_with("vmrs.gw=") && !w.starts_with("vmrs.dns") && !w.contains("10.0.2."),
+                "{w}"
+            );
+        }
+        // Everything else survives, in order.
+        let hostname = words
+            .iter()
+            .position(|w| *w == "vmrs.hostname=vz1")
+            .expect("hostname");
+        let fs = words.iter().position(|w| *w == "vmrs.fs=tag").expect("fs");
+        assert!(hostname < fs);
+    }
+
+    #[test]
+    fn only_nat_nics_are_rewritten() {
+        let params: Vec<String> = [
+            "vmrs.ip=10.0.2.15/24",
+            "vmrs.gw=10.0.2.2",
+            "vmrs.ip.eth1=192.168.9.3/24",
+            "vmrs.dns.eth1=9.9.9.9",
+            "vmrs.iptables=1",
+            "vmrs.ipx.eth1=3",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        // eth1 is NAT, eth0 is not (say, a future bridged attachment): eth0's words stay.
+        assert_eq!(
+            nat_dhcp_params(&params, &[1]),
+            [
+                "vmrs.ip=10.0.2.15/24",
+                "vmrs.gw=10.0.2.2",
+                "vmrs.iptables=1",
+                "vmrs.ipx.eth1=3",
+                "vmrs.ip.eth1=dhcp"
+            ]
+        );
+        assert_eq!(nat_dhcp_params(&params, &[]), params);
+        // An already-DHCP NIC stays DHCP, once.
+        let dhcp = vec!["vmrs.ip=dhcp".to_string()];
+        assert_eq!(nat_dhcp_params(&dhcp, &[0]), ["vmrs.ip=dhcp"]);
+    }
+
+    #[test]
+    fn a_fixed_address_on_a_nat_nic_is_refused() {
+        let mut c = config();
+        c.networks = vec![
+            NetworkAttachment::user(vec![]),
+            NetworkAttachment::User {
+                port_forwards: vec![],
+                mac: None,
+                address: GuestAddress::Static("10.0.5.20/24".parse().expect("cidr")),
+            },
+        ];
+        let devices = DeviceSet {
+            nics: vec![user_nic(0, vec![]), user_nic(1, vec![])],
+            ..DeviceSet::default()
+        };
+        let err = plan_of(&c, devices).expect_err("refused");
+        assert!(matches!(err, VzPlanError::NatAddress { index: 1 }), "{err:?}");
+        assert_eq!(err.kind(), crate::ErrorKind::Unsupported);
+        assert!(err.to_string().contains("DHCP"), "{err}");
+        // ip=dhcp is fine.
+        c.networks[1] = NetworkAttachment::User {
+            port_forwards: vec![],
+            mac: None,
+            address: GuestAddress::Dhcp,
+        };
+        let devices = DeviceSet {
+            nics: vec![user_nic(0, vec![]), user_nic(1, vec![])],
+            ..DeviceSet::default()
+        };
+        plan_of(&c, devices).expect("dhcp is accepted");
     }
 }
