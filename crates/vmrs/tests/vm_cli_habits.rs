@@ -147,19 +147,36 @@ fn docker_habits_on_a_running_vm() {
         .expect("exec --");
     assert_eq!(stdout(&out), "v\n", "{}", stderr(&out));
 
-    // logs --tail N: the last N lines of the whole log
-    let all = stdout(&home.vmrs().args(["logs", "h"]).output().expect("logs"));
+    // logs --tail N: the last N lines of the whole log. The guest kernel may still print after
+    // ready (a link coming up), so each check is taken between two equal full reads: a line
+    // written in between retries the check instead of failing it.
+    let read = |args: &[&str]| {
+        stdout(
+            &home
+                .vmrs()
+                .arg("logs")
+                .args(args)
+                .arg("h")
+                .output()
+                .expect("logs"),
+        )
+    };
+    let consistent = |args: &[&str]| {
+        for _ in 0..50 {
+            let before = read(&[]);
+            let part = read(args);
+            if read(&[]) == before {
+                return (before, part);
+            }
+        }
+        panic!("the console log never stopped growing");
+    };
+    let (all, tail) = consistent(&["--tail", "3"]);
     let lines: Vec<&str> = all.lines().collect();
     assert!(lines.len() > 3, "{all}");
-    let tail = stdout(
-        &home
-            .vmrs()
-            .args(["logs", "--tail", "3", "h"])
-            .output()
-            .expect("logs"),
-    );
     assert_eq!(tail.lines().collect::<Vec<_>>(), lines[lines.len() - 3..]);
-    let one = stdout(&home.vmrs().args(["logs", "-n", "1", "h"]).output().expect("logs"));
+    let (all, one) = consistent(&["-n", "1"]);
+    let lines: Vec<&str> = all.lines().collect();
     assert_eq!(one.lines().collect::<Vec<_>>(), [lines[lines.len() - 1]]);
 
     // rm of a running VM: a conflict that says what to do

@@ -905,4 +905,6 @@ async fn snapshot_pauses_publishes_whole_and_a_failed_restore_leaves_nothing() {
         0,
         "removed snapshots left files"
     );
+    // the fake VMM (a sleep) goes with the VM, not with the test process
+    assert_eq!(mgr.kill("v").await.unwrap(), VmState::Stopped);
 }
