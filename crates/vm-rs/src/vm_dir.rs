@@ -61,6 +61,8 @@ impl VmDir {
     pub const ROOT_OVERLAY: &'static str = "root.qcow2";
     /// Output of an image VM's main process (the guest's `vmrs.log` port; `vmrs logs`).
     pub const PROCESS_LOG: &'static str = "process.log";
+    /// An image VM's main process, run again by a later start (`vmrs start`).
+    pub const MAIN: &'static str = "main.json";
     /// Guest RAM of a QEMU VM (`memory-backend-file`, `share=on`).
     pub const MEMORY: &'static str = "memory";
     /// The devices the running VMM was started with.

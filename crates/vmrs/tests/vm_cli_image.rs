@@ -290,6 +290,35 @@ fn an_image_vms_process_exit_stops_it_with_its_code_and_restart_policies_apply()
     let console = String::from_utf8_lossy(&out.stdout);
     assert!(console.contains("main process exited: code=3"), "{console}");
     assert!(!console.contains("from-cmd"), "{console}");
+    // start of the stopped VM runs its process again (docker start): it exits 3 again and
+    // the VM stops again with that code.
+    let out = home.vmrs().args(["start", "ex3"]).output().expect("start");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = home.vmrs().args(["wait", "ex3"]).output().expect("wait");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = row(&home.ps(), "ex3").clone();
+    assert_eq!(
+        (r["state"].as_str(), r["exit_code"].as_i64()),
+        (Some("stopped"), Some(3)),
+        "{r}"
+    );
+    let out = home.vmrs().args(["logs", "ex3"]).output().expect("logs");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).ends_with("from-cmd\n"),
+        "{out:?}"
+    );
+    let out = home
+        .vmrs()
+        .args(["logs", "--console", "ex3"])
+        .output()
+        .expect("logs");
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert!(console.contains("main process exited: code=3"), "{console}");
 
     // --restart on-failure:2: run three times, then the VM stops with the last code.
     let out = home

@@ -14,6 +14,70 @@ use std::time::Duration;
 /// File name of the agent socket in the VM directory.
 pub(crate) const AGENT_SOCKET: &str = crate::vm_dir::VmDir::AGENT_SOCKET;
 
+/// An image VM's main process as `main.json` records it (persisted state: unknown fields are
+/// ignored, absent ones default).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct MainRecord {
+    version: u32,
+    argv: Vec<String>,
+    #[serde(default)]
+    env: Vec<(String, String)>,
+    #[serde(default)]
+    cwd: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    /// `no`, `on-failure` or `always`.
+    #[serde(default)]
+    restart: String,
+    #[serde(default)]
+    restart_max: u32,
+}
+
+impl MainRecord {
+    fn new(cmd: &ExecCommand, restart: Restart) -> Self {
+        use crate::agent::RestartPolicy as P;
+        MainRecord {
+            version: 1,
+            argv: cmd.argv.clone(),
+            env: cmd.env.clone(),
+            cwd: cmd.cwd.clone(),
+            user: cmd.user.clone(),
+            restart: match restart.policy {
+                P::No => "no",
+                P::OnFailure => "on-failure",
+                P::Always => "always",
+            }
+            .to_string(),
+            restart_max: restart.max,
+        }
+    }
+
+    /// The command (detached, no stdin) and restart rule; an unknown policy is `no`.
+    fn command(&self) -> (ExecCommand, Restart) {
+        use crate::agent::RestartPolicy as P;
+        let cmd = ExecCommand {
+            argv: self.argv.clone(),
+            env: self.env.clone(),
+            cwd: self.cwd.clone(),
+            user: self.user.clone(),
+            detach: true,
+            ..ExecCommand::default()
+        };
+        let policy = match self.restart.as_str() {
+            "on-failure" => P::OnFailure,
+            "always" => P::Always,
+            _ => P::No,
+        };
+        (
+            cmd,
+            Restart {
+                policy,
+                max: self.restart_max,
+            },
+        )
+    }
+}
+
 /// How long connecting to a ready VM's agent may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -69,7 +133,10 @@ impl VmManager {
     }
 
     /// Start `cmd` as VM `name`'s main process ([`AgentClient::spawn_main`]): when it ends for
-    /// good the VM powers off and records its exit code ([`super::VmInfo::exit_code`]).
+    /// good the VM powers off and records its exit code ([`super::VmInfo::exit_code`]). The
+    /// command and its restart rule are recorded in the VM directory, so that a later start
+    /// of the stopped VM runs it again ([`rerun_main`](Self::rerun_main), docker's
+    /// `docker start` habit).
     pub async fn exec_main(
         &self,
         name: &str,
@@ -77,7 +144,26 @@ impl VmManager {
         restart: Restart,
     ) -> Result<u32, ManagerError> {
         let agent = self.agent(name).await?;
-        agent.spawn_main(cmd, restart).await.map_err(agent_err(name))
+        let pid = agent.spawn_main(cmd, restart).await.map_err(agent_err(name))?;
+        let path = self.vm_dir(name).join(crate::vm_dir::VmDir::MAIN);
+        super::record::write_json_atomic(&path, &MainRecord::new(cmd, restart))?;
+        Ok(pid)
+    }
+
+    /// Run VM `name`'s recorded main process again ([`exec_main`](Self::exec_main) recorded
+    /// it), after a start of the stopped VM; `Ok(None)` if it has none. The VM must be ready.
+    pub async fn rerun_main(&self, name: &str) -> Result<Option<u32>, ManagerError> {
+        let path = self.vm_dir(name).join(crate::vm_dir::VmDir::MAIN);
+        let Some(rec) = super::record::load_json_or_default::<Option<MainRecord>>(&path)? else {
+            return Ok(None);
+        };
+        let (cmd, restart) = rec.command();
+        let agent = self.agent(name).await?;
+        agent
+            .spawn_main(&cmd, restart)
+            .await
+            .map(Some)
+            .map_err(agent_err(name))
     }
 
     /// Copy the host file or directory `host_path` into VM `name` at `guest_path` (`docker cp`

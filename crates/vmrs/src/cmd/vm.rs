@@ -749,8 +749,8 @@ pub struct StartArgs {
     pub names: Vec<String>,
 }
 
-/// `vmrs start`: boot stopped VMs again with their saved configuration, disks and networks;
-/// returns once each is ready (a VM that does not get ready in time is killed, as with
+/// `vmrs start`: boot stopped VMs again with their saved configuration, disks and networks
+/// (an image VM started with `run -d` also runs its process again); returns once each is ready (a VM that does not get ready in time is killed, as with
 /// `run -d`).
 pub async fn start(a: StartArgs) -> anyhow::Result<i32> {
     let mgr = VmManager::new().await?;
@@ -767,6 +767,10 @@ pub async fn start(a: StartArgs) -> anyhow::Result<i32> {
                     anyhow::Error::new(e).context(format!("vm {n:?} did not become ready; it was killed"))
                 );
             }
+            // An image VM runs its main process again (docker start), with its restart rule.
+            mgr.rerun_main(&n)
+                .await
+                .with_context(|| format!("vm {n:?} started, but its process did not"))?;
             Ok(())
         }
     })
