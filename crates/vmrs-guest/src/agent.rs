@@ -537,7 +537,8 @@ fn start_main(
                 Some(s) => format!("code={}", libc::WEXITSTATUS(s)),
                 None => "code=255".to_string(),
             };
-            sys::console(&format!("{MAIN_EXIT_MARKER}{what} restarts={restarts}"));
+            // a kernel record, so no kernel message splits it (see sys::announce)
+            sys::announce(&format!("{MAIN_EXIT_MARKER}{what} restarts={restarts}"));
             sys::drain_console();
             // SAFETY: writes one byte from a live buffer to a pipe we own.
             unsafe { libc::write(shutdown.as_raw_fd(), [1u8].as_ptr().cast(), 1) };

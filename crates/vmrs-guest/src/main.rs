@@ -17,7 +17,8 @@
 //!    `VMRS_FAILED <reason>` and powers off, and the host records the VM as failed with that
 //!    reason instead of waiting for a readiness that never comes;
 //! 6. start the host agent ([`agent`]) on every `vmrs.agent*` virtio-serial port;
-//! 7. print `VMRS_READY <ip>` on its own console line (`127.0.0.1` without network);
+//! 7. print `VMRS_READY <ip>` (`127.0.0.1` without network) as one kernel log record, so no
+//!    kernel message can split it on the console ([`sys::announce`]);
 //! 8. loop forever: reap zombies ([`reaper`]); on the ACPI power button (an `EV_KEY`/`KEY_POWER`
 //!    press on any `/dev/input/event*`), SIGTERM/SIGUSR2/SIGPWR/SIGINT or an agent `Shutdown`,
 //!    shut down: print `vmrs-init: shutting down`, SIGTERM then SIGKILL every process, sync,
@@ -94,7 +95,7 @@ fn main() {
     }
     // Open the power button before announcing readiness, so a stop right after ready works.
     let inputs = open_input_devices(Duration::from_secs(2));
-    sys::console(&format!("VMRS_READY {ip}"));
+    sys::announce(&format!("VMRS_READY {ip}"));
     if cfg.shell {
         spawn_shell();
     }
@@ -359,7 +360,7 @@ fn fail_boot(reason: &str) -> ! {
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    sys::console(&format!("{FAILED_MARKER} {one_line}"));
+    sys::announce(&format!("{FAILED_MARKER} {one_line}"));
     power_off();
 }
 

@@ -38,6 +38,28 @@ pub fn console(line: &str) {
     }
 }
 
+/// Print a line the host parses (`VMRS_READY`, `VMRS_FAILED`) as one kernel log record, so it
+/// reaches the console whole.
+///
+/// A line written to the console's tty is queued in the UART driver and sent byte by byte,
+/// while the kernel prints its own messages synchronously: a message printed meanwhile lands
+/// in the middle of the line (seen on this machine: `VMRS_READY 127.0.0.1[    1.56] clocksource:
+/// ...`, which the host cannot read, so the VM never became ready). A record written to
+/// `/dev/kmsg` is printed by the kernel's console code like its own messages, one record at a
+/// time. Level 0 (emerg) prints at any console log level (`quiet`, `loglevel=1`); the console
+/// shows it after the usual timestamp, `[    1.466664] VMRS_READY 10.0.2.15`, which the host
+/// accepts. Without `/dev/kmsg` the line goes to the console as before.
+pub fn announce(line: &str) {
+    let record = format!("<0>{line}\n");
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/kmsg")
+        .and_then(|mut f| io::Write::write(&mut f, record.as_bytes()));
+    if !matches!(written, Ok(n) if n == record.len()) {
+        console(line);
+    }
+}
+
 /// Wait until everything written to the console has been transmitted (the serial port's
 /// buffer would otherwise be lost when the machine powers off right after a write).
 pub fn drain_console() {

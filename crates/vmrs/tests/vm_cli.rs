@@ -127,7 +127,7 @@ fn foreground_run_streams_console_and_stops_on_sigint() {
         use std::io::BufRead;
         let mut all = String::new();
         for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.starts_with("VMRS_READY") {
+            if vm_rs::console::parse_marker_line(line.as_bytes()).is_some() {
                 let _ = tx.send(());
             }
             all.push_str(&line);

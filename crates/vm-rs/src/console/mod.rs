@@ -10,8 +10,12 @@
 //!
 //! on the console. [`ReadinessParser`] finds that line in an arbitrary byte stream: input may
 //! arrive in pieces of any size (a marker split across reads is found), may hold garbage or
-//! invalid UTF-8, and a marker that is not at the start of its own line does not count. Lines
-//! longer than [`MAX_LINE`] are skipped without buffering them.
+//! invalid UTF-8, and a marker must end its line and start it, or follow a kernel timestamp
+//! (`[    1.466664] VMRS_READY 10.0.2.15`): our guest init writes the marker as a kernel log
+//! record, because a line written to the console's tty can be split by a kernel message
+//! printed while it is being sent, and the kernel prints a record after its timestamp, possibly
+//! behind the unfinished line of another program. Lines longer than [`MAX_LINE`] are skipped
+//! without buffering them.
 //!
 //! [`LogFollower`] tails the log with inotify (no sleep-polling) and yields bytes as they are
 //! appended; the manager feeds them to the parser.
@@ -29,14 +33,48 @@ pub const READY_MARKER: &str = "VMRS_READY";
 /// failed with that reason ([`failure_message`]).
 pub const FAILED_MARKER: &str = "VMRS_FAILED";
 
-/// The reason of the last failure marker line in `serial` (a marker must start its line).
+/// The reason of the last failure marker line in `serial` (a marker starts its line or
+/// follows a kernel timestamp, as a readiness marker does).
 pub fn failure_message(serial: &str) -> Option<String> {
     let prefix = format!("{FAILED_MARKER} ");
-    let line = serial
-        .lines()
-        .rev()
-        .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix.as_str()))?;
+    let line = serial.lines().rev().find_map(|l| {
+        let l = l.trim_end_matches('\r');
+        marker_starts(l.as_bytes())
+            .find_map(|at| l.get(at..).and_then(|rest| rest.strip_prefix(prefix.as_str())))
+    })?;
     Some(line.trim().chars().take(300).collect())
+}
+
+/// Where a marker may start in `line`: at 0, and right after each kernel timestamp
+/// (`[` spaces digits `.` digits `] `) in it.
+fn marker_starts(line: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    std::iter::once(0).chain(
+        line.iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'[')
+            .filter_map(|(i, _)| timestamp_len(&line[i..]).map(|n| i + n)),
+    )
+}
+
+/// Length of the kernel timestamp `[    1.466664] ` at the start of `s`, if there is one.
+fn timestamp_len(s: &[u8]) -> Option<usize> {
+    let inner = s.strip_prefix(b"[")?;
+    let close = inner.iter().position(|b| *b == b']')?;
+    let stamp = &inner[..close];
+    let digits = stamp.iter().skip_while(|b| **b == b' ');
+    let (mut int, mut dot, mut frac) = (0, 0, 0);
+    for b in digits {
+        match b {
+            b'0'..=b'9' if dot == 0 => int += 1,
+            b'0'..=b'9' => frac += 1,
+            b'.' if dot == 0 => dot = 1,
+            _ => return None,
+        }
+    }
+    if int == 0 || dot == 0 || frac == 0 || inner.get(close + 1) != Some(&b' ') {
+        return None;
+    }
+    Some(1 + close + 2)
 }
 
 /// Longest console line the parser buffers; longer lines are discarded (they cannot be a marker).
@@ -80,9 +118,14 @@ impl ReadinessParser {
     }
 }
 
-/// Parse one console line (without its `\n`) as a readiness marker.
+/// Parse one console line (without its `\n`) as a readiness marker: the marker starts the line
+/// or follows a kernel timestamp in it, and its address ends the line.
 pub fn parse_marker_line(line: &[u8]) -> Option<IpAddr> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
+    marker_starts(line).find_map(|at| parse_marker(&line[at..]))
+}
+
+fn parse_marker(line: &[u8]) -> Option<IpAddr> {
     let rest = line.strip_prefix(READY_MARKER.as_bytes())?;
     let rest = rest.strip_prefix(b" ")?;
     let text = std::str::from_utf8(rest).ok()?;
@@ -201,6 +244,44 @@ mod tests {
     }
 
     #[test]
+    fn a_marker_printed_as_a_kernel_record_counts() {
+        // what the guest init writes through /dev/kmsg looks like this on the console
+        let mut p = ReadinessParser::new();
+        assert_eq!(
+            p.feed(b"[    1.466664] VMRS_READY 10.0.2.15\r\n"),
+            Some(ip("10.0.2.15"))
+        );
+        // ... also behind the unfinished line of a program writing to the tty
+        let mut p = ReadinessParser::new();
+        assert_eq!(
+            p.feed(b"vmrs-init: loading modu[    1.466664] VMRS_READY 10.0.2.15\r\nles\r\n"),
+            Some(ip("10.0.2.15"))
+        );
+        // a large uptime, no padding
+        let mut p = ReadinessParser::new();
+        assert_eq!(
+            p.feed(b"[123456.000001] VMRS_READY fd00::2\n"),
+            Some(ip("fd00::2"))
+        );
+        assert_eq!(
+            failure_message("[    2.1] VMRS_FAILED cannot mount share vmrs0\r\n").as_deref(),
+            Some("cannot mount share vmrs0")
+        );
+        assert_eq!(failure_message("[    2.1] echo VMRS_FAILED x\n"), None);
+    }
+
+    #[test]
+    fn the_split_line_this_machine_printed_is_not_a_marker() {
+        // A tty line cut by a kernel message (seen here; why the marker is a kernel record now):
+        // the address does not end its line, so it cannot be read, and nothing is guessed.
+        let mut p = ReadinessParser::new();
+        assert_eq!(
+            p.feed(b"VMRS_READY 127.0.0.1[    1.562077] clocksource: tsc: mask: 0xffffffffffffffff\n"),
+            None
+        );
+    }
+
+    #[test]
     fn whole_marker() {
         let mut p = ReadinessParser::new();
         assert_eq!(p.feed(b"boot...\nVMRS_READY 10.0.2.15\n"), Some(ip("10.0.2.15")));
@@ -223,7 +304,11 @@ mod tests {
     fn marker_inside_line_does_not_count() {
         let mut p = ReadinessParser::new();
         assert_eq!(p.feed(b"echo VMRS_READY 1.2.3.4\n"), None);
-        assert_eq!(p.feed(b"[    1.0] VMRS_READY 1.2.3.4\n"), None);
+        assert_eq!(p.feed(b"[    x.0] VMRS_READY 1.2.3.4\n"), None);
+        assert_eq!(p.feed(b"[    1.] VMRS_READY 1.2.3.4\n"), None);
+        assert_eq!(p.feed(b"[    1.0]VMRS_READY 1.2.3.4\n"), None);
+        assert_eq!(p.feed(b"[] VMRS_READY 1.2.3.4\n"), None);
+        assert_eq!(p.feed(b"[    1.0] x VMRS_READY 1.2.3.4\n"), None);
         assert_eq!(p.feed(b"VMRS_READY 1.2.3.4 extra\n"), None);
         assert_eq!(p.feed(b"VMRS_READY not-an-ip\n"), None);
         assert_eq!(p.feed(b"VMRS_READY\n"), None);

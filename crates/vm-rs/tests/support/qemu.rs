@@ -81,7 +81,13 @@ impl RawQemu {
     pub async fn wait_line(&mut self, line: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.log().lines().any(|l| l.trim_end_matches('\r') == line) {
+            // a whole line, or a kernel record's text after its timestamp (how the guest
+            // init prints its markers)
+            let stamped = format!("] {line}");
+            if self.log().lines().any(|l| {
+                let l = l.trim_end_matches('\r');
+                l == line || (l.starts_with('[') && l.ends_with(&stamped))
+            }) {
                 return true;
             }
             if Instant::now() > deadline || self.child.try_wait().ok().flatten().is_some() {
