@@ -311,7 +311,7 @@ impl VmManager {
     }
 
     /// The VMs whose directory says they were restored from `snapshot`.
-    fn snapshot_users(&self, snapshot: &str) -> Result<Vec<String>, ManagerError> {
+    pub(super) fn snapshot_users(&self, snapshot: &str) -> Result<Vec<String>, ManagerError> {
         let mut users = Vec::new();
         for vm in self.names()? {
             let origin: Option<Origin> = record::read_json(&self.vm_dir(&vm).join(ORIGIN)).ok();
