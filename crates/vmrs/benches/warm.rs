@@ -7,7 +7,8 @@
 //! each the median wall time of the whole command over N runs (alternating, so drift in machine
 //! load hits both alike), and their ratio (target <= 0.1 under TCG).
 //!
-//! Run: `cargo bench -p vmrs --bench warm` (BENCH_N=5 by default). Needs the `vmrs setup`
+//! Run: `cargo bench -p vmrs --bench warm` (BENCH_N=5 by default; BENCH_PROFILE=1 prints
+//! each run's debug log, with timestamps, to see where the time goes). Needs the `vmrs setup`
 //! assets (or VMRS_ASSETS) and Debian's `docker-registry`.
 
 #[path = "../../vm-rs/tests/support/oci_layout.rs"]
@@ -46,9 +47,16 @@ fn main() {
     let assets = std::env::var_os("VMRS_ASSETS")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| dirs::data_dir().expect("data dir").join("vmrs").join("assets"));
+    let profile = std::env::var_os("BENCH_PROFILE").is_some();
     let run = |extra: &[&str]| -> f64 {
         let t = Instant::now();
-        let out = Command::new(env!("CARGO_BIN_EXE_vmrs"))
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vmrs"));
+        if profile {
+            c.env("RUST_LOG", "debug");
+        } else {
+            c.env_remove("RUST_LOG");
+        }
+        let out = c
             .env("VMRS_HOME", home.path())
             .env("VMRS_ASSETS", &assets)
             .env("DOCKER_CONFIG", home.path().join("docker"))
@@ -63,6 +71,12 @@ fn main() {
             "vmrs run {extra:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if profile {
+            eprintln!(
+                "--- vmrs run {extra:?}: {ms:.0} ms\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         ms
     };
     // pull, rootfs build and the warm-start entry: neither side pays for them below

@@ -272,6 +272,7 @@ pub async fn run_image(
     image: String,
     mut signals: super::vm::StopSignals,
 ) -> anyhow::Result<i32> {
+    let t0 = std::time::Instant::now();
     let config = super::vm::run_config(&a)?;
     let name = config.name.clone();
     let store = ImageStore::open_default().await?;
@@ -288,6 +289,7 @@ pub async fn run_image(
     let mut cmd = rootfs.process.command(override_cmd)?;
     cmd.detach = a.detach;
     let mut session = Session::prepare(a.stdio, &mut cmd)?;
+    tracing::debug!(ms = t0.elapsed().as_millis(), "image and root filesystem ready");
     let mgr = VmManager::new().await?;
     let entry = warm_entry(&a, &config, &rootfs);
     let mut how = WarmReport {
@@ -337,7 +339,9 @@ pub async fn run_image(
     if a.json {
         super::vm::say(format_args!("{}", serde_json::to_string(&how)?));
     }
+    tracing::debug!(ms = t0.elapsed().as_millis(), "vm started");
     let result = attach_when_ready(&mgr, &name, cmd, &a, &mut session, &mut signals).await;
+    tracing::debug!(ms = t0.elapsed().as_millis(), "command ended");
     if a.detach && matches!(result, Ok(0)) {
         return result;
     }
@@ -347,11 +351,13 @@ pub async fn run_image(
     if let Err(e) = stopped {
         tracing::warn!(vm = %name, error = %e, "stopping after run");
     }
+    tracing::debug!(ms = t0.elapsed().as_millis(), "vm stopped");
     if a.rm {
         mgr.remove(&name, true)
             .await
             .with_context(|| format!("cannot remove vm {name:?}"))?;
     }
+    tracing::debug!(ms = t0.elapsed().as_millis(), "done");
     result
 }
 
