@@ -59,7 +59,9 @@ mod snapshot;
 #[cfg(test)]
 mod tests;
 mod vmm;
+mod warm;
 pub use snapshot::{RestoreOptions, SnapshotOptions};
+pub use warm::{FileIdentity, WarmEntry, WarmKey, WARM_PREFIX};
 
 use crate::config::{BackendKind, ConfigError, VmConfig};
 use crate::devices::{AgentChannel, AgentTransport, DeviceSet, Disk, Nic, SharedFs};

@@ -311,7 +311,7 @@ impl VmManager {
     }
 
     /// The VMs whose directory says they were restored from `snapshot`.
-    fn snapshot_users(&self, snapshot: &str) -> Result<Vec<String>, ManagerError> {
+    pub(super) fn snapshot_users(&self, snapshot: &str) -> Result<Vec<String>, ManagerError> {
         let mut users = Vec::new();
         for vm in self.names()? {
             let origin: Option<Origin> = record::read_json(&self.vm_dir(&vm).join(ORIGIN)).ok();
@@ -437,13 +437,21 @@ impl VmManager {
             }
             if devices.agent.is_some() && meta.ip.is_some() {
                 let agent = self.agent(name).await?;
+                let identity = new_identity(name)?;
+                let hostname = identity
+                    .hostname
+                    .as_deref()
+                    .map(|h| String::from_utf8_lossy(h).into_owned());
                 agent
-                    .set_identity(new_identity(name)?)
+                    .set_identity(identity)
                     .await
                     .map_err(|source| ManagerError::Agent {
                         name: name.to_string(),
                         source,
                     })?;
+                if let Some(h) = hostname {
+                    renamed_hosts(&agent, &dir, &h).await;
+                }
             }
             Ok::<_, ManagerError>(())
         }
@@ -694,6 +702,36 @@ fn publish(tmp: &Path, dest: &Path, name: &str) -> Result<(), ManagerError> {
 
 /// A new identity for restored VM `name`: the host's clock, host entropy, the VM's name as
 /// host name, a random machine id.
+/// The `/etc/hosts` the guest init writes at boot where the root has none (its text, up to
+/// the host name): the first two lines, then `127.0.1.1<TAB>NAME`.
+const INIT_HOSTS_HEAD: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t";
+
+/// The init-written `/etc/hosts` text naming `name` again when `current` is one for another
+/// name; `None` for any other file (an image's own is left alone).
+fn hosts_for(current: &str, name: &str) -> Option<String> {
+    let old = current.strip_prefix(INIT_HOSTS_HEAD)?.strip_suffix('\n')?;
+    (!old.is_empty() && !old.contains(['\n', '\t']) && old != name)
+        .then(|| format!("{INIT_HOSTS_HEAD}{name}\n"))
+}
+
+/// After a restore the guest's `/etc/hosts` still names the snapshotted VM when the guest
+/// init wrote it at boot: rewrite it through the agent (best effort; a read-only root or an
+/// image's own file keeps what it has).
+async fn renamed_hosts(agent: &crate::agent::AgentClient, dir: &Path, hostname: &str) {
+    let tmp = dir.join(".hosts");
+    let rewritten = async {
+        agent.copy_from("/etc/hosts", &tmp).await.ok()?;
+        let text = hosts_for(&std::fs::read_to_string(&tmp).ok()?, hostname)?;
+        std::fs::write(&tmp, text).ok()?;
+        agent.copy_to(&tmp, "/etc/hosts").await.ok()
+    }
+    .await;
+    if rewritten.is_none() {
+        tracing::debug!(dir = %dir.display(), "/etc/hosts left as it was");
+    }
+    let _ = std::fs::remove_file(&tmp);
+}
+
 fn new_identity(name: &str) -> Result<vmrs_proto::Identity, ManagerError> {
     use std::io::Read;
     let mut random = [0u8; 64 + 16];
@@ -857,6 +895,15 @@ mod tests {
         for d in &devices.disks {
             assert!(d.path.starts_with("/h/vms/new"), "{d:?}");
         }
+    }
+
+    #[test]
+    fn only_the_init_written_hosts_file_is_renamed() {
+        let init = format!("{INIT_HOSTS_HEAD}old\n");
+        assert_eq!(hosts_for(&init, "new"), Some(format!("{INIT_HOSTS_HEAD}new\n")));
+        assert_eq!(hosts_for(&init, "old"), None);
+        assert_eq!(hosts_for("127.0.0.1 localhost\n", "new"), None);
+        assert_eq!(hosts_for(&format!("{init}10.0.0.1\tdb\n"), "new"), None);
     }
 
     #[test]

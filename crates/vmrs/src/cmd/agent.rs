@@ -272,6 +272,7 @@ pub async fn run_image(
     image: String,
     mut signals: super::vm::StopSignals,
 ) -> anyhow::Result<i32> {
+    let t0 = std::time::Instant::now();
     let config = super::vm::run_config(&a)?;
     let name = config.name.clone();
     let store = ImageStore::open_default().await?;
@@ -288,11 +289,59 @@ pub async fn run_image(
     let mut cmd = rootfs.process.command(override_cmd)?;
     cmd.detach = a.detach;
     let mut session = Session::prepare(a.stdio, &mut cmd)?;
+    tracing::debug!(ms = t0.elapsed().as_millis(), "image and root filesystem ready");
     let mgr = VmManager::new().await?;
-    mgr.start_image(config, &rootfs, &image, a.rootfs_size)
-        .await
-        .with_context(|| format!("cannot start vm {name:?}"))?;
+    let entry = warm_entry(&a, &config, &rootfs);
+    let mut how = WarmReport {
+        vm: name.clone(),
+        start: "booted",
+        cache: entry.clone(),
+        saved: false,
+    };
+    let restored = match &entry {
+        Some(e) => try_restore(&mgr, e, &name, &a).await,
+        None => false,
+    };
+    if restored {
+        how.start = "restored";
+    } else {
+        mgr.start_image(config, &rootfs, &image, a.rootfs_size)
+            .await
+            .with_context(|| format!("cannot start vm {name:?}"))?;
+        if let Some(e) = &entry {
+            let ready = tokio::select! {
+                r = mgr.wait_ready(&name, Duration::from_secs(a.ready_timeout)) => Ok(r.is_ok()),
+                sig = signals.recv() => Err(sig),
+            };
+            match ready {
+                Ok(true) => how.saved = save_warm(&mgr, &name, e).await,
+                // not ready: attach_when_ready reports it the usual way
+                Ok(false) => {}
+                Err(signal) => {
+                    super::vm::say(format_args!("\nvmrs: {signal}: stopping {name} (again to kill)"));
+                    let _ = signals
+                        .stop_vm(&mgr, &name, Duration::from_secs(a.stop_timeout))
+                        .await;
+                    if a.rm {
+                        let _ = mgr.remove(&name, true).await;
+                    }
+                    return Err(CliError::Interrupted { signal }.into());
+                }
+            }
+        }
+    }
+    match how.start {
+        "restored" => {
+            tracing::info!(vm = %name, cache = ?how.cache, "warm start: restored from the image snapshot cache")
+        }
+        _ => tracing::info!(vm = %name, cache = ?how.cache, saved = how.saved, "cold start: booted"),
+    }
+    if a.json {
+        super::vm::say(format_args!("{}", serde_json::to_string(&how)?));
+    }
+    tracing::debug!(ms = t0.elapsed().as_millis(), "vm started");
     let result = attach_when_ready(&mgr, &name, cmd, &a, &mut session, &mut signals).await;
+    tracing::debug!(ms = t0.elapsed().as_millis(), "command ended");
     if a.detach && matches!(result, Ok(0)) {
         return result;
     }
@@ -302,12 +351,106 @@ pub async fn run_image(
     if let Err(e) = stopped {
         tracing::warn!(vm = %name, error = %e, "stopping after run");
     }
+    tracing::debug!(ms = t0.elapsed().as_millis(), "vm stopped");
     if a.rm {
         mgr.remove(&name, true)
             .await
             .with_context(|| format!("cannot remove vm {name:?}"))?;
     }
+    tracing::debug!(ms = t0.elapsed().as_millis(), "done");
     result
+}
+
+/// Which start path `run IMAGE` took (printed with `--json` on stderr, before the command's
+/// output).
+#[derive(Debug, serde::Serialize)]
+struct WarmReport {
+    vm: String,
+    /// `restored` (from the warm-start cache) or `booted`.
+    start: &'static str,
+    /// The cache entry (snapshot name) for this machine, when the run can use the cache.
+    cache: Option<String>,
+    /// A booted run saved the cache entry.
+    saved: bool,
+}
+
+/// The warm-start cache entry for this run, or `None` when it cannot use one: opted out,
+/// a machine a snapshot cannot hold (shared dirs, extra disks, networks other than the
+/// default user-mode NAT, published ports), or the kernel cannot be read.
+fn warm_entry(
+    a: &super::vm::RunArgs,
+    config: &vm_rs::VmConfig,
+    rootfs: &vm_rs::rootfs::Rootfs,
+) -> Option<String> {
+    let why_not = if a.no_snapshot_cache {
+        Some("--no-snapshot-cache")
+    } else if !config.shared_dirs.is_empty() {
+        Some("shared directories")
+    } else if !config.disks.is_empty() {
+        Some("extra disks")
+    } else if !a.net.nets.is_empty() || !a.net.publish.is_empty() {
+        Some("--net/-p")
+    } else {
+        None
+    };
+    if let Some(why) = why_not {
+        tracing::info!(reason = why, "no warm start: booting");
+        return None;
+    }
+    let ident = |p: &std::path::Path| vm_rs::manager::FileIdentity::of(p);
+    let key = vm_rs::manager::WarmKey {
+        manifest: rootfs.manifest.to_string(),
+        kernel: ident(&config.kernel).ok()?,
+        initramfs: match &config.initramfs {
+            Some(i) => Some(ident(i).ok()?),
+            None => None,
+        },
+        cpus: config.cpus,
+        memory_mib: config.memory_mib,
+        rootfs_size: a.rootfs_size,
+        backend: format!("{:?}", config.backend),
+        accel: format!("{:?}", config.accel),
+        cmdline: config.cmdline.clone(),
+        log_max: a.log_max,
+    };
+    Some(key.entry_name())
+}
+
+/// Restore `name` from the warm-start entry when it exists; false (and nothing left behind)
+/// when it does not or cannot be restored.
+async fn try_restore(mgr: &VmManager, entry: &str, name: &str, a: &super::vm::RunArgs) -> bool {
+    if !mgr
+        .snapshot_dir(entry)
+        .join(vm_rs::snapshot::SnapshotDir::META)
+        .is_file()
+    {
+        tracing::info!(cache = entry, "no warm-start entry yet: booting and saving one");
+        return false;
+    }
+    let opts = vm_rs::manager::RestoreOptions {
+        cpus: Some(a.cpus),
+        memory_mib: Some(a.memory),
+    };
+    match mgr.restore(entry, name, opts).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::info!(cache = entry, error = %e, "cannot restore the warm-start entry: booting");
+            false
+        }
+    }
+}
+
+/// Save the ready VM `name` as warm-start entry `entry` and let it run on; false when it
+/// was not saved (another run saved it first, or the backend cannot snapshot).
+async fn save_warm(mgr: &VmManager, name: &str, entry: &str) -> bool {
+    let opts = vm_rs::manager::SnapshotOptions { leave_running: true };
+    match mgr.snapshot(name, entry, opts).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::info!(vm = %name, cache = entry, error = %e, "warm-start entry not saved");
+            false
+        }
+    }
 }
 
 /// Wait until `name` is ready, start `cmd` in it and (unless detached) relay it; the exit

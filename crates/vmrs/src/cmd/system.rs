@@ -15,8 +15,9 @@ pub enum SystemCommand {
     /// Show what images, root caches, snapshots and VMs take on disk (allocated bytes, as `du`
     /// counts them) and how much `system prune` would free.
     Df(DfArgs),
-    /// Delete what nothing uses: blobs no stored image needs, partial downloads, and root
-    /// filesystem caches no stored image or VM uses. VMs and images are kept.
+    /// Delete what nothing uses: image warm-start snapshots no VM was restored from, blobs no
+    /// stored image needs, partial downloads, and root filesystem caches no stored image or
+    /// VM uses. VMs, images and named snapshots are kept.
     Prune,
 }
 
@@ -31,7 +32,8 @@ pub struct DfArgs {
 /// One `system df` row.
 #[derive(Debug, Serialize)]
 pub struct DfRow {
-    /// `images`, `rootfs-caches`, `snapshots` or `vms`.
+    /// `images`, `rootfs-caches`, `warm-cache` (image warm-start snapshots), `snapshots`
+    /// (named ones) or `vms`.
     #[serde(rename = "type")]
     pub kind: &'static str,
     /// How many.
@@ -49,6 +51,19 @@ pub async fn system(c: SystemCommand) -> anyhow::Result<i32> {
     match c {
         SystemCommand::Df(a) => df(a).await,
         SystemCommand::Prune => {
+            let mgr = VmManager::new().await?;
+            // first: an entry holds on to the root filesystem cache its disk is over
+            let warm = mgr
+                .prune_warm()
+                .await
+                .context("cannot clean the warm-start cache")?;
+            if !warm.is_empty() {
+                println!(
+                    "deleted {} warm-start snapshots, freed {}",
+                    warm.len(),
+                    human(warm.iter().map(|w| w.disk_usage).sum())
+                );
+            }
             super::image::gc_with(&store().await?).await?;
             Ok(0)
         }
@@ -75,6 +90,19 @@ async fn df(a: DfArgs) -> anyhow::Result<i32> {
     let snapshots = std::fs::read_dir(&snapshots_dir)
         .map(|rd| rd.flatten().count())
         .unwrap_or(0);
+    let mut current = std::collections::HashMap::new();
+    for i in &images {
+        current.insert(i.record.reference.clone(), i.record.manifest.to_string());
+    }
+    let warm = mgr
+        .list_warm(|r| {
+            vm_rs::oci::ImageReference::parse(r)
+                .ok()
+                .and_then(|p| current.get(&p.canonical()).cloned())
+        })
+        .await
+        .context("cannot list the warm-start cache")?;
+    let warm_bytes: u64 = warm.iter().map(|w| w.snapshot.disk_usage).sum();
     let (img_bytes, img_path) = measure(store.root().to_path_buf())?;
     let (cache_bytes, cache_path) = measure(vm_rs::rootfs::cache_dir(&home))?;
     let (snap_bytes, snap_path) = measure(snapshots_dir)?;
@@ -95,9 +123,20 @@ async fn df(a: DfArgs) -> anyhow::Result<i32> {
             path: cache_path,
         },
         DfRow {
+            kind: "warm-cache",
+            count: warm.len(),
+            bytes: warm_bytes,
+            reclaimable: warm
+                .iter()
+                .filter(|w| w.users.is_empty())
+                .map(|w| w.snapshot.disk_usage)
+                .sum(),
+            path: snap_path.clone(),
+        },
+        DfRow {
             kind: "snapshots",
-            count: snapshots,
-            bytes: snap_bytes,
+            count: snapshots.saturating_sub(warm.len()),
+            bytes: snap_bytes.saturating_sub(warm_bytes),
             reclaimable: 0,
             path: snap_path,
         },

@@ -68,9 +68,16 @@ pub struct RunArgs {
     /// past it the output is dropped, keeping the head and, when the VM ends, the last 64 KiB.
     #[arg(long, value_parser = parse_bytes, value_name = "SIZE", default_value = "8m")]
     pub log_max: u64,
-    /// Print the VM's details as JSON when detached.
+    /// Print the VM's details as JSON when detached. With IMAGE: also one JSON line on
+    /// stderr before the command runs saying how the VM started (`"start":"restored"` from
+    /// the warm-start cache, or `"booted"`).
     #[arg(long)]
     pub json: bool,
+    /// With IMAGE: always boot; neither restore from nor save to the warm-start cache (a
+    /// ready-state snapshot per image and machine that later runs restore instead of
+    /// booting).
+    #[arg(long)]
+    pub no_snapshot_cache: bool,
     /// Networking (`--net`, `-p`).
     #[command(flatten)]
     pub net: super::net::NetArgs,
