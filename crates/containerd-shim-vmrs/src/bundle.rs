@@ -202,6 +202,36 @@ mod tests {
     }
 
     #[test]
+    fn bundle_specs() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = load_spec(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("has no config.json"), "{e}");
+        std::fs::write(dir.path().join("config.json"), b"{\"ociVersion\": ").unwrap();
+        let e = load_spec(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("not a valid OCI runtime spec"), "{e}");
+        std::fs::write(
+            dir.path().join("config.json"),
+            br#"{"ociVersion":"1.0.2","root":{"path":"/etc"},"process":{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}}}"#,
+        )
+        .unwrap();
+        let e = load_spec(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("outside the bundle"), "{e}");
+        std::fs::write(
+            dir.path().join("config.json"),
+            br#"{"ociVersion":"1.0.2","root":{"path":"../x"},"process":{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}}}"#,
+        )
+        .unwrap();
+        assert!(load_spec(dir.path()).unwrap_err().to_string().contains("escapes"));
+        std::fs::write(
+            dir.path().join("config.json"),
+            br#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}}}"#,
+        )
+        .unwrap();
+        let spec = load_spec(dir.path()).unwrap();
+        assert_eq!(command(spec.process().as_ref().unwrap()).unwrap().argv, ["true"]);
+    }
+
+    #[test]
     fn exec_spec() {
         let cmd = exec_command(
             br#"{"args":["sh","-c","echo hi"],"env":["A=1"],"cwd":"/tmp","user":{"uid":5,"gid":6}}"#,

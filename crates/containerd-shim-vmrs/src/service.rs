@@ -61,6 +61,8 @@ struct Proc {
     /// Guest pid once started.
     pid: Mutex<Option<u32>>,
     control: Mutex<Option<ExecControl>>,
+    /// Notified by CloseIO: the process's stdin is closed.
+    close_stdin: Arc<tokio::sync::Notify>,
     /// Exit code and time, once exited.
     exit: watch::Sender<Option<(u32, Timestamp)>>,
 }
@@ -72,6 +74,7 @@ impl Proc {
             stdio,
             pid: Mutex::new(None),
             control: Mutex::new(None),
+            close_stdin: Arc::new(tokio::sync::Notify::new()),
             exit: watch::channel(None).0,
         })
     }
@@ -309,7 +312,7 @@ impl TaskService {
         *p.pid.lock().await = Some(pid);
         *p.control.lock().await = Some(process.control());
         if let Some(stdin) = process.take_stdin() {
-            stdio::pump_stdin(p.stdio.stdin.clone(), stdin);
+            stdio::pump_stdin(p.stdio.stdin.clone(), stdin, p.close_stdin.clone());
         }
         let (svc, c2, p2, exec_id) = (self.clone(), c.clone(), p.clone(), exec_id.to_string());
         tokio::spawn(async move {
@@ -599,9 +602,11 @@ impl Task for TaskService {
     }
 
     async fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
-        // stdin is closed when containerd closes its end of the stdin FIFO (end of file there
-        // closes the process's stdin), which is what CloseIO asks for.
-        let _ = self.process(&req.id, &req.exec_id).await?;
+        let (_c, p) = self.process(&req.id, &req.exec_id).await?;
+        if req.stdin {
+            // a permit is stored if the stdin pump is not waiting yet
+            p.close_stdin.notify_one();
+        }
         Ok(api::Empty::new())
     }
 

@@ -22,8 +22,9 @@ pub struct Stdio {
     pub terminal: bool,
 }
 
-/// Feed the stdin FIFO to `stdin` until end of file, then close it.
-pub fn pump_stdin(path: String, mut stdin: ExecStdin) {
+/// Feed the stdin FIFO to `stdin` until end of file or until `close` is notified (CloseIO),
+/// then close it.
+pub fn pump_stdin(path: String, mut stdin: ExecStdin, close: std::sync::Arc<tokio::sync::Notify>) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
     std::thread::spawn(move || {
         use std::io::Read;
@@ -43,9 +44,17 @@ pub fn pump_stdin(path: String, mut stdin: ExecStdin) {
         }
     });
     tokio::spawn(async move {
-        while let Some(chunk) = rx.recv().await {
-            if stdin.write(&chunk).await.is_err() {
-                return;
+        loop {
+            tokio::select! {
+                chunk = rx.recv() => match chunk {
+                    Some(chunk) => {
+                        if stdin.write(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => break,
+                },
+                () = close.notified() => break,
             }
         }
         let _ = stdin.close().await;

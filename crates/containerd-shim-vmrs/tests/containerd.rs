@@ -166,7 +166,7 @@ fn sha(b: &[u8]) -> String {
 fn image_tar(path: &Path) {
     let busybox = std::fs::read("/usr/bin/busybox").expect("busybox-static");
     let mut layer = tar::Builder::new(Vec::new());
-    let mut dir = |p: &str, l: &mut tar::Builder<Vec<u8>>| {
+    let dir = |p: &str, l: &mut tar::Builder<Vec<u8>>| {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Directory);
         h.set_mode(0o755);
@@ -297,6 +297,23 @@ fn ctr_runs_containers_in_vms() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "PIPED DATA\n");
 
+    // -t gives the process a terminal (ctr needs one itself: `script` provides it)
+    let ctr_cmd = format!(
+        "ctr -a {} -n {NS} run -t --rm --runtime {RUNTIME} {IMAGE} t6 sh -c 'test -t 0 && test -t 1 && echo on-a-tty'",
+        g.sock().display()
+    );
+    let out = Command::new("timeout")
+        .args(["90", "script", "-qec", &ctr_cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script runs");
+    assert!(
+        text(&out.stdout).contains("on-a-tty"),
+        "{} {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+
     // detached: ps, exec, kill -s TERM (143), delete
     let out = g.ctr(
         &["run", "-d", "--runtime", RUNTIME, IMAGE, "t3", "sleep", "1000"],
@@ -370,7 +387,12 @@ fn ctr_runs_containers_in_vms() {
         wait_until(Duration::from_secs(20), || g.our_processes("qemu").is_empty()),
         "a VMM is left after the shim was killed"
     );
-    assert!(g.our_mounts().is_empty(), "mounts left: {:?}", g.our_mounts());
+    assert!(
+        wait_until(Duration::from_secs(20), || g.our_mounts().is_empty()),
+        "mounts left: {:?}\n{}",
+        g.our_mounts(),
+        g.log()
+    );
 
     // a bad process spec: a clear error, no hung task, nothing left
     let start = Instant::now();
