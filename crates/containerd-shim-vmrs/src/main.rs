@@ -61,7 +61,11 @@ impl Shim for VmrsShim {
 
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
         let grouping = opts.id.clone();
-        spawn(opts, &grouping, Vec::new()).await
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        // containerd reconnects to a running shim after its own restart through the bundle's
+        // `address` file (the crate writes it only when the socket was in use already).
+        containerd_shim::asynchronous::util::write_str_to_file(self.bundle.join("address"), &address).await?;
+        Ok(address)
     }
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {

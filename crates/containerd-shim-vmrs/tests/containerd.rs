@@ -40,14 +40,25 @@ impl Guard {
             sock = d.join("c.sock").display(),
         );
         std::fs::write(d.join("config.toml"), config).expect("config");
+        let containerd = Self::spawn_containerd(d);
+        let g = Guard { dir, containerd };
+        g.wait_listening();
+        g
+    }
+
+    fn spawn_containerd(d: &Path) -> Child {
         let shim = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-vmrs-v1"));
         let path = format!(
             "{}:{}",
             shim.parent().expect("bin dir").display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let log = std::fs::File::create(d.join("containerd.log")).expect("log");
-        let containerd = Command::new("containerd")
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("containerd.log"))
+            .expect("log");
+        Command::new("containerd")
             .arg("--config")
             .arg(d.join("config.toml"))
             .env("PATH", path)
@@ -56,18 +67,30 @@ impl Guard {
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
-            .expect("containerd runs");
-        let g = Guard { dir, containerd };
+            .expect("containerd runs")
+    }
+
+    fn wait_listening(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !g.sock().exists() {
+        while !self.sock().exists() {
             assert!(
                 Instant::now() < deadline,
                 "containerd did not listen:\n{}",
-                g.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        g
+    }
+
+    /// Stop containerd (SIGTERM, as a service manager does; the shims keep running) and start it
+    /// again with the same config.
+    fn restart_containerd(&mut self) {
+        // SAFETY: kill(2) of our own child, not yet waited for.
+        unsafe { libc::kill(self.containerd.id() as i32, libc::SIGTERM) };
+        let _ = self.containerd.wait();
+        let _ = std::fs::remove_file(self.sock());
+        self.containerd = Self::spawn_containerd(self.dir.path());
+        self.wait_listening();
     }
 
     fn sock(&self) -> PathBuf {
@@ -241,13 +264,53 @@ fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
-#[test]
-fn ctr_runs_containers_in_vms() {
-    let g = Guard::start();
+fn import(g: &Guard) {
     let tar = g.dir.path().join("image.tar");
     image_tar(&tar);
     let out = g.ctr(&["image", "import", &tar.to_string_lossy()], b"");
     assert!(out.status.success(), "import: {}\n{}", text(&out.stderr), g.log());
+}
+
+#[test]
+fn task_survives_a_containerd_restart() {
+    let mut g = Guard::start();
+    import(&g);
+    let out = g.ctr(
+        &["run", "-d", "--runtime", RUNTIME, IMAGE, "r1", "sleep", "1000"],
+        b"",
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), g.log());
+    g.restart_containerd();
+    let ls = text(&g.ctr(&["task", "ls"], b"").stdout);
+    assert!(ls.contains("r1") && ls.contains("RUNNING"), "{ls}\n{}", g.log());
+    let out = g.ctr(&["task", "kill", "-s", "KILL", "r1"], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(wait_until(Duration::from_secs(20), || text(
+        &g.ctr(&["task", "ls"], b"").stdout
+    )
+    .contains("STOPPED")));
+    let out = g.ctr(&["task", "delete", "r1"], b"");
+    assert!(
+        text(&out.stderr).contains("exit code 137"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = g.ctr(&["container", "delete", "r1"], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(wait_until(Duration::from_secs(20), || g
+        .our_processes("qemu")
+        .is_empty()));
+    assert!(
+        wait_until(Duration::from_secs(20), || g.our_mounts().is_empty()),
+        "{:?}",
+        g.our_mounts()
+    );
+}
+
+#[test]
+fn ctr_runs_containers_in_vms() {
+    let g = Guard::start();
+    import(&g);
 
     // run --rm: output and the command's exit code
     let out = g.ctr(
