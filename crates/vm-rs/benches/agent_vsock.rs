@@ -35,7 +35,10 @@ async fn main() {
         .tempdir_in("/tmp")
         .expect("home");
     let mgr = VmManager::with_home(home.path()).await.expect("manager");
-    let vms = [("serial", AgentTransport::VirtioSerial), ("vsock", AgentTransport::Vsock)];
+    let vms = [
+        ("serial", AgentTransport::VirtioSerial),
+        ("vsock", AgentTransport::Vsock),
+    ];
     for (name, t) in vms {
         let cfg = VmConfig::builder(name)
             .kernel(assets.join("vmlinuz"))
@@ -48,7 +51,9 @@ async fn main() {
         mgr.start(cfg).await.expect("start");
     }
     for (name, _) in vms {
-        mgr.wait_ready(name, Duration::from_secs(180)).await.expect("ready");
+        mgr.wait_ready(name, Duration::from_secs(180))
+            .await
+            .expect("ready");
         // connect and warm up
         for _ in 0..3 {
             mgr.exec(name, ExecCommand::new(["true"])).await.expect("warm up");
@@ -58,7 +63,10 @@ async fn main() {
     for _ in 0..n {
         for (i, (name, _)) in vms.iter().enumerate() {
             let t = Instant::now();
-            let out = mgr.exec(name, ExecCommand::new(["true"])).await.expect("exec true");
+            let out = mgr
+                .exec(name, ExecCommand::new(["true"]))
+                .await
+                .expect("exec true");
             assert!(out.status.success());
             lat[i].push(t.elapsed().as_secs_f64() * 1e3);
         }
@@ -76,8 +84,14 @@ async fn main() {
     }
     let (ls, lv) = (median(lat[0].clone()), median(lat[1].clone()));
     let (ts, tv) = (median(tput[0].clone()), median(tput[1].clone()));
-    println!("exec true round trip (median of {n}): serial {ls:.2} ms, vsock {lv:.2} ms, vsock/serial {:.3}x", lv / ls);
-    println!("exec stdout 32 MiB (median of 5): serial {ts:.1} MiB/s, vsock {tv:.1} MiB/s, vsock/serial {:.3}x", tv / ts);
+    println!(
+        "exec true round trip (median of {n}): serial {ls:.2} ms, vsock {lv:.2} ms, vsock/serial {:.3}x",
+        lv / ls
+    );
+    println!(
+        "exec stdout 32 MiB (median of 5): serial {ts:.1} MiB/s, vsock {tv:.1} MiB/s, vsock/serial {:.3}x",
+        tv / ts
+    );
     for (name, _) in vms {
         let _ = mgr.kill(name).await;
         let _ = mgr.remove(name, true).await;

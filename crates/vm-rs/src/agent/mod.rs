@@ -1,5 +1,5 @@
 //! The host side of the guest agent: run commands in a guest and copy files in and out, over a
-//! virtio-serial port.
+//! virtio-serial port or over vsock ([`hybrid`]).
 //!
 //! ## Wiring
 //!
