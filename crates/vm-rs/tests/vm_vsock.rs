@@ -175,3 +175,50 @@ fn anyhow_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// `run IMAGE -- CMD` over vsock: an image from a real local registry, its rootfs booted on
+/// QEMU with the agent on vsock, the image's process with `-- CMD` overriding its cmd.
+#[tokio::test]
+async fn image_process_with_a_cmd_override_over_vsock() {
+    use support::oci_layout::{self, busybox_layer, Comp};
+    use support::registry::Registry;
+    let reg = Registry::start();
+    let layout = tempfile::tempdir().expect("tmp");
+    let (layer, _) = busybox_layer(Comp::Gzip);
+    let run = serde_json::json!({
+        "Entrypoint": ["sh", "-c"], "Cmd": ["echo default"],
+        "Env": ["PATH=/bin", "GREETING=image-env"], "WorkingDir": "/etc"
+    });
+    oci_layout::single_image_layout(layout.path(), "v1", std::slice::from_ref(&layer), run);
+    reg.push_layout(layout.path(), "v1", "test/busybox", false);
+    let home = TestHome::new();
+    let store = vm_rs::ImageStore::open(home.path().join("images"))
+        .await
+        .expect("store");
+    let reference = format!("{}/test/busybox:v1", reg.host());
+    store
+        .pull(&reference, &vm_rs::oci::PullOptions::default())
+        .await
+        .expect("pull");
+    let rootfs = vm_rs::rootfs::build_rootfs(&store, home.path(), &reference)
+        .await
+        .expect("rootfs");
+    let mgr = VmManager::with_home(home.path()).await.expect("manager");
+    mgr.start_with_rootfs(config("vs3").await, &rootfs.path)
+        .await
+        .expect("start");
+    mgr.wait_ready("vs3", BOOT_TIMEOUT).await.expect("ready");
+    assert!(matches!(
+        devices(&home, "vs3").agent,
+        Some(AgentChannel::Vsock { .. })
+    ));
+    let cmd = rootfs
+        .process
+        .command(Some(&["echo $GREETING from $(pwd); exit 4".to_string()]))
+        .expect("override");
+    let out = mgr.exec("vs3", cmd).await.expect("image process");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "image-env from /etc\n");
+    assert_eq!(out.status.code(), Some(4));
+    mgr.kill("vs3").await.expect("kill");
+    mgr.remove("vs3", false).await.expect("remove");
+}
