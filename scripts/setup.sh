@@ -5,7 +5,7 @@
 # only checks.
 #
 # Needs: Debian 12 (apt), root or sudo, Rust >= the workspace's rust-version (see Cargo.toml).
-# cargo-nextest and virtiofsd are installed with `cargo install --locked` when they are missing.
+# cargo-nextest, virtiofsd and vhost-device-vsock are installed with `cargo install --locked` when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -133,6 +133,25 @@ if ! have_virtiofsd; then
 fi
 if ! have_virtiofsd; then
     echo "setup: virtiofsd missing after cargo install (looked on PATH and in $cargo_bin)" >&2
+    exit 1
+fi
+
+# The vhost-user vsock backend for the agent over vsock on QEMU (`--agent-transport vsock`):
+# rust-vmm's vhost-device-vsock, serving the hybrid-vsock Unix socket.
+vhost_vsock_version=0.3.0
+have_vhost_vsock() {
+    local v
+    for v in "${VMRS_VHOST_DEVICE_VSOCK:-}" "$(command -v vhost-device-vsock || true)" "$cargo_bin/vhost-device-vsock"; do
+        [ -n "$v" ] && [ -x "$v" ] && "$v" --version 2>/dev/null | grep -q '^vhost-device-vsock [0-9]' && return 0
+    done
+    return 1
+}
+if ! have_vhost_vsock; then
+    echo "setup: installing vhost-device-vsock $vhost_vsock_version (cargo install --locked)" >&2
+    cargo install --locked vhost-device-vsock --version "$vhost_vsock_version"
+fi
+if ! have_vhost_vsock; then
+    echo "setup: vhost-device-vsock missing after cargo install (looked on PATH and in $cargo_bin)" >&2
     exit 1
 fi
 

@@ -15,7 +15,7 @@
 //! | [`Nic`] user | `-netdev user` + `hostfwd` | refused (no user-mode NAT) | refused | NAT attachment (no published ports) |
 //! | [`Nic`] tap | `-netdev tap` | `net[]` with `tap` | `/network-interfaces/{id}` | refused |
 //! | [`Nic`] switch | `-netdev dgram` (Unix) | refused | refused | refused |
-//! | [`AgentChannel`] | virtio-serial port on a Unix socket | refused (vsock: later) | refused (vsock: later) | vsock, bridged by `vmrs-vz` |
+//! | [`AgentChannel`] | virtio-serial port on a Unix socket; or vsock: `vhost-user-vsock-device` on a `vhost-device-vsock` sidecar ([`crate::vsock`]) | refused (vsock: later) | refused (vsock: later) | vsock, bridged by `vmrs-vz` |
 //! | [`SharedFs`] | `vhost-user-fs-device` on the virtiofsd socket (needs shared memory) | `fs[]` (needs `memory.shared`) | refused | virtio-fs device + directory share |
 //! | entropy | `virtio-rng-device` | `rng` | `/entropy` | virtio entropy device |
 //! | [`MemoryBackend`] | `memory-backend-memfd`/`-file` (default: a shared file in the VM directory, so a snapshot can copy it) | `memory.shared` | anonymous only | anonymous only |
@@ -122,6 +122,25 @@ pub enum AgentChannel {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         process_log: Option<PathBuf>,
     },
+    /// virtio-vsock: the guest agent listens on vsock `port` ([`vmrs_proto::VSOCK_PORT`]);
+    /// the host reaches it through the hybrid-vsock Unix socket `socket` (`CONNECT <port>\n`,
+    /// see [`crate::agent::hybrid`]).
+    Vsock {
+        /// The guest's context id.
+        cid: u32,
+        /// Guest port of the agent.
+        port: u32,
+        /// The hybrid-vsock Unix socket the host connects to (the VMM, or the
+        /// `vhost-device-vsock` sidecar on QEMU, listens on it).
+        socket: PathBuf,
+        /// QEMU: the vhost-user socket of the `vhost-device-vsock` sidecar ([`crate::vsock`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vhost_user: Option<PathBuf>,
+        /// As for [`AgentChannel::VirtioSerial`]: where the main process's output goes (QEMU
+        /// keeps a virtio-serial `vmrs.log` port for it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        process_log: Option<PathBuf>,
+    },
 }
 
 /// The agent transports a backend can give a guest.
@@ -131,6 +150,22 @@ pub enum AgentChannel {
 pub enum AgentTransport {
     /// virtio-serial (QEMU).
     VirtioSerial,
+    /// virtio-vsock, over the hybrid-vsock Unix socket (Cloud Hypervisor, Firecracker; QEMU
+    /// with the `vhost-device-vsock` sidecar).
+    Vsock,
+}
+
+impl std::str::FromStr for AgentTransport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "serial" | "virtio-serial" => Ok(AgentTransport::VirtioSerial),
+            "vsock" => Ok(AgentTransport::Vsock),
+            other => Err(format!(
+                "unknown agent transport {other:?} (expected serial or vsock)"
+            )),
+        }
+    }
 }
 
 impl AgentChannel {
@@ -138,6 +173,7 @@ impl AgentChannel {
     pub fn transport(&self) -> AgentTransport {
         match self {
             AgentChannel::VirtioSerial { .. } => AgentTransport::VirtioSerial,
+            AgentChannel::Vsock { .. } => AgentTransport::Vsock,
         }
     }
 }
@@ -325,7 +361,10 @@ impl Capabilities {
         }
         if let Some(a) = &devices.agent {
             if !self.agent_transports.contains(&a.transport()) {
-                return Err(refuse("the guest agent over virtio-serial"));
+                return Err(refuse(match a.transport() {
+                    AgentTransport::VirtioSerial => "the guest agent over virtio-serial",
+                    AgentTransport::Vsock => "the guest agent over vsock",
+                }));
             }
         }
         if !devices.shared_dirs.is_empty() && !self.shared_dirs {

@@ -94,6 +94,7 @@ pub mod state;
 pub mod storage;
 pub mod virtiofs;
 pub mod vm_dir;
+pub mod vsock;
 
 pub use config::{Accel, BackendKind, DiskConfig, NetworkAttachment, SharedDir, VmConfig};
 pub use console::READY_MARKER;

@@ -75,6 +75,12 @@ impl VmDir {
     pub const VIRTIOFSD_RECORD: &'static str = "virtiofsd.json";
     /// What the virtiofsd sidecars print.
     pub const VIRTIOFSD_LOG: &'static str = "virtiofsd.log";
+    /// The `vhost-device-vsock` sidecar of a QEMU VM with a vsock agent (see [`crate::vsock`]).
+    pub const VSOCK_RECORD: &'static str = "vsock.json";
+    /// What the vsock sidecar prints.
+    pub const VSOCK_LOG: &'static str = "vsock.log";
+    /// The vsock sidecar's vhost-user socket (QEMU connects to it).
+    pub const VSOCK_VHOST_SOCKET: &'static str = "vsock-vhost.sock";
     /// QEMU's QMP command socket.
     pub const QMP_SOCKET: &'static str = "qmp.sock";
     /// QEMU's QMP event socket.
@@ -186,6 +192,9 @@ mod tests {
             VmDir::ORIGIN,
             VmDir::VIRTIOFSD_RECORD,
             VmDir::VIRTIOFSD_LOG,
+            VmDir::VSOCK_RECORD,
+            VmDir::VSOCK_LOG,
+            VmDir::VSOCK_VHOST_SOCKET,
         ];
         let set: std::collections::HashSet<_> = names.iter().collect();
         assert_eq!(set.len(), names.len());

@@ -30,7 +30,7 @@ use std::time::Duration;
 use vmrs_proto::{
     valid_relative_path, Decoder, Entry, EntryKind, ExecRequest, Message, Restart, RestartPolicy, WinSize,
     CHUNK, EXEC_DETACH, EXEC_STDIN, LOG_PORT_NAME, MAIN_EXIT_MARKER, MIN_VERSION, PORT_NAME, VERSION,
-    VERSION_TTY,
+    VERSION_TTY, VSOCK_PORT,
 };
 
 use crate::{log, reaper, sys, tty};
@@ -56,8 +56,22 @@ pub fn find_ports() -> Vec<PathBuf> {
     ports
 }
 
-/// Start serving every agent port; `shutdown` is written to when the host asks for a power-off.
+/// Start serving every agent port and the vsock listener ([`VSOCK_PORT`]); `shutdown` is
+/// written to when the host asks for a power-off.
 pub fn start(shutdown: Arc<OwnedFd>) {
+    match sys::vsock_listen(VSOCK_PORT) {
+        Ok(listener) => {
+            let shutdown = shutdown.clone();
+            let spawned = std::thread::Builder::new()
+                .name("agent vsock".into())
+                .spawn(move || serve_vsock(listener, shutdown));
+            if let Err(e) = spawned {
+                log(&format!("agent: cannot start the vsock thread: {e}"));
+            }
+        }
+        // no vsock device (a QEMU VM on virtio-serial): nothing to listen on
+        Err(e) => log(&format!("agent: no vsock listener on port {VSOCK_PORT}: {e}")),
+    }
     for port in find_ports() {
         let shutdown = shutdown.clone();
         let name = port.display().to_string();
@@ -127,8 +141,36 @@ fn open_port(port: &Path) -> Option<File> {
     None
 }
 
+/// Accept vsock connections; each is one conversation on its own thread, ending at its EOF.
+fn serve_vsock(listener: OwnedFd, shutdown: Arc<OwnedFd>) {
+    loop {
+        let conn = match sys::accept(&listener) {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log(&format!("agent: vsock accept: {e}"));
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let shutdown = shutdown.clone();
+        let spawned = std::thread::Builder::new()
+            .name("agent vsock conn".into())
+            .spawn(move || {
+                let reader = File::from(conn);
+                match reader.try_clone() {
+                    Ok(writer) => serve(reader, writer, "vsock", true, &shutdown),
+                    Err(e) => log(&format!("agent: vsock: {e}")),
+                }
+            });
+        if let Err(e) = spawned {
+            log(&format!("agent: cannot start a vsock connection thread: {e}"));
+        }
+    }
+}
+
 fn serve_port(port: &Path, shutdown: &OwnedFd) {
-    let Some(mut reader) = open_port(port) else {
+    let Some(reader) = open_port(port) else {
         return;
     };
     let writer = match reader.try_clone() {
@@ -138,6 +180,12 @@ fn serve_port(port: &Path, shutdown: &OwnedFd) {
             return;
         }
     };
+    serve(reader, writer, &port.display().to_string(), false, shutdown);
+}
+
+/// One agent conversation over `reader`/`writer`. On a virtio-serial port EOF means "no host
+/// connected" and the loop waits for the next one; on a socket (`ends_at_eof`) EOF ends it.
+fn serve(mut reader: File, writer: File, label: &str, ends_at_eof: bool, shutdown: &OwnedFd) {
     let out = Arc::new(Output {
         file: Mutex::new(writer),
         generation: AtomicU64::new(0),
@@ -154,11 +202,14 @@ fn serve_port(port: &Path, shutdown: &OwnedFd) {
             Ok(0) => {
                 // No host connected. (A quick disconnect + reconnect may never show up here;
                 // a hello resets the connection state as well.)
-                if connected {
+                if connected || ends_at_eof {
                     reset_connection(&out, &mut streams);
                     decoder = Decoder::new();
                     connected = false;
                     desynced = None;
+                }
+                if ends_at_eof {
+                    return;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -207,8 +258,13 @@ fn serve_port(port: &Path, shutdown: &OwnedFd) {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if ends_at_eof => {
+                log(&format!("agent: read {label}: {e}"));
+                reset_connection(&out, &mut streams);
+                return;
+            }
             Err(e) => {
-                log(&format!("agent: read {}: {e}", port.display()));
+                log(&format!("agent: read {label}: {e}"));
                 std::thread::sleep(Duration::from_secs(1));
             }
         }

@@ -16,7 +16,8 @@
 //!    one; read-only when asked). A share that cannot be mounted fails the boot: the init prints
 //!    `VMRS_FAILED <reason>` and powers off, and the host records the VM as failed with that
 //!    reason instead of waiting for a readiness that never comes;
-//! 6. start the host agent ([`agent`]) on every `vmrs.agent*` virtio-serial port;
+//! 6. start the host agent ([`agent`]) on every `vmrs.agent*` virtio-serial port and on vsock
+//!    port 1024 (`vmrs_proto::VSOCK_PORT`) when the guest has a vsock device;
 //! 7. print `VMRS_READY <ip>` (`127.0.0.1` without network) as one kernel log record, so no
 //!    kernel message can split it on the console ([`sys::announce`]);
 //! 8. loop forever: reap zombies ([`reaper`]); on the ACPI power button (an `EV_KEY`/`KEY_POWER`

@@ -110,6 +110,11 @@ pub const MIN_VERSION: u16 = 1;
 pub const VERSION_TTY: u16 = 2;
 /// Name (prefix) of the virtio-serial port carrying the protocol.
 pub const PORT_NAME: &str = "vmrs.agent";
+/// Guest vsock port on which the agent also listens (AF_VSOCK, any CID), carrying the same
+/// frames as [`PORT_NAME`]; each connection is one conversation. Hosts behind the hybrid-vsock
+/// convention (Cloud Hypervisor, Firecracker, vhost-device-vsock) reach it with
+/// `CONNECT 1024\n`.
+pub const VSOCK_PORT: u32 = 1024;
 /// Name of the virtio-serial port that receives the output of the main process
 /// ([`Message::ExecMain`]); the host end is a file.
 pub const LOG_PORT_NAME: &str = "vmrs.log";

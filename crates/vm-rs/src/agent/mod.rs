@@ -1,5 +1,5 @@
 //! The host side of the guest agent: run commands in a guest and copy files in and out, over a
-//! virtio-serial port.
+//! virtio-serial port or over vsock ([`hybrid`]).
 //!
 //! ## Wiring
 //!
@@ -44,6 +44,7 @@
 //! ```
 
 mod copy;
+pub mod hybrid;
 pub mod session;
 
 use std::collections::HashMap;
@@ -63,6 +64,9 @@ pub use vmrs_proto::{Restart, RestartPolicy, WinSize};
 
 /// How long [`AgentClient::connect`] waits for the guest's hello.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the VMM may take to answer a hybrid-vsock `CONNECT` (it answers at once or
+/// closes; a live socket that says nothing is broken).
+const HYBRID_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Frames buffered per stream before the reader waits for the consumer.
 const STREAM_QUEUE: usize = 64;
 
@@ -78,6 +82,15 @@ pub enum AgentError {
         /// Cause.
         #[source]
         source: std::io::Error,
+    },
+    /// The hybrid-vsock handshake on the VM's vsock socket failed.
+    #[error("vsock connection through {path} failed")]
+    Vsock {
+        /// The socket.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: hybrid::HandshakeError,
     },
     /// The guest did not answer the hello in time.
     #[error("guest agent at {path} did not answer within {timeout:?}")]
@@ -174,7 +187,12 @@ impl AgentError {
     pub fn kind(&self) -> crate::ErrorKind {
         use crate::ErrorKind as K;
         match self {
+            AgentError::Vsock {
+                source: hybrid::HandshakeError::Timeout { .. },
+                ..
+            } => K::Timeout,
             AgentError::Connect { .. }
+            | AgentError::Vsock { .. }
             | AgentError::Refused { .. }
             | AgentError::Protocol { .. }
             | AgentError::Unexpected { .. }
@@ -550,6 +568,45 @@ impl AgentClient {
                 Ok(r) => return r,
                 Err(_) => return Err(AgentError::Timeout { path, timeout }),
             }
+        }
+    }
+
+    /// Connect to the guest agent's vsock `port` through the hybrid-vsock Unix socket `socket`
+    /// ([`hybrid`]) and exchange hellos, within `timeout`. While the socket does not exist yet
+    /// or nothing listens on the port (the guest still boots) it retries; a malformed reply
+    /// is an error at once.
+    pub async fn connect_vsock_timeout(
+        socket: impl AsRef<Path>,
+        port: u32,
+        timeout: Duration,
+    ) -> Result<AgentClient, AgentError> {
+        let path = socket.as_ref().to_path_buf();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let mut stream = match UnixStream::connect(&path).await {
+                Ok(s) => s,
+                // Only a socket not created yet is waited for: the VMM (or sidecar) creates it
+                // before the guest runs, so a refused connection means its listener is gone.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !remaining.is_zero() => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Err(source) => return Err(AgentError::Connect { path, source }),
+            };
+            match hybrid::connect(&mut stream, port, remaining.min(HYBRID_REPLY_TIMEOUT)).await {
+                Ok(_) => {}
+                Err(hybrid::HandshakeError::NoListener { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(source) => return Err(AgentError::Vsock { path, source }),
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            return match tokio::time::timeout(remaining, Self::handshake(stream)).await {
+                Ok(r) => r,
+                Err(_) => Err(AgentError::Timeout { path, timeout }),
+            };
         }
     }
 

@@ -414,6 +414,11 @@ pub struct VmConfig {
     /// Acceleration for QEMU (default auto; `VMRS_ACCEL` overrides auto).
     #[serde(default)]
     pub accel: Accel,
+    /// How the host reaches the guest agent (default: the backend's first transport —
+    /// virtio-serial on QEMU, vsock where it is the only one). A transport the backend lacks
+    /// is refused before anything starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_transport: Option<crate::devices::AgentTransport>,
 }
 
 /// Smallest serial log cap accepted: the boot log up to the readiness marker must fit.
@@ -452,6 +457,7 @@ impl VmConfig {
                 serial_log_max: None,
                 backend: BackendKind::Auto,
                 accel: Accel::Auto,
+                agent_transport: None,
             },
         }
     }
@@ -555,6 +561,11 @@ impl VmConfigBuilder {
     /// Acceleration.
     pub fn accel(mut self, accel: Accel) -> Self {
         self.config.accel = accel;
+        self
+    }
+    /// Agent transport ([`VmConfig::agent_transport`]).
+    pub fn agent_transport(mut self, t: crate::devices::AgentTransport) -> Self {
+        self.config.agent_transport = Some(t);
         self
     }
     /// Validate and return the configuration.

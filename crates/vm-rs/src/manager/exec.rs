@@ -98,9 +98,18 @@ impl VmManager {
             }
         }
         agents.remove(name);
-        let client = AgentClient::connect_timeout(self.agent_socket(name), CONNECT_TIMEOUT)
-            .await
-            .map_err(agent_err(name))?;
+        // the channel the running VMM was started with (devices.json): a new process
+        // reattaching speaks the same transport
+        let devices: crate::devices::DeviceSet =
+            super::record::load_json_or_default(&self.vm_dir(name).join(crate::vm_dir::VmDir::DEVICES))
+                .unwrap_or_default();
+        let client = match devices.agent {
+            Some(crate::devices::AgentChannel::Vsock { socket, port, .. }) => {
+                AgentClient::connect_vsock_timeout(socket, port, CONNECT_TIMEOUT).await
+            }
+            _ => AgentClient::connect_timeout(self.agent_socket(name), CONNECT_TIMEOUT).await,
+        }
+        .map_err(agent_err(name))?;
         agents.insert(name.to_string(), client.clone());
         Ok(client)
     }

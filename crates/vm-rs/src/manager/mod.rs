@@ -170,6 +170,15 @@ pub enum ManagerError {
         #[source]
         source: crate::virtiofs::VirtiofsError,
     },
+    /// The vsock sidecar (`vhost-device-vsock`) could not be started.
+    #[error("vm {name:?}: vsock setup failed")]
+    Vsock {
+        /// VM name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: crate::vsock::VsockError,
+    },
     /// Talking to the guest agent failed.
     #[error("vm {name:?}: guest agent error")]
     Agent {
@@ -241,6 +250,7 @@ impl ManagerError {
             ManagerError::Rootfs { source, .. } => source.kind(),
             ManagerError::Agent { source, .. } => source.kind(),
             ManagerError::Share { source, .. } => source.kind(),
+            ManagerError::Vsock { source, .. } => source.kind(),
             ManagerError::Timeout { .. } | ManagerError::Busy { .. } => K::Timeout,
             ManagerError::InvalidRequest { .. } => K::Invalid,
             ManagerError::Damaged { .. } => K::Other,
@@ -755,15 +765,26 @@ impl VmManager {
         // in virtiofsd.json and killed when the VM ends, is removed, or is found dead.
         guest_params.extend(crate::virtiofs::guest_params(&config.shared_dirs));
         let booted = match crate::virtiofs::start(dir, &devices.shared_dirs).await {
-            Ok(_) => {
-                let booted = self
-                    .boot(dir, config, rec, driver, devices, guest_params, snapshot)
-                    .await;
-                if booted.is_err() {
-                    crate::virtiofs::stop(dir);
+            // the vsock sidecar (QEMU with a vsock agent) likewise, in vsock.json
+            Ok(_) => match crate::vsock::start(dir, devices.agent.as_ref()).await {
+                Ok(()) => {
+                    let booted = self
+                        .boot(dir, config, rec, driver, devices, guest_params, snapshot)
+                        .await;
+                    if booted.is_err() {
+                        crate::virtiofs::stop(dir);
+                        crate::vsock::stop(dir);
+                    }
+                    booted
                 }
-                booted
-            }
+                Err(source) => {
+                    crate::virtiofs::stop(dir);
+                    Err(ManagerError::Vsock {
+                        name: name.clone(),
+                        source,
+                    })
+                }
+            },
             Err(source) => Err(ManagerError::Share {
                 name: name.clone(),
                 source,
@@ -1110,6 +1131,7 @@ impl VmManager {
         self.drop_agent(name).await;
         let teardown = crate::net::host::teardown_vm_dir(&dir).await;
         crate::virtiofs::stop(&dir);
+        crate::vsock::stop(&dir);
         // anything the directory still owns (a VMM or forwarder no record names)
         let strays = crate::process::kill_owned_by(&dir);
         if !strays.is_empty() {
@@ -1258,15 +1280,43 @@ pub fn plan_devices(
         devices.nics = nics.iter().map(Nic::from).collect();
         devices.netns = crate::net::vmm_netns(&config.networks).map(Path::to_path_buf);
     }
-    // The agent's channel (exec, copy): the backend's best transport, if it has one.
-    match caps.agent_transports.first() {
+    // The agent's channel (exec, copy): the configured transport, else the backend's first.
+    let process_log = opts
+        .rootfs
+        .is_some()
+        .then(|| dir.join(crate::vm_dir::VmDir::PROCESS_LOG));
+    let transport = match config.agent_transport {
+        Some(t) if caps.agent_transports.contains(&t) => Some(t),
+        Some(AgentTransport::Vsock) => return Err(unsupported("the agent over vsock")),
+        Some(_) => return Err(unsupported("the agent over virtio-serial")),
+        None => caps.agent_transports.first().copied(),
+    };
+    match transport {
         Some(AgentTransport::VirtioSerial) => {
             devices.agent = Some(AgentChannel::VirtioSerial {
                 socket: dir.join(exec::AGENT_SOCKET),
-                process_log: opts
-                    .rootfs
-                    .is_some()
-                    .then(|| dir.join(crate::vm_dir::VmDir::PROCESS_LOG)),
+                process_log,
+            });
+        }
+        Some(AgentTransport::Vsock) => {
+            let vhost_user = (driver.kind() == crate::config::BackendKind::Qemu)
+                .then(|| crate::vm_dir::VmDir::new(dir).file(crate::vm_dir::VmDir::VSOCK_VHOST_SOCKET));
+            if vhost_user.is_some()
+                && !matches!(
+                    devices.memory,
+                    crate::devices::MemoryBackend::File { shared: true, .. }
+                        | crate::devices::MemoryBackend::Memfd { shared: true }
+                )
+            {
+                // the vhost-user sidecar maps guest RAM
+                devices.memory = crate::devices::MemoryBackend::Memfd { shared: true };
+            }
+            devices.agent = Some(AgentChannel::Vsock {
+                cid: crate::vsock::GUEST_CID,
+                port: vmrs_proto::VSOCK_PORT,
+                socket: dir.join(exec::AGENT_SOCKET),
+                vhost_user,
+                process_log,
             });
         }
         None if opts.require_agent => return Err(unsupported("the guest agent (exec, cp, images)")),

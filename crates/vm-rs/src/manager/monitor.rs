@@ -326,6 +326,7 @@ impl VmEntry {
                     let _ = process.kill();
                     let _ = tokio::time::timeout(Duration::from_secs(5), process.wait()).await;
                     crate::virtiofs::stop(&entry.dir);
+                    crate::vsock::stop(&entry.dir);
                     entry.transition(VmState::Failed { reason }).await?;
                     return Ok(entry);
                 }
@@ -362,6 +363,7 @@ impl VmEntry {
             Err(ProcessError::Gone { .. }) | Err(ProcessError::Reused { .. }) => {
                 // the VMM died unwatched: its shares' daemons go too
                 crate::virtiofs::stop(&entry.dir);
+                crate::vsock::stop(&entry.dir);
                 let reported = entry.driver.exit_reason(&handle).await.ok().flatten();
                 let cause = entry.requested_exit(&handle).unwrap_or(ExitCause::Unrequested);
                 let state = classify_exit(
@@ -562,6 +564,7 @@ impl VmEntry {
         }
         // shared directories' daemons end with their VMM; any still running are killed
         crate::virtiofs::stop(&self.dir);
+        crate::vsock::stop(&self.dir);
         let result = match self.state() {
             s if s.is_live() => self.transition(state).await,
             // already recorded as ended (e.g. found dead by an attach racing this task)

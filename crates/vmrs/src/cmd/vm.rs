@@ -53,6 +53,11 @@ pub struct RunArgs {
     /// Backend (auto: the best one this host has).
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     pub backend: BackendArg,
+    /// How the host reaches the guest agent (exec, cp, images): `serial` (virtio-serial) or
+    /// `vsock` (on QEMU through a vhost-device-vsock sidecar). Default: the backend's own
+    /// (virtio-serial on QEMU).
+    #[arg(long, value_name = "serial|vsock", value_parser = parse_agent_transport)]
+    pub agent_transport: Option<vm_rs::devices::AgentTransport>,
     /// Seconds to wait for the guest's readiness marker (with --detach).
     #[arg(long, default_value_t = 120)]
     pub ready_timeout: u64,
@@ -131,6 +136,11 @@ impl From<AccelArg> for Accel {
             AccelArg::Hvf => Accel::Hvf,
         }
     }
+}
+
+/// `--agent-transport` values.
+fn parse_agent_transport(s: &str) -> Result<vm_rs::devices::AgentTransport, String> {
+    s.parse()
 }
 
 /// `--backend` values (mirrors [`BackendKind`]).
@@ -290,6 +300,9 @@ pub fn run_config(a: &RunArgs) -> anyhow::Result<VmConfig> {
         .accel(a.accel.into())
         .backend(a.backend.into())
         .serial_log_max(a.log_max);
+    if let Some(t) = a.agent_transport {
+        b = b.agent_transport(t);
+    }
     if let Some(i) = initrd {
         b = b.initramfs(i);
     }

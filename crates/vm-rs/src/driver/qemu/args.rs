@@ -187,13 +187,16 @@ pub fn nic_args(nic: &Nic) -> Vec<OsString> {
     ]
 }
 
-/// The guest agent's virtio-serial port, with QEMU listening on the channel's socket.
+/// The guest agent's channel. virtio-serial: a port with QEMU listening on the channel's
+/// socket. vsock: `vhost-user-vsock-device` (virtio-mmio, for microvm) on the
+/// `vhost-device-vsock` sidecar's vhost-user socket (QEMU is the client; the sidecar serves
+/// the hybrid socket, see [`crate::vsock`]); needs guest RAM in a shared backend. Either way a
+/// `process_log` gets the `vmrs.log` virtio-serial port.
 pub fn agent_args(agent: &AgentChannel) -> Vec<OsString> {
-    match agent {
+    let mut args: Vec<OsString> = vec!["-device".into(), "virtio-serial-device,id=vmrs-vser0".into()];
+    let process_log = match agent {
         AgentChannel::VirtioSerial { socket, process_log } => {
-            let mut args: Vec<OsString> = vec![
-                "-device".into(),
-                "virtio-serial-device,id=vmrs-vser0".into(),
+            args.extend([
                 "-chardev".into(),
                 opt("socket,id=vmrs-agent0,path=", socket, ",server=on,wait=off"),
                 "-device".into(),
@@ -202,22 +205,39 @@ pub fn agent_args(agent: &AgentChannel) -> Vec<OsString> {
                     vmrs_proto::PORT_NAME
                 )
                 .into(),
-            ];
-            if let Some(log) = process_log {
+            ]);
+            process_log
+        }
+        // the guest's CID is the sidecar's (QEMU reads the device config over vhost-user)
+        AgentChannel::Vsock {
+            vhost_user,
+            process_log,
+            ..
+        } => {
+            if let Some(vhost) = vhost_user {
                 args.extend([
                     "-chardev".into(),
-                    opt("file,id=vmrs-log0,path=", log, ",append=on"),
+                    opt("socket,id=vmrs-vsock0,path=", vhost, ""),
                     "-device".into(),
-                    format!(
-                        "virtserialport,bus=vmrs-vser0.0,chardev=vmrs-log0,name={}",
-                        vmrs_proto::LOG_PORT_NAME
-                    )
-                    .into(),
+                    "vhost-user-vsock-device,chardev=vmrs-vsock0".into(),
                 ]);
             }
-            args
+            process_log
         }
+    };
+    if let Some(log) = process_log {
+        args.extend([
+            "-chardev".into(),
+            opt("file,id=vmrs-log0,path=", log, ",append=on"),
+            "-device".into(),
+            format!(
+                "virtserialport,bus=vmrs-vser0.0,chardev=vmrs-log0,name={}",
+                vmrs_proto::LOG_PORT_NAME
+            )
+            .into(),
+        ]);
     }
+    args
 }
 
 /// `-chardev socket` to the share's virtiofsd + `-device vhost-user-fs-device` (the virtio-mmio

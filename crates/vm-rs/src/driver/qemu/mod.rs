@@ -150,7 +150,7 @@ impl VmDriver for QemuDriver {
             nic_tap: true,
             nic_switch: true,
             netns: true,
-            agent_transports: &[AgentTransport::VirtioSerial],
+            agent_transports: &[AgentTransport::VirtioSerial, AgentTransport::Vsock],
             // vhost-user-fs-device on a virtiofsd sidecar per share (guest RAM in a memfd)
             shared_dirs: true,
             entropy: true,

@@ -507,6 +507,8 @@ impl VzPlan {
                 guest_port: AGENT_VSOCK_PORT,
                 host_socket: url_path("agent socket", socket)?,
             }),
+            // VZ's vsock is bridged by vmrs-vz on a plain socket, not the hybrid convention
+            Some(_) => return Err(unsupported("a hybrid-vsock agent channel")),
         };
 
         Ok(VzPlan {
