@@ -540,6 +540,14 @@ fn check_snapshottable(
             ),
         ));
     }
+    if matches!(devices.agent, Some(crate::devices::AgentChannel::Vsock { .. })) {
+        return Err(refused(
+            snapshot,
+            format!(
+                "vm {vm:?} talks to its agent over vsock: the vhost-user vsock backend keeps the device's state outside QEMU, which a snapshot cannot hold (use the virtio-serial agent transport)"
+            ),
+        ));
+    }
     if matches!(devices.memory, MemoryBackend::Memfd { shared: true }) {
         return Err(refused(
             snapshot,
@@ -815,6 +823,18 @@ mod tests {
             ..DeviceSet::default()
         };
         assert!(check_snapshottable("s", "v", &cfg, &memfd).is_err());
+        let vsock = DeviceSet {
+            agent: Some(crate::devices::AgentChannel::Vsock {
+                cid: 3,
+                port: vmrs_proto::VSOCK_PORT,
+                socket: "/v/agent.sock".into(),
+                vhost_user: Some("/v/vsock-vhost.sock".into()),
+                process_log: None,
+            }),
+            ..DeviceSet::default()
+        };
+        let e = check_snapshottable("s", "v", &cfg, &vsock).expect_err("vsock agent");
+        assert!(e.to_string().contains("vsock"), "{e}");
     }
 
     #[test]
