@@ -41,9 +41,10 @@ use std::path::{Path, PathBuf};
 pub const PLAN_VERSION: u32 = 1;
 /// The guest's console device on VZ (a virtio console, not a UART).
 pub const GUEST_CONSOLE: &str = "hvc0";
-/// Guest vsock port the agent listens on when it is reached over vsock (issue 11's
-/// transport; `vmrs-vz` connects the host's agent socket to it).
-pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// Guest vsock port the agent listens on ([`vmrs_proto::VSOCK_PORT`], the guest init's vsock
+/// listener); `vmrs-vz` joins each connection to the host's agent socket to a new vsock
+/// connection to it.
+pub const AGENT_VSOCK_PORT: u32 = vmrs_proto::VSOCK_PORT;
 /// Longest virtio-fs tag (the `tag` field of the virtio-fs config space).
 pub const MAX_SHARE_TAG: usize = 36;
 
