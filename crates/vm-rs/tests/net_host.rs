@@ -82,6 +82,39 @@ async fn bridge_with_nat_is_created_tagged_and_removed() {
 }
 
 #[tokio::test]
+async fn devices_made_before_the_record_named_them_are_still_torn_down() {
+    // A starter SIGKILLed between creating the bridge (and NAT table, and TAP) and saving the
+    // record that lists them leaves a net.json naming only the plan (seen in the chaos
+    // harness: a NAT bridge outlived every VM). Teardown of that record removes them.
+    let ns = TestNetns::new("ur");
+    let home = tempfile::tempdir().expect("home");
+    let dir = vm_dir(home.path(), "vm1");
+    let att = [bridge(&ns, "vmrsbr7", "10.97.0.1/24", true)];
+    let state = host::prepare(home.path(), "vm1", &dir, &att)
+        .await
+        .expect("prepare");
+    let tap = tap_name("vm1", 0);
+    assert!(ns.links().contains(&"vmrsbr7".to_string()));
+    assert!(nft_tables(&ns).contains("vmrs_"), "{}", nft_tables(&ns));
+    let mut unrecorded = state.clone();
+    unrecorded.devices.clear();
+    // a foreign bridge and TAP of the same names as another plan's are never touched
+    ns.ip(&["link", "add", "foreignbr", "type", "bridge"]);
+    let mut foreign = unrecorded.clone();
+    if let Some(n) = foreign.nics.first_mut() {
+        n.backend = serde_json::from_value(serde_json::json!({"type": "tap", "ifname": "foreignbr"})).expect("nic");
+    }
+    host::teardown(&foreign).await.expect("teardown of a plan naming a foreign device");
+    assert!(ns.links().contains(&"foreignbr".to_string()), "{:?}", ns.links());
+
+    host::teardown(&unrecorded).await.expect("teardown");
+    let links = ns.links();
+    assert!(!links.iter().any(|l| l == &tap || l == "vmrsbr7"), "{links:?}");
+    assert!(!nft_tables(&ns).contains("vmrs_"), "{}", nft_tables(&ns));
+    host::teardown(&unrecorded).await.expect("teardown again");
+}
+
+#[tokio::test]
 async fn shared_bridge_lives_until_its_last_vm_and_foreign_devices_are_kept() {
     let ns = TestNetns::new("shared");
     // a bridge someone else made

@@ -740,7 +740,11 @@ pub async fn teardown(state: &NetState) -> Result<(), HostError> {
     for f in &state.forwarders {
         keep(f.stop(Duration::from_secs(2)).await.map_err(HostError::from));
     }
-    if !state.devices.is_empty() {
+    let planned_tap = state
+        .nics
+        .iter()
+        .any(|n| matches!(n.backend, NicBackend::Tap { .. }));
+    if !state.devices.is_empty() || planned_tap {
         match Netlink::open(state.netns.as_deref()).await {
             Ok(nl) => {
                 for d in &state.devices {
@@ -748,6 +752,10 @@ pub async fn teardown(state: &NetState) -> Result<(), HostError> {
                         keep(delete_link(&nl, name).await);
                     }
                 }
+                // Devices the plan names but the record does not list: a starter killed
+                // between creating one and saving the record left it. Only ours (by alias)
+                // are deleted.
+                keep(delete_unrecorded_taps(state, &nl).await);
                 for d in &state.devices {
                     if let HostDevice::Bridge { name, nat_table } = d {
                         keep(
@@ -756,6 +764,7 @@ pub async fn teardown(state: &NetState) -> Result<(), HostError> {
                         );
                     }
                 }
+                keep(delete_unrecorded_bridges(state, &nl).await);
             }
             Err(e) => keep(Err(e)),
         }
@@ -779,6 +788,69 @@ pub async fn teardown_vm_dir(vm_dir: &Path) -> Result<(), HostError> {
     if let Some(state) = NetState::load(vm_dir)? {
         teardown(&state).await?;
         let _ = std::fs::remove_file(vm_dir.join(STATE_FILE));
+    }
+    Ok(())
+}
+
+/// The TAPs of `state`'s plan that its record does not list, deleted where they exist with
+/// this VM's alias (a TAP without it is someone else's).
+#[cfg(target_os = "linux")]
+async fn delete_unrecorded_taps(state: &NetState, nl: &Netlink) -> Result<(), HostError> {
+    let hid = home_id(&state.home);
+    for n in &state.nics {
+        let NicBackend::Tap { ifname, .. } = &n.backend else {
+            continue;
+        };
+        let recorded = state
+            .devices
+            .iter()
+            .any(|d| matches!(d, HostDevice::Tap { name } if name == ifname));
+        if recorded {
+            continue;
+        }
+        if let Some(m) = nl.link_by_name(ifname).await? {
+            if alias_of(&m) == Some(tap_alias(&hid, &state.vm_name, n.index).as_str()) {
+                nl.del(m.header.index, ifname).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The bridges of `state`'s plan that its record does not list: deleted, with their NAT
+/// table, when they carry this data dir's bridge alias and nothing is attached (what
+/// [`delete_bridge_if_unused`] does for recorded ones); a NAT table of ours whose bridge is
+/// gone is deleted too.
+#[cfg(target_os = "linux")]
+async fn delete_unrecorded_bridges(state: &NetState, nl: &Netlink) -> Result<(), HostError> {
+    let hid = home_id(&state.home);
+    let ns = state.netns.as_deref();
+    for n in &state.nics {
+        let NicBackend::Tap { bridge: Some(br), .. } = &n.backend else {
+            continue;
+        };
+        let recorded = state
+            .devices
+            .iter()
+            .any(|d| matches!(d, HostDevice::Bridge { name, .. } if name == br));
+        if recorded {
+            continue;
+        }
+        match nl.link_by_name(br).await? {
+            Some(m) if alias_of(&m) == Some(bridge_alias(&hid).as_str()) => {
+                delete_bridge_if_unused(nl, ns, br, None).await?;
+            }
+            Some(_) => continue,
+            None => {}
+        }
+        if nl.link_by_name(br).await?.is_none() {
+            // the plan does not say whether the bridge had NAT: a table of ours may exist
+            // or not (or nft may be missing on a host that never used NAT), so this is
+            // best effort
+            if let Err(e) = delete_nat(ns, &nat_table(&hid, br)).await {
+                tracing::debug!(bridge = %br, error = %e, "no nat table to delete");
+            }
+        }
     }
     Ok(())
 }
@@ -999,6 +1071,14 @@ mod no_devices {
     }
 
     pub(super) async fn delete_link(_nl: &Netlink, _name: &str) -> Result<(), HostError> {
+        Ok(())
+    }
+
+    pub(super) async fn delete_unrecorded_taps(_state: &NetState, _nl: &Netlink) -> Result<(), HostError> {
+        Ok(())
+    }
+
+    pub(super) async fn delete_unrecorded_bridges(_state: &NetState, _nl: &Netlink) -> Result<(), HostError> {
         Ok(())
     }
 
