@@ -102,9 +102,12 @@ async fn devices_made_before_the_record_named_them_are_still_torn_down() {
     ns.ip(&["link", "add", "foreignbr", "type", "bridge"]);
     let mut foreign = unrecorded.clone();
     if let Some(n) = foreign.nics.first_mut() {
-        n.backend = serde_json::from_value(serde_json::json!({"type": "tap", "ifname": "foreignbr"})).expect("nic");
+        n.backend =
+            serde_json::from_value(serde_json::json!({"type": "tap", "ifname": "foreignbr"})).expect("nic");
     }
-    host::teardown(&foreign).await.expect("teardown of a plan naming a foreign device");
+    host::teardown(&foreign)
+        .await
+        .expect("teardown of a plan naming a foreign device");
     assert!(ns.links().contains(&"foreignbr".to_string()), "{:?}", ns.links());
 
     host::teardown(&unrecorded).await.expect("teardown");

@@ -627,7 +627,10 @@ async fn ensure_bridge(
             match nl
                 .handle
                 .link()
-                .add(rtnetlink::LinkBridge::new(name).build())
+                // the alias goes in the creating message too, where the kernel takes it, so
+                // a kill right after creation leaves a bridge teardown can tell is ours; it is
+                // set again below either way
+                .add(rtnetlink::LinkBridge::new(name).alias(ours.clone()).build())
                 .execute()
                 .await
             {
