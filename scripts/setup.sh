@@ -35,6 +35,9 @@ binaries=(
     "zsh zsh"
     "fish fish"
     "openssl openssl"
+    "containerd containerd"
+    "ctr containerd"
+    "runc runc"
 )
 
 mapfile -t pkgs < <(grep -v '^\s*#' scripts/apt-packages.txt | sed 's/#.*//' | xargs -n1 | sort -u)

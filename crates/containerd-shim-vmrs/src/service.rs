@@ -1,0 +1,637 @@
+//! The Task service (containerd's `containerd.task.v2.Task`): one container, one VM.
+//!
+//! Create mounts the rootfs, builds its ext4 root disk and boots the VM (the task is then
+//! `CREATED`, its pid the VMM's); Start runs the bundle's process through the guest agent;
+//! Exec adds more processes to the same VM. Every process's exit is kept in a watch channel
+//! that Wait, State and Delete read. Pause, Resume, Checkpoint, Update and Stats are answered
+//! not-implemented (the generated defaults), never with a silent success.
+
+use crate::bundle;
+use crate::stdio::{self, Stdio};
+use containerd_shim::api;
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::event::Event;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::protos::shim_async::Task;
+use containerd_shim::protos::topics;
+use containerd_shim::protos::ttrpc::r#async::TtrpcContext;
+use containerd_shim::protos::ttrpc::{self, Code};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Context, TtrpcResult};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Mutex};
+use vm_rs::agent::{ExecCommand, ExecControl, WinSize};
+use vm_rs::VmManager;
+
+/// How long the guest may take to boot to its agent.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+/// `e` and its causes, `: `-separated (what containerd shows the user).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn now() -> Timestamp {
+    containerd_shim::util::timestamp().unwrap_or_default()
+}
+
+/// One process: the container's init (exec id "") or an exec.
+#[derive(Debug)]
+struct Proc {
+    cmd: ExecCommand,
+    stdio: Stdio,
+    /// Guest pid once started.
+    pid: Mutex<Option<u32>>,
+    control: Mutex<Option<ExecControl>>,
+    /// Notified by CloseIO: the process's stdin is closed.
+    close_stdin: Arc<tokio::sync::Notify>,
+    /// Exit code and time, once exited.
+    exit: watch::Sender<Option<(u32, Timestamp)>>,
+}
+
+impl Proc {
+    fn new(cmd: ExecCommand, stdio: Stdio) -> Arc<Proc> {
+        Arc::new(Proc {
+            cmd,
+            stdio,
+            pid: Mutex::new(None),
+            control: Mutex::new(None),
+            close_stdin: Arc::new(tokio::sync::Notify::new()),
+            exit: watch::channel(None).0,
+        })
+    }
+
+    fn exited(&self) -> Option<(u32, Timestamp)> {
+        self.exit.borrow().clone()
+    }
+
+    async fn status(&self) -> api::Status {
+        if self.exited().is_some() {
+            api::Status::STOPPED
+        } else if self.pid.lock().await.is_some() {
+            api::Status::RUNNING
+        } else {
+            api::Status::CREATED
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Container {
+    id: String,
+    bundle: PathBuf,
+    vm: String,
+    /// Host pid of the VMM (the task's pid as containerd sees it).
+    pid: u32,
+    init: Arc<Proc>,
+    execs: Mutex<HashMap<String, Arc<Proc>>>,
+}
+
+/// The Task service of one shim.
+#[derive(Clone)]
+pub struct TaskService {
+    namespace: String,
+    home: PathBuf,
+    mgr: Arc<Mutex<Option<VmManager>>>,
+    containers: Arc<Mutex<HashMap<String, Arc<Container>>>>,
+    publisher: Arc<RemotePublisher>,
+    exit: Arc<ExitSignal>,
+}
+
+impl std::fmt::Debug for TaskService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskService")
+            .field("namespace", &self.namespace)
+            .field("home", &self.home)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TaskService {
+    /// The service for containerd namespace `namespace`.
+    pub fn new(namespace: String, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> TaskService {
+        TaskService {
+            home: bundle::vmrs_home(&namespace),
+            namespace,
+            mgr: Arc::new(Mutex::new(None)),
+            containers: Arc::new(Mutex::new(HashMap::new())),
+            publisher: Arc::new(publisher),
+            exit,
+        }
+    }
+
+    async fn mgr(&self) -> TtrpcResult<VmManager> {
+        let mut m = self.mgr.lock().await;
+        if let Some(m) = m.as_ref() {
+            return Ok(m.clone());
+        }
+        let mgr = VmManager::with_home(&self.home).await.map_err(|e| {
+            err(
+                Code::INTERNAL,
+                format!("cannot open vm-rs data dir {}: {e}", self.home.display()),
+            )
+        })?;
+        *m = Some(mgr.clone());
+        Ok(mgr)
+    }
+
+    async fn publish(&self, topic: &str, event: Box<dyn Event>) {
+        if let Err(e) = self
+            .publisher
+            .publish(Context::default(), topic, &self.namespace, event)
+            .await
+        {
+            log::warn!("cannot publish {topic}: {e}");
+        }
+    }
+
+    async fn container(&self, id: &str) -> TtrpcResult<Arc<Container>> {
+        self.containers
+            .lock()
+            .await
+            .get(id)
+            .cloned()
+            .ok_or_else(|| err(Code::NOT_FOUND, format!("container {id:?} does not exist")))
+    }
+
+    async fn process(&self, id: &str, exec_id: &str) -> TtrpcResult<(Arc<Container>, Arc<Proc>)> {
+        let c = self.container(id).await?;
+        if exec_id.is_empty() {
+            let p = c.init.clone();
+            return Ok((c, p));
+        }
+        let p = c.execs.lock().await.get(exec_id).cloned().ok_or_else(|| {
+            err(
+                Code::NOT_FOUND,
+                format!("exec {exec_id:?} of container {id:?} does not exist"),
+            )
+        })?;
+        Ok((c, p))
+    }
+
+    /// Boot the VM of a new container; on error nothing is left.
+    async fn create_vm(&self, req: &api::CreateTaskRequest) -> TtrpcResult<Container> {
+        let bundle_dir = PathBuf::from(&req.bundle);
+        let invalid = |e: bundle::BundleError| err(Code::INVALID_ARGUMENT, e.to_string());
+        let vm = bundle::vm_name(&req.id).map_err(invalid)?;
+        let spec = bundle::load_spec(&bundle_dir).map_err(invalid)?;
+        let process = spec
+            .process()
+            .as_ref()
+            .ok_or_else(|| err(Code::INVALID_ARGUMENT, "config.json has no process"))?;
+        let cmd = bundle::command(process).map_err(invalid)?;
+        if req.terminal && !process.terminal().unwrap_or(false) {
+            log::info!("terminal requested by containerd, not by the spec; using a terminal");
+        }
+        let memory_mib = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.memory().as_ref())
+            .and_then(|m| m.limit())
+            .filter(|l| *l > 0)
+            .map(|l| (l as u64 >> 20).max(128))
+            .unwrap_or(256);
+        let stdio = Stdio {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let mgr = self.mgr().await?;
+        let mounted = bundle::mount_rootfs(&bundle_dir, &req.rootfs)
+            .await
+            .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        let undo = |image: Option<PathBuf>| {
+            let b = bundle_dir.clone();
+            async move {
+                if let Some(i) = image {
+                    let _ = tokio::fs::remove_file(i).await;
+                }
+                if mounted {
+                    let _ = bundle::unmount_rootfs(&b);
+                }
+            }
+        };
+        let image = bundle::root_image(&self.home, &vm);
+        if let Err(e) = std::fs::create_dir_all(image.parent().unwrap_or(&self.home)) {
+            undo(None).await;
+            return Err(err(
+                Code::INTERNAL,
+                format!("cannot create {}: {e}", image.display()),
+            ));
+        }
+        let root_src = match spec.root() {
+            Some(r) if r.path().is_absolute() => r.path().clone(),
+            Some(r) => bundle_dir.join(r.path()),
+            None => bundle::rootfs_dir(&bundle_dir),
+        };
+        if let Err(e) = vm_rs::rootfs::build_rootfs_from_dir(&root_src, &image).await {
+            undo(Some(image)).await;
+            return Err(err(
+                Code::INTERNAL,
+                format!("cannot build the root disk: {}", chain(&e)),
+            ));
+        }
+        let assets = vm_rs::paths::assets_dir();
+        let config = vm_rs::VmConfig::builder(vm.clone())
+            .cpus(1)
+            .memory_mib(memory_mib)
+            .kernel(assets.join("vmlinuz"))
+            .initramfs(assets.join("initramfs.img"))
+            .build();
+        let config = match config {
+            Ok(c) => c,
+            Err(e) => {
+                undo(Some(image)).await;
+                return Err(err(Code::INVALID_ARGUMENT, format!("vm configuration: {e}")));
+            }
+        };
+        let booted = async {
+            let info = mgr.start_with_rootfs(config, &image).await?;
+            mgr.wait_ready(&vm, READY_TIMEOUT).await?;
+            Ok::<_, vm_rs::ManagerError>(info)
+        }
+        .await;
+        let info = match booted {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = mgr.remove(&vm, true).await;
+                undo(Some(image)).await;
+                return Err(err(
+                    Code::INTERNAL,
+                    format!("cannot boot vm {vm:?}: {}", chain(&e)),
+                ));
+            }
+        };
+        let pid = info.pid.unwrap_or(0);
+        Ok(Container {
+            id: req.id.clone(),
+            bundle: bundle_dir,
+            vm,
+            pid,
+            init: Proc::new(cmd, stdio),
+            execs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Start `p` in `c`'s VM, bridging its stdio; its exit is published when it ends.
+    async fn start_proc(&self, c: &Arc<Container>, p: &Arc<Proc>, exec_id: &str) -> TtrpcResult<u32> {
+        if p.pid.lock().await.is_some() || p.exited().is_some() {
+            return Err(err(Code::FAILED_PRECONDITION, "the process was started already"));
+        }
+        let mgr = self.mgr().await?;
+        let mut cmd = p.cmd.clone();
+        cmd.interactive_stdin = !p.stdio.stdin.is_empty();
+        if p.stdio.terminal {
+            cmd.tty = Some(WinSize { rows: 24, cols: 80 });
+        }
+        let mut process = mgr
+            .exec_streaming(&c.vm, cmd)
+            .await
+            .map_err(|e| err(Code::INTERNAL, format!("cannot start the process: {}", chain(&e))))?;
+        let pid = process.pid();
+        *p.pid.lock().await = Some(pid);
+        *p.control.lock().await = Some(process.control());
+        if let Some(stdin) = process.take_stdin() {
+            stdio::pump_stdin(p.stdio.stdin.clone(), stdin, p.close_stdin.clone());
+        }
+        let (svc, c2, p2, exec_id) = (self.clone(), c.clone(), p.clone(), exec_id.to_string());
+        tokio::spawn(async move {
+            let code = stdio::pump_output(process, &p2.stdio).await as u32;
+            let at = now();
+            p2.exit.send_replace(Some((code, at.clone())));
+            let ev = TaskExit {
+                container_id: c2.id.clone(),
+                id: if exec_id.is_empty() {
+                    c2.id.clone()
+                } else {
+                    exec_id
+                },
+                pid,
+                exit_status: code,
+                exited_at: MessageField::some(at),
+                ..Default::default()
+            };
+            svc.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev)).await;
+        });
+        Ok(pid)
+    }
+}
+
+fn ts(t: Option<&Timestamp>) -> MessageField<Timestamp> {
+    t.cloned().map(MessageField::some).unwrap_or_default()
+}
+
+#[async_trait::async_trait]
+impl Task for TaskService {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        if self.containers.lock().await.contains_key(&req.id) {
+            return Err(err(
+                Code::ALREADY_EXISTS,
+                format!("container {:?} exists", req.id),
+            ));
+        }
+        if !req.checkpoint.is_empty() || !req.parent_checkpoint.is_empty() {
+            return Err(err(Code::UNIMPLEMENTED, "checkpoint restore is not supported"));
+        }
+        let c = Arc::new(self.create_vm(&req).await?);
+        let pid = c.pid;
+        self.containers.lock().await.insert(req.id.clone(), c);
+        let ev = TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: MessageField::some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            }),
+            pid,
+            ..Default::default()
+        };
+        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev)).await;
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+        let (c, p) = self.process(&req.id, &req.exec_id).await?;
+        let pid = self.start_proc(&c, &p, &req.exec_id).await?;
+        if req.exec_id.is_empty() {
+            let ev = TaskStart {
+                container_id: c.id.clone(),
+                pid,
+                ..Default::default()
+            };
+            self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev)).await;
+        } else {
+            let ev = TaskExecStarted {
+                container_id: c.id.clone(),
+                exec_id: req.exec_id.clone(),
+                pid,
+                ..Default::default()
+            };
+            self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(ev))
+                .await;
+        }
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn state(&self, _ctx: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+        let (c, p) = self.process(&req.id, &req.exec_id).await?;
+        let exit = p.exited();
+        let pid = if req.exec_id.is_empty() {
+            c.pid
+        } else {
+            p.pid.lock().await.unwrap_or(0)
+        };
+        Ok(api::StateResponse {
+            id: req.id.clone(),
+            bundle: c.bundle.to_string_lossy().into_owned(),
+            pid,
+            status: p.status().await.into(),
+            stdin: p.stdio.stdin.clone(),
+            stdout: p.stdio.stdout.clone(),
+            stderr: p.stdio.stderr.clone(),
+            terminal: p.stdio.terminal,
+            exit_status: exit.as_ref().map(|e| e.0).unwrap_or(0),
+            exited_at: ts(exit.as_ref().map(|e| &e.1)),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let (_c, p) = self.process(&req.id, &req.exec_id).await?;
+        let mut rx = p.exit.subscribe();
+        let exit = rx
+            .wait_for(|e| e.is_some())
+            .await
+            .map_err(|_| err(Code::INTERNAL, "the process was dropped"))?
+            .clone()
+            .unwrap_or_default();
+        Ok(api::WaitResponse {
+            exit_status: exit.0,
+            exited_at: MessageField::some(exit.1),
+            ..Default::default()
+        })
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let (c, p) = self.process(&req.id, &req.exec_id).await?;
+        if p.exited().is_some() {
+            return Err(err(Code::NOT_FOUND, "the process has already exited"));
+        }
+        let control = p.control.lock().await.clone();
+        match control {
+            Some(control) => control
+                .signal(req.signal as i32)
+                .await
+                .map_err(|e| err(Code::INTERNAL, format!("cannot signal the process: {e}")))?,
+            None => {
+                // Created, never started: there is no guest process; it ends as killed.
+                let code = 128 + req.signal;
+                let at = now();
+                p.exit.send_replace(Some((code, at.clone())));
+                let ev = TaskExit {
+                    container_id: c.id.clone(),
+                    id: if req.exec_id.is_empty() {
+                        c.id.clone()
+                    } else {
+                        req.exec_id.clone()
+                    },
+                    pid: 0,
+                    exit_status: code,
+                    exited_at: MessageField::some(at),
+                    ..Default::default()
+                };
+                self.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev)).await;
+            }
+        }
+        Ok(api::Empty::new())
+    }
+
+    async fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+        let (c, p) = self.process(&req.id, &req.exec_id).await?;
+        if p.status().await == api::Status::RUNNING {
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                "the process is still running; kill it first",
+            ));
+        }
+        let exit = p.exited().unwrap_or_else(|| (0, now()));
+        if !req.exec_id.is_empty() {
+            c.execs.lock().await.remove(&req.exec_id);
+            return Ok(api::DeleteResponse {
+                pid: p.pid.lock().await.unwrap_or(0),
+                exit_status: exit.0,
+                exited_at: MessageField::some(exit.1),
+                ..Default::default()
+            });
+        }
+        let mgr = self.mgr().await?;
+        if let Err(e) = mgr.remove(&c.vm, true).await {
+            if e.kind() != vm_rs::ErrorKind::NotFound {
+                return Err(err(Code::INTERNAL, format!("cannot remove vm {:?}: {e}", c.vm)));
+            }
+        }
+        let _ = tokio::fs::remove_file(bundle::root_image(&self.home, &c.vm)).await;
+        bundle::unmount_rootfs(&c.bundle).map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        self.containers.lock().await.remove(&req.id);
+        let ev = TaskDelete {
+            container_id: c.id.clone(),
+            id: c.id.clone(),
+            pid: c.pid,
+            exit_status: exit.0,
+            exited_at: MessageField::some(exit.1.clone()),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev)).await;
+        Ok(api::DeleteResponse {
+            pid: c.pid,
+            exit_status: exit.0,
+            exited_at: MessageField::some(exit.1),
+            ..Default::default()
+        })
+    }
+
+    async fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let c = self.container(&req.id).await?;
+        let mut processes = vec![containerd_shim::protos::types::task::ProcessInfo {
+            pid: c.pid,
+            ..Default::default()
+        }];
+        for p in c.execs.lock().await.values() {
+            if let Some(pid) = *p.pid.lock().await {
+                if p.exited().is_none() {
+                    processes.push(containerd_shim::protos::types::task::ProcessInfo {
+                        pid,
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        Ok(api::PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        let c = self.container(&req.id).await?;
+        if req.exec_id.is_empty() {
+            return Err(err(Code::INVALID_ARGUMENT, "an exec needs an exec id"));
+        }
+        if c.init.status().await != api::Status::RUNNING {
+            return Err(err(Code::FAILED_PRECONDITION, "the container is not running"));
+        }
+        let spec = req.spec.as_ref().map(|a| a.value.clone()).unwrap_or_default();
+        let cmd = bundle::exec_command(&spec).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let stdio = Stdio {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        {
+            let mut execs = c.execs.lock().await;
+            if execs.contains_key(&req.exec_id) {
+                return Err(err(
+                    Code::ALREADY_EXISTS,
+                    format!("exec {:?} exists", req.exec_id),
+                ));
+            }
+            execs.insert(req.exec_id.clone(), Proc::new(cmd, stdio));
+        }
+        let ev = TaskExecAdded {
+            container_id: c.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(ev))
+            .await;
+        Ok(api::Empty::new())
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
+        let (_c, p) = self.process(&req.id, &req.exec_id).await?;
+        if !p.stdio.terminal {
+            return Err(err(Code::FAILED_PRECONDITION, "the process has no terminal"));
+        }
+        let control = p.control.lock().await.clone();
+        let control = control.ok_or_else(|| err(Code::FAILED_PRECONDITION, "the process has not started"))?;
+        let size = WinSize {
+            rows: req.height.min(u16::MAX as u32) as u16,
+            cols: req.width.min(u16::MAX as u32) as u16,
+        };
+        control
+            .resize(size)
+            .await
+            .map_err(|e| err(Code::INTERNAL, format!("cannot resize the terminal: {e}")))?;
+        Ok(api::Empty::new())
+    }
+
+    async fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        let (_c, p) = self.process(&req.id, &req.exec_id).await?;
+        if req.stdin {
+            // a permit is stored if the stdin pump is not waiting yet
+            p.close_stdin.notify_one();
+        }
+        Ok(api::Empty::new())
+    }
+
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let task_pid = match self.container(&req.id).await {
+            Ok(c) => c.pid,
+            Err(_) => 0,
+        };
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        if !self.containers.lock().await.is_empty() {
+            return Ok(api::Empty::new());
+        }
+        self.exit.signal();
+        Ok(api::Empty::new())
+    }
+}
