@@ -7,7 +7,7 @@
 //! not-implemented (the generated defaults), never with a silent success.
 
 use crate::bundle;
-use crate::stdio::{self, Stdio};
+use crate::stdio::{self, Opened, Stdio};
 use containerd_shim::api;
 use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::event::Event;
@@ -61,20 +61,23 @@ struct Proc {
     /// Guest pid once started.
     pid: Mutex<Option<u32>>,
     control: Mutex<Option<ExecControl>>,
-    /// Notified by CloseIO: the process's stdin is closed.
-    close_stdin: Arc<tokio::sync::Notify>,
+    /// Its output FIFOs, opened when it was created; taken at start.
+    opened: std::sync::Mutex<Opened>,
+    /// Turned true by CloseIO: the client's input ended.
+    stdin_closed: watch::Sender<bool>,
     /// Exit code and time, once exited.
     exit: watch::Sender<Option<(u32, Timestamp)>>,
 }
 
 impl Proc {
-    fn new(cmd: ExecCommand, stdio: Stdio) -> Arc<Proc> {
+    fn new(cmd: ExecCommand, stdio: Stdio, opened: Opened) -> Arc<Proc> {
         Arc::new(Proc {
             cmd,
             stdio,
             pid: Mutex::new(None),
             control: Mutex::new(None),
-            close_stdin: Arc::new(tokio::sync::Notify::new()),
+            opened: std::sync::Mutex::new(opened),
+            stdin_closed: watch::channel(false).0,
             exit: watch::channel(None).0,
         })
     }
@@ -216,6 +219,8 @@ impl TaskService {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
+        // now, while the client waits on Create with its ends open (see stdio)
+        let opened = stdio.open_outputs();
         let mgr = self.mgr().await?;
         let mounted = bundle::mount_rootfs(&bundle_dir, &req.rootfs)
             .await
@@ -288,7 +293,7 @@ impl TaskService {
             bundle: bundle_dir,
             vm,
             pid,
-            init: Proc::new(cmd, stdio),
+            init: Proc::new(cmd, stdio, opened),
             execs: Mutex::new(HashMap::new()),
         })
     }
@@ -311,12 +316,21 @@ impl TaskService {
         let pid = process.pid();
         *p.pid.lock().await = Some(pid);
         *p.control.lock().await = Some(process.control());
+        let (out, errout) = {
+            let mut o = p.opened.lock().unwrap_or_else(|e| e.into_inner());
+            (o.stdout.take(), o.stderr.take())
+        };
         if let Some(stdin) = process.take_stdin() {
-            stdio::pump_stdin(p.stdio.stdin.clone(), stdin, p.close_stdin.clone());
+            stdio::pump_stdin(
+                p.stdio.stdin.clone(),
+                stdin,
+                p.stdin_closed.subscribe(),
+                p.exit.subscribe(),
+            );
         }
         let (svc, c2, p2, exec_id) = (self.clone(), c.clone(), p.clone(), exec_id.to_string());
         tokio::spawn(async move {
-            let code = stdio::pump_output(process, &p2.stdio).await as u32;
+            let code = stdio::pump_output(process, out, errout).await as u32;
             let at = now();
             p2.exit.send_replace(Some((code, at.clone())));
             let ev = TaskExit {
@@ -563,6 +577,7 @@ impl Task for TaskService {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
+        let opened = stdio.open_outputs();
         {
             let mut execs = c.execs.lock().await;
             if execs.contains_key(&req.exec_id) {
@@ -571,7 +586,7 @@ impl Task for TaskService {
                     format!("exec {:?} exists", req.exec_id),
                 ));
             }
-            execs.insert(req.exec_id.clone(), Proc::new(cmd, stdio));
+            execs.insert(req.exec_id.clone(), Proc::new(cmd, stdio, opened));
         }
         let ev = TaskExecAdded {
             container_id: c.id.clone(),
@@ -604,8 +619,8 @@ impl Task for TaskService {
     async fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
         let (_c, p) = self.process(&req.id, &req.exec_id).await?;
         if req.stdin {
-            // a permit is stored if the stdin pump is not waiting yet
-            p.close_stdin.notify_one();
+            // what the FIFO holds is still delivered, then stdin is closed (see stdio)
+            p.stdin_closed.send_replace(true);
         }
         Ok(api::Empty::new())
     }

@@ -1,12 +1,27 @@
 //! Bridging containerd's stdio FIFOs to an agent process's streams.
 //!
-//! The stdin FIFO is read on a blocking thread (opening a FIFO for reading blocks until
-//! containerd has the writing end) and fed to the process; end of file closes the process's
-//! stdin. Output goes to the stdout/stderr FIFOs, which are closed once the process has exited
-//! and all of its output is written, so containerd's copy ends before the exit is published.
+//! The output FIFOs are opened when the process is created (Create for the container's init,
+//! Exec for an exec), while the client (`ctr`, the CRI plugin) waits on that call with its read
+//! ends open — never later: a detached `ctr run -d` closes its ends right after Start, and a
+//! blocking open of an output FIFO without a reader would never return (the exit would then
+//! never be published). They are opened write-only non-blocking: no reader, that stream is
+//! dropped.
+//!
+//! Stdin is opened for reading at Start, on a thread (a FIFO's read end opened before any writer
+//! would read end of file at once); the client's writes wait for it. It ends at end of file (the
+//! client closed its write end, as `ctr` does at the end of its input) or at CloseIO, which
+//! clients send when their input ended while they may keep the FIFO open (the CRI plugin):
+//! what is already in the FIFO is still delivered, then the process's stdin is closed. Bytes the
+//! client wrote before CloseIO are never lost to the race between the two.
+//!
+//! Output is copied until the process's exit status arrives; the exit is published after its
+//! output is written, so the client's copy ends before it learns of the exit.
 
-use std::path::PathBuf;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::os::unix::fs::OpenOptionsExt;
+use tokio::net::unix::pipe;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use tokio::sync::watch;
 use vm_rs::agent::{ExecEvent, ExecProcess, ExecStdin};
 
 /// The FIFO paths of one process (empty: none).
@@ -22,66 +37,183 @@ pub struct Stdio {
     pub terminal: bool,
 }
 
-/// Feed the stdin FIFO to `stdin` until end of file or until `close` is notified (CloseIO),
-/// then close it.
-pub fn pump_stdin(path: String, mut stdin: ExecStdin, close: std::sync::Arc<tokio::sync::Notify>) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
-    std::thread::spawn(move || {
-        use std::io::Read;
-        let Ok(mut f) = std::fs::File::open(&path) else {
-            return;
-        };
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            match f.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
-                        return;
-                    }
-                }
-            }
+/// The opened output ends of one process's FIFOs.
+#[derive(Debug, Default)]
+pub struct Opened {
+    /// Write end of the stdout FIFO.
+    pub stdout: Option<pipe::Sender>,
+    /// Write end of the stderr FIFO (none with a terminal: the terminal carries both).
+    pub stderr: Option<pipe::Sender>,
+}
+
+fn open_out(path: &str) -> Option<pipe::Sender> {
+    if path.is_empty() {
+        return None;
+    }
+    match pipe::OpenOptions::new().open_sender(path) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            // ENXIO: nobody reads it (the client is gone); not a FIFO: a plain file would do,
+            // but containerd only ever passes FIFOs here
+            log::warn!("output {path} is not used: {e}");
+            None
         }
+    }
+}
+
+impl Stdio {
+    /// Open the output FIFOs this process has, without blocking. Must run inside a Tokio
+    /// runtime.
+    pub fn open_outputs(&self) -> Opened {
+        Opened {
+            stdout: open_out(&self.stdout),
+            stderr: if self.terminal {
+                None
+            } else {
+                open_out(&self.stderr)
+            },
+        }
+    }
+}
+
+/// Open `path` for reading without holding a Tokio worker: the open blocks until a writer has
+/// it open. A thread still blocked when `cancel` fires is released by a write end of our own.
+async fn open_stdin(path: &str, cancel: impl std::future::Future<Output = ()>) -> Option<pipe::Receiver> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let p = path.to_string();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::File::open(&p));
     });
+    let mut rx = rx;
+    let opened = tokio::select! {
+        biased;
+        opened = &mut rx => opened,
+        () = cancel => {
+            // a write end of ours completes an open still blocked; what a client wrote before
+            // is then read by the caller (the end came through `closed` or the exit)
+            let _ours = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(path);
+            rx.await
+        }
+    };
+    match opened {
+        Ok(Ok(f)) => {
+            if !std::os::unix::fs::FileTypeExt::is_fifo(&f.metadata().ok()?.file_type()) {
+                log::warn!("stdin {path} is not a FIFO; not used");
+                return None;
+            }
+            pipe::Receiver::from_file(f).map_err(|e| log::warn!("stdin {path}: {e}")).ok()
+        }
+        Ok(Err(e)) => {
+            log::warn!("stdin {path}: {e}");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Feed the stdin FIFO at `path` to the process's `stdin` (see [`feed`]), then close it —
+/// unless the process exited first.
+pub fn pump_stdin(
+    path: String,
+    mut stdin: ExecStdin,
+    closed: watch::Receiver<bool>,
+    exited: watch::Receiver<Option<(u32, Timestamp)>>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let mut exited2 = exited.clone();
+    tokio::spawn(feed(path, closed, exited, tx));
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 chunk = rx.recv() => match chunk {
-                    Some(chunk) => {
-                        if stdin.write(&chunk).await.is_err() {
+                    Some(c) => {
+                        if stdin.write(&c).await.is_err() {
                             return;
                         }
                     }
                     None => break,
                 },
-                () = close.notified() => break,
+                () = has_exited(&mut exited2) => return,
             }
         }
         let _ = stdin.close().await;
     });
 }
 
-async fn open_out(path: &str) -> Option<tokio::fs::File> {
-    if path.is_empty() {
-        return None;
+/// Send what the stdin FIFO at `path` carries to `tx` until end of file, or until CloseIO
+/// (`closed` turns true; what the FIFO holds by then is still sent), or until the process has
+/// exited; dropping `tx` then says the input ended.
+pub async fn feed(
+    path: String,
+    mut closed: watch::Receiver<bool>,
+    mut exited: watch::Receiver<Option<(u32, Timestamp)>>,
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+) {
+    let mut closed2 = closed.clone();
+    let mut exited2 = exited.clone();
+    let cancel = async move {
+        tokio::select! {
+            () = is_closed(&mut closed2) => {},
+            () = has_exited(&mut exited2) => {},
+        }
+    };
+    let Some(mut from) = open_stdin(&path, cancel).await else {
+        return;
+    };
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        tokio::select! {
+            biased;
+            r = from.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if tx.send(buf[..n].to_vec()).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            () = is_closed(&mut closed) => {
+                // deliver what the client wrote before it said its input ended
+                // (a read(2) on the non-blocking fd: Tokio's try_read answers from its cached
+                // readiness and would report "nothing" without asking the kernel)
+                loop {
+                    match rustix::io::read(std::os::fd::AsFd::as_fd(&from), &mut buf[..]) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if tx.send(buf[..n].to_vec()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            () = has_exited(&mut exited) => return,
+        }
     }
-    tokio::fs::OpenOptions::new()
-        .write(true)
-        .open(PathBuf::from(path))
-        .await
-        .ok()
 }
 
-/// Copy `process`'s output to the FIFOs until it exits; returns its shell-style exit code
-/// (128 + n for signal n; 255 when the agent connection ended without a status).
-pub async fn pump_output(mut process: ExecProcess, stdio: &Stdio) -> i32 {
-    let mut out = open_out(&stdio.stdout).await;
-    let mut err = if stdio.terminal {
-        None
-    } else {
-        open_out(&stdio.stderr).await
-    };
-    let code = loop {
+async fn is_closed(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn has_exited(rx: &mut watch::Receiver<Option<(u32, Timestamp)>>) {
+    // the Ref is dropped here: it must not live across an await of the caller
+    let _ = rx.wait_for(|e| e.is_some()).await.is_ok();
+}
+
+/// Copy `process`'s output to the opened FIFOs until it exits; returns its shell-style exit
+/// code (128 + n for signal n; 255 when the agent connection ended without a status).
+pub async fn pump_output(
+    mut process: ExecProcess,
+    mut out: Option<pipe::Sender>,
+    mut err: Option<pipe::Sender>,
+) -> i32 {
+    loop {
         match process.next_event().await {
             Some(Ok(ExecEvent::Stdout(data))) => {
                 if let Some(f) = out.as_mut() {
@@ -104,12 +236,127 @@ pub async fn pump_output(mut process: ExecProcess, stdio: &Stdio) -> i32 {
             }
             None => break 255,
         }
-    };
-    if let Some(mut f) = out {
-        let _ = f.flush().await;
     }
-    if let Some(mut f) = err {
-        let _ = f.flush().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fifo(dir: &std::path::Path, name: &str) -> String {
+        let p = dir.join(name);
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &p,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+        p.to_string_lossy().into_owned()
     }
-    code
+
+    #[tokio::test]
+    async fn an_output_fifo_without_a_reader_is_dropped_not_waited_for() {
+        let d = tempfile::tempdir().expect("tmp");
+        let s = Stdio {
+            stdout: fifo(d.path(), "out"),
+            stderr: fifo(d.path(), "err"),
+            ..Default::default()
+        };
+        let o = tokio::time::timeout(std::time::Duration::from_secs(5), async { s.open_outputs() })
+            .await
+            .expect("open does not block");
+        assert!(o.stdout.is_none() && o.stderr.is_none());
+    }
+
+    type Exit = watch::Sender<Option<(u32, Timestamp)>>;
+
+    /// Run [`feed`] on the FIFO at `path`; returns the bytes it sent once it ended (or None
+    /// if it did not end within 5 s).
+    fn start_feed(path: &str) -> (watch::Sender<bool>, Exit, tokio::task::JoinHandle<Option<Vec<u8>>>) {
+        let (close_tx, close_rx) = watch::channel(false);
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(feed(path.to_string(), close_rx, exit_rx, tx));
+        let got = tokio::spawn(async move {
+            let mut all = Vec::new();
+            let collect = async {
+                while let Some(c) = rx.recv().await {
+                    all.extend_from_slice(&c);
+                }
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(5), collect)
+                .await
+                .ok()
+                .map(|()| all)
+        });
+        (close_tx, exit_tx, got)
+    }
+
+    fn client_write(path: &str, data: &[u8]) -> std::fs::File {
+        let mut w = std::fs::OpenOptions::new().write(true).open(path).expect("open writer");
+        std::io::Write::write_all(&mut w, data).expect("write");
+        w
+    }
+
+    #[tokio::test]
+    async fn stdin_ends_when_the_client_closes_its_end() {
+        let d = tempfile::tempdir().expect("tmp");
+        let path = fifo(d.path(), "in");
+        let (_close, _exit, got) = start_feed(&path);
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || drop(client_write(&p, b"piped data\n")))
+            .await
+            .expect("client");
+        assert_eq!(got.await.expect("join").as_deref(), Some(&b"piped data\n"[..]));
+    }
+
+    #[tokio::test]
+    async fn close_io_delivers_what_the_fifo_holds_then_ends_with_the_client_end_still_open() {
+        let d = tempfile::tempdir().expect("tmp");
+        let path = fifo(d.path(), "in");
+        let (close, _exit, got) = start_feed(&path);
+        let p = path.clone();
+        // the client writes, keeps its end open and says CloseIO at once: the race that lost
+        // the data when CloseIO won over the pending read
+        let w = tokio::task::spawn_blocking(move || client_write(&p, b"written before CloseIO"))
+            .await
+            .expect("client");
+        close.send_replace(true);
+        assert_eq!(
+            got.await.expect("join").as_deref(),
+            Some(&b"written before CloseIO"[..])
+        );
+        drop(w);
+    }
+
+    #[tokio::test]
+    async fn close_io_without_any_writer_ends_the_input() {
+        let d = tempfile::tempdir().expect("tmp");
+        let path = fifo(d.path(), "in");
+        let (close, _exit, got) = start_feed(&path);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        close.send_replace(true);
+        assert_eq!(got.await.expect("join").as_deref(), Some(&b""[..]));
+    }
+
+    #[tokio::test]
+    async fn the_process_exiting_releases_a_reader_waiting_for_a_writer() {
+        let d = tempfile::tempdir().expect("tmp");
+        let path = fifo(d.path(), "in");
+        let (_close, exit, got) = start_feed(&path);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        exit.send_replace(Some((0, Timestamp::default())));
+        assert!(got.await.expect("join").is_some(), "the feed did not end");
+    }
+
+    #[tokio::test]
+    async fn a_stdin_path_that_is_not_a_fifo_is_not_read() {
+        let d = tempfile::tempdir().expect("tmp");
+        let p = d.path().join("plain");
+        std::fs::write(&p, b"secret").expect("write");
+        let (_close, _exit, got) = start_feed(&p.to_string_lossy());
+        assert_eq!(got.await.expect("join").as_deref(), Some(&b""[..]));
+    }
 }
