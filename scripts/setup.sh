@@ -38,6 +38,7 @@ binaries=(
     "containerd containerd"
     "ctr containerd"
     "runc runc"
+    "protoc protobuf-compiler"
 )
 
 mapfile -t pkgs < <(grep -v '^\s*#' scripts/apt-packages.txt | sed 's/#.*//' | xargs -n1 | sort -u)

@@ -47,19 +47,27 @@ pub fn vmrs_home(ns: &str) -> PathBuf {
     base.join(if ns.is_empty() { "default" } else { ns })
 }
 
-/// The vm-rs VM name of container `id` (vm-rs names are at most 63 characters of
-/// `[A-Za-z0-9_.-]`; container ids that are not are refused).
+/// The vm-rs VM name of container `id`: `c-<id>`; an id longer than 60 characters (the CRI
+/// plugin's are 64 hex digits; vm-rs names are at most 63 characters) is shortened to its
+/// first 40 characters and 16 hex digits of its SHA-256. Ids that are empty, longer than 128
+/// characters or not made of `[A-Za-z0-9_.-]` (or containing `..`) are refused: the id also
+/// names a directory.
 pub fn vm_name(id: &str) -> Result<String, BundleError> {
     let ok = !id.is_empty()
-        && id.len() <= 60
+        && id.len() <= 128
         && !id.contains("..")
         && id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if !ok {
         return Err(BundleError::Invalid(format!(
-            "container id {id:?} cannot name a VM (at most 60 characters of letters, digits, '_', '.', '-')"
+            "container id {id:?} cannot name a VM (at most 128 characters of letters, digits, '_', '.', '-')"
         )));
     }
-    Ok(format!("c-{id}"))
+    if id.len() <= 60 {
+        return Ok(format!("c-{id}"));
+    }
+    use sha2::Digest;
+    let h = hex::encode(sha2::Sha256::digest(id.as_bytes()));
+    Ok(format!("c-{}-{}", &id[..40], &h[..16]))
 }
 
 /// Read and check `<bundle>/config.json`.
@@ -183,9 +191,195 @@ pub fn root_image(home: &Path, vm: &str) -> PathBuf {
     home.join("bundles").join(format!("{vm}.ext4"))
 }
 
+/// vCPUs for a CFS quota: `ceil(quota / period)` (period default 100 ms), at least 1 and at
+/// most the host's CPUs; no quota (or -1, unlimited): 1.
+pub fn cpus_for_quota(quota: Option<i64>, period: Option<u64>) -> u32 {
+    let host = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    match quota {
+        Some(q) if q > 0 => {
+            let p = period.filter(|p| *p > 0).unwrap_or(100_000);
+            (q as u64).div_ceil(p).clamp(1, host) as u32
+        }
+        _ => 1,
+    }
+}
+
+/// Annotation the CRI plugin sets: `sandbox` for a pod's pause container, `container` for the
+/// pod's other containers.
+pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// Annotation the CRI plugin sets: the id of the pod (its sandbox container).
+pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// Where a pod VM mounts its pod directory; container `<id>` runs chrooted in
+/// `<POD_GUEST_DIR>/<id>`.
+pub const POD_GUEST_DIR: &str = "/run/vmrs-pod";
+
+/// What a container is to a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// Not part of a pod (`ctr run`): a VM of its own on its own root disk.
+    Alone,
+    /// A pod's sandbox (pause) container: boots the pod's VM.
+    Sandbox,
+    /// A container of the pod whose sandbox has this id: runs in that VM.
+    InPod(String),
+}
+
+/// The container's role, from the CRI annotations of its spec.
+pub fn role(spec: &Spec, id: &str) -> Result<Role, BundleError> {
+    let Some(a) = spec.annotations().as_ref() else {
+        return Ok(Role::Alone);
+    };
+    match (a.get(CONTAINER_TYPE).map(String::as_str), a.get(SANDBOX_ID)) {
+        (Some("sandbox"), _) => Ok(Role::Sandbox),
+        (Some("container"), Some(s)) if s == id => Err(BundleError::Invalid(format!(
+            "container {id:?} names itself as its sandbox"
+        ))),
+        (Some("container"), Some(s)) => {
+            vm_name(s)?;
+            Ok(Role::InPod(s.clone()))
+        }
+        (Some("container"), None) => Err(BundleError::Invalid(format!(
+            "annotation {CONTAINER_TYPE}=container without {SANDBOX_ID}"
+        ))),
+        (Some(other), _) => Err(BundleError::Invalid(format!(
+            "unknown {CONTAINER_TYPE} {other:?} (expected sandbox or container)"
+        ))),
+        (None, _) => Ok(Role::Alone),
+    }
+}
+
+/// The shim grouping (one shim process per pod, as containerd's runc shim does): the sandbox
+/// id for a pod's containers, else the container's own id. Read from `<bundle>/config.json`;
+/// an unreadable spec groups by the id (Create then reports the spec's error).
+pub fn grouping(bundle: &Path, id: &str) -> String {
+    match load_spec(bundle).ok().map(|s| role(&s, id)) {
+        Some(Ok(Role::InPod(s))) => s,
+        _ => id.to_string(),
+    }
+}
+
+/// The host directory a pod VM shares with its guest: `<home>/pods/<sandbox vm>`.
+pub fn pod_dir(home: &Path, sandbox_vm: &str) -> PathBuf {
+    home.join("pods").join(sandbox_vm)
+}
+
+fn mount_err(op: &'static str, path: &Path) -> impl FnOnce(rustix::io::Errno) -> BundleError {
+    let path = path.to_path_buf();
+    move |e| BundleError::Mount {
+        op,
+        path,
+        source: e.into(),
+    }
+}
+
+/// Create the pod directory as a shared bind mount of itself, so that the container roots
+/// bind-mounted into it later reach the virtio-fs daemon, whose own mount namespace is a
+/// slave of the host's.
+pub fn make_pod_dir(dir: &Path) -> Result<(), BundleError> {
+    std::fs::create_dir_all(dir).map_err(|source| BundleError::Mount {
+        op: "create",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    rustix::mount::mount_bind(dir, dir).map_err(mount_err("bind-mount", dir))?;
+    if let Err(e) = rustix::mount::mount_change(dir, rustix::mount::MountPropagationFlags::SHARED) {
+        let _ = unmount_all(dir);
+        return Err(mount_err("make shared", dir)(e));
+    }
+    Ok(())
+}
+
+/// Bind-mount a container's root (`<bundle>/rootfs`) into the pod directory as `<id>`.
+pub fn bind_into_pod(pod: &Path, id: &str, root: &Path) -> Result<PathBuf, BundleError> {
+    vm_name(id)?;
+    let target = pod.join(id);
+    std::fs::create_dir(&target).map_err(|source| BundleError::Mount {
+        op: "create",
+        path: target.clone(),
+        source,
+    })?;
+    if let Err(e) = rustix::mount::mount_bind_recursive(root, &target) {
+        let _ = std::fs::remove_dir(&target);
+        return Err(mount_err("bind-mount the container root at", &target)(e));
+    }
+    Ok(target)
+}
+
+/// Lazily unmount everything at `path` (with what is mounted beneath it), then remove the
+/// directory if it is empty. A path that is not there is fine.
+pub fn unmount_all(path: &Path) -> Result<(), BundleError> {
+    for _ in 0..16 {
+        match rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH) {
+            Ok(()) => continue,
+            Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => break,
+            Err(e) => return Err(mount_err("unmount", path)(e)),
+        }
+    }
+    match std::fs::remove_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        // not empty: something of ours that is not a mount is left; keep it, say nothing
+        Err(_) => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec_with(annotations: &[(&str, &str)]) -> Spec {
+        let mut spec = Spec::default();
+        let a: std::collections::HashMap<String, String> = annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        spec.set_annotations(if a.is_empty() { None } else { Some(a) });
+        spec
+    }
+
+    #[test]
+    fn cri_annotations_give_the_role_and_the_shim_grouping() {
+        assert_eq!(role(&spec_with(&[]), "a").unwrap(), Role::Alone);
+        assert_eq!(
+            role(&spec_with(&[(CONTAINER_TYPE, "sandbox"), (SANDBOX_ID, "p")]), "p").unwrap(),
+            Role::Sandbox
+        );
+        assert_eq!(
+            role(
+                &spec_with(&[(CONTAINER_TYPE, "container"), (SANDBOX_ID, "p")]),
+                "c"
+            )
+            .unwrap(),
+            Role::InPod("p".into())
+        );
+        for bad in [
+            spec_with(&[(CONTAINER_TYPE, "container")]),
+            spec_with(&[(CONTAINER_TYPE, "container"), (SANDBOX_ID, "c")]),
+            spec_with(&[(CONTAINER_TYPE, "container"), (SANDBOX_ID, "../x")]),
+            spec_with(&[(CONTAINER_TYPE, "sidecar"), (SANDBOX_ID, "p")]),
+        ] {
+            let e = role(&bad, "c").expect_err("refused");
+            assert!(!e.to_string().is_empty());
+        }
+        // the grouping reads the bundle; a bundle without config.json groups by the id
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(grouping(d.path(), "c"), "c");
+        spec_with(&[(CONTAINER_TYPE, "container"), (SANDBOX_ID, "p")])
+            .save(d.path().join("config.json"))
+            .unwrap();
+        assert_eq!(grouping(d.path(), "c"), "p");
+    }
+
+    #[test]
+    fn a_cpu_quota_sizes_the_vcpus() {
+        assert_eq!(cpus_for_quota(None, None), 1);
+        assert_eq!(cpus_for_quota(Some(-1), Some(100_000)), 1);
+        assert_eq!(cpus_for_quota(Some(50_000), Some(100_000)), 1);
+        let host = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        assert_eq!(cpus_for_quota(Some(150_000), None), 2.min(host));
+        assert_eq!(cpus_for_quota(Some(i64::MAX), Some(1)), host);
+        assert_eq!(cpus_for_quota(Some(100_000), Some(0)), 1);
+    }
 
     #[test]
     fn vm_names() {
@@ -193,7 +387,11 @@ mod tests {
         assert!(vm_name("").is_err());
         assert!(vm_name("a/b").is_err());
         assert!(vm_name("a..b").is_err());
-        assert!(vm_name(&"x".repeat(61)).is_err());
+        assert!(vm_name(&"x".repeat(129)).is_err());
+        let long = "ab".repeat(32);
+        let n = vm_name(&long).unwrap();
+        assert!(n.len() <= 63 && n.starts_with("c-abab"), "{n}");
+        assert_ne!(n, vm_name(&format!("{}cd", &long[..62])).unwrap());
     }
 
     #[test]

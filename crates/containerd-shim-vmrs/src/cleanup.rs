@@ -11,6 +11,15 @@ pub async fn delete(ns: &str, id: &str, bundle_dir: &Path) -> Result<DeleteRespo
     // The mount first: it must go even when the VM's records cannot be read.
     let unmounted = bundle::unmount_rootfs(bundle_dir).map_err(|e| Error::Other(e.to_string()));
     let home = bundle::vmrs_home(ns);
+    // a pod's container: its root in the pod directory (the VM is the sandbox's)
+    if let Ok(spec) = bundle::load_spec(bundle_dir) {
+        if let Ok(bundle::Role::InPod(sandbox)) = bundle::role(&spec, id) {
+            if let (Ok(svm), Ok(_)) = (bundle::vm_name(&sandbox), bundle::vm_name(id)) {
+                bundle::unmount_all(&bundle::pod_dir(&home, &svm).join(id))
+                    .map_err(|e| Error::Other(e.to_string()))?;
+            }
+        }
+    }
     if let Ok(vm) = bundle::vm_name(id) {
         if home.is_dir() {
             let mgr = vm_rs::VmManager::with_home(&home).await.map_err(|e| {
@@ -32,6 +41,8 @@ pub async fn delete(ns: &str, id: &str, bundle_dir: &Path) -> Result<DeleteRespo
             }
         }
         let _ = std::fs::remove_file(bundle::root_image(&home, &vm));
+        // a sandbox's pod directory (with any container roots still bound in it)
+        bundle::unmount_all(&bundle::pod_dir(&home, &vm)).map_err(|e| Error::Other(e.to_string()))?;
     }
     unmounted?;
     let mut resp = DeleteResponse::new();

@@ -60,7 +60,8 @@ impl Shim for VmrsShim {
     }
 
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
-        let grouping = opts.id.clone();
+        // one shim per pod: a pod's containers are served by the process that booted its VM
+        let grouping = bundle::grouping(&self.bundle, &opts.id);
         let address = spawn(opts, &grouping, Vec::new()).await?;
         // containerd reconnects to a running shim after its own restart through the bundle's
         // `address` file (the crate writes it only when the socket was in use already).

@@ -106,6 +106,21 @@ struct Container {
     pid: u32,
     init: Arc<Proc>,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
+    /// Its part in a pod.
+    pod: PodPart,
+    /// Guest directory its processes run chrooted in (a pod's containers).
+    root: Option<String>,
+}
+
+/// What a container holds of a pod.
+#[derive(Debug, Clone)]
+enum PodPart {
+    /// Not in a pod: the VM is the container's own.
+    Alone,
+    /// The pod's sandbox: it owns the VM and the pod directory shared with it.
+    Sandbox { dir: PathBuf },
+    /// A container of the pod: its root is bind-mounted at `mount` in the pod directory.
+    Member { mount: PathBuf },
 }
 
 /// The Task service of one shim.
@@ -190,8 +205,82 @@ impl TaskService {
         Ok((c, p))
     }
 
-    /// Boot the VM of a new container; on error nothing is left.
-    async fn create_vm(&self, req: &api::CreateTaskRequest) -> TtrpcResult<Container> {
+    /// A container of the pod whose sandbox is `sandbox`: its rootfs is bind-mounted into the
+    /// pod directory the sandbox's VM shares, and its processes run chrooted there. No VM is
+    /// booted. On error nothing is left.
+    async fn create_in_pod(
+        &self,
+        req: &api::CreateTaskRequest,
+        spec: &oci_spec::runtime::Spec,
+        sandbox: &str,
+    ) -> TtrpcResult<Container> {
+        let invalid = |e: bundle::BundleError| err(Code::INVALID_ARGUMENT, e.to_string());
+        let sb = self.container(sandbox).await.map_err(|_| {
+            err(
+                Code::FAILED_PRECONDITION,
+                format!("the pod's sandbox {sandbox:?} does not run in this shim"),
+            )
+        })?;
+        let PodPart::Sandbox { dir } = &sb.pod else {
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("container {sandbox:?} is not a pod sandbox"),
+            ));
+        };
+        if sb.init.exited().is_some() {
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("the pod's sandbox {sandbox:?} has exited"),
+            ));
+        }
+        bundle::vm_name(&req.id).map_err(invalid)?;
+        let bundle_dir = PathBuf::from(&req.bundle);
+        let process = spec
+            .process()
+            .as_ref()
+            .ok_or_else(|| err(Code::INVALID_ARGUMENT, "config.json has no process"))?;
+        let mut cmd = bundle::command(process).map_err(invalid)?;
+        let root = format!("{}/{}", bundle::POD_GUEST_DIR, req.id);
+        cmd.root = Some(root.clone());
+        let stdio = Stdio {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let opened = stdio.open_outputs();
+        let mounted = bundle::mount_rootfs(&bundle_dir, &req.rootfs)
+            .await
+            .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        let root_src = match spec.root() {
+            Some(r) if r.path().is_absolute() => r.path().clone(),
+            Some(r) => bundle_dir.join(r.path()),
+            None => bundle::rootfs_dir(&bundle_dir),
+        };
+        let mount = match bundle::bind_into_pod(dir, &req.id, &root_src) {
+            Ok(m) => m,
+            Err(e) => {
+                if mounted {
+                    let _ = bundle::unmount_rootfs(&bundle_dir);
+                }
+                return Err(err(Code::INTERNAL, e.to_string()));
+            }
+        };
+        Ok(Container {
+            id: req.id.clone(),
+            bundle: bundle_dir,
+            vm: sb.vm.clone(),
+            pid: sb.pid,
+            init: Proc::new(cmd, stdio, opened),
+            execs: Mutex::new(HashMap::new()),
+            pod: PodPart::Member { mount },
+            root: Some(root),
+        })
+    }
+
+    /// Boot the VM of a new container (of a pod's sandbox when `sandbox`: the VM then also
+    /// shares the pod directory); on error nothing is left.
+    async fn create_vm(&self, req: &api::CreateTaskRequest, sandbox: bool) -> TtrpcResult<Container> {
         let bundle_dir = PathBuf::from(&req.bundle);
         let invalid = |e: bundle::BundleError| err(Code::INVALID_ARGUMENT, e.to_string());
         let vm = bundle::vm_name(&req.id).map_err(invalid)?;
@@ -213,6 +302,13 @@ impl TaskService {
             .filter(|l| *l > 0)
             .map(|l| (l as u64 >> 20).max(128))
             .unwrap_or(256);
+        let cpus = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.cpu().as_ref())
+            .map(|c| bundle::cpus_for_quota(c.quota(), c.period()))
+            .unwrap_or(1);
         let stdio = Stdio {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -225,8 +321,10 @@ impl TaskService {
         let mounted = bundle::mount_rootfs(&bundle_dir, &req.rootfs)
             .await
             .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        let pod_dir = sandbox.then(|| bundle::pod_dir(&self.home, &vm));
         let undo = |image: Option<PathBuf>| {
             let b = bundle_dir.clone();
+            let pod = pod_dir.clone();
             async move {
                 if let Some(i) = image {
                     let _ = tokio::fs::remove_file(i).await;
@@ -234,8 +332,17 @@ impl TaskService {
                 if mounted {
                     let _ = bundle::unmount_rootfs(&b);
                 }
+                if let Some(p) = pod {
+                    let _ = bundle::unmount_all(&p);
+                }
             }
         };
+        if let Some(p) = &pod_dir {
+            if let Err(e) = bundle::make_pod_dir(p) {
+                undo(None).await;
+                return Err(err(Code::INTERNAL, e.to_string()));
+            }
+        }
         let image = bundle::root_image(&self.home, &vm);
         if let Err(e) = std::fs::create_dir_all(image.parent().unwrap_or(&self.home)) {
             undo(None).await;
@@ -257,12 +364,15 @@ impl TaskService {
             ));
         }
         let assets = vm_rs::paths::assets_dir();
-        let config = vm_rs::VmConfig::builder(vm.clone())
-            .cpus(1)
+        let mut builder = vm_rs::VmConfig::builder(vm.clone())
+            .cpus(cpus)
             .memory_mib(memory_mib)
             .kernel(assets.join("vmlinuz"))
-            .initramfs(assets.join("initramfs.img"))
-            .build();
+            .initramfs(assets.join("initramfs.img"));
+        if let Some(p) = &pod_dir {
+            builder = builder.shared_dir(vm_rs::SharedDir::new(p, bundle::POD_GUEST_DIR, "vmrs-pod"));
+        }
+        let config = builder.build();
         let config = match config {
             Ok(c) => c,
             Err(e) => {
@@ -295,6 +405,11 @@ impl TaskService {
             pid,
             init: Proc::new(cmd, stdio, opened),
             execs: Mutex::new(HashMap::new()),
+            pod: match pod_dir {
+                Some(dir) => PodPart::Sandbox { dir },
+                None => PodPart::Alone,
+            },
+            root: None,
         })
     }
 
@@ -371,7 +486,14 @@ impl Task for TaskService {
         if !req.checkpoint.is_empty() || !req.parent_checkpoint.is_empty() {
             return Err(err(Code::UNIMPLEMENTED, "checkpoint restore is not supported"));
         }
-        let c = Arc::new(self.create_vm(&req).await?);
+        let spec = bundle::load_spec(std::path::Path::new(&req.bundle))
+            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let role = bundle::role(&spec, &req.id).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let c = Arc::new(match role {
+            bundle::Role::InPod(sandbox) => self.create_in_pod(&req, &spec, &sandbox).await?,
+            bundle::Role::Sandbox => self.create_vm(&req, true).await?,
+            bundle::Role::Alone => self.create_vm(&req, false).await?,
+        });
         let pid = c.pid;
         self.containers.lock().await.insert(req.id.clone(), c);
         let ev = TaskCreate {
@@ -513,14 +635,23 @@ impl Task for TaskService {
                 ..Default::default()
             });
         }
-        let mgr = self.mgr().await?;
-        if let Err(e) = mgr.remove(&c.vm, true).await {
-            if e.kind() != vm_rs::ErrorKind::NotFound {
-                return Err(err(Code::INTERNAL, format!("cannot remove vm {:?}: {e}", c.vm)));
+        let mounts = |e: bundle::BundleError| err(Code::INTERNAL, e.to_string());
+        if let PodPart::Member { mount } = &c.pod {
+            // the VM is the sandbox's: only this container's root leaves it
+            bundle::unmount_all(mount).map_err(mounts)?;
+        } else {
+            let mgr = self.mgr().await?;
+            if let Err(e) = mgr.remove(&c.vm, true).await {
+                if e.kind() != vm_rs::ErrorKind::NotFound {
+                    return Err(err(Code::INTERNAL, format!("cannot remove vm {:?}: {e}", c.vm)));
+                }
+            }
+            let _ = tokio::fs::remove_file(bundle::root_image(&self.home, &c.vm)).await;
+            if let PodPart::Sandbox { dir } = &c.pod {
+                bundle::unmount_all(dir).map_err(mounts)?;
             }
         }
-        let _ = tokio::fs::remove_file(bundle::root_image(&self.home, &c.vm)).await;
-        bundle::unmount_rootfs(&c.bundle).map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        bundle::unmount_rootfs(&c.bundle).map_err(mounts)?;
         self.containers.lock().await.remove(&req.id);
         let ev = TaskDelete {
             container_id: c.id.clone(),
@@ -570,7 +701,8 @@ impl Task for TaskService {
             return Err(err(Code::FAILED_PRECONDITION, "the container is not running"));
         }
         let spec = req.spec.as_ref().map(|a| a.value.clone()).unwrap_or_default();
-        let cmd = bundle::exec_command(&spec).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let mut cmd = bundle::exec_command(&spec).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        cmd.root = c.root.clone();
         let stdio = Stdio {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),

@@ -1,11 +1,13 @@
 //! Bridging containerd's stdio FIFOs to an agent process's streams.
 //!
-//! The output FIFOs are opened when the process is created (Create for the container's init,
-//! Exec for an exec), while the client (`ctr`, the CRI plugin) waits on that call with its read
-//! ends open — never later: a detached `ctr run -d` closes its ends right after Start, and a
+//! The output FIFOs are opened from the moment the process is created (Create for the
+//! container's init, Exec for an exec), while the client (`ctr`, the CRI plugin) waits on
+//! that call — not at Start: a detached `ctr run -d` closes its ends right after Start, and a
 //! blocking open of an output FIFO without a reader would never return (the exit would then
-//! never be published). They are opened write-only non-blocking: no reader, that stream is
-//! dropped.
+//! never be published). The client opens its read ends asynchronously (Go's `fifo` package
+//! opens in a goroutine), so at Create its reader may not be there yet: the write end is
+//! opened non-blocking and retried for [`OUTPUT_OPEN_WINDOW`]; no reader by then, that stream
+//! is dropped. Output waits for the open (at most that long), so nothing is lost to the race.
 //!
 //! Stdin is opened for reading at Start, on a thread (a FIFO's read end opened before any writer
 //! would read end of file at once); the client's writes wait for it. It ends at end of file (the
@@ -17,10 +19,10 @@
 //! Output is copied until the process's exit status arrives; the exit is published after its
 //! output is written, so the client's copy ends before it learns of the exit.
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use std::os::unix::fs::OpenOptionsExt;
-use tokio::net::unix::pipe;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use std::os::unix::fs::OpenOptionsExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
 use tokio::sync::watch;
 use vm_rs::agent::{ExecEvent, ExecProcess, ExecStdin};
 
@@ -37,33 +39,48 @@ pub struct Stdio {
     pub terminal: bool,
 }
 
-/// The opened output ends of one process's FIFOs.
+/// How long the write end of an output FIFO is retried while the client has no reader yet.
+pub const OUTPUT_OPEN_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The output ends of one process's FIFOs, being opened.
 #[derive(Debug, Default)]
 pub struct Opened {
     /// Write end of the stdout FIFO.
-    pub stdout: Option<pipe::Sender>,
+    pub stdout: Option<tokio::task::JoinHandle<Option<pipe::Sender>>>,
     /// Write end of the stderr FIFO (none with a terminal: the terminal carries both).
-    pub stderr: Option<pipe::Sender>,
+    pub stderr: Option<tokio::task::JoinHandle<Option<pipe::Sender>>>,
 }
 
-fn open_out(path: &str) -> Option<pipe::Sender> {
+fn open_out(path: &str) -> Option<tokio::task::JoinHandle<Option<pipe::Sender>>> {
     if path.is_empty() {
         return None;
     }
-    match pipe::OpenOptions::new().open_sender(path) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            // ENXIO: nobody reads it (the client is gone); not a FIFO: a plain file would do,
-            // but containerd only ever passes FIFOs here
-            log::warn!("output {path} is not used: {e}");
-            None
+    let path = path.to_string();
+    Some(tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + OUTPUT_OPEN_WINDOW;
+        loop {
+            match pipe::OpenOptions::new().open_sender(&path) {
+                Ok(s) => return Some(s),
+                // ENXIO: no reader (yet)
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                Err(e) => {
+                    log::warn!("output {path} is not used: {e}");
+                    return None;
+                }
+            }
         }
-    }
+    }))
+}
+
+async fn opened(h: Option<tokio::task::JoinHandle<Option<pipe::Sender>>>) -> Option<pipe::Sender> {
+    h?.await.ok().flatten()
 }
 
 impl Stdio {
-    /// Open the output FIFOs this process has, without blocking. Must run inside a Tokio
-    /// runtime.
+    /// Start opening the output FIFOs this process has, without blocking. Must run inside a
+    /// Tokio runtime.
     pub fn open_outputs(&self) -> Opened {
         Opened {
             stdout: open_out(&self.stdout),
@@ -104,7 +121,9 @@ async fn open_stdin(path: &str, cancel: impl std::future::Future<Output = ()>) -
                 log::warn!("stdin {path} is not a FIFO; not used");
                 return None;
             }
-            pipe::Receiver::from_file(f).map_err(|e| log::warn!("stdin {path}: {e}")).ok()
+            pipe::Receiver::from_file(f)
+                .map_err(|e| log::warn!("stdin {path}: {e}"))
+                .ok()
         }
         Ok(Err(e)) => {
             log::warn!("stdin {path}: {e}");
@@ -210,9 +229,10 @@ async fn has_exited(rx: &mut watch::Receiver<Option<(u32, Timestamp)>>) {
 /// code (128 + n for signal n; 255 when the agent connection ended without a status).
 pub async fn pump_output(
     mut process: ExecProcess,
-    mut out: Option<pipe::Sender>,
-    mut err: Option<pipe::Sender>,
+    out: Option<tokio::task::JoinHandle<Option<pipe::Sender>>>,
+    err: Option<tokio::task::JoinHandle<Option<pipe::Sender>>>,
 ) -> i32 {
+    let (mut out, mut err) = tokio::join!(opened(out), opened(err));
     loop {
         match process.next_event().await {
             Some(Ok(ExecEvent::Stdout(data))) => {
@@ -257,24 +277,56 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_output_fifo_without_a_reader_is_dropped_not_waited_for() {
+    async fn an_output_fifo_without_a_reader_is_dropped_after_the_window() {
         let d = tempfile::tempdir().expect("tmp");
         let s = Stdio {
             stdout: fifo(d.path(), "out"),
             stderr: fifo(d.path(), "err"),
             ..Default::default()
         };
-        let o = tokio::time::timeout(std::time::Duration::from_secs(5), async { s.open_outputs() })
+        let o = tokio::time::timeout(std::time::Duration::from_secs(1), async { s.open_outputs() })
             .await
             .expect("open does not block");
-        assert!(o.stdout.is_none() && o.stderr.is_none());
+        let t = std::time::Instant::now();
+        let (out, err) = tokio::join!(opened(o.stdout), opened(o.stderr));
+        assert!(out.is_none() && err.is_none());
+        assert!(t.elapsed() < OUTPUT_OPEN_WINDOW + std::time::Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn an_output_reader_that_comes_late_still_gets_everything() {
+        let d = tempfile::tempdir().expect("tmp");
+        let s = Stdio {
+            stdout: fifo(d.path(), "out"),
+            ..Default::default()
+        };
+        let o = s.open_outputs();
+        // the client's reader shows up a little after Create (Go opens it in a goroutine)
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let path = s.stdout.clone();
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut all = Vec::new();
+            std::io::Read::read_to_end(&mut std::fs::File::open(path).expect("reader"), &mut all)
+                .expect("read");
+            all
+        });
+        let mut w = opened(o.stdout).await.expect("opened once the reader came");
+        w.write_all(b"early output").await.expect("write");
+        drop(w);
+        assert_eq!(reader.await.expect("join"), b"early output");
     }
 
     type Exit = watch::Sender<Option<(u32, Timestamp)>>;
 
     /// Run [`feed`] on the FIFO at `path`; returns the bytes it sent once it ended (or None
     /// if it did not end within 5 s).
-    fn start_feed(path: &str) -> (watch::Sender<bool>, Exit, tokio::task::JoinHandle<Option<Vec<u8>>>) {
+    fn start_feed(
+        path: &str,
+    ) -> (
+        watch::Sender<bool>,
+        Exit,
+        tokio::task::JoinHandle<Option<Vec<u8>>>,
+    ) {
         let (close_tx, close_rx) = watch::channel(false);
         let (exit_tx, exit_rx) = watch::channel(None);
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
@@ -295,7 +347,10 @@ mod tests {
     }
 
     fn client_write(path: &str, data: &[u8]) -> std::fs::File {
-        let mut w = std::fs::OpenOptions::new().write(true).open(path).expect("open writer");
+        let mut w = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .expect("open writer");
         std::io::Write::write_all(&mut w, data).expect("write");
         w
     }
