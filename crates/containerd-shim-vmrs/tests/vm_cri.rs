@@ -268,3 +268,88 @@ fn a_pod_runs_its_containers_in_one_vm() {
         g.our_mounts()
     );
 }
+
+#[test]
+fn a_pod_whose_shim_was_killed_is_cleaned_up_by_containerd() {
+    let g = Guard::start_with(true);
+    import_cri(&g);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut c = client(&rt, g.sock());
+    let logs = g.dir.path().join("pod-logs");
+    std::fs::create_dir_all(&logs).expect("log dir");
+    let pod = pod_config(&logs);
+    let sandbox = call(
+        &rt,
+        &g,
+        "RunPodSandbox",
+        c.run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod.clone()),
+            runtime_handler: HANDLER.into(),
+        }),
+    )
+    .pod_sandbox_id;
+    let id = call(
+        &rt,
+        &g,
+        "CreateContainer",
+        c.create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: sandbox.clone(),
+            config: Some(container_config("c1", "echo up; sleep 1000")),
+            sandbox_config: Some(pod.clone()),
+        }),
+    )
+    .container_id;
+    call(
+        &rt,
+        &g,
+        "StartContainer",
+        c.start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        }),
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || log_lines(&logs.join("c1.log"))
+            .iter()
+            .any(|l| l == "up")),
+        "the container did not start\n{}",
+        g.log()
+    );
+    assert!(!g.our_mounts().is_empty());
+    // one shim serves the pod; kill it
+    let shims = g.our_processes("containerd-shim-vmrs-v1");
+    assert_eq!(shims.len(), 1, "one shim per pod: {shims:?}");
+    // SAFETY: kill(2) of the shim this test's containerd started.
+    unsafe { libc::kill(shims[0], libc::SIGKILL) };
+    // the kubelet's way out: stop and remove the pod (containerd runs the shim's `delete`)
+    call(
+        &rt,
+        &g,
+        "StopPodSandbox",
+        c.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: sandbox.clone(),
+        }),
+    );
+    call(
+        &rt,
+        &g,
+        "RemovePodSandbox",
+        c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: sandbox.clone(),
+        }),
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || g.our_processes("qemu-system").is_empty()
+            && g.our_processes("virtiofsd").is_empty()),
+        "a VMM or virtiofsd is left after the pod's shim was killed and the pod removed\n{}",
+        g.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || g.our_mounts().is_empty()),
+        "mounts left: {:?}\n{}",
+        g.our_mounts(),
+        g.log()
+    );
+}
