@@ -35,6 +35,10 @@ binaries=(
     "zsh zsh"
     "fish fish"
     "openssl openssl"
+    "containerd containerd"
+    "ctr containerd"
+    "runc runc"
+    "protoc protobuf-compiler"
 )
 
 mapfile -t pkgs < <(grep -v '^\s*#' scripts/apt-packages.txt | sed 's/#.*//' | xargs -n1 | sort -u)

@@ -175,6 +175,21 @@ pub async fn build_rootfs(store: &ImageStore, home: &Path, reference: &str) -> R
     })
 }
 
+/// Build an ext4 root file system at `dest` from the directory `tree` (a container runtime's
+/// mounted bundle rootfs, say), sized as [`build_rootfs`] sizes image roots. It is written under
+/// a temporary name beside `dest` and renamed when complete; `dest` is replaced if it exists.
+pub async fn build_rootfs_from_dir(tree: &Path, dest: &Path) -> Result<(), RootfsError> {
+    let tmp = dest.with_extension("ext4.new");
+    let (tree, tmp2, dest) = (tree.to_path_buf(), tmp.clone(), dest.to_path_buf());
+    let result = tokio::task::spawn_blocking(move || make_ext4(&tree, &tmp2, &dest))
+        .await
+        .map_err(RootfsError::Task)?;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(&tmp).await;
+    }
+    result
+}
+
 /// `mkfs.ext4 -d tree tmp SIZE`, fsync, rename to `dest` (blocking).
 fn make_ext4(tree: &Path, tmp: &Path, dest: &Path) -> Result<(), RootfsError> {
     let (bytes, entries) = tree_usage(tree)?;

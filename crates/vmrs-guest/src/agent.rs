@@ -679,11 +679,19 @@ fn command(req: &ExecRequest, tty: bool) -> Result<(Command, PathBuf), ExecError
     let Some(program) = req.argv.first() else {
         return Err("empty command".into());
     };
+    let root = match &req.root {
+        Some(r) => Some(process_root(r)?),
+        None => None,
+    };
+    let inside = |p: &str| match &root {
+        Some(r) => r.join(p.trim_start_matches('/')),
+        None => PathBuf::from(p),
+    };
     let user = match &req.user {
         Some(u) => {
             let spec = String::from_utf8_lossy(u).into_owned();
-            let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-            let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+            let passwd = std::fs::read_to_string(inside("/etc/passwd")).unwrap_or_default();
+            let group = std::fs::read_to_string(inside("/etc/group")).unwrap_or_default();
             resolve_user(&spec, &passwd, &group)?
         }
         None => User {
@@ -718,16 +726,30 @@ fn command(req: &ExecRequest, tty: bool) -> Result<(Command, PathBuf), ExecError
         .unwrap_or_else(|| PathBuf::from("/"));
     // A missing working directory would fail the start with ENOENT, which reads as "command
     // not found": say what it is.
-    if !cwd.is_dir() {
+    if !inside(&cwd.to_string_lossy()).is_dir() {
         return Err(ExecError::Other(format!(
             "working directory {} does not exist",
             cwd.display()
         )));
     }
-    cmd.current_dir(&cwd);
-    if user.uid != 0 || user.gid != 0 {
-        cmd.gid(user.gid).uid(user.uid);
-    }
+    // With a root, the child enters it first and then changes directory and user itself: std's
+    // uid/gid/current_dir would apply before the chroot (which needs root's privilege).
+    let chroot = match &root {
+        None => {
+            cmd.current_dir(&cwd);
+            if user.uid != 0 || user.gid != 0 {
+                cmd.gid(user.gid).uid(user.uid);
+            }
+            None
+        }
+        Some(r) => {
+            let c = |p: &Path| {
+                std::ffi::CString::new(p.as_os_str().as_bytes())
+                    .map_err(|_| ExecError::Other("a path with a NUL byte".into()))
+            };
+            Some((c(r)?, c(&cwd)?, user.uid, user.gid))
+        }
+    };
     if !tty {
         cmd.process_group(0);
     }
@@ -747,10 +769,72 @@ fn command(req: &ExecRequest, tty: bool) -> Result<(Command, PathBuf), ExecError
             if with_tty {
                 tty::become_session_leader()?;
             }
+            if let Some((root, cwd, uid, gid)) = &chroot {
+                enter_root(root, cwd, *uid, *gid)?;
+            }
             Ok(())
         });
     }
     Ok((cmd, cwd))
+}
+
+/// A process root from an exec request: an absolute directory of the guest, made ready to run
+/// a container's process in (its `/proc` and `/dev` mounted when it has those directories).
+fn process_root(r: &[u8]) -> Result<PathBuf, ExecError> {
+    let root = PathBuf::from(OsStr::from_bytes(r));
+    if !root.is_absolute() || !root.is_dir() {
+        return Err(ExecError::Other(format!(
+            "process root {} is not an existing absolute directory",
+            root.display()
+        )));
+    }
+    for (sub, fstype, source, flags) in [
+        ("proc", "proc", "proc", 0),
+        ("dev", "", "/dev", libc::MS_BIND | libc::MS_REC),
+    ] {
+        let target = root.join(sub);
+        // lstat: a symlink there (container content) is never followed out of the root
+        let is_dir = std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir());
+        if is_dir && !is_mount_point(&target) {
+            let t = target.to_string_lossy().into_owned();
+            if let Err(e) = crate::sys::mount(source, &t, fstype, flags, "") {
+                eprintln!("vmrs-init: cannot mount {sub} in {}: {e}", root.display());
+            }
+        }
+    }
+    Ok(root)
+}
+
+fn is_mount_point(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(m), Some(parent)) = (std::fs::metadata(p), p.parent()) else {
+        return false;
+    };
+    std::fs::metadata(parent).is_ok_and(|pm| pm.dev() != m.dev())
+}
+
+/// In the child, between fork and exec: chroot into `root`, change to `cwd` inside it and drop
+/// to `uid:gid`. Only async-signal-safe calls.
+fn enter_root(root: &std::ffi::CStr, cwd: &std::ffi::CStr, uid: u32, gid: u32) -> std::io::Result<()> {
+    let check = |r: libc::c_int| {
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // SAFETY: plain system calls on valid NUL-terminated strings; no allocation.
+    unsafe {
+        check(libc::chroot(root.as_ptr()))?;
+        check(libc::chdir(c"/".as_ptr()))?;
+        check(libc::chdir(cwd.as_ptr()))?;
+        if uid != 0 || gid != 0 {
+            check(libc::setgroups(0, std::ptr::null()))?;
+            check(libc::setgid(gid))?;
+            check(libc::setuid(uid))?;
+        }
+    }
+    Ok(())
 }
 
 fn spawn_error(program: &[u8], cwd: &Path, e: std::io::Error) -> ExecError {

@@ -82,6 +82,10 @@
 //!   an exec whose program could not be started, with the `errno` (`ENOENT` = not found,
 //!   `EACCES`/`ENOEXEC` = not executable) so the host can exit 127/126 like a shell. A version
 //!   1 guest answers such an exec with a plain `Error`.
+//! - 3: adds [`ExecRequest::root`]: the process runs with that guest directory as its root
+//!   (chroot), its working directory and user resolved inside it — how one VM runs the
+//!   containers of a pod, each on its own root filesystem. The flag [`EXEC_ROOT`] says the
+//!   root follows the flags; an older guest refuses the request (trailing bytes).
 //!
 //! A hello always starts a new conversation: the guest forgets the streams of the previous one
 //! and kills its processes (a quick disconnect + reconnect is not always visible to the guest
@@ -103,11 +107,13 @@
 use std::fmt;
 
 /// Newest protocol version spoken by this crate (see the module docs for what each adds).
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Oldest protocol version this crate still speaks.
 pub const MIN_VERSION: u16 = 1;
 /// First version with [`Message::ExecTty`], [`Message::Resize`] and [`Message::SpawnFailed`].
 pub const VERSION_TTY: u16 = 2;
+/// First version with [`ExecRequest::root`] ([`EXEC_ROOT`]).
+pub const VERSION_ROOT: u16 = 3;
 /// Name (prefix) of the virtio-serial port carrying the protocol.
 pub const PORT_NAME: &str = "vmrs.agent";
 /// Guest vsock port on which the agent also listens (AF_VSOCK, any CID), carrying the same
@@ -137,6 +143,9 @@ pub const EXEC_STDIN: u8 = 1;
 /// [`ExecRequest::flags`]: run detached; no output or exit status is reported, the process
 /// outlives the connection; its output goes to the guest console.
 pub const EXEC_DETACH: u8 = 2;
+/// [`ExecRequest::flags`]: [`ExecRequest::root`] follows the flags (version 3). Set by the
+/// encoder from `root`; a decoded request has it exactly when `root` is `Some`.
+pub const EXEC_ROOT: u8 = 4;
 
 /// Kind of a copied entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,8 +202,11 @@ pub struct ExecRequest {
     pub cwd: Option<Vec<u8>>,
     /// `user`, `uid`, `user:group` or `uid:gid` (default root).
     pub user: Option<Vec<u8>>,
-    /// [`EXEC_STDIN`] | [`EXEC_DETACH`].
+    /// [`EXEC_STDIN`] | [`EXEC_DETACH`] ([`EXEC_ROOT`] is derived from `root`).
     pub flags: u8,
+    /// Absolute guest directory the process runs chrooted in (version 3); `cwd` and `user`
+    /// are resolved inside it.
+    pub root: Option<Vec<u8>>,
 }
 
 /// When the guest restarts a main process ([`Message::ExecMain`]) that ended.
@@ -443,7 +455,13 @@ impl W {
         self.list(&r.env);
         self.opt(&r.cwd);
         self.opt(&r.user);
-        self.u8(r.flags);
+        match &r.root {
+            Some(root) => {
+                self.u8(r.flags | EXEC_ROOT);
+                self.bytes(root);
+            }
+            None => self.u8(r.flags & !EXEC_ROOT),
+        }
     }
     fn opt(&mut self, o: &Option<Vec<u8>>) {
         match o {
@@ -502,12 +520,23 @@ impl R<'_> {
         (0..n).map(|_| self.bytes(MAX_PAYLOAD, what)).collect()
     }
     fn exec(&mut self) -> Result<ExecRequest, ProtoError> {
+        let argv = self.list(4096, "argv")?;
+        let env = self.list(4096, "env")?;
+        let cwd = self.opt(MAX_PATH, "cwd")?;
+        let user = self.opt(256, "user")?;
+        let flags = self.u8()?;
+        let root = if flags & EXEC_ROOT != 0 {
+            Some(self.bytes(MAX_PATH, "root")?)
+        } else {
+            None
+        };
         Ok(ExecRequest {
-            argv: self.list(4096, "argv")?,
-            env: self.list(4096, "env")?,
-            cwd: self.opt(MAX_PATH, "cwd")?,
-            user: self.opt(256, "user")?,
-            flags: self.u8()?,
+            argv,
+            env,
+            cwd,
+            user,
+            flags,
+            root,
         })
     }
     fn size(&mut self) -> Result<WinSize, ProtoError> {
@@ -852,6 +881,14 @@ mod tests {
                 cwd: Some(b"/tmp".to_vec()),
                 user: None,
                 flags: EXEC_STDIN,
+                root: None,
+            }),
+            Message::Exec(ExecRequest {
+                argv: vec![b"true".to_vec()],
+                user: Some(b"1000".to_vec()),
+                flags: EXEC_STDIN | EXEC_ROOT,
+                root: Some(b"/run/vmrs-pod/c1".to_vec()),
+                ..ExecRequest::default()
             }),
             Message::Started { pid: 7 },
             Message::Stdin { data: vec![] },
@@ -887,6 +924,7 @@ mod tests {
                     cwd: None,
                     user: Some(b"1000:1000".to_vec()),
                     flags: EXEC_STDIN,
+                    root: None,
                 },
                 size: WinSize { rows: 24, cols: 80 },
             },

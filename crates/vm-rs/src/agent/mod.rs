@@ -337,6 +337,10 @@ pub struct ExecCommand {
     /// [`proto::VERSION_TTY`]. Terminal input is accepted with or without
     /// [`Self::interactive_stdin`].
     pub tty: Option<WinSize>,
+    /// Run chrooted in this absolute guest directory, `cwd` and `user` resolved inside it
+    /// (how one VM runs the containers of a pod, each on its own root filesystem). Needs
+    /// protocol version [`proto::VERSION_ROOT`].
+    pub root: Option<String>,
 }
 
 impl ExecCommand {
@@ -414,6 +418,7 @@ impl ExecCommand {
             cwd: self.cwd.as_ref().map(|c| c.as_bytes().to_vec()),
             user: self.user.as_ref().map(|u| u.as_bytes().to_vec()),
             flags,
+            root: self.root.as_ref().map(|r| r.as_bytes().to_vec()),
         }
     }
 }
@@ -803,6 +808,25 @@ impl AgentClient {
         result
     }
 
+    /// A root (chroot) needs protocol version 3 and an absolute path.
+    fn check_root(&self, cmd: &ExecCommand) -> Result<(), AgentError> {
+        let Some(root) = &cmd.root else {
+            return Ok(());
+        };
+        if self.inner.version < proto::VERSION_ROOT {
+            return Err(AgentError::Unsupported {
+                feature: "a process root (chroot)",
+                version: self.inner.version,
+            });
+        }
+        if !root.starts_with('/') {
+            return Err(AgentError::Exec {
+                message: format!("the process root {root:?} is not an absolute path"),
+            });
+        }
+        Ok(())
+    }
+
     /// Start a process and stream its output ([`ExecProcess`]). With `cmd.stdin` set, those
     /// bytes are written and stdin closed; with `cmd.interactive_stdin`, stdin stays open for
     /// [`ExecProcess::write_stdin`].
@@ -813,6 +837,7 @@ impl AgentClient {
                 version: self.inner.version,
             });
         }
+        self.check_root(&cmd)?;
         let with_stdin = cmd.stdin.is_some() || cmd.interactive_stdin || cmd.tty.is_some();
         let (id, mut rx) = self.open_stream()?;
         let started = async {
@@ -882,6 +907,7 @@ impl AgentClient {
                 version: self.inner.version,
             });
         }
+        self.check_root(cmd)?;
         let (id, mut rx) = self.open_stream()?;
         let result = async {
             let exec = cmd.request(false);

@@ -17,7 +17,8 @@
 //!
 //! The program is found as `$VMRS_NET_BIN`, else `vmrs-net` next to the running executable
 //! (or one directory up, for test binaries in `target/*/deps`), else — when the running
-//! executable is the `vmrs` CLI — `vmrs net-sidecar`, else `vmrs-net` on `PATH`. Both programs
+//! executable is the `vmrs` CLI or the containerd shim `containerd-shim-vmrs-v1` — its
+//! `net-sidecar` subcommand, else `vmrs-net` on `PATH`. Both programs
 //! run [`main`].
 
 use crate::process::{is_same_process_alive, ProcessError, VmmProcess};
@@ -122,7 +123,11 @@ pub fn program() -> (PathBuf, Vec<String>) {
                 return (cand, Vec::new());
             }
         }
-        if exe.file_name().is_some_and(|n| n == "vmrs") {
+        // Programs that carry the sidecar as their `net-sidecar` subcommand.
+        if exe
+            .file_name()
+            .is_some_and(|n| n == "vmrs" || n == "containerd-shim-vmrs-v1")
+        {
             return (exe, vec!["net-sidecar".to_string()]);
         }
     }
