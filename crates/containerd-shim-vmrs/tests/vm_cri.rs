@@ -341,7 +341,9 @@ fn a_pod_whose_shim_was_killed_is_cleaned_up_by_containerd() {
         }),
     );
     assert!(
-        wait_until(Duration::from_secs(30), || g.our_processes("qemu-system").is_empty()
+        wait_until(Duration::from_secs(30), || g
+            .our_processes("qemu-system")
+            .is_empty()
             && g.our_processes("virtiofsd").is_empty()),
         "a VMM or virtiofsd is left after the pod's shim was killed and the pod removed\n{}",
         g.log()
