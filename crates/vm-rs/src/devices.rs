@@ -15,7 +15,7 @@
 //! | [`Nic`] user | `-netdev user` + `hostfwd` | refused (no user-mode NAT) | refused | NAT attachment (no published ports) |
 //! | [`Nic`] tap | `-netdev tap` | `net[]` with `tap` | `/network-interfaces/{id}` | refused |
 //! | [`Nic`] switch | `-netdev dgram` (Unix) | refused | refused | refused |
-//! | [`AgentChannel`] | virtio-serial port on a Unix socket; or vsock: `vhost-user-vsock-device` on a `vhost-device-vsock` sidecar ([`crate::vsock`]) | refused (vsock: later) | refused (vsock: later) | vsock, bridged by `vmrs-vz` |
+//! | [`AgentChannel`] | virtio-serial port on a Unix socket; or vsock: `vhost-user-vsock-device` on a `vhost-device-vsock` sidecar ([`crate::vsock`]) | vsock only: `vsock` {cid, socket} (hybrid vsock on the VM's Unix socket) | vsock only: `/vsock` {guest_cid, uds_path} | vsock, bridged by `vmrs-vz` |
 //! | [`SharedFs`] | `vhost-user-fs-device` on the virtiofsd socket (needs shared memory) | `fs[]` (needs `memory.shared`) | refused | virtio-fs device + directory share |
 //! | entropy | `virtio-rng-device` | `rng` | `/entropy` | virtio entropy device |
 //! | [`MemoryBackend`] | `memory-backend-memfd`/`-file` (default: a shared file in the VM directory, so a snapshot can copy it) | `memory.shared` | anonymous only | anonymous only |
@@ -268,6 +268,11 @@ pub struct Capabilities {
     pub netns: bool,
     /// Guest agent transports, best first.
     pub agent_transports: &'static [AgentTransport],
+    /// Every VM gets the agent unless its config says otherwise (QEMU, VZ); `false`: only a VM
+    /// that needs it (an image's process) or asks for it ([`crate::VmConfig::agent_transport`])
+    /// — Cloud Hypervisor and Firecracker, whose vsock device makes a VM unsnapshottable here
+    /// (a restored clone would bind the source's vsock socket).
+    pub agent_default: bool,
     /// Shared directories (virtio-fs).
     pub shared_dirs: bool,
     /// Entropy device.
@@ -409,6 +414,7 @@ mod tests {
             nic_switch: false,
             netns: false,
             agent_transports: &[],
+            agent_default: false,
             shared_dirs: false,
             entropy: false,
             memory: &[MemoryKind::Anonymous],

@@ -1289,7 +1289,8 @@ pub fn plan_devices(
         Some(t) if caps.agent_transports.contains(&t) => Some(t),
         Some(AgentTransport::Vsock) => return Err(unsupported("the agent over vsock")),
         Some(_) => return Err(unsupported("the agent over virtio-serial")),
-        None => caps.agent_transports.first().copied(),
+        None if caps.agent_default || opts.require_agent => caps.agent_transports.first().copied(),
+        None => None,
     };
     match transport {
         Some(AgentTransport::VirtioSerial) => {

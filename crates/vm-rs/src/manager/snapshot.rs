@@ -540,13 +540,26 @@ fn check_snapshottable(
             ),
         ));
     }
-    if matches!(devices.agent, Some(crate::devices::AgentChannel::Vsock { .. })) {
-        return Err(refused(
-            snapshot,
-            format!(
-                "vm {vm:?} talks to its agent over vsock: the vhost-user vsock backend keeps the device's state outside QEMU, which a snapshot cannot hold (use the virtio-serial agent transport)"
-            ),
-        ));
+    match &devices.agent {
+        Some(crate::devices::AgentChannel::Vsock {
+            vhost_user: Some(_), ..
+        }) => {
+            return Err(refused(
+                snapshot,
+                format!(
+                    "vm {vm:?} talks to its agent over vsock: the vhost-user vsock backend keeps the device's state outside QEMU, which a snapshot cannot hold (use the virtio-serial agent transport)"
+                ),
+            ))
+        }
+        Some(crate::devices::AgentChannel::Vsock { .. }) => {
+            return Err(refused(
+                snapshot,
+                format!(
+                    "vm {vm:?} has a vsock device for its agent: its restored clones would all bind the source's vsock socket (start the vm without the agent to snapshot it)"
+                ),
+            ))
+        }
+        _ => {}
     }
     if matches!(devices.memory, MemoryBackend::Memfd { shared: true }) {
         return Err(refused(

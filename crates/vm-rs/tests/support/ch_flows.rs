@@ -159,6 +159,37 @@ pub async fn boot_ready(bin: PathBuf) {
     assert_eq!(info["config"]["memory"]["size"], 128u64 << 20);
 }
 
+/// A VM asked for the guest agent gets Cloud Hypervisor's vsock device, whose hybrid-vsock
+/// socket (the VM's `agent.sock`) the host agent client connects to; with no agent listening
+/// in this guest (the PVH test guest has none), the handshake fails with a clear error rather
+/// than hanging.
+pub async fn agent_vsock_device(bin: PathBuf) {
+    let fx = Fixture::new(&bin);
+    let mut cfg = fx.config();
+    cfg.agent_transport = Some(vm_rs::devices::AgentTransport::Vsock);
+    let vmm = Vmm(Some(fx.driver.boot(&fx.spec(&cfg)).await.expect("boot")));
+    let info = fx.driver.info(vmm.handle()).await.expect("info");
+    let socket = fx.vm_dir.join("agent.sock");
+    assert_eq!(info["config"]["vsock"]["cid"], 3, "{info}");
+    assert_eq!(
+        info["config"]["vsock"]["socket"],
+        socket.to_string_lossy().as_ref(),
+        "{info}"
+    );
+    let mut stream = tokio::net::UnixStream::connect(&socket)
+        .await
+        .expect("the VMM serves the hybrid-vsock socket");
+    let t = std::time::Instant::now();
+    let r = vm_rs::agent::hybrid::connect(
+        &mut stream,
+        vmrs_proto::VSOCK_PORT,
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    assert!(r.is_err(), "no agent listens in this guest: {r:?}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(11));
+}
+
 /// Pause/resume, the wrong-state error, and the matching events.
 pub async fn pause_resume(bin: PathBuf) {
     let fx = Fixture::new(&bin);
@@ -393,6 +424,7 @@ pub fn shared() -> Vec<(&'static str, Flow)> {
             Box::pin(bad_kernel_is_clear_error(b))
         }),
         ("resize_and_hotplug", |b| Box::pin(resize_and_hotplug(b))),
+        ("agent_vsock_device", |b| Box::pin(agent_vsock_device(b))),
     ]
 }
 

@@ -79,7 +79,7 @@ struct VmConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     vdpa: Option<Vec<Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    vsock: Option<Value>,
+    vsock: Option<VsockConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     numa: Option<Vec<Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -100,6 +100,20 @@ struct VmConfig {
     landlock_enable: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     landlock_rules: Option<Vec<Value>>,
+}
+
+/// `VsockConfig`: `cid` (int64, minimum 3) and `socket` required.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VsockConfig {
+    cid: i64,
+    socket: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iommu: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pci_segment: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -592,6 +606,17 @@ impl Peer {
                 }
                 self.event("vm", "booting");
                 let powers_off = boot_payload(&cfg)?;
+                if let Some(socket) = cfg["vsock"]["socket"].as_str() {
+                    super::serve_hybrid_vsock(socket).map_err(|e| {
+                        err(
+                            500,
+                            &[
+                                "The VM could not boot",
+                                &format!("Error creating vsock device: {e}"),
+                            ],
+                        )
+                    })?;
+                }
                 self.state = State::Running;
                 self.event("vm", "booted");
                 if powers_off {
@@ -828,6 +853,11 @@ impl Peer {
 /// Check a `VmConfig` against the document's required fields and minimums.
 fn validate_config(cfg: &Value) -> Result<(), Reply> {
     let bad = |why: &str| err(500, &["The VM could not be created", why]);
+    if let Some(v) = cfg.get("vsock").filter(|v| !v.is_null()) {
+        if !matches!(v["cid"].as_i64(), Some(c) if c >= 3) {
+            return Err(bad("Invalid vsock CID (the document's minimum is 3)"));
+        }
+    }
     let payload = cfg
         .get("payload")
         .filter(|p| p.is_object())

@@ -523,8 +523,37 @@ pub async fn snapshot_restore(bin: PathBuf) {
 }
 
 /// Every driver scenario shared by the peer and the real binary, by name.
+/// A VM asked for the guest agent gets Firecracker's vsock device (`PUT /vsock`), whose
+/// hybrid-vsock socket (the VM's `agent.sock`) the host agent client connects to; no agent
+/// listens in the PVH test guest, so the handshake fails clearly instead of hanging.
+pub async fn agent_vsock_device(bin: PathBuf) {
+    let fx = Fixture::new(&bin);
+    let mut cfg = fx.config();
+    cfg.agent_transport = Some(vm_rs::devices::AgentTransport::Vsock);
+    let vmm = Vmm(Some(fx.driver.boot(&fx.spec(&cfg)).await.expect("boot")));
+    let info = fx.driver.info(vmm.handle()).await.expect("info");
+    let socket = fx.vm_dir.join("agent.sock");
+    assert_eq!(info["config"]["vsock"]["guest_cid"], 3, "{info}");
+    assert_eq!(
+        info["config"]["vsock"]["uds_path"],
+        socket.to_string_lossy().as_ref(),
+        "{info}"
+    );
+    let mut stream = tokio::net::UnixStream::connect(&socket)
+        .await
+        .expect("the VMM serves the hybrid-vsock socket");
+    let r = vm_rs::agent::hybrid::connect(
+        &mut stream,
+        vmrs_proto::VSOCK_PORT,
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    assert!(r.is_err(), "no agent listens in this guest: {r:?}");
+}
+
 pub fn shared() -> Vec<(&'static str, Flow)> {
     vec![
+        ("agent_vsock_device", |b| Box::pin(agent_vsock_device(b))),
         ("boot_ready", |b| Box::pin(boot_ready(b))),
         ("pause_resume", |b| Box::pin(pause_resume(b))),
         ("preboot_calls_after_start_are_refused", |b| {

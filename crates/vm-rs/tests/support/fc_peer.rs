@@ -574,6 +574,8 @@ impl Peer {
                 if v.guest_cid < 3 {
                     return Err(fault("Vsock config error: Invalid guest CID"));
                 }
+                super::serve_hybrid_vsock(&v.uds_path)
+                    .map_err(|e| fault(format!("Vsock config error: cannot bind {}: {e}", v.uds_path)))?;
                 self.vsock = Some(v);
                 Ok((204, None))
             }

@@ -44,7 +44,11 @@
 //! * an entropy device (`rng` from `/dev/urandom`); guest RAM anonymous or `shared`;
 //! * shared directories as `fs` entries (virtio-fs on the share's virtiofsd socket, see
 //!   [`crate::virtiofs`]), with `memory.shared` on: the daemon maps guest RAM;
-//! * no guest agent (it needs vsock yet): refused up front too.
+//! * the guest agent over vsock (`vsock` {cid, socket}: the host reaches the guest's agent port
+//!   through Cloud Hypervisor's hybrid-vsock Unix socket, `CONNECT <port>\n` / `OK <port>\n`),
+//!   for VMs that need it (an image's process) or ask for it — not by default: a restored
+//!   snapshot would bind the source's vsock socket, so a VM with the agent is not
+//!   snapshotted. The virtio-serial transport is refused up front.
 //!
 //! Snapshots need a paused VM; restore re-creates the VM from the snapshot's own
 //! configuration, so the restored guest writes to the serial log path recorded there. Saving
@@ -78,7 +82,7 @@ use super::{
     VmmStatus,
 };
 use crate::config::{Accel, BackendKind, CacheMode, DiskConfig, DiskFormat, VmConfig};
-use crate::devices::{Capabilities, DeviceSet, Disk, MemoryBackend, MemoryKind};
+use crate::devices::{AgentChannel, Capabilities, DeviceSet, Disk, MemoryBackend, MemoryKind};
 use crate::net::NicBackend;
 use crate::process::VmmProcess;
 use std::path::{Path, PathBuf};
@@ -204,9 +208,23 @@ pub fn vm_config(
         backend: BackendKind::CloudHypervisor,
         feature,
     };
-    if devices.agent.is_some() {
-        return Err(unsupported("the guest agent over virtio-serial"));
-    }
+    let vsock = match &devices.agent {
+        None => None,
+        Some(AgentChannel::Vsock {
+            cid,
+            socket,
+            vhost_user: None,
+            ..
+        }) => Some(model::VsockConfig {
+            cid: u64::from(*cid),
+            socket: path_str(socket)?,
+            id: Some("vmrs-vsock".into()),
+        }),
+        Some(AgentChannel::Vsock { .. }) => return Err(unsupported("a vhost-user vsock device")),
+        Some(AgentChannel::VirtioSerial { .. }) => {
+            return Err(unsupported("the guest agent over virtio-serial"))
+        }
+    };
     let host_cpus = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
@@ -291,6 +309,7 @@ pub fn vm_config(
         rng: devices.entropy.then(|| model::RngConfig {
             src: "/dev/urandom".into(),
         }),
+        vsock,
         // Not `File`: Cloud Hypervisor's file has no size limit (a guest printing forever would
         // fill the host disk); its stdout is the capture's connection (see `launch`).
         serial: model::ConsoleConfig {
@@ -563,8 +582,10 @@ impl VmDriver for CloudHypervisorDriver {
             nic_tap: true,
             nic_switch: false,
             netns: true,
-            // The agent needs vsock here (hybrid vsock over the VM's Unix socket): not built yet.
-            agent_transports: &[],
+            // The agent over vsock: Cloud Hypervisor's own device, hybrid vsock on the VM's
+            // Unix socket.
+            agent_transports: &[crate::devices::AgentTransport::Vsock],
+            agent_default: false,
             shared_dirs: true,
             entropy: true,
             memory: &[MemoryKind::Anonymous, MemoryKind::Memfd],
@@ -853,6 +874,43 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn vsock_agent(vhost_user: Option<&str>) -> AgentChannel {
+        AgentChannel::Vsock {
+            cid: 3,
+            port: 1024,
+            socket: "/v/agent.sock".into(),
+            vhost_user: vhost_user.map(Into::into),
+            process_log: None,
+        }
+    }
+
+    #[test]
+    fn the_agent_is_a_vsock_device_and_virtio_serial_is_refused() {
+        let cfg = VmConfig::builder("a").kernel("/k").build_unchecked();
+        let mut devices = DeviceSet {
+            agent: Some(vsock_agent(None)),
+            ..DeviceSet::default()
+        };
+        let body = vm_config_body(&cfg, &devices, Path::new("/k"), &[]).expect("body");
+        assert_eq!(
+            body["vsock"],
+            serde_json::json!({"cid": 3, "socket": "/v/agent.sock", "id": "vmrs-vsock"})
+        );
+        devices.agent = Some(vsock_agent(Some("/v/vhost.sock")));
+        assert!(matches!(
+            vm_config(&cfg, &devices, Path::new("/k"), &[]),
+            Err(DriverError::Unsupported { .. })
+        ));
+        devices.agent = Some(AgentChannel::VirtioSerial {
+            socket: "/v/agent.sock".into(),
+            process_log: None,
+        });
+        assert!(matches!(
+            vm_config(&cfg, &devices, Path::new("/k"), &[]),
+            Err(DriverError::Unsupported { .. })
+        ));
+    }
 
     fn devices_of(cfg: &VmConfig) -> DeviceSet {
         DeviceSet {

@@ -31,6 +31,9 @@ pub struct VmConfig {
     /// Entropy device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rng: Option<RngConfig>,
+    /// The vsock device (hybrid vsock on a Unix socket: the guest agent's transport).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
     /// The serial port (`SerialConfig`).
     pub serial: ConsoleConfig,
     /// The virtio console.
@@ -171,6 +174,20 @@ pub struct NetConfig {
 pub struct RngConfig {
     /// Host entropy source.
     pub src: String,
+}
+
+/// `VsockConfig`: required `cid` (>= 3) and `socket`; the host connects to `socket` and says
+/// `CONNECT <port>\n` to reach a guest port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// Guest context id.
+    pub cid: u64,
+    /// The host-side Unix socket.
+    pub socket: String,
+    /// Device id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// `VmResize` (`PUT vm.resize`).

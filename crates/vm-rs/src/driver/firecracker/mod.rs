@@ -13,6 +13,7 @@
 //!  PUT  /drives/{id}               one per disk (raw images)
 //!  PUT  /network-interfaces/{id}   one per TAP NIC
 //!  PUT  /entropy                   virtio-rng
+//!  PUT  /vsock                     {guest_cid, uds_path}  the guest agent's transport (hybrid vsock)
 //!  PUT  /actions                   {"action_type": "InstanceStart"}      boots the guest
 //!  PATCH /vm                       {"state": "Paused" | "Resumed"}
 //!  PUT  /actions                   {"action_type": "SendCtrlAltDel"}     graceful stop
@@ -216,9 +217,30 @@ pub fn config_calls(
     if !devices.shared_dirs.is_empty() {
         return Err(unsupported("shared directories (virtio-fs)"));
     }
-    if devices.agent.is_some() {
-        return Err(unsupported("the guest agent over virtio-serial"));
-    }
+    let vsock = match &devices.agent {
+        None => None,
+        Some(crate::devices::AgentChannel::Vsock {
+            cid,
+            socket,
+            vhost_user: None,
+            ..
+        }) => Some(model::Vsock {
+            guest_cid: *cid,
+            uds_path: socket
+                .to_str()
+                .ok_or_else(|| DriverError::Io {
+                    path: socket.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "path is not valid utf-8"),
+                })?
+                .to_string(),
+        }),
+        Some(crate::devices::AgentChannel::Vsock { .. }) => {
+            return Err(unsupported("a vhost-user vsock device"))
+        }
+        Some(crate::devices::AgentChannel::VirtioSerial { .. }) => {
+            return Err(unsupported("the guest agent over virtio-serial"))
+        }
+    };
     if !matches!(devices.memory, MemoryBackend::Anonymous) {
         return Err(unsupported("shared or file-backed guest memory"));
     }
@@ -304,6 +326,10 @@ pub fn config_calls(
     }
     if devices.entropy {
         calls.push(("/entropy".to_string(), to_value("entropy", &EntropyDevice {})?));
+    }
+    if let Some(v) = vsock {
+        // the agent's transport: hybrid vsock on `uds_path`
+        calls.push(("/vsock".to_string(), to_value("vsock", &v)?));
     }
     Ok(calls)
 }
@@ -657,7 +683,9 @@ impl VmDriver for FirecrackerDriver {
             nic_tap: true,
             nic_switch: false,
             netns: true,
-            agent_transports: &[] as &[AgentTransport],
+            // The agent over vsock: Firecracker's device, hybrid vsock on the VM's Unix socket.
+            agent_transports: &[AgentTransport::Vsock],
+            agent_default: false,
             shared_dirs: false,
             entropy: true,
             memory: &[MemoryKind::Anonymous],
@@ -811,6 +839,45 @@ impl VmDriver for FirecrackerDriver {
 mod tests {
     use super::*;
     use crate::devices::Disk;
+
+    fn vsock_agent(vhost_user: Option<&str>) -> crate::devices::AgentChannel {
+        crate::devices::AgentChannel::Vsock {
+            cid: 3,
+            port: 1024,
+            socket: "/v/agent.sock".into(),
+            vhost_user: vhost_user.map(Into::into),
+            process_log: None,
+        }
+    }
+
+    #[test]
+    fn the_agent_is_a_vsock_device_and_virtio_serial_is_refused() {
+        let cfg = VmConfig::builder("a").kernel("/k").build_unchecked();
+        let mut devices = DeviceSet {
+            agent: Some(vsock_agent(None)),
+            ..DeviceSet::default()
+        };
+        let calls = config_calls(&cfg, &devices, Path::new("/k"), &[]).expect("calls");
+        let (path, body) = calls.last().expect("a call");
+        assert_eq!(path, "/vsock");
+        assert_eq!(
+            *body,
+            serde_json::json!({"guest_cid": 3, "uds_path": "/v/agent.sock"})
+        );
+        devices.agent = Some(vsock_agent(Some("/v/vhost.sock")));
+        assert!(matches!(
+            config_calls(&cfg, &devices, Path::new("/k"), &[]),
+            Err(DriverError::Unsupported { .. })
+        ));
+        devices.agent = Some(crate::devices::AgentChannel::VirtioSerial {
+            socket: "/v/agent.sock".into(),
+            process_log: None,
+        });
+        assert!(matches!(
+            config_calls(&cfg, &devices, Path::new("/k"), &[]),
+            Err(DriverError::Unsupported { .. })
+        ));
+    }
 
     #[test]
     fn calls_follow_the_api_document() {

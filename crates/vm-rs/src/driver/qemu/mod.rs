@@ -151,6 +151,7 @@ impl VmDriver for QemuDriver {
             nic_switch: true,
             netns: true,
             agent_transports: &[AgentTransport::VirtioSerial, AgentTransport::Vsock],
+            agent_default: true,
             // vhost-user-fs-device on a virtiofsd sidecar per share (guest RAM in a memfd)
             shared_dirs: true,
             entropy: true,

@@ -145,6 +145,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     nic_switch: false,
     netns: false,
     agent_transports: &[AgentTransport::VirtioSerial],
+    agent_default: true,
     shared_dirs: true,
     entropy: true,
     memory: &[MemoryKind::Anonymous],
