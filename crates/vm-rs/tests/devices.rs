@@ -144,7 +144,8 @@ fn features() -> Vec<Feature> {
             name: "guest agent required",
             apply: |_, o, _| o.require_agent = true,
             qemu: "virtserialport,bus=vmrs-vser0.0",
-            ch: "",
+            // Cloud Hypervisor's own vsock device (hybrid vsock on the VM's agent socket)
+            ch: "\"vsock\":{\"cid\":3,",
         },
     ]
 }
@@ -295,8 +296,11 @@ async fn refused_configs_leave_nothing_behind() {
     let mut c = base_config(&f, BackendKind::CloudHypervisor);
     c.accel = Accel::Tcg;
     cases.push((c, StartOptions::default()));
+    // an image VM asking for the virtio-serial agent: Cloud Hypervisor has only vsock
+    let mut c = base_config(&f, BackendKind::CloudHypervisor);
+    c.agent_transport = Some(vm_rs::devices::AgentTransport::VirtioSerial);
     cases.push((
-        base_config(&f, BackendKind::CloudHypervisor),
+        c,
         StartOptions {
             rootfs: Some(f.disk.clone()),
             require_agent: true,
