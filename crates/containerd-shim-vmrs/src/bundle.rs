@@ -136,6 +136,16 @@ pub fn rootfs_dir(bundle: &Path) -> PathBuf {
     bundle.join("rootfs")
 }
 
+/// The directory holding the container's root: the spec's `root.path` (relative to the
+/// bundle unless absolute), else `<bundle>/rootfs`.
+pub fn root_source(spec: &Spec, bundle: &Path) -> PathBuf {
+    match spec.root() {
+        Some(r) if r.path().is_absolute() => r.path().clone(),
+        Some(r) => bundle.join(r.path()),
+        None => rootfs_dir(bundle),
+    }
+}
+
 /// Mount containerd's rootfs mounts at `<bundle>/rootfs`, in order. Returns whether anything
 /// was mounted (no mounts: the bundle's rootfs directory is used as it is).
 pub async fn mount_rootfs(bundle: &Path, mounts: &[Mount]) -> Result<bool, BundleError> {

@@ -252,11 +252,7 @@ impl TaskService {
         let mounted = bundle::mount_rootfs(&bundle_dir, &req.rootfs)
             .await
             .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
-        let root_src = match spec.root() {
-            Some(r) if r.path().is_absolute() => r.path().clone(),
-            Some(r) => bundle_dir.join(r.path()),
-            None => bundle::rootfs_dir(&bundle_dir),
-        };
+        let root_src = bundle::root_source(spec, &bundle_dir);
         let mount = match bundle::bind_into_pod(dir, &req.id, &root_src) {
             Ok(m) => m,
             Err(e) => {
@@ -351,11 +347,7 @@ impl TaskService {
                 format!("cannot create {}: {e}", image.display()),
             ));
         }
-        let root_src = match spec.root() {
-            Some(r) if r.path().is_absolute() => r.path().clone(),
-            Some(r) => bundle_dir.join(r.path()),
-            None => bundle::rootfs_dir(&bundle_dir),
-        };
+        let root_src = bundle::root_source(&spec, &bundle_dir);
         if let Err(e) = vm_rs::rootfs::build_rootfs_from_dir(&root_src, &image).await {
             undo(Some(image)).await;
             return Err(err(
