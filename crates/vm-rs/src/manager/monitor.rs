@@ -497,8 +497,15 @@ impl VmEntry {
     }
 
     /// Record evidence about a coming exit (kept unless the new evidence is stronger).
+    ///
+    /// A requested kill is final: what the backend says after it (Cloud Hypervisor's event
+    /// stream ends with "exited without shutting down" once the process is gone, which can
+    /// arrive before the watcher's exit) is the kill's doing, not a guest error.
     pub(super) fn note_exit(&self, cause: ExitCause) {
         let mut cur = self.exit_cause.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(*cur, ExitCause::Requested(Operation::Kill)) {
+            return;
+        }
         if cause.rank() >= cur.rank() {
             *cur = cause;
         }

@@ -908,3 +908,27 @@ async fn snapshot_pauses_publishes_whole_and_a_failed_restore_leaves_nothing() {
     // the fake VMM (a sleep) goes with the VM, not with the test process
     assert_eq!(mgr.kill("v").await.unwrap(), VmState::Stopped);
 }
+
+#[tokio::test]
+async fn a_backend_error_after_a_requested_kill_is_still_the_kill() {
+    // Cloud Hypervisor's event stream ends with "exited without shutting down" once its process
+    // is gone; that can reach the manager before the watcher's exit does.
+    let home = Home::new();
+    let fake = Fake::new(Button::PowerOff);
+    let mgr = home.manager(&fake).await;
+    let h = started(&mgr, &home, "k").await;
+    wait_until("events subscriber", || fake.events.receiver_count() > 0).await;
+    let entry = mgr.entry("k").await.unwrap();
+    entry.request_exit(crate::state::Operation::Kill).await.unwrap();
+    entry
+        .on_event(VmmEvent::Error {
+            reason: "exited without shutting down (killed or crashed)".into(),
+        })
+        .await;
+    assert!(matches!(
+        entry.exit_cause(),
+        super::monitor::ExitCause::Requested(crate::state::Operation::Kill)
+    ));
+    Fake::end_vmm(&h);
+    assert_eq!(finished(&mgr, "k").await, VmState::Stopped);
+}
