@@ -39,6 +39,7 @@ binaries=(
     "ctr containerd"
     "runc runc"
     "protoc protobuf-compiler"
+    "slirp4netns slirp4netns"
 )
 
 mapfile -t pkgs < <(grep -v '^\s*#' scripts/apt-packages.txt | sed 's/#.*//' | xargs -n1 | sort -u)

@@ -12,7 +12,7 @@
 //! | device | QEMU (microvm) | Cloud Hypervisor | Firecracker | VZ ([`crate::driver::vz::plan`]) |
 //! |--------|----------------|------------------|-------------|----|
 //! | [`Disk`] | `-blockdev` (JSON) + `virtio-blk-device` (serial) | `disks[]` (serial) | `/drives/{id}` (raw, no serial) | virtio-blk over a raw image (identifier) |
-//! | [`Nic`] user | `-netdev user` + `hostfwd` | refused (no user-mode NAT) | refused | NAT attachment (no published ports) |
+//! | [`Nic`] user | `-netdev user` + `hostfwd` | refused: a user-mode NIC left to `auto` becomes a TAP served by `slirp4netns` ([`crate::net::slirp`]) | the same | NAT attachment (no published ports) |
 //! | [`Nic`] tap | `-netdev tap` | `net[]` with `tap` | `/network-interfaces/{id}` | refused |
 //! | [`Nic`] switch | `-netdev dgram` (Unix) | refused | refused | refused |
 //! | [`AgentChannel`] | virtio-serial port on a Unix socket; or vsock: `vhost-user-vsock-device` on a `vhost-device-vsock` sidecar ([`crate::vsock`]) | vsock only: `vsock` {cid, socket} (hybrid vsock on the VM's Unix socket) | vsock only: `/vsock` {guest_cid, uds_path} | vsock, bridged by `vmrs-vz` |

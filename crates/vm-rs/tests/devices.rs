@@ -47,6 +47,16 @@ fn bridge(netns: Option<PathBuf>) -> NetworkAttachment {
     }
 }
 
+/// A user-mode NIC on the VMM's own stack (which Cloud Hypervisor lacks).
+fn vmm_user() -> NetworkAttachment {
+    NetworkAttachment::User {
+        port_forwards: vec![],
+        mac: None,
+        address: GuestAddress::Auto,
+        via: vm_rs::config::UserNat::Vmm,
+    }
+}
+
 /// A feature of a config, with how to turn it on and what its rendering must contain.
 struct Feature {
     name: &'static str,
@@ -114,7 +124,27 @@ fn features() -> Vec<Feature> {
                     )]))
             },
             qemu: "hostfwd=tcp:127.0.0.1:18080-10.0.2.15:80",
+            // Cloud Hypervisor has no user-mode network: slirp4netns serves its TAP
+            ch: "\"tap\":\"vmrs",
+        },
+        Feature {
+            name: "user network on the vmm's own stack",
+            apply: |c, _, _| c.networks.push(vmm_user()),
+            qemu: "user,id=net0,net=10.0.2.0/24",
             ch: "",
+        },
+        Feature {
+            name: "user network through slirp4netns",
+            apply: |c, _, _| {
+                c.networks.push(NetworkAttachment::User {
+                    port_forwards: vec![],
+                    mac: None,
+                    address: GuestAddress::Auto,
+                    via: vm_rs::config::UserNat::Slirp4netns,
+                })
+            },
+            qemu: "tap,id=net0,ifname=vmrs",
+            ch: "\"tap\":\"vmrs",
         },
         Feature {
             name: "bridge network",
@@ -291,7 +321,7 @@ async fn refused_configs_leave_nothing_behind() {
     c.networks = vec![bridge(Some(ns.path())), NetworkAttachment::switch("lab")];
     cases.push((c, StartOptions::default()));
     let mut c = base_config(&f, BackendKind::CloudHypervisor);
-    c.networks = vec![NetworkAttachment::user(vec![])];
+    c.networks = vec![vmm_user()];
     cases.push((c, StartOptions::default()));
     let mut c = base_config(&f, BackendKind::CloudHypervisor);
     c.accel = Accel::Tcg;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use support::netns::TestNetns;
 use support::{net_guest, wait_until, TestHome, BOOT_TIMEOUT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use vm_rs::config::{GuestAddress, NetworkAttachment, PortForward};
+use vm_rs::config::{GuestAddress, NetworkAttachment, PortForward, UserNat};
 use vm_rs::{VmConfig, VmManager};
 
 /// Kills the switch and forwarder sidecars recorded under a home when dropped (the VMMs are
@@ -115,46 +115,101 @@ fn free_port() -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_mode_reaches_host_and_published_port_reaches_guest() {
+    user_mode_both_ways(UserNat::Vmm, "user1").await;
+}
+
+/// The same network through a slirp4netns sidecar (what Cloud Hypervisor and Firecracker get):
+/// the same addresses both ways; the VMM runs in the VM's own namespace, which goes with the
+/// sidecar when the VM stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slirp4netns_user_mode_reaches_host_and_published_port_reaches_guest() {
+    let (home, dir, sidecar) = user_mode_both_ways(UserNat::Slirp4netns, "slirp1").await;
+    assert!(
+        !sidecar.expect("slirp4netns record").is_alive(),
+        "slirp4netns still running"
+    );
+    assert!(!dir.join("netns").exists(), "namespace file left");
+    assert!(
+        !std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .contains(home.path().to_str().expect("utf-8")),
+        "a mount under the home is left"
+    );
+}
+
+/// Boot a VM on a user-mode network served by `via`, fetch from a host server through the
+/// gateway, fetch from the guest through a published port, stop; returns the home, the VM
+/// directory and the `slirp4netns` record the VM had.
+async fn user_mode_both_ways(
+    via: UserNat,
+    name: &str,
+) -> (
+    TestHome,
+    std::path::PathBuf,
+    Option<vm_rs::net::sidecar::SidecarRecord>,
+) {
     let home = TestHome::new();
     let _sidecars = SidecarGuard(home.path().to_path_buf());
     let mgr = VmManager::with_home(home.path()).await.expect("manager");
     let token = format!("host-page-{}", std::process::id());
     let (srv, _h) = host_http_server(token.clone()).await;
     let published = free_port();
-    let nets = vec![NetworkAttachment::user(vec![PortForward::tcp(published, 80)])];
+    let nets = vec![NetworkAttachment::User {
+        port_forwards: vec![PortForward::tcp(published, 80)],
+        mac: None,
+        address: GuestAddress::Auto,
+        via,
+    }];
     let cmdline = format!("nettest.httpd=1 nettest.fetch=http://10.0.2.2:{}/", srv.port());
-    mgr.start(config("user1", &cmdline, nets).await)
+    mgr.start(config(name, &cmdline, nets).await)
         .await
         .expect("start");
-    let ip = mgr.wait_ready("user1", BOOT_TIMEOUT).await.expect("ready");
+    let ip = mgr.wait_ready(name, BOOT_TIMEOUT).await.expect("ready");
     assert_eq!(
         ip.to_string(),
         "10.0.2.15",
         "readiness marker carries the guest address"
     );
     // guest -> host through the gateway address
-    let line = wait_serial(&mgr, "user1", "NETTEST fetch", Duration::from_secs(60))
+    let line = wait_serial(&mgr, name, "NETTEST fetch", Duration::from_secs(60))
         .await
-        .unwrap_or_else(|| panic!("no fetch result:\n{}", serial(&mgr, "user1")));
+        .unwrap_or_else(|| panic!("no fetch result:\n{}", serial(&mgr, name)));
     assert_eq!(
         line,
         format!("NETTEST fetch ok: {token}"),
         "{}",
-        serial(&mgr, "user1")
+        serial(&mgr, name)
     );
     // host -> guest through the published port
-    wait_serial(&mgr, "user1", "NETTEST httpd up", Duration::from_secs(30))
+    wait_serial(&mgr, name, "NETTEST httpd up", Duration::from_secs(30))
         .await
         .expect("httpd up");
     let body = http_get(SocketAddr::from((Ipv4Addr::LOCALHOST, published)))
         .await
         .expect("published port answers");
     assert_eq!(body.trim(), "hello from 10.0.2.15");
-    mgr.stop("user1", Duration::from_secs(20)).await.expect("stop");
+    let dir = mgr.vm_dir(name);
+    let net = vm_rs::net::NetState::load(&dir)
+        .expect("net.json")
+        .expect("net state");
+    let sidecar = net.slirp.first().cloned();
+    if via == UserNat::Slirp4netns {
+        let rec = sidecar.as_ref().expect("a slirp4netns sidecar is recorded");
+        assert!(rec.is_alive());
+        assert!(net.own_netns && net.netns.as_deref() == Some(dir.join("netns").as_path()));
+        // the VMM runs in the VM's namespace, not the test's
+        let handle = mgr.handle(name).await.expect("handle").expect("live");
+        let ns_of = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/net")).expect("ns link");
+        assert_ne!(ns_of(handle.pid), ns_of(std::process::id()));
+    } else {
+        assert!(sidecar.is_none() && !net.own_netns);
+    }
+    mgr.stop(name, Duration::from_secs(20)).await.expect("stop");
     // the published port is closed with the VM
     assert!(tokio::net::TcpStream::connect(("127.0.0.1", published))
         .await
         .is_err());
+    (home, dir, sidecar)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,6 +223,7 @@ async fn user_mode_dhcp_lease_configures_the_guest() {
         port_forwards: vec![],
         mac: None,
         address: GuestAddress::Dhcp,
+        via: UserNat::Auto,
     }];
     let cmdline = format!("nettest.fetch=http://10.0.2.2:{}/", srv.port());
     mgr.start(config("dhcp1", &cmdline, nets).await)

@@ -9,7 +9,7 @@ mod network;
 mod validate;
 
 pub use network::{
-    AddrParseError, GuestAddress, Ipv4Cidr, MacAddr, NetworkAttachment, PortForward, Protocol,
+    AddrParseError, GuestAddress, Ipv4Cidr, MacAddr, NetworkAttachment, PortForward, Protocol, UserNat,
 };
 pub use validate::{
     bzimage_cmdline_size, check_kernel_cmdline, host_memory_mib, kernel_cmdline_limit, validate_disk,

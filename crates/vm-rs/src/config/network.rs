@@ -303,6 +303,56 @@ fn is_auto(a: &GuestAddress) -> bool {
     *a == GuestAddress::Auto
 }
 
+/// The stack behind a user-mode NIC ([`NetworkAttachment::User`]).
+///
+/// Both give the guest the same network: `10.0.2.0/24` by default, the host's loopback at
+/// `.2`, the host's resolver at `.3`, published ports forwarded to the guest address. They
+/// differ in who runs it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UserNat {
+    /// The VMM's own where it has one (QEMU's slirp, VZ's NAT), else `slirp4netns`
+    /// (Cloud Hypervisor, Firecracker). A started VM records which one it got.
+    #[default]
+    Auto,
+    /// The VMM's own user-mode network.
+    Vmm,
+    /// A `slirp4netns` sidecar (root): the VMM runs in a network namespace of the VM's own
+    /// whose TAP is bridged to the TAP `slirp4netns` serves; the sidecar runs sandboxed
+    /// (`--enable-sandbox --enable-seccomp`, in a private mount namespace) and publishes the
+    /// ports on the host. Works for every backend that takes TAP NICs.
+    Slirp4netns,
+}
+
+impl UserNat {
+    fn is_auto(&self) -> bool {
+        *self == UserNat::Auto
+    }
+
+    /// As the CLI spells it (`via=`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UserNat::Auto => "auto",
+            UserNat::Vmm => "vmm",
+            UserNat::Slirp4netns => "slirp4netns",
+        }
+    }
+}
+
+impl std::str::FromStr for UserNat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(UserNat::Auto),
+            "vmm" => Ok(UserNat::Vmm),
+            "slirp4netns" => Ok(UserNat::Slirp4netns),
+            other => Err(format!(
+                "unknown user-mode stack {other:?} (expected auto, vmm or slirp4netns)"
+            )),
+        }
+    }
+}
+
 /// How one guest NIC is connected. Stored in `config.json` with a `type` tag
 /// (`"user"`, `"tap"`, `"bridge"`, `"switch"`); unknown keys are rejected.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -322,6 +372,10 @@ pub enum NetworkAttachment {
         /// Guest addressing (default: static `10.0.2.15/24`).
         #[serde(default, skip_serializing_if = "is_auto")]
         address: GuestAddress,
+        /// Which stack does the NAT (default: the VMM's own where it has one, else
+        /// `slirp4netns`).
+        #[serde(default, skip_serializing_if = "UserNat::is_auto")]
+        via: UserNat,
     },
     /// A TAP device on the host (root): a point-to-point link between host and guest.
     Tap {
@@ -398,6 +452,7 @@ impl NetworkAttachment {
             port_forwards,
             mac: None,
             address: GuestAddress::Auto,
+            via: UserNat::Auto,
         }
     }
 
@@ -500,6 +555,7 @@ mod tests {
             port_forwards: vec![PortForward::tcp(8080, 80)],
             mac: None,
             address: GuestAddress::Auto,
+            via: crate::config::UserNat::Auto,
         };
         let j = serde_json::to_string(&a).expect("json");
         assert_eq!(

@@ -607,6 +607,8 @@ impl VmManager {
         let dir = self.vm_dir(&name);
         let choice = self.start_driver(&config, &dir, &opts)?;
         let driver = choice.driver.clone();
+        // recorded as run: which stack serves a user-mode NIC (inspect shows it)
+        config.networks = crate::net::resolve_user_nat(&config.networks, &driver.capabilities());
         // Planned (and refused) before anything exists on the host.
         let devices = plan_devices(&config, &dir, self.home(), &opts, driver.as_ref())?;
         match crate::paths::create_private_dir(&dir) {
@@ -750,7 +752,8 @@ impl VmManager {
         let net = if config.networks.is_empty() {
             None
         } else {
-            let st = crate::net::host::prepare(&self.inner.home, name, dir, &config.networks)
+            let networks = crate::net::resolve_user_nat(&config.networks, &driver.capabilities());
+            let st = crate::net::host::prepare(&self.inner.home, name, dir, &networks)
                 .await
                 .map_err(|source| ManagerError::Network {
                     name: name.clone(),
@@ -1272,13 +1275,21 @@ pub fn plan_devices(
         devices.disks.push(crate::rootfs::root_disk(dir));
     }
     if !config.networks.is_empty() {
-        let nics =
-            crate::net::plan(name, dir, home, &config.networks).map_err(|source| ManagerError::Network {
-                name: name.clone(),
-                source: source.into(),
-            })?;
+        let networks = crate::net::resolve_user_nat(&config.networks, &caps);
+        let net_err = |source: crate::net::host::HostError| ManagerError::Network {
+            name: name.clone(),
+            source,
+        };
+        let nics = crate::net::plan(name, dir, home, &networks).map_err(|e| net_err(e.into()))?;
         devices.nics = nics.iter().map(Nic::from).collect();
-        devices.netns = crate::net::vmm_netns(&config.networks).map(Path::to_path_buf);
+        devices.netns = if crate::net::uses_slirp(&networks) {
+            if crate::net::slirp::program().is_none() {
+                return Err(net_err(crate::net::slirp::SlirpError::NotFound.into()));
+            }
+            Some(crate::net::slirp::netns_path(dir))
+        } else {
+            crate::net::vmm_netns(&networks).map(Path::to_path_buf)
+        };
     }
     // The agent's channel (exec, copy): the configured transport, else the backend's first.
     let process_log = opts

@@ -531,6 +531,18 @@ fn check_snapshottable(
     if devices
         .nics
         .iter()
+        .any(|n| matches!(n.backend, NicBackend::Tap { slirp: Some(_), .. }))
+    {
+        return Err(refused(
+            snapshot,
+            format!(
+                "vm {vm:?} has a slirp4netns user-mode network: its connections live in the sidecar, which a snapshot cannot hold (not supported yet; the vmm's own user-mode network is)"
+            ),
+        ));
+    }
+    if devices
+        .nics
+        .iter()
         .any(|n| !matches!(n.backend, NicBackend::User { .. }))
     {
         return Err(refused(

@@ -88,6 +88,9 @@ pub enum HostError {
     /// A switch or forwarder sidecar failed.
     #[error("network sidecar")]
     Sidecar(#[from] SidecarError),
+    /// The `slirp4netns` user-mode network failed.
+    #[error(transparent)]
+    Slirp(#[from] super::slirp::SlirpError),
     /// Attachments of one VM name different namespaces.
     #[error("all tap and bridge networks of a vm must use the same namespace")]
     MixedNamespaces,
@@ -129,6 +132,7 @@ impl HostError {
             HostError::Io { source, .. } => K::of_io(source),
             HostError::Netns(e) => e.kind(),
             HostError::Sidecar(e) => e.kind(),
+            HostError::Slirp(e) => e.kind(),
             HostError::MixedNamespaces => K::Invalid,
             HostError::Foreign { .. } => K::Conflict,
             HostError::WrongKind { .. } => K::Invalid,
@@ -188,6 +192,12 @@ pub enum HostDevice {
         #[serde(default)]
         nat_table: Option<String>,
     },
+    /// The VM's own network namespace (a bind mount at `path`), for a `slirp4netns` NIC:
+    /// removing it removes the devices inside.
+    Netns {
+        /// The namespace file.
+        path: PathBuf,
+    },
 }
 
 /// Everything host-side about one VM's networking: persisted as `net.json` in the VM
@@ -203,6 +213,9 @@ pub struct NetState {
     /// Network namespace of the TAP/bridge devices (the VMM must run there).
     #[serde(default)]
     pub netns: Option<PathBuf>,
+    /// `netns` is the VM's own (made for a `slirp4netns` NIC, removed with the VM).
+    #[serde(default)]
+    pub own_netns: bool,
     /// The NICs.
     pub nics: Vec<NicPlan>,
     /// Devices created (in creation order).
@@ -214,6 +227,9 @@ pub struct NetState {
     /// Port-forward sidecars started.
     #[serde(default)]
     pub forwarders: Vec<SidecarRecord>,
+    /// `slirp4netns` sidecars started.
+    #[serde(default)]
+    pub slirp: Vec<SidecarRecord>,
 }
 
 impl NetState {
@@ -508,17 +524,25 @@ pub async fn prepare(
     attachments: &[NetworkAttachment],
 ) -> Result<NetState, HostError> {
     let nics = plan(vm_name, vm_dir, home, attachments)?;
+    // a slirp4netns NIC brings its own namespace (validated to be the only TAP of the VM)
+    let own_netns = nics
+        .iter()
+        .any(|n| matches!(n.backend, NicBackend::Tap { slirp: Some(_), .. }));
     // every TAP/bridge NIC must live in the same namespace (the VMM runs in it)
     let mut namespaces = attachments
         .iter()
         .filter(|a| a.needs_host_devices())
         .map(|a| a.netns().map(Path::to_path_buf));
-    let ns = namespaces.next().flatten();
+    let ns = if own_netns {
+        Some(super::slirp::netns_path(vm_dir))
+    } else {
+        namespaces.next().flatten()
+    };
     let mut namespaces = attachments
         .iter()
         .filter(|a| a.needs_host_devices())
         .map(|a| a.netns().map(Path::to_path_buf));
-    if namespaces.any(|n| n != ns) {
+    if !own_netns && namespaces.any(|n| n != ns) {
         return Err(HostError::MixedNamespaces);
     }
     let mut state = NetState {
@@ -526,10 +550,12 @@ pub async fn prepare(
         vm_name: vm_name.to_string(),
         home: home.to_path_buf(),
         netns: ns,
+        own_netns,
         nics,
         devices: Vec::new(),
         switches: Vec::new(),
         forwarders: Vec::new(),
+        slirp: Vec::new(),
     };
     state.save(vm_dir)?;
     match build(&mut state, attachments, vm_dir).await {
@@ -554,7 +580,12 @@ async fn build(
 ) -> Result<(), HostError> {
     let hid = home_id(&state.home);
     let ns = state.netns.clone();
-    let nl = if attachments.iter().any(NetworkAttachment::needs_host_devices) {
+    if let (true, Some(path)) = (state.own_netns, ns.clone()) {
+        state.devices.push(HostDevice::Netns { path: path.clone() });
+        state.save(vm_dir)?;
+        super::slirp::create_netns(&path).await?;
+    }
+    let nl = if state.own_netns || attachments.iter().any(NetworkAttachment::needs_host_devices) {
         Some(Netlink::open(ns.as_deref()).await?)
     } else {
         None
@@ -562,15 +593,32 @@ async fn build(
     let nics = state.nics.clone();
     for (nic, a) in nics.iter().zip(attachments) {
         match (&nic.backend, a) {
-            (NicBackend::Tap { ifname, bridge }, _) => {
+            (
+                NicBackend::Tap {
+                    ifname,
+                    bridge,
+                    slirp,
+                },
+                _,
+            ) => {
                 let Some(nl) = nl.as_ref() else { continue };
-                let bridge_index = match (bridge, a) {
-                    (Some(br), NetworkAttachment::Bridge { gateway, nat, .. }) => {
+                let bridge_index = match (bridge, a, slirp) {
+                    (Some(br), _, Some(_)) => Some(plain_bridge(nl, br).await?),
+                    (Some(br), NetworkAttachment::Bridge { gateway, nat, .. }, None) => {
                         Some(ensure_bridge(state, nl, &hid, br, *gateway, *nat).await?)
                     }
                     _ => None,
                 };
                 ensure_tap(state, nl, &hid, ifname, nic.index, bridge_index).await?;
+                if let (Some(sl), Some(br), Some(ns)) = (slirp, bridge_index, ns.as_deref()) {
+                    let rec = super::slirp::start(vm_dir, ns, sl.net).await?;
+                    state.slirp.push(rec);
+                    state.save(vm_dir)?;
+                    attach_up(nl, super::slirp::SLIRP_TAP, br).await?;
+                    for pf in &sl.port_forwards {
+                        super::slirp::add_hostfwd(vm_dir, pf, sl.guest).await?;
+                    }
+                }
                 if let (
                     NetworkAttachment::Tap {
                         host_address: Some(h),
@@ -679,6 +727,52 @@ async fn ensure_bridge(
     Ok(index)
 }
 
+/// A bridge with no address (inside a VM's own namespace), up; its index.
+#[cfg(target_os = "linux")]
+async fn plain_bridge(nl: &Netlink, name: &str) -> Result<u32, HostError> {
+    if nl.link_by_name(name).await?.is_none() {
+        match nl
+            .handle
+            .link()
+            .add(rtnetlink::LinkBridge::new(name).build())
+            .execute()
+            .await
+        {
+            Ok(()) => {}
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+            Err(e) => return Err(nl_op(format!("create bridge {name}"))(e)),
+        }
+    }
+    let m = nl
+        .link_by_name(name)
+        .await?
+        .ok_or_else(|| HostError::Foreign { name: name.into() })?;
+    check_kind(&m, name, "bridge")?;
+    nl.set(
+        rtnetlink::LinkUnspec::new_with_index(m.header.index).up().build(),
+        format!("bring {name} up"),
+    )
+    .await?;
+    Ok(m.header.index)
+}
+
+/// Enslave the existing link `name` to the bridge with index `bridge` and bring it up.
+#[cfg(target_os = "linux")]
+async fn attach_up(nl: &Netlink, name: &str, bridge: u32) -> Result<(), HostError> {
+    let link = nl
+        .link_by_name(name)
+        .await?
+        .ok_or_else(|| HostError::Foreign { name: name.into() })?;
+    nl.set(
+        rtnetlink::LinkUnspec::new_with_index(link.header.index)
+            .controller(bridge)
+            .up()
+            .build(),
+        format!("attach {name} to its bridge"),
+    )
+    .await
+}
+
 #[cfg(target_os = "linux")]
 async fn ensure_tap(
     state: &mut NetState,
@@ -740,14 +834,15 @@ pub async fn teardown(state: &NetState) -> Result<(), HostError> {
             first_err.get_or_insert(e);
         }
     };
-    for f in &state.forwarders {
+    for f in state.forwarders.iter().chain(&state.slirp) {
         keep(f.stop(Duration::from_secs(2)).await.map_err(HostError::from));
     }
     let planned_tap = state
         .nics
         .iter()
         .any(|n| matches!(n.backend, NicBackend::Tap { .. }));
-    if !state.devices.is_empty() || planned_tap {
+    // (the VM's own namespace goes as a whole, with everything in it)
+    if !state.own_netns && (!state.devices.is_empty() || planned_tap) {
         match Netlink::open(state.netns.as_deref()).await {
             Ok(nl) => {
                 for d in &state.devices {
@@ -770,6 +865,11 @@ pub async fn teardown(state: &NetState) -> Result<(), HostError> {
                 keep(delete_unrecorded_bridges(state, &nl).await);
             }
             Err(e) => keep(Err(e)),
+        }
+    }
+    for d in &state.devices {
+        if let HostDevice::Netns { path } = d {
+            keep(super::slirp::remove_netns(path).map_err(HostError::from));
         }
     }
     let dir = super::networks_dir(&state.home);
@@ -926,7 +1026,10 @@ pub async fn reconcile(
             let Ok(Some(state)) = NetState::load(&dir) else {
                 continue;
             };
-            if !namespaces.contains(&state.netns) && state.netns.as_deref().is_some_and(Path::exists) {
+            if !state.own_netns
+                && !namespaces.contains(&state.netns)
+                && state.netns.as_deref().is_some_and(Path::exists)
+            {
                 namespaces.push(state.netns.clone());
             }
             if !is_running(&state.vm_name) {
@@ -1045,6 +1148,14 @@ mod no_devices {
 
     pub(super) fn name_of(_m: &LinkMessage) -> Option<&str> {
         None
+    }
+
+    pub(super) async fn plain_bridge(_nl: &Netlink, _name: &str) -> Result<u32, HostError> {
+        Err(HostError::Unsupported { what: "a bridge" })
+    }
+
+    pub(super) async fn attach_up(_nl: &Netlink, _name: &str, _bridge: u32) -> Result<(), HostError> {
+        Err(HostError::Unsupported { what: "a bridge" })
     }
 
     pub(super) async fn ensure_bridge(

@@ -37,6 +37,7 @@ pub mod forward;
 pub mod host;
 pub mod netns;
 pub mod sidecar;
+pub mod slirp;
 pub mod spec;
 pub mod switch;
 
@@ -282,6 +283,10 @@ pub enum NicBackend {
         /// Bridge it is attached to.
         #[serde(default)]
         bridge: Option<String>,
+        /// A user-mode NIC served by `slirp4netns` ([`slirp`]): the TAP and the bridge live in
+        /// the VM's own network namespace.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slirp: Option<slirp::SlirpNic>,
     },
     /// A port on a switch network.
     Switch {
@@ -356,6 +361,7 @@ fn check_socket_path(path: &Path) -> Result<(), NetError> {
 /// combinations. [`plan`] calls this; the manager may call it earlier to fail fast.
 pub fn validate(attachments: &[NetworkAttachment]) -> Result<(), NetError> {
     let mut seen = std::collections::HashSet::new();
+    let mut slirp_nics = 0;
     for (index, a) in attachments.iter().enumerate() {
         for pf in a.port_forwards() {
             if !seen.insert((pf.bind_ip(), pf.host_port, pf.protocol)) {
@@ -383,13 +389,35 @@ pub fn validate(attachments: &[NetworkAttachment]) -> Result<(), NetError> {
             }
         }
         match a {
-            NetworkAttachment::User { port_forwards, .. } => {
+            NetworkAttachment::User {
+                port_forwards, via, ..
+            } => {
                 if port_forwards.iter().any(|p| p.bind_ip().is_ipv6()) {
                     return Err(NetError::Unsupported {
                         index,
                         kind: a.kind(),
                         what: "publishing on an ipv6 host address".into(),
                     });
+                }
+                if *via == crate::config::UserNat::Slirp4netns {
+                    slirp_nics += 1;
+                    if slirp_nics > 1 {
+                        return Err(NetError::Unsupported {
+                            index,
+                            kind: a.kind(),
+                            what: "a second slirp4netns user-mode network".into(),
+                        });
+                    }
+                    if let Some(host) = attachments.iter().position(NetworkAttachment::needs_host_devices) {
+                        return Err(NetError::Unsupported {
+                            index,
+                            kind: a.kind(),
+                            what: format!(
+                                "slirp4netns beside a {} network (nic {host}): the vmm runs in the slirp4netns network's own namespace",
+                                attachments[host].kind()
+                            ),
+                        });
+                    }
                 }
             }
             NetworkAttachment::Tap { ifname, .. } => {
@@ -441,6 +469,7 @@ pub fn plan_nic(
         NetworkAttachment::User {
             port_forwards,
             address,
+            via,
             ..
         } => {
             let (net, guest_addr) = match address {
@@ -473,16 +502,25 @@ pub fn plan_nic(
                     dns: vec![dns],
                 },
             };
-            (
-                NicBackend::User {
+            let backend = match via {
+                crate::config::UserNat::Slirp4netns => NicBackend::Tap {
+                    ifname: tap_name(vm_name, index),
+                    bridge: Some(slirp::BRIDGE.to_string()),
+                    slirp: Some(slirp::SlirpNic {
+                        net,
+                        guest: guest_addr,
+                        port_forwards: port_forwards.clone(),
+                    }),
+                },
+                _ => NicBackend::User {
                     net,
                     host,
                     dns,
                     guest: guest_addr,
                     port_forwards: port_forwards.clone(),
                 },
-                guest,
-            )
+            };
+            (backend, guest)
         }
         NetworkAttachment::Tap {
             ifname,
@@ -521,7 +559,14 @@ pub fn plan_nic(
                     ))
                 }
             };
-            (NicBackend::Tap { ifname, bridge: None }, guest)
+            (
+                NicBackend::Tap {
+                    ifname,
+                    bridge: None,
+                    slirp: None,
+                },
+                guest,
+            )
         }
         NetworkAttachment::Bridge {
             bridge,
@@ -548,6 +593,7 @@ pub fn plan_nic(
                 NicBackend::Tap {
                     ifname: tap_name(vm_name, index),
                     bridge: Some(bridge.clone()),
+                    slirp: None,
                 },
                 guest,
             )
@@ -602,6 +648,53 @@ pub fn vmm_netns(attachments: &[NetworkAttachment]) -> Option<&Path> {
         .iter()
         .filter(|a| a.needs_host_devices())
         .find_map(|a| a.netns())
+}
+
+/// The attachments as a backend with `caps` runs them: a user-mode NIC left to
+/// [`UserNat::Auto`](crate::config::UserNat::Auto) gets the VMM's own stack where the backend
+/// has one, else `slirp4netns` ([`slirp`]) where it takes TAP NICs in a network namespace
+/// (else it stays as it is, and the capability check refuses it).
+pub fn resolve_user_nat(
+    attachments: &[NetworkAttachment],
+    caps: &crate::devices::Capabilities,
+) -> Vec<NetworkAttachment> {
+    use crate::config::UserNat;
+    attachments
+        .iter()
+        .map(|a| match a {
+            NetworkAttachment::User {
+                port_forwards,
+                mac,
+                address,
+                via: UserNat::Auto,
+            } => NetworkAttachment::User {
+                port_forwards: port_forwards.clone(),
+                mac: *mac,
+                address: *address,
+                via: if caps.nic_user {
+                    UserNat::Vmm
+                } else if caps.nic_tap && caps.netns {
+                    UserNat::Slirp4netns
+                } else {
+                    UserNat::Auto
+                },
+            },
+            other => other.clone(),
+        })
+        .collect()
+}
+
+/// Whether any of the attachments is a user-mode NIC served by `slirp4netns`.
+pub fn uses_slirp(attachments: &[NetworkAttachment]) -> bool {
+    attachments.iter().any(|a| {
+        matches!(
+            a,
+            NetworkAttachment::User {
+                via: crate::config::UserNat::Slirp4netns,
+                ..
+            }
+        )
+    })
 }
 
 /// Resolve all NICs of a VM (after [`validate`]).
@@ -706,6 +799,7 @@ mod tests {
             port_forwards: vec![],
             mac: None,
             address: GuestAddress::Dhcp,
+            via: crate::config::UserNat::Auto,
         };
         let p = plan_nic(&dhcp, 1, "vm", Path::new("/d/vms/vm"), Path::new("/d")).expect("plan");
         assert_eq!(p.guest_cmdline(), vec!["vmrs.ip.eth1=dhcp"]);
@@ -737,7 +831,7 @@ mod tests {
         };
         let p = plan_nic(&br, 0, "vm", Path::new("/d/vms/vm"), Path::new("/d")).expect("plan");
         assert!(
-            matches!(&p.backend, NicBackend::Tap { ifname, bridge: Some(b) } if *ifname == tap_name("vm", 0) && b == "vmrsbr0"),
+            matches!(&p.backend, NicBackend::Tap { ifname, bridge: Some(b), .. } if *ifname == tap_name("vm", 0) && b == "vmrsbr0"),
             "{:?}",
             p.backend
         );

@@ -119,9 +119,10 @@ pub fn parse_network(spec: &str) -> Result<Option<NetworkAttachment>, NetError> 
     let mut gateway = None;
     let mut nat = false;
     let mut subnet = None;
+    let mut via = crate::config::UserNat::Auto;
     let allowed: &[&str] = match kind {
         "none" => &[],
-        "user" => &["ip", "mac"],
+        "user" => &["ip", "mac", "via"],
         "tap" => &["host", "ip", "dns", "mac", "netns"],
         "bridge" => &["gateway", "nat", "ip", "dns", "mac", "netns"],
         "switch" => &["subnet", "ip", "mac"],
@@ -153,6 +154,7 @@ pub fn parse_network(spec: &str) -> Result<Option<NetworkAttachment>, NetError> 
             "gateway" => gateway = Some(parse_value(spec, k, need()?)?),
             "subnet" => subnet = Some(parse_value(spec, k, need()?)?),
             "netns" => netns = Some(PathBuf::from(need()?)),
+            "via" => via = need()?.parse().map_err(|e: String| net_err(spec, e))?,
             "dns" => {
                 for d in need()?.split('+') {
                     dns.push(parse_value::<Ipv4Addr>(spec, k, d)?);
@@ -177,6 +179,7 @@ pub fn parse_network(spec: &str) -> Result<Option<NetworkAttachment>, NetError> 
                 port_forwards: Vec::new(),
                 mac,
                 address,
+                via,
             }
         }
         "tap" => NetworkAttachment::Tap {

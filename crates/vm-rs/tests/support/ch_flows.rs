@@ -428,6 +428,20 @@ pub fn shared() -> Vec<(&'static str, Flow)> {
     ]
 }
 
+/// Through the manager: the default user-mode network with a published port runs through
+/// slirp4netns (see [`super::manager_user_network`]).
+pub async fn manager_user_network(bin: PathBuf) {
+    let _ = bin;
+    let home = super::TestHome::new();
+    let guest = super::pvh_guest::write(home.path());
+    let port = super::free_tcp_port();
+    let mut config = manager_config("net", &guest);
+    config.networks = vec![vm_rs::config::NetworkAttachment::user(vec![
+        vm_rs::config::PortForward::tcp(port, 80),
+    ])];
+    super::manager_user_network(config, port).await;
+}
+
 /// A manager-level config booting the PVH guest on Cloud Hypervisor.
 fn manager_config(name: &str, guest: &Path) -> VmConfig {
     VmConfig::builder(name)
@@ -610,6 +624,7 @@ pub fn manager() -> Vec<(&'static str, Flow)> {
         ("manager_reattach", |b| Box::pin(manager_reattach(b))),
         ("manager_bad_config", |b| Box::pin(manager_bad_config(b))),
         ("manager_kill9_failed", |b| Box::pin(manager_kill9_failed(b))),
+        ("manager_user_network", |b| Box::pin(manager_user_network(b))),
         ("manager_guest_power_off", |b| {
             Box::pin(manager_guest_power_off(b))
         }),

@@ -575,6 +575,20 @@ pub fn shared() -> Vec<(&'static str, Flow)> {
     ]
 }
 
+/// Through the manager: the default user-mode network with a published port runs through
+/// slirp4netns (see [`super::manager_user_network`]).
+pub async fn manager_user_network(bin: PathBuf) {
+    let _ = bin;
+    let home = super::TestHome::new();
+    let guest = super::pvh_guest::write(home.path());
+    let port = super::free_tcp_port();
+    let mut config = manager_config("net", &guest);
+    config.networks = vec![vm_rs::config::NetworkAttachment::user(vec![
+        vm_rs::config::PortForward::tcp(port, 80),
+    ])];
+    super::manager_user_network(config, port).await;
+}
+
 /// A manager-level config booting the PVH guest on Firecracker.
 fn manager_config(name: &str, guest: &Path) -> VmConfig {
     VmConfig::builder(name)
@@ -672,15 +686,22 @@ pub async fn manager_reattach(bin: PathBuf) {
     );
 }
 
-/// Through the manager: what Firecracker lacks (user-mode NAT, shared directories, qcow2) is
-/// refused before anything is created, with the reason.
+/// Through the manager: what Firecracker lacks (user-mode NAT of its own, shared directories,
+/// qcow2) is refused before anything is created, with the reason; so is the default user-mode
+/// network when slirp4netns is missing.
 pub async fn manager_refuses_what_firecracker_lacks(bin: PathBuf) {
     let _ = bin;
     let home = super::TestHome::new();
     let guest = super::pvh_guest::write(home.path());
     let mgr = vm_rs::VmManager::with_home(home.path()).await.expect("manager");
+    // the VMM's own user-mode network, asked for by name (the default gets slirp4netns)
     let mut user = manager_config("nat", &guest);
-    user.networks = vec![vm_rs::config::NetworkAttachment::user(vec![])];
+    user.networks = vec![vm_rs::config::NetworkAttachment::User {
+        port_forwards: vec![],
+        mac: None,
+        address: vm_rs::config::GuestAddress::Auto,
+        via: vm_rs::config::UserNat::Vmm,
+    }];
     let mut share = manager_config("share", &guest);
     share.shared_dirs = vec![vm_rs::config::SharedDir::new(home.path(), "/mnt", "share")];
     let qcow = home.path().join("d.qcow2");
@@ -717,6 +738,23 @@ pub async fn manager_refuses_what_firecracker_lacks(bin: PathBuf) {
             "{name} left a directory"
         );
     }
+    // no slirp4netns: the default network is refused up front too, naming what is missing
+    // (each flow runs in a process of its own under nextest, so the variable stays here)
+    std::env::set_var("VMRS_SLIRP4NETNS", home.path().join("no-such-slirp4netns"));
+    let mut nat = manager_config("noslirp", &guest);
+    nat.networks = vec![vm_rs::config::NetworkAttachment::user(vec![])];
+    let err = mgr.start(nat).await.expect_err("refused without slirp4netns");
+    std::env::remove_var("VMRS_SLIRP4NETNS");
+    let mut msg = err.to_string();
+    let mut src = std::error::Error::source(&err);
+    while let Some(e) = src {
+        msg.push_str(": ");
+        msg.push_str(&e.to_string());
+        src = e.source();
+    }
+    assert!(msg.contains("slirp4netns, which was not found"), "{msg}");
+    assert_eq!(err.kind(), vm_rs::ErrorKind::NotFound, "{msg}");
+    assert!(!home.path().join("vms").join("noslirp").exists());
     assert!(mgr.list().await.expect("list").is_empty());
 }
 
@@ -725,6 +763,7 @@ pub fn manager() -> Vec<(&'static str, Flow)> {
     vec![
         ("manager_lifecycle", |b| Box::pin(manager_lifecycle(b))),
         ("manager_kill9_failed", |b| Box::pin(manager_kill9_failed(b))),
+        ("manager_user_network", |b| Box::pin(manager_user_network(b))),
         ("manager_guest_reset", |b| Box::pin(manager_guest_reset(b))),
         ("manager_reattach", |b| Box::pin(manager_reattach(b))),
         ("manager_refuses_what_firecracker_lacks", |b| {

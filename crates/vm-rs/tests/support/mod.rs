@@ -9,6 +9,7 @@ pub mod fc_flows;
 pub mod fc_peer;
 pub mod guest;
 pub mod http_peer;
+pub mod hybrid_vsock;
 pub mod net_guest;
 pub mod netns;
 pub mod oci_layout;
@@ -17,6 +18,7 @@ pub mod qemu;
 pub mod registry;
 pub mod registry_auth;
 
+pub use hybrid_vsock::serve_hybrid_vsock;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -129,21 +131,117 @@ pub fn test_config(name: &str) -> vm_rs::VmConfig {
 /// Generous boot timeout for TCG guests on a loaded 2-core machine.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// The hybrid-vsock socket of a VM, as Cloud Hypervisor and Firecracker serve it (for the peers): a host connection says
-/// `CONNECT <port>\n`; this peer runs no guest, so nothing listens on any guest port and the
-/// connection is closed after the request (what the binary does when the guest refuses).
-pub fn serve_hybrid_vsock(socket: &str) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(socket);
-    let listener = std::os::unix::net::UnixListener::bind(socket)?;
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                use std::io::{BufRead, Read};
-                let mut line = String::new();
-                let _ = std::io::BufReader::new((&conn).take(64)).read_line(&mut line);
-                // no guest listener: the connection ends without "OK <port>"
-            });
-        }
-    });
-    Ok(())
+/// Through the manager, on a backend without user-mode networking of its own (Cloud
+/// Hypervisor, Firecracker): `config` (whose one network is the default user-mode NIC with
+/// `published` published) gets `slirp4netns`: recorded as such, the VMM runs in the VM's own
+/// namespace, where its TAP and the sidecar's share a bridge; the port is open on the host;
+/// stop leaves no sidecar, namespace or open port.
+pub async fn manager_user_network(config: vm_rs::VmConfig, published: u16) {
+    use vm_rs::config::{NetworkAttachment, UserNat};
+    let home = TestHome::new();
+    let mgr = vm_rs::VmManager::with_home(home.path()).await.expect("manager");
+    let name = config.name.clone();
+    mgr.start(config).await.expect("start");
+    mgr.wait_ready(&name, Duration::from_secs(20))
+        .await
+        .expect("ready");
+    let dir = mgr.vm_dir(&name);
+    let recorded: vm_rs::VmConfig =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).expect("config")).expect("json");
+    assert!(
+        matches!(
+            recorded.networks.as_slice(),
+            [NetworkAttachment::User {
+                via: UserNat::Slirp4netns,
+                ..
+            }]
+        ),
+        "{:?}",
+        recorded.networks
+    );
+    let net = vm_rs::net::NetState::load(&dir)
+        .expect("net.json")
+        .expect("state");
+    let sidecar = net.slirp.first().cloned().expect("slirp4netns record");
+    assert!(sidecar.is_alive());
+    let ns_file = dir.join("netns");
+    assert_eq!(net.netns.as_deref(), Some(ns_file.as_path()));
+    let handle = mgr.handle(&name).await.expect("handle").expect("live");
+    use std::os::unix::fs::MetadataExt;
+    let vmm_ns = std::fs::metadata(format!("/proc/{}/ns/net", handle.pid)).expect("vmm ns");
+    let file_ns = std::fs::metadata(&ns_file).expect("ns file");
+    assert_eq!(
+        (vmm_ns.dev(), vmm_ns.ino()),
+        (file_ns.dev(), file_ns.ino()),
+        "vmm not in the vm's namespace"
+    );
+    let mine = std::fs::metadata("/proc/self/ns/net").expect("own ns");
+    assert_ne!(mine.ino(), vmm_ns.ino());
+    // inside: the VM's TAP and the sidecar's on one bridge
+    let tap = match &net.nics[0].backend {
+        vm_rs::net::NicBackend::Tap { ifname, .. } => ifname.clone(),
+        other => panic!("{other:?}"),
+    };
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", ns_file.display()))
+        .args(["ip", "-o", "link", "show", "master", vm_rs::net::slirp::BRIDGE])
+        .output()
+        .expect("ip");
+    let links = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        links.contains(&format!(" {tap}:")) && links.contains(&format!(" {}:", vm_rs::net::slirp::SLIRP_TAP)),
+        "{links}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::net::TcpStream::connect(("127.0.0.1", published))
+        .await
+        .expect("published port is open");
+    // a new manager (as in a new process) stops it and removes what the network made
+    let restart_config = recorded.clone();
+    drop(mgr);
+    let mgr = vm_rs::VmManager::with_home(home.path()).await.expect("manager 2");
+    mgr.stop(&name, Duration::from_secs(1)).await.expect("stop");
+    assert!(!sidecar.is_alive(), "slirp4netns still running");
+    assert!(!ns_file.exists(), "namespace file left");
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", published))
+        .await
+        .is_err());
+    mgr.remove(&name, false).await.expect("rm");
+    // kill -9 of the VMM: the VM fails, and its network goes with it
+    let mut second = restart_config;
+    second.name = format!("{name}-2");
+    second.serial_log = None;
+    let name = second.name.clone();
+    mgr.start(second).await.expect("start 2");
+    mgr.wait_ready(&name, Duration::from_secs(20))
+        .await
+        .expect("ready 2");
+    let dir = mgr.vm_dir(&name);
+    let sidecar = vm_rs::net::NetState::load(&dir)
+        .expect("net.json")
+        .and_then(|n| n.slirp.first().cloned())
+        .expect("slirp4netns record");
+    let handle = mgr.handle(&name).await.expect("handle").expect("live");
+    vm_rs::process::VmmProcess::attach(handle.pid, handle.start_time)
+        .expect("attach")
+        .kill()
+        .expect("kill -9");
+    let failed = wait_until(Duration::from_secs(20), || !sidecar.is_alive()).await;
+    assert!(failed, "slirp4netns outlived its vmm");
+    assert!(matches!(
+        mgr.state(&name).await.expect("state"),
+        vm_rs::VmState::Failed { .. }
+    ));
+    assert!(!dir.join("netns").exists(), "namespace file left after the crash");
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", published))
+        .await
+        .is_err());
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }

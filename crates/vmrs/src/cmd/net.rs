@@ -12,7 +12,8 @@ use vm_rs::net::{sidecar, spec};
 #[derive(Debug, Args, Default, Clone)]
 pub struct NetArgs {
     /// Attach a NIC (repeatable, in order eth0, eth1, ...). SPEC is one of
-    /// `user[,ip=dhcp|CIDR][,mac=M]` (user-mode NAT, the default),
+    /// `user[,ip=dhcp|CIDR][,mac=M][,via=vmm|slirp4netns]` (user-mode NAT, the default; the
+    /// VMM's own, else slirp4netns on backends without one),
     /// `tap[=IFNAME][,host=CIDR][,ip=..][,dns=A+B][,netns=PATH]`,
     /// `bridge=NAME,gateway=CIDR[,nat][,ip=..][,dns=..][,netns=PATH]`,
     /// `switch=NETWORK[,subnet=CIDR][,ip=..]`, or `none`.

@@ -380,6 +380,7 @@ mod tests {
             port_forwards: vec![],
             mac: None,
             address: GuestAddress::Static("10.0.2.40/24".parse().expect("cidr")),
+            via: crate::config::UserNat::Auto,
         }];
         let e = CAPABILITIES
             .check(BackendKind::Vz, &cfg, &DeviceSet::default())
@@ -399,6 +400,7 @@ mod tests {
             }],
             mac: None,
             address: GuestAddress::Static("10.0.2.40/24".parse().expect("cidr")),
+            via: crate::config::UserNat::Auto,
         }];
         use crate::driver::VmDriver;
         crate::driver::qemu::QemuDriver::new()

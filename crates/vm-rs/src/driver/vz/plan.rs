@@ -717,6 +717,7 @@ mod tests {
             backend: NicBackend::Tap {
                 ifname: "vmrs0".into(),
                 bridge: None,
+                slirp: None,
             },
             ..user_nic(0, vec![])
         };
@@ -1071,6 +1072,7 @@ mod tests {
                 port_forwards: vec![],
                 mac: None,
                 address: GuestAddress::Static("10.0.5.20/24".parse().expect("cidr")),
+                via: crate::config::UserNat::Auto,
             },
         ];
         let devices = DeviceSet {
@@ -1086,6 +1088,7 @@ mod tests {
             port_forwards: vec![],
             mac: None,
             address: GuestAddress::Dhcp,
+            via: crate::config::UserNat::Auto,
         };
         let devices = DeviceSet {
             nics: vec![user_nic(0, vec![]), user_nic(1, vec![])],
