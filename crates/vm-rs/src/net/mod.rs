@@ -502,6 +502,9 @@ pub fn plan_nic(
                     dns: vec![dns],
                 },
             };
+            if *via == crate::config::UserNat::Slirp4netns {
+                check_socket_path(&vm_dir.join(slirp::API_SOCKET))?;
+            }
             let backend = match via {
                 crate::config::UserNat::Slirp4netns => NicBackend::Tap {
                     ifname: tap_name(vm_name, index),
@@ -795,6 +798,75 @@ mod tests {
             p.guest_cmdline(),
             vec!["vmrs.ip=10.0.2.15/24", "vmrs.gw=10.0.2.2", "vmrs.dns=10.0.2.3"]
         );
+        // slirp4netns: a TAP on the namespace's bridge, the same guest addressing as QEMU's
+        let slirp = NetworkAttachment::User {
+            port_forwards: vec![PortForward::tcp(8080, 80)],
+            mac: None,
+            address: GuestAddress::Auto,
+            via: crate::config::UserNat::Slirp4netns,
+        };
+        let p = plan_nic(&slirp, 0, "vm", Path::new("/d/vms/vm"), Path::new("/d")).expect("plan");
+        match &p.backend {
+            NicBackend::Tap {
+                ifname,
+                bridge: Some(b),
+                slirp: Some(s),
+            } => {
+                assert_eq!(ifname, &tap_name("vm", 0));
+                assert_eq!(b, slirp::BRIDGE);
+                assert_eq!(s.guest, Ipv4Addr::new(10, 0, 2, 15));
+                assert_eq!(s.port_forwards, vec![PortForward::tcp(8080, 80)]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            p.guest_cmdline(),
+            vec!["vmrs.ip=10.0.2.15/24", "vmrs.gw=10.0.2.2", "vmrs.dns=10.0.2.3"]
+        );
+        let deep = Path::new("/d").join("x".repeat(100));
+        assert!(matches!(
+            plan_nic(&slirp, 0, "vm", &deep, Path::new("/d")),
+            Err(NetError::SocketPathTooLong { .. })
+        ));
+        // one slirp4netns NIC per VM, and none beside host TAPs (the VMM has one namespace)
+        assert!(validate(&[slirp.clone(), slirp.clone()]).is_err());
+        let tap = NetworkAttachment::Tap {
+            ifname: None,
+            host_address: Some("10.9.0.1/30".parse().expect("cidr")),
+            address: GuestAddress::Auto,
+            dns: vec![],
+            mac: None,
+            netns: None,
+        };
+        assert!(validate(&[slirp.clone(), tap]).is_err());
+        assert!(validate(&[slirp.clone(), NetworkAttachment::switch("lab")]).is_ok());
+        // auto: the VMM's own where the backend has one, else slirp4netns
+        let auto = NetworkAttachment::user(vec![]);
+        let qemu = crate::driver::VmDriver::capabilities(&crate::driver::qemu::QemuDriver::new());
+        assert!(matches!(
+            resolve_user_nat(std::slice::from_ref(&auto), &qemu).as_slice(),
+            [NetworkAttachment::User {
+                via: crate::config::UserNat::Vmm,
+                ..
+            }]
+        ));
+        let mut no_user = qemu.clone();
+        no_user.nic_user = false;
+        assert!(matches!(
+            resolve_user_nat(std::slice::from_ref(&auto), &no_user).as_slice(),
+            [NetworkAttachment::User {
+                via: crate::config::UserNat::Slirp4netns,
+                ..
+            }]
+        ));
+        no_user.netns = false;
+        assert!(matches!(
+            resolve_user_nat(std::slice::from_ref(&auto), &no_user).as_slice(),
+            [NetworkAttachment::User {
+                via: crate::config::UserNat::Auto,
+                ..
+            }]
+        ));
         let dhcp = NetworkAttachment::User {
             port_forwards: vec![],
             mac: None,

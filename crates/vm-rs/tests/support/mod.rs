@@ -226,16 +226,46 @@ pub async fn manager_user_network(config: vm_rs::VmConfig, published: u16) {
         .expect("attach")
         .kill()
         .expect("kill -9");
-    let failed = wait_until(Duration::from_secs(20), || !sidecar.is_alive()).await;
-    assert!(failed, "slirp4netns outlived its vmm");
-    assert!(matches!(
-        mgr.state(&name).await.expect("state"),
-        vm_rs::VmState::Failed { .. }
-    ));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let st = loop {
+        let st = mgr.state(&name).await.expect("state");
+        if !st.is_live() || Instant::now() > deadline {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(matches!(st, vm_rs::VmState::Failed { .. }), "{st:?}");
+    let gone = wait_until(Duration::from_secs(10), || !sidecar.is_alive()).await;
+    assert!(gone, "slirp4netns outlived its vmm");
     assert!(!dir.join("netns").exists(), "namespace file left after the crash");
     assert!(tokio::net::TcpStream::connect(("127.0.0.1", published))
         .await
         .is_err());
+    // kill -9 of the sidecar while the VM runs: the VM runs on (without a network), and
+    // `rm --force` still takes everything
+    let mut third = recorded.clone();
+    third.name = format!("{name}-3");
+    third.serial_log = None;
+    let name = third.name.clone();
+    mgr.start(third).await.expect("start 3");
+    mgr.wait_ready(&name, Duration::from_secs(20))
+        .await
+        .expect("ready 3");
+    let dir = mgr.vm_dir(&name);
+    let sidecar = vm_rs::net::NetState::load(&dir)
+        .expect("net.json")
+        .and_then(|n| n.slirp.first().cloned())
+        .expect("slirp4netns record");
+    let handle = mgr.handle(&name).await.expect("handle").expect("live");
+    vm_rs::process::VmmProcess::attach(sidecar.pid, sidecar.start_time)
+        .expect("attach sidecar")
+        .kill()
+        .expect("kill -9 sidecar");
+    assert!(wait_until(Duration::from_secs(10), || !sidecar.is_alive()).await);
+    assert!(mgr.state(&name).await.expect("state").is_live());
+    mgr.remove(&name, true).await.expect("rm --force");
+    assert!(!alive(handle.pid, handle.start_time), "vmm left");
+    assert!(!dir.exists(), "vm directory left");
 }
 
 /// A free TCP port on 127.0.0.1.
