@@ -206,3 +206,86 @@ fn two_first_runs_at_once_both_succeed_and_leave_one_entry() {
     assert_eq!(warm.start["start"], "restored", "{}", warm.stderr);
     assert_eq!(warm.stdout, "race\n");
 }
+
+/// kill -9 of `vmrs run` the moment its first run starts saving the warm entry: no half entry
+/// is ever listed or restored, the VM it left can be resumed and used, and the next run of the
+/// image works — restoring the entry if the kill came after it was published whole, else
+/// booting and saving it.
+#[test]
+fn kill_9_while_the_first_run_saves_leaves_no_half_entry() {
+    let reg = Registry::start();
+    let reference = push(&reg, "warm/kill", "v1", "killed");
+    let home = home();
+    home.vmrs().args(["pull", &reference]).assert().success();
+    let snaps = home.0.path().join("snapshots");
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("vmrs"))
+        .env("VMRS_HOME", home.0.path())
+        .env("VMRS_ASSETS", assets_dir())
+        .env("DOCKER_CONFIG", home.0.path().join("docker"))
+        .env_remove("RUST_LOG")
+        .args([
+            "run", "--rm", "--name", "k1", &reference, "--", "sh", "-c", "echo hi",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn vmrs run");
+    // a tight poll: the save takes a fraction of a second
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    let saving = loop {
+        let tmp = std::fs::read_dir(&snaps).is_ok_and(|rd| {
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+        });
+        if tmp || std::time::Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+            break tmp;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(saving, "the first run never started saving its warm entry");
+    let published = entries(home.0.path());
+    assert!(published.len() <= 1, "{published:?}");
+    // the VM the killed run left is listed; paused by the save, it resumes and runs commands
+    let rows = home.ps();
+    let state = row(&rows, "k1")["state"].as_str().expect("state").to_string();
+    if state == "paused" {
+        home.vmrs().args(["resume", "k1"]).assert().success();
+    }
+    let out = home
+        .vmrs()
+        .args(["exec", "k1", "--", "echo", "alive"])
+        .output()
+        .expect("exec");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "alive\n",
+        "state {state}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "killed with {} entries published, the vm {state}",
+        published.len()
+    );
+    home.vmrs().args(["rm", "-f", "k1"]).assert().success();
+    let next = run(&home, "k2", &[], &reference, "echo $GREETING");
+    assert_eq!(next.stdout, "killed\n", "{}", next.stderr);
+    assert_eq!(next.code, Some(0));
+    if published.is_empty() {
+        assert_eq!(next.start["start"], "booted", "{}", next.stderr);
+        assert_eq!(next.start["saved"], true, "{}", next.stderr);
+    } else {
+        assert_eq!(next.start["start"], "restored", "{}", next.stderr);
+    }
+    assert_eq!(entries(home.0.path()).len(), 1);
+    // the killed save's temporary directory is collected
+    let leftovers: Vec<_> = std::fs::read_dir(&snaps)
+        .expect("snapshots")
+        .flatten()
+        .map(|d| d.file_name().to_string_lossy().to_string())
+        .filter(|n| !n.starts_with("image-warm-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
