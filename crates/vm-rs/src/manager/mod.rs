@@ -1137,6 +1137,11 @@ impl VmManager {
         crate::vsock::stop(&dir);
         // anything the directory still owns (a VMM or forwarder no record names)
         let strays = crate::process::kill_owned_by(&dir);
+        // a namespace of the VM's own whose record was unreadable: a mount would keep the
+        // directory from going
+        if let Err(e) = crate::net::slirp::remove_netns(&crate::net::slirp::netns_path(&dir)) {
+            tracing::warn!(vm = %name, error = %e, "removing the vm's network namespace");
+        }
         if !strays.is_empty() {
             tracing::warn!(vm = %name, pids = ?strays, "killed processes no record tracked");
         }
