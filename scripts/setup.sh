@@ -40,6 +40,7 @@ binaries=(
     "runc runc"
     "protoc protobuf-compiler"
     "slirp4netns slirp4netns"
+    "strace strace"
 )
 
 mapfile -t pkgs < <(grep -v '^\s*#' scripts/apt-packages.txt | sed 's/#.*//' | xargs -n1 | sort -u)

@@ -298,3 +298,135 @@ async fn an_existing_device_of_the_wrong_kind_is_refused_untouched() {
     host::teardown(&st).await.expect("teardown");
     assert!(ns.links().contains(&"usrtap0".to_string()));
 }
+
+/// The child side of [`a_starter_killed_at_any_moment_of_prepare_leaves_nothing_after_rm`]:
+/// set up and tear down a NAT bridge network in the namespace it is given, for ever, printing
+/// its pid and then a line per cycle.
+async fn prepare_forever(ns: &str, home: &Path) -> ! {
+    let dir = vm_dir(home, "vm1");
+    let att = [NetworkAttachment::Bridge {
+        bridge: "vmrskb0".into(),
+        gateway: "10.95.0.1/24".parse().expect("cidr"),
+        nat: true,
+        address: GuestAddress::Auto,
+        dns: vec![],
+        port_forwards: vec![],
+        mac: None,
+        netns: Some(PathBuf::from("/var/run/netns").join(ns)),
+    }];
+    println!("pid {}", std::process::id());
+    loop {
+        let st = host::prepare(home, "vm1", &dir, &att).await.expect("prepare");
+        host::teardown(&st).await.expect("teardown");
+        println!("cycle");
+    }
+}
+
+#[tokio::test]
+async fn a_starter_killed_at_any_moment_of_prepare_leaves_nothing_after_rm() {
+    // A starter is SIGKILLed anywhere in setting up a NAT bridge network (chaos found a kill
+    // between creating the bridge and tagging it: the untagged bridge then looked like the
+    // user's and outlived every VM with its NAT table). Whatever the moment, tearing down from
+    // net.json (what `rm -f` does) leaves the namespace as it was, and so does the next start
+    // of the VM with nobody having cleaned up. The starter runs under strace, every netlink
+    // send and every process it spawns (nft) slowed by 3 ms after the call, so that the windows
+    // between a kernel change and the next step (a few µs unslowed) are hit at random kill
+    // moments over a cycle.
+    if let (Ok(ns), Ok(home)) = (
+        std::env::var("VMRS_TEST_PREPARE_NS"),
+        std::env::var("VMRS_TEST_PREPARE_HOME"),
+    ) {
+        prepare_forever(&ns, Path::new(&home)).await;
+    }
+    use std::io::BufRead;
+    let ns = TestNetns::new("kill");
+    let home = tempfile::tempdir().expect("home");
+    let dir = home.path().join("vms").join("vm1");
+    let clean = |what: &str| {
+        let links: Vec<String> = ns.links().into_iter().filter(|l| l != "lo").collect();
+        assert!(links.is_empty(), "{what}: links left: {links:?}");
+        let t = nft_tables(&ns);
+        assert!(!t.contains("vmrs_"), "{what}: nft tables left: {t}");
+    };
+    let rounds = 48u32;
+    let mut seed = u64::from(std::process::id())
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+    eprintln!("seed {seed}");
+    for round in 0..rounds {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let mut tracer = std::process::Command::new("strace")
+            .args([
+                "-f",
+                "-qq",
+                "-o",
+                "/dev/null",
+                "-e",
+                "trace=sendto,sendmsg,execve",
+                "-e",
+                "inject=sendto,sendmsg,execve:delay_exit=3000",
+            ])
+            .arg(std::env::current_exe().expect("exe"))
+            .args([
+                "--exact",
+                "a_starter_killed_at_any_moment_of_prepare_leaves_nothing_after_rm",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("VMRS_TEST_PREPARE_NS", &ns.name)
+            .env("VMRS_TEST_PREPARE_HOME", home.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("strace (package strace) runs the starter");
+        let mut out = std::io::BufReader::new(tracer.stdout.take().expect("stdout"));
+        let mut next = |want: &str| -> String {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                assert_ne!(
+                    out.read_line(&mut line).expect("read"),
+                    0,
+                    "the starter ended early"
+                );
+                // (libtest's "test NAME ... " precedes the first line, unended)
+                if let Some(i) = line.find(want) {
+                    return line[i..].trim().to_string();
+                }
+            }
+        };
+        let pid: i32 = next("pid ")[4..].parse().expect("pid");
+        assert!(pid > 0);
+        // one whole cycle measured, then a kill at a random moment of the next ones
+        next("cycle");
+        let t = std::time::Instant::now();
+        next("cycle");
+        let cycle = t.elapsed();
+        let delay = cycle.mul_f64((seed >> 11) as f64 / (1u64 << 53) as f64);
+        std::thread::sleep(delay);
+        // the starter itself (a tracer killed first would let it run on)
+        // SAFETY: kill(2) with a pid and a signal number; no memory is passed.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill the starter");
+        tracer.wait().expect("wait");
+        let what = format!("round {round} ({delay:?} into a {cycle:?} cycle)");
+        if round % 3 == 2 {
+            // the next start of the VM, nobody having cleaned up after the kill, tears the
+            // leftovers down first
+            let att = [bridge(&ns, "vmrskb0", "10.95.0.1/24", true)];
+            let st = host::prepare(home.path(), "vm1", &dir, &att)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: start after the kill: {e}"));
+            host::teardown(&st).await.expect("teardown");
+        } else {
+            // rm -f: tear down from the record
+            host::teardown_vm_dir(&dir)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: teardown: {e}"));
+        }
+        clean(&what);
+    }
+}

@@ -407,12 +407,15 @@ fn controller_of(m: &LinkMessage) -> Option<u32> {
     })
 }
 
-/// Create a persistent TAP device with the TUN ioctls (netlink cannot create TUN/TAP).
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+
+/// Create a TAP device with the TUN ioctls (netlink cannot create TUN/TAP). It is not
+/// persistent yet: it lives as long as the returned descriptor, so a process killed before
+/// [`persist_tap`] (before the device carries its alias) leaves no device behind.
 #[cfg(target_os = "linux")]
-fn create_tap(name: &str) -> std::io::Result<()> {
+fn create_tap(name: &str) -> std::io::Result<std::fs::File> {
     use std::os::fd::AsRawFd;
     const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-    const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
     const IFF_TAP: libc::c_short = 0x0002;
     const IFF_NO_PI: libc::c_short = 0x1000;
     #[repr(C)]
@@ -443,8 +446,15 @@ fn create_tap(name: &str) -> std::io::Result<()> {
     if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(f)
+}
+
+/// Make the TAP device attached to `tap` (from [`create_tap`]) outlive the descriptor.
+#[cfg(target_os = "linux")]
+fn persist_tap(tap: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
     // SAFETY: TUNSETPERSIST takes an integer argument by value; no memory is passed.
-    if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+    if unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
@@ -524,6 +534,17 @@ pub async fn prepare(
     attachments: &[NetworkAttachment],
 ) -> Result<NetState, HostError> {
     let nics = plan(vm_name, vm_dir, home, attachments)?;
+    // A record an earlier run of this VM left (it died with nobody watching, so nobody tore
+    // its networks down) goes first: the new record replaces it and would forget what it lists.
+    match NetState::load(vm_dir) {
+        Ok(Some(old)) => {
+            if let Err(e) = teardown(&old).await {
+                tracing::warn!(vm = vm_name, error = %e, "tearing down the networks of an earlier run");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(vm = vm_name, error = %e, "unreadable network record of an earlier run"),
+    }
     // a slirp4netns NIC brings its own namespace (validated to be the only TAP of the VM)
     let own_netns = nics
         .iter()
@@ -605,7 +626,7 @@ async fn build(
                 let bridge_index = match (bridge, a, slirp) {
                     (Some(br), _, Some(_)) => Some(plain_bridge(nl, br).await?),
                     (Some(br), NetworkAttachment::Bridge { gateway, nat, .. }, None) => {
-                        Some(ensure_bridge(state, nl, &hid, br, *gateway, *nat).await?)
+                        Some(ensure_bridge(state, vm_dir, nl, &hid, br, *gateway, *nat).await?)
                     }
                     _ => None,
                 };
@@ -658,6 +679,7 @@ async fn build(
 #[cfg(target_os = "linux")]
 async fn ensure_bridge(
     state: &mut NetState,
+    vm_dir: &Path,
     nl: &Netlink,
     hid: &str,
     name: &str,
@@ -672,13 +694,25 @@ async fn ensure_bridge(
             (m.header.index, alias_of(&m) == Some(ours.as_str()))
         }
         None => {
+            // Recorded before it exists: the kernel ignores an alias in the creating message,
+            // so a starter killed between creating the bridge and tagging it would leave an
+            // untagged bridge that looks like the user's (kept for ever, with its NAT table,
+            // and taken as the user's by the next start). The record makes it ours.
+            if !state
+                .devices
+                .iter()
+                .any(|d| matches!(d, HostDevice::Bridge { name: n, .. } if n == name))
+            {
+                state.devices.push(HostDevice::Bridge {
+                    name: name.to_string(),
+                    nat_table: nat.then(|| nat_table(hid, name)),
+                });
+                state.save(vm_dir)?;
+            }
             match nl
                 .handle
                 .link()
-                // the alias goes in the creating message too, where the kernel takes it, so
-                // a kill right after creation leaves a bridge teardown can tell is ours; it is
-                // set again below either way
-                .add(rtnetlink::LinkBridge::new(name).alias(ours.clone()).build())
+                .add(rtnetlink::LinkBridge::new(name).build())
                 .execute()
                 .await
             {
@@ -784,23 +818,24 @@ async fn ensure_tap(
 ) -> Result<(), HostError> {
     let ours = tap_alias(hid, &state.vm_name, nic);
     let existing = nl.link_by_name(name).await?;
-    let created = match existing {
+    // `fresh`: the descriptor of a TAP made here, persistent only once it carries its alias
+    let (created, fresh) = match existing {
         // a leftover of this very VM (crash before teardown): reuse it
-        Some(m) if alias_of(&m) == Some(ours.as_str()) => true,
+        Some(m) if alias_of(&m) == Some(ours.as_str()) => (true, None),
         Some(m) if alias_of(&m).is_some_and(|a| a.starts_with(ALIAS_PREFIX)) => {
             return Err(HostError::Foreign { name: name.into() })
         }
         // a TAP the user made: use it as is (anything else is refused before it is touched)
         Some(m) => {
             check_kind(&m, name, "tap")?;
-            false
+            (false, None)
         }
         None => {
             let n = name.to_string();
-            netns::run_in(state.netns.as_deref(), move || create_tap(&n))
+            let tap = netns::run_in(state.netns.as_deref(), move || create_tap(&n))
                 .await?
                 .map_err(io_op(format!("create tap {name}")))?;
-            true
+            (true, Some(tap))
         }
     };
     let m = nl
@@ -819,7 +854,11 @@ async fn ensure_tap(
     if let Some(br) = bridge {
         b = b.controller(br);
     }
-    nl.set(b.build(), format!("set up tap {name}")).await
+    nl.set(b.build(), format!("set up tap {name}")).await?;
+    if let Some(tap) = fresh {
+        persist_tap(&tap).map_err(io_op(format!("make tap {name} persistent")))?;
+    }
+    Ok(())
 }
 
 /// Remove what [`prepare`] made for this VM: its TAPs, bridges it created that have no
@@ -1160,6 +1199,7 @@ mod no_devices {
 
     pub(super) async fn ensure_bridge(
         _state: &mut NetState,
+        _vm_dir: &Path,
         _nl: &Netlink,
         _hid: &str,
         _name: &str,
