@@ -299,6 +299,42 @@ async fn an_existing_device_of_the_wrong_kind_is_refused_untouched() {
     assert!(ns.links().contains(&"usrtap0".to_string()));
 }
 
+#[tokio::test]
+async fn nat_on_the_users_bridge_goes_with_the_last_vm_of_ours_and_the_bridge_stays() {
+    // NAT asked for on a bridge the user made: vm-rs adds its table and must remove it once
+    // none of its VMs is on that bridge (it used to stay for ever), while the bridge and the
+    // user's own port on it stay.
+    let ns = TestNetns::new("unat");
+    ns.ip(&["link", "add", "usernat", "type", "bridge"]);
+    ns.ip(&["link", "add", "userport", "type", "veth", "peer", "name", "userpeer"]);
+    ns.ip(&["link", "set", "userport", "master", "usernat"]);
+    let home = tempfile::tempdir().expect("home");
+    let att = [bridge(&ns, "usernat", "10.93.0.1/24", true)];
+    let a = host::prepare(home.path(), "a", &vm_dir(home.path(), "a"), &att)
+        .await
+        .expect("a");
+    let b = host::prepare(home.path(), "b", &vm_dir(home.path(), "b"), &att)
+        .await
+        .expect("b");
+    assert!(nft_tables(&ns).contains("vmrs_"), "{}", nft_tables(&ns));
+    assert!(a
+        .devices
+        .iter()
+        .any(|d| matches!(d, host::HostDevice::Nat { bridge, .. } if bridge == "usernat")));
+    host::teardown(&a).await.expect("teardown a");
+    // b is still on the bridge: its NAT stays
+    assert!(nft_tables(&ns).contains("vmrs_"), "{}", nft_tables(&ns));
+    host::teardown(&b).await.expect("teardown b");
+    assert!(!nft_tables(&ns).contains("vmrs_"), "{}", nft_tables(&ns));
+    let links = ns.links();
+    assert!(
+        links.contains(&"usernat".to_string()) && links.contains(&"userport".to_string()),
+        "{links:?}"
+    );
+    assert!(ns.ip(&["link", "show", "userport"]).contains("master usernat"));
+    host::teardown(&b).await.expect("teardown again");
+}
+
 /// The child side of [`a_starter_killed_at_any_moment_of_prepare_leaves_nothing_after_rm`]:
 /// set up and tear down a NAT bridge network in the namespace it is given, for ever, printing
 /// its pid and then a line per cycle.

@@ -192,6 +192,14 @@ pub enum HostDevice {
         #[serde(default)]
         nat_table: Option<String>,
     },
+    /// The NAT table vm-rs added for a bridge it did not create (the user's): deleted when no
+    /// TAP of this data dir is attached to that bridge any more (or the bridge is gone).
+    Nat {
+        /// The bridge.
+        bridge: String,
+        /// The nft table (`ip` family).
+        table: String,
+    },
     /// The VM's own network namespace (a bind mount at `path`), for a `slirp4netns` NIC:
     /// removing it removes the devices inside.
     Netns {
@@ -407,8 +415,6 @@ fn controller_of(m: &LinkMessage) -> Option<u32> {
     })
 }
 
-const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-
 /// Create a TAP device with the TUN ioctls (netlink cannot create TUN/TAP). It is not
 /// persistent yet: it lives as long as the returned descriptor, so a process killed before
 /// [`persist_tap`] (before the device carries its alias) leaves no device behind.
@@ -453,6 +459,7 @@ fn create_tap(name: &str) -> std::io::Result<std::fs::File> {
 #[cfg(target_os = "linux")]
 fn persist_tap(tap: &std::fs::File) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
+    const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
     // SAFETY: TUNSETPERSIST takes an integer argument by value; no memory is passed.
     if unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
         return Err(std::io::Error::last_os_error());
@@ -735,16 +742,27 @@ async fn ensure_bridge(
         }
     };
     let nat_table = nat.then(|| nat_table(hid, name));
-    if created
-        && !state
-            .devices
-            .iter()
-            .any(|d| matches!(d, HostDevice::Bridge { name: n, .. } if n == name))
-    {
-        state.devices.push(HostDevice::Bridge {
-            name: name.to_string(),
-            nat_table: nat_table.clone(),
-        });
+    let recorded = |state: &NetState| {
+        state.devices.iter().any(|d| match d {
+            HostDevice::Bridge { name: n, .. } | HostDevice::Nat { bridge: n, .. } => n == name,
+            _ => false,
+        })
+    };
+    if !recorded(state) {
+        match (&nat_table, created) {
+            (_, true) => state.devices.push(HostDevice::Bridge {
+                name: name.to_string(),
+                nat_table: nat_table.clone(),
+            }),
+            // the user's bridge stays, but the NAT table added to it is ours (recorded before
+            // it is added, like a bridge of ours)
+            (Some(t), false) => state.devices.push(HostDevice::Nat {
+                bridge: name.to_string(),
+                table: t.clone(),
+            }),
+            (None, false) => {}
+        }
+        state.save(vm_dir)?;
     }
     nl.add_addr(index, gateway, name).await?;
     nl.set(
@@ -902,6 +920,11 @@ pub async fn teardown(state: &NetState) -> Result<(), HostError> {
                     }
                 }
                 keep(delete_unrecorded_bridges(state, &nl).await);
+                for d in &state.devices {
+                    if let HostDevice::Nat { bridge, table } = d {
+                        keep(delete_nat_if_unused(state, &nl, bridge, table).await);
+                    }
+                }
             }
             Err(e) => keep(Err(e)),
         }
@@ -1028,6 +1051,28 @@ async fn delete_bridge_if_unused(
         delete_nat(ns, t).await?;
     }
     Ok(())
+}
+
+/// Delete our NAT `table` on the (someone else's) `bridge` unless a TAP of this data dir is
+/// still attached to it (another VM of ours uses the NAT); gone with the bridge too.
+#[cfg(target_os = "linux")]
+async fn delete_nat_if_unused(
+    state: &NetState,
+    nl: &Netlink,
+    bridge: &str,
+    table: &str,
+) -> Result<(), HostError> {
+    if let Some(m) = nl.link_by_name(bridge).await? {
+        let index = m.header.index;
+        let tap_prefix = format!("{ALIAS_PREFIX}{}:tap:", home_id(&state.home));
+        let ours_attached = nl.links().await?.iter().any(|l| {
+            controller_of(l) == Some(index) && alias_of(l).is_some_and(|a| a.starts_with(&tap_prefix))
+        });
+        if ours_attached {
+            return Ok(());
+        }
+    }
+    delete_nat(state.netns.as_deref(), table).await
 }
 
 /// Names of the devices in namespace `ns` tagged by the data dir `home` — `(name, alias)`.
@@ -1229,6 +1274,15 @@ mod no_devices {
     }
 
     pub(super) async fn delete_unrecorded_taps(_state: &NetState, _nl: &Netlink) -> Result<(), HostError> {
+        Ok(())
+    }
+
+    pub(super) async fn delete_nat_if_unused(
+        _state: &NetState,
+        _nl: &Netlink,
+        _bridge: &str,
+        _table: &str,
+    ) -> Result<(), HostError> {
         Ok(())
     }
 
