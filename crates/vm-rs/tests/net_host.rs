@@ -306,7 +306,9 @@ async fn nat_on_the_users_bridge_goes_with_the_last_vm_of_ours_and_the_bridge_st
     // user's own port on it stay.
     let ns = TestNetns::new("unat");
     ns.ip(&["link", "add", "usernat", "type", "bridge"]);
-    ns.ip(&["link", "add", "userport", "type", "veth", "peer", "name", "userpeer"]);
+    ns.ip(&[
+        "link", "add", "userport", "type", "veth", "peer", "name", "userpeer",
+    ]);
     ns.ip(&["link", "set", "userport", "master", "usernat"]);
     let home = tempfile::tempdir().expect("home");
     let att = [bridge(&ns, "usernat", "10.93.0.1/24", true)];
