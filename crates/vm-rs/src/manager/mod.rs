@@ -1149,7 +1149,12 @@ impl VmManager {
             Ok(()) => {}
             // a damaged VM's network record may be damaged too: what it named is reconciled
             // by the next manager (its devices carry the VM's name)
-            Err(e) if entry.is_none() => tracing::warn!(vm = %name, error = %e, "network teardown"),
+            // and a forced remove always removes (docker rm -f): an unreadable or failing
+            // network record must not keep a VM that can never be removed; its tagged devices
+            // are reconciled the same way
+            Err(e) if entry.is_none() || force => {
+                tracing::warn!(vm = %name, error = %e, "network teardown")
+            }
             Err(source) => {
                 return Err(ManagerError::Network {
                     name: name.to_string(),

@@ -849,6 +849,35 @@ async fn a_damaged_record_is_listed_as_damaged_beside_the_others_and_removed() {
 }
 
 #[tokio::test]
+async fn a_corrupt_network_record_fails_a_plain_remove_and_never_a_forced_one() {
+    let home = Home::new();
+    let fake = Fake::new(Button::PowerOff);
+    let mgr = home.manager(&fake).await;
+    let h = started(&mgr, &home, "n").await;
+    let net = mgr.vm_dir("n").join(crate::net::host::STATE_FILE);
+    std::fs::write(&net, b"{\"version\": 1, \"vm_name\": ").unwrap();
+    mgr.kill("n").await.unwrap();
+    // a plain remove says what is wrong and leaves the VM as it was
+    let err = mgr.remove("n", false).await.unwrap_err();
+    assert!(matches!(err, ManagerError::Network { .. }), "{err:?}");
+    assert!(mgr.vm_dir("n").exists());
+    // a forced one removes it, of a live VM too
+    mgr.remove("n", true).await.unwrap();
+    assert!(!mgr.vm_dir("n").exists());
+    assert!(!alive(&h));
+    let h = started(&mgr, &home, "n2").await;
+    std::fs::write(
+        mgr.vm_dir("n2").join(crate::net::host::STATE_FILE),
+        b"\x00garbage",
+    )
+    .unwrap();
+    mgr.remove("n2", true).await.unwrap();
+    assert!(!alive(&h), "the forced remove of a live VM left its VMM");
+    assert!(!mgr.vm_dir("n2").exists());
+    assert!(mgr.list().await.unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn snapshot_pauses_publishes_whole_and_a_failed_restore_leaves_nothing() {
     use crate::manager::{RestoreOptions, SnapshotOptions};
     let home = Home::new();
