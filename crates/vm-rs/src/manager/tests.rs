@@ -553,8 +553,14 @@ async fn vms_that_ended_unwatched_are_classified_on_attach() {
     );
     recorded_live(&home, "crashed", handle("crashed"), "VMRS_READY 10.0.2.15\n");
     // the pid is alive but belongs to another process (start time differs)
+    // (a start time one tick past this process's own: nextest runs each test in a new process,
+    // so `true` above can start within the same clock tick as this one — CI saw it)
     let mut reused = handle("reused");
     reused.pid = std::process::id();
+    reused.start_time = crate::process::start_time(reused.pid)
+        .unwrap()
+        .expect("this process has a start time")
+        + 1;
     recorded_live(&home, "reused", reused, "VMRS_READY 10.0.2.15\n");
 
     let fake = Fake::new(Button::PowerOff);
