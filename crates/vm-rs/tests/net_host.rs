@@ -18,6 +18,10 @@ fn vm_dir(home: &Path, name: &str) -> PathBuf {
 }
 
 fn bridge(ns: &TestNetns, name: &str, gw: &str, nat: bool) -> NetworkAttachment {
+    bridge_in(ns.path(), name, gw, nat)
+}
+
+fn bridge_in(netns: PathBuf, name: &str, gw: &str, nat: bool) -> NetworkAttachment {
     NetworkAttachment::Bridge {
         bridge: name.into(),
         gateway: gw.parse().expect("cidr"),
@@ -26,7 +30,7 @@ fn bridge(ns: &TestNetns, name: &str, gw: &str, nat: bool) -> NetworkAttachment 
         dns: vec![],
         port_forwards: vec![],
         mac: None,
-        netns: Some(ns.path()),
+        netns: Some(netns),
     }
 }
 
@@ -337,21 +341,18 @@ async fn nat_on_the_users_bridge_goes_with_the_last_vm_of_ours_and_the_bridge_st
     host::teardown(&b).await.expect("teardown again");
 }
 
+/// The network the starter of [`a_starter_killed_at_any_moment_of_prepare_leaves_nothing_after_rm`]
+/// sets up, in namespace `netns`.
+fn kill_test_bridge(netns: PathBuf) -> NetworkAttachment {
+    bridge_in(netns, "vmrskb0", "10.95.0.1/24", true)
+}
+
 /// The child side of [`a_starter_killed_at_any_moment_of_prepare_leaves_nothing_after_rm`]:
 /// set up and tear down a NAT bridge network in the namespace it is given, for ever, printing
 /// its pid and then a line per cycle.
 async fn prepare_forever(ns: &str, home: &Path) -> ! {
     let dir = vm_dir(home, "vm1");
-    let att = [NetworkAttachment::Bridge {
-        bridge: "vmrskb0".into(),
-        gateway: "10.95.0.1/24".parse().expect("cidr"),
-        nat: true,
-        address: GuestAddress::Auto,
-        dns: vec![],
-        port_forwards: vec![],
-        mac: None,
-        netns: Some(PathBuf::from("/var/run/netns").join(ns)),
-    }];
+    let att = [kill_test_bridge(PathBuf::from("/var/run/netns").join(ns))];
     println!("pid {}", std::process::id());
     loop {
         let st = host::prepare(home, "vm1", &dir, &att).await.expect("prepare");
@@ -454,7 +455,7 @@ async fn a_starter_killed_at_any_moment_of_prepare_leaves_nothing_after_rm() {
         if round % 3 == 2 {
             // the next start of the VM, nobody having cleaned up after the kill, tears the
             // leftovers down first
-            let att = [bridge(&ns, "vmrskb0", "10.95.0.1/24", true)];
+            let att = [kill_test_bridge(ns.path())];
             let st = host::prepare(home.path(), "vm1", &dir, &att)
                 .await
                 .unwrap_or_else(|e| panic!("{what}: start after the kill: {e}"));

@@ -158,9 +158,15 @@ pub fn home_id(home: &Path) -> String {
     hex::encode(&h[..4])
 }
 
+/// The start of every TAP alias of the data dir `home_id` (a TAP's alias goes on with
+/// `<vm>:<nic>`).
+fn tap_alias_prefix(home_id: &str) -> String {
+    format!("{ALIAS_PREFIX}{home_id}:tap:")
+}
+
 #[cfg(target_os = "linux")]
 fn tap_alias(home_id: &str, vm: &str, index: usize) -> String {
-    format!("{ALIAS_PREFIX}{home_id}:tap:{vm}:{index}")
+    format!("{}{vm}:{index}", tap_alias_prefix(home_id))
 }
 
 fn bridge_alias(home_id: &str) -> String {
@@ -543,14 +549,8 @@ pub async fn prepare(
     let nics = plan(vm_name, vm_dir, home, attachments)?;
     // A record an earlier run of this VM left (it died with nobody watching, so nobody tore
     // its networks down) goes first: the new record replaces it and would forget what it lists.
-    match NetState::load(vm_dir) {
-        Ok(Some(old)) => {
-            if let Err(e) = teardown(&old).await {
-                tracing::warn!(vm = vm_name, error = %e, "tearing down the networks of an earlier run");
-            }
-        }
-        Ok(None) => {}
-        Err(e) => tracing::warn!(vm = vm_name, error = %e, "unreadable network record of an earlier run"),
+    if let Err(e) = teardown_vm_dir(vm_dir).await {
+        tracing::warn!(vm = vm_name, error = %e, "tearing down the networks of an earlier run");
     }
     // a slirp4netns NIC brings its own namespace (validated to be the only TAP of the VM)
     let own_netns = nics
@@ -695,27 +695,40 @@ async fn ensure_bridge(
 ) -> Result<u32, HostError> {
     let ours = bridge_alias(hid);
     let existing = nl.link_by_name(name).await?;
-    let (index, created) = match existing {
+    // ours: one we make now, or a leftover carrying our alias
+    let ours_bridge = match &existing {
         Some(m) => {
-            check_kind(&m, name, "bridge")?;
-            (m.header.index, alias_of(&m) == Some(ours.as_str()))
+            check_kind(m, name, "bridge")?;
+            alias_of(m) == Some(ours.as_str())
         }
+        None => true,
+    };
+    let nat_table = nat.then(|| nat_table(hid, name));
+    // Recorded before anything is made: the kernel ignores an alias in the creating message,
+    // so a starter killed between creating the bridge and tagging it would otherwise leave an
+    // untagged bridge that looks like the user's (kept for ever, with its NAT table, and taken
+    // as the user's by the next start). On the user's bridge only the NAT table is ours.
+    let recorded = state.devices.iter().any(|d| match d {
+        HostDevice::Bridge { name: n, .. } | HostDevice::Nat { bridge: n, .. } => n == name,
+        _ => false,
+    });
+    if !recorded {
+        match (ours_bridge, &nat_table) {
+            (true, _) => state.devices.push(HostDevice::Bridge {
+                name: name.to_string(),
+                nat_table: nat_table.clone(),
+            }),
+            (false, Some(t)) => state.devices.push(HostDevice::Nat {
+                bridge: name.to_string(),
+                table: t.clone(),
+            }),
+            (false, None) => {}
+        }
+        state.save(vm_dir)?;
+    }
+    let index = match existing {
+        Some(m) => m.header.index,
         None => {
-            // Recorded before it exists: the kernel ignores an alias in the creating message,
-            // so a starter killed between creating the bridge and tagging it would leave an
-            // untagged bridge that looks like the user's (kept for ever, with its NAT table,
-            // and taken as the user's by the next start). The record makes it ours.
-            if !state
-                .devices
-                .iter()
-                .any(|d| matches!(d, HostDevice::Bridge { name: n, .. } if n == name))
-            {
-                state.devices.push(HostDevice::Bridge {
-                    name: name.to_string(),
-                    nat_table: nat.then(|| nat_table(hid, name)),
-                });
-                state.save(vm_dir)?;
-            }
             match nl
                 .handle
                 .link()
@@ -733,37 +746,14 @@ async fn ensure_bridge(
                 .ok_or_else(|| HostError::Foreign { name: name.into() })?;
             nl.set(
                 rtnetlink::LinkUnspec::new_with_index(m.header.index)
-                    .alias(ours.clone())
+                    .alias(ours)
                     .build(),
                 format!("tag bridge {name}"),
             )
             .await?;
-            (m.header.index, true)
+            m.header.index
         }
     };
-    let nat_table = nat.then(|| nat_table(hid, name));
-    let recorded = |state: &NetState| {
-        state.devices.iter().any(|d| match d {
-            HostDevice::Bridge { name: n, .. } | HostDevice::Nat { bridge: n, .. } => n == name,
-            _ => false,
-        })
-    };
-    if !recorded(state) {
-        match (&nat_table, created) {
-            (_, true) => state.devices.push(HostDevice::Bridge {
-                name: name.to_string(),
-                nat_table: nat_table.clone(),
-            }),
-            // the user's bridge stays, but the NAT table added to it is ours (recorded before
-            // it is added, like a bridge of ours)
-            (Some(t), false) => state.devices.push(HostDevice::Nat {
-                bridge: name.to_string(),
-                table: t.clone(),
-            }),
-            (None, false) => {}
-        }
-        state.save(vm_dir)?;
-    }
     nl.add_addr(index, gateway, name).await?;
     nl.set(
         rtnetlink::LinkUnspec::new_with_index(index).up().build(),
@@ -1064,7 +1054,7 @@ async fn delete_nat_if_unused(
 ) -> Result<(), HostError> {
     if let Some(m) = nl.link_by_name(bridge).await? {
         let index = m.header.index;
-        let tap_prefix = format!("{ALIAS_PREFIX}{}:tap:", home_id(&state.home));
+        let tap_prefix = tap_alias_prefix(&home_id(&state.home));
         let ours_attached = nl.links().await?.iter().any(|l| {
             controller_of(l) == Some(index) && alias_of(l).is_some_and(|a| a.starts_with(&tap_prefix))
         });
@@ -1125,7 +1115,7 @@ pub async fn reconcile(
         }
     }
     let mut deleted = Vec::new();
-    let tap_prefix = format!("{ALIAS_PREFIX}{hid}:tap:");
+    let tap_prefix = tap_alias_prefix(&hid);
     let br_alias = bridge_alias(&hid);
     for ns in &namespaces {
         let nl = Netlink::open(ns.as_deref()).await?;
