@@ -103,3 +103,8 @@ pub use error::ErrorKind;
 pub use manager::{ManagerError, VmInfo, VmManager};
 pub use oci::ImageStore;
 pub use state::VmState;
+
+/// The README's Rust examples, compiled (not run) by `cargo test --doc` so they stay as written.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeExamples;

@@ -240,6 +240,15 @@ pub enum SnapshotError {
         /// Why (what the caller can change).
         reason: String,
     },
+    /// A restore would put a second VM on an address or MAC another VM of this data dir has
+    /// (one the snapshot's configuration pins, or no free address left in the subnet).
+    #[error("snapshot {name:?}: {what}")]
+    AddressInUse {
+        /// Snapshot name.
+        name: String,
+        /// Which address, and whose.
+        what: String,
+    },
     /// VMs restored from the snapshot still use its files.
     #[error("snapshot {name:?} is used by vms restored from it ({}); remove them first, or force", vms.join(", "))]
     InUse {
@@ -309,6 +318,7 @@ impl SnapshotError {
             SnapshotError::AlreadyExists { .. } | SnapshotError::InUse { .. } => K::Conflict,
             SnapshotError::InvalidName { .. } | SnapshotError::Mismatch { .. } => K::Invalid,
             SnapshotError::Refused { .. } | SnapshotError::Version { .. } => K::Unsupported,
+            SnapshotError::AddressInUse { .. } => K::Conflict,
             SnapshotError::Io { .. } | SnapshotError::Copy { .. } | SnapshotError::Overlay { .. } => K::Other,
             SnapshotError::Record(e) => e.kind(),
         }

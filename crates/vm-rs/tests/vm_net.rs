@@ -421,3 +421,154 @@ async fn bridge_vm_in_netns_is_reachable_and_leaves_nothing_behind() {
     assert!(!nft_has_vmrs_table(&ns));
     assert!(!mgr2.state("br2").await.expect("state").is_live());
 }
+
+/// Run `script` in `vm` through the agent; its trimmed stdout (the exit must be 0).
+async fn sh(mgr: &VmManager, vm: &str, script: &str) -> String {
+    let out = mgr
+        .exec(vm, vm_rs::agent::ExecCommand::new(["sh", "-c", script]))
+        .await
+        .unwrap_or_else(|e| panic!("exec in {vm}: {e:?}"));
+    assert!(
+        out.status.success(),
+        "{vm}: {script}: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A guest command that pings `ip` until it answers (5 tries).
+fn ping_script(ip: &str) -> String {
+    format!("for i in 1 2 3 4 5; do ping -c1 -W2 {ip} >/dev/null && exit 0; done; exit 1")
+}
+
+/// Snapshot a VM on a bridge (eth0) and a switch (eth1), leave it running, clone it twice:
+/// the three VMs have three MACs and three addresses on each network, the host sees each
+/// clone at its new address with its new MAC, the clones reach the gateway and each other on
+/// both networks; an address the snapshot pins that another VM has is refused before anything
+/// is made, as are clones of it; after stop + rm nothing is left in the namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clones_on_a_bridge_and_a_switch_get_a_mac_and_an_address_of_their_own() {
+    use vm_rs::manager::{RestoreOptions, SnapshotOptions};
+    use_built_sidecar();
+    let ns = TestNetns::new("vmsnap");
+    let home = TestHome::new();
+    let _sidecars = SidecarGuard(home.path().to_path_buf());
+    let mgr = VmManager::with_home(home.path()).await.expect("manager");
+    let nets = vec![bridge_net(&ns, vec![]), NetworkAttachment::switch("snapnet")];
+    mgr.start(config("netsrc", "", nets).await).await.expect("start");
+    mgr.wait_ready("netsrc", BOOT_TIMEOUT).await.expect("ready");
+    let leave_running = SnapshotOptions { leave_running: true };
+    mgr.snapshot("netsrc", "netsnap", leave_running.clone())
+        .await
+        .expect("snapshot of a bridge + switch vm");
+    let clones = mgr
+        .clone_snapshot("netsnap", 2, "netc", RestoreOptions::default())
+        .await
+        .expect("clone");
+    assert_eq!(clones.len(), 2);
+    let vms = ["netsrc", "netc-1", "netc-2"];
+    let mut seen = std::collections::HashSet::new();
+    let mut addrs = Vec::new();
+    for vm in vms {
+        let mut nic = Vec::new();
+        for dev in ["eth0", "eth1"] {
+            let mac = sh(&mgr, vm, &format!("cat /sys/class/net/{dev}/address")).await;
+            let ip = sh(
+                &mgr,
+                vm,
+                &format!("ip -4 -o addr show dev {dev} | awk '{{print $4}}'"),
+            )
+            .await;
+            assert_eq!(ip.lines().count(), 1, "{vm} {dev}: one address, got {ip:?}");
+            assert!(seen.insert(mac.clone()), "{vm} {dev}: mac {mac} twice");
+            assert!(seen.insert(ip.clone()), "{vm} {dev}: address {ip} twice");
+            nic.push((mac, ip.split('/').next().expect("addr").to_string()));
+        }
+        assert!(nic[0].1.starts_with("10.66.0."), "{vm}: {nic:?}");
+        let route = sh(&mgr, vm, "ip route show default").await;
+        assert!(
+            route.contains("via 10.66.0.1 dev eth0"),
+            "{vm}: default route {route:?}"
+        );
+        let state = mgr.state(vm).await.expect("state");
+        assert_eq!(
+            state.ip().map(|i| i.to_string()).as_deref(),
+            Some(nic[0].1.as_str()),
+            "{vm} is ready at its new address"
+        );
+        addrs.push(nic);
+    }
+    for (vm, nic) in vms.iter().zip(&addrs) {
+        let (mac, ip) = &nic[0];
+        let answered = (0..5).any(|_| ns.exec(&["busybox", "ping", "-c1", "-W2", ip]).status.success());
+        assert!(answered, "{vm} does not answer at {ip} on the bridge");
+        let neigh = String::from_utf8_lossy(&ns.exec(&["ip", "neigh", "show", ip]).stdout).to_string();
+        assert!(
+            neigh.contains(mac.as_str()),
+            "{vm}: the host sees {ip} at {neigh:?}, not {mac}"
+        );
+    }
+    // clone to clone on both networks, and to the source on the switch
+    sh(&mgr, "netc-1", &ping_script(&addrs[2][0].1)).await;
+    sh(&mgr, "netc-1", &ping_script(&addrs[2][1].1)).await;
+    sh(&mgr, "netc-2", &ping_script(&addrs[0][1].1)).await;
+    sh(&mgr, "netc-2", &ping_script("10.66.0.1")).await;
+
+    // a pinned address another vm has: refused before anything exists
+    let pinned = NetworkAttachment::Bridge {
+        bridge: "vmrsbr9".into(),
+        gateway: "10.66.0.1/24".parse().expect("cidr"),
+        nat: true,
+        address: GuestAddress::Static("10.66.0.250/24".parse().expect("cidr")),
+        dns: vec![],
+        port_forwards: vec![],
+        mac: None,
+        netns: Some(ns.path()),
+    };
+    mgr.start(config("pinsrc", "", vec![pinned]).await)
+        .await
+        .expect("start pinned");
+    mgr.wait_ready("pinsrc", BOOT_TIMEOUT).await.expect("ready");
+    mgr.snapshot("pinsrc", "pinsnap", leave_running)
+        .await
+        .expect("snapshot pinned");
+    let links = vmrs_links(&ns);
+    let e = mgr
+        .restore("pinsnap", "pinned-1", RestoreOptions::default())
+        .await
+        .expect_err("restore onto an address in use");
+    assert_eq!(e.kind(), vm_rs::ErrorKind::Conflict, "{e}");
+    assert!(
+        e.to_string().contains("10.66.0.250") && e.to_string().contains("pinsrc"),
+        "{e}"
+    );
+    assert!(!mgr.vm_dir("pinned-1").exists());
+    let e = mgr
+        .clone_snapshot("pinsnap", 2, "pinc", RestoreOptions::default())
+        .await
+        .expect_err("clones of a pinned address");
+    assert!(e.to_string().contains("pins an address"), "{e}");
+    assert!(!mgr.vm_dir("pinc-1").exists() && !mgr.vm_dir("pinc-2").exists());
+    assert_eq!(vmrs_links(&ns), links, "a refused restore made links");
+    // with the source gone, the one restore takes the address
+    mgr.remove("pinsrc", true).await.expect("rm pinsrc");
+    mgr.restore("pinsnap", "pinned-1", RestoreOptions::default())
+        .await
+        .expect("restore once the address is free");
+    assert_eq!(
+        sh(&mgr, "pinned-1", "ip -4 -o addr show dev eth0 | awk '{print $4}'").await,
+        "10.66.0.250/24"
+    );
+    assert!((0..5).any(|_| ns
+        .exec(&["busybox", "ping", "-c1", "-W2", "10.66.0.250"])
+        .status
+        .success()));
+
+    for vm in ["netsrc", "netc-1", "netc-2", "pinned-1"] {
+        mgr.remove(vm, true).await.expect("rm");
+    }
+    assert!(vmrs_links(&ns).is_empty(), "left: {:?}", ns.links());
+    assert!(!nft_has_vmrs_table(&ns), "nat table left");
+    assert!(vm_rs::net::sidecar::networks(&vm_rs::net::networks_dir(home.path())).is_empty());
+}

@@ -303,6 +303,29 @@ fn apply_identity(id: &vmrs_proto::Identity) -> Result<(), String> {
     Ok(())
 }
 
+/// Re-address the NICs a restore names: MAC first (so nothing leaves with the old one under
+/// the new address), then the address, then the default route the address change dropped.
+/// Every NIC is checked before any is changed; the first failure is the answer.
+fn apply_addresses(nics: &[vmrs_proto::NicAddress]) -> Result<(), String> {
+    for n in nics {
+        if n.mac[0] & 1 != 0 || n.mac == [0; 6] {
+            return Err(format!("eth{}: {:02x?} is not a unicast mac", n.index, n.mac));
+        }
+        if !Path::new(&format!("/sys/class/net/eth{}", n.index)).exists() {
+            return Err(format!("eth{}: no such interface", n.index));
+        }
+    }
+    for n in nics {
+        let ifname = format!("eth{}", n.index);
+        sys::set_mac(&ifname, n.mac).map_err(|e| format!("{ifname}: set mac: {e}"))?;
+        sys::set_ipv4(&ifname, n.address, n.prefix_len).map_err(|e| format!("{ifname}: set address: {e}"))?;
+        if let Some(gw) = n.gateway {
+            sys::add_default_route(gw).map_err(|e| format!("{ifname}: default route: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
 /// Replace `path` through a temp file and a rename (a reader never sees half a file).
 fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("vmrs-tmp");
@@ -371,6 +394,12 @@ fn handle(
         Message::SetIdentity(id) => match apply_identity(&id) {
             Ok(()) => {
                 out.send(gen, stream, &Message::IdentitySet);
+            }
+            Err(e) => out.error(gen, stream, e),
+        },
+        Message::SetAddresses(nics) => match apply_addresses(&nics) {
+            Ok(()) => {
+                out.send(gen, stream, &Message::AddressesSet);
             }
             Err(e) => out.error(gen, stream, e),
         },

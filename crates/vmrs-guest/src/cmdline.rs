@@ -6,6 +6,8 @@
 //! | `vmrs.ip=dhcp`       | address, gateway and DNS from DHCP (see `dhcp`)      |
 //! | `vmrs.gw=A.B.C.D`    | default gateway                                      |
 //! | `vmrs.dns=A[,B...]`  | name servers written to `/etc/resolv.conf`           |
+//! | `vmrs.ip.ethN=A.B.C.D/P` or `=dhcp` | the same for NIC `ethN` (N 1..=15; no gateway) |
+//! | `vmrs.dns.ethN=A[,B...]` | name servers of that NIC (added after eth0's)    |
 //! | `vmrs.hostname=NAME` | host name                                            |
 //! | `vmrs.shell=1`       | start a shell on the console                         |
 //! | `vmrs.root=/dev/vda` | mount this block device and switch root to it        |
@@ -44,10 +46,60 @@ pub struct Config {
     pub dhcp: bool,
     /// virtio-fs shares to mount, in order.
     pub mounts: Vec<Mount>,
+    /// NICs after eth0 (`vmrs.ip.ethN=`, `vmrs.dns.ethN=`), by index.
+    pub nics: Vec<Nic>,
     /// Problems found while parsing (reported on the console).
     pub warnings: Vec<String>,
     /// Problems that must fail the boot (a share that was asked for but cannot be parsed).
     pub fatal: Vec<String>,
+}
+
+/// The addressing of one NIC after eth0.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Nic {
+    /// `ethN`'s N (1..=15).
+    pub index: u8,
+    /// Static address and prefix length.
+    pub ip: Option<(IpAddr, u8)>,
+    /// Configure it by DHCP (no default route from it).
+    pub dhcp: bool,
+    /// Its name servers.
+    pub dns: Vec<IpAddr>,
+}
+
+impl Config {
+    fn nic(&mut self, index: u8) -> &mut Nic {
+        let at = match self.nics.iter().position(|n| n.index == index) {
+            Some(i) => i,
+            None => {
+                self.nics.push(Nic {
+                    index,
+                    ..Nic::default()
+                });
+                self.nics.sort_by_key(|n| n.index);
+                self.nics.iter().position(|n| n.index == index).unwrap_or(0)
+            }
+        };
+        &mut self.nics[at]
+    }
+}
+
+/// `ethN` with N in 1..=15 (eth0 has the keys without a suffix).
+fn nic_index(suffix: &str) -> Option<u8> {
+    let n = suffix.strip_prefix("eth")?;
+    if n.starts_with('0') || n.is_empty() || n.len() > 2 {
+        return None;
+    }
+    n.parse().ok().filter(|i| (1..=15).contains(i))
+}
+
+fn parse_dns(value: &str, into: &mut Vec<IpAddr>, warnings: &mut Vec<String>) {
+    for v in value.split(',').filter(|v| !v.is_empty()) {
+        match v.parse() {
+            Ok(a) => into.push(a),
+            Err(_) => warnings.push(format!("ignoring invalid vmrs.dns entry {v}")),
+        }
+    }
 }
 
 /// One `vmrs.mount=` share.
@@ -140,11 +192,23 @@ pub fn parse(cmdline: &str) -> Config {
                 Ok(a) => cfg.gw = Some(a),
                 Err(_) => cfg.warnings.push(format!("ignoring invalid vmrs.gw={value}")),
             },
-            "dns" => {
-                for v in value.split(',').filter(|v| !v.is_empty()) {
-                    match v.parse() {
-                        Ok(a) => cfg.dns.push(a),
-                        Err(_) => cfg.warnings.push(format!("ignoring invalid vmrs.dns entry {v}")),
+            "dns" => parse_dns(value, &mut cfg.dns, &mut cfg.warnings),
+            k if k.starts_with("ip.") || k.starts_with("dns.") => {
+                let (what, suffix) = k.split_once('.').unwrap_or((k, ""));
+                let Some(index) = nic_index(suffix) else {
+                    cfg.warnings.push(format!("ignoring vmrs.{k}: no such interface"));
+                    continue;
+                };
+                match what {
+                    "ip" if value == "dhcp" => cfg.nic(index).dhcp = true,
+                    "ip" => match parse_cidr(value) {
+                        Some(c) => cfg.nic(index).ip = Some(c),
+                        None => cfg.warnings.push(format!("ignoring invalid vmrs.{k}={value}")),
+                    },
+                    _ => {
+                        let mut dns = Vec::new();
+                        parse_dns(value, &mut dns, &mut cfg.warnings);
+                        cfg.nic(index).dns.extend(dns);
                     }
                 }
             }
@@ -207,6 +271,35 @@ mod tests {
         assert_eq!(c.hostname.as_deref(), Some("web-1"));
         assert!(!c.shell);
         assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn further_nics() {
+        let c = parse(
+            "vmrs.ip=10.0.0.2/24 vmrs.ip.eth2=dhcp vmrs.ip.eth1=10.77.0.9/16 vmrs.dns.eth1=10.77.0.1 \
+             vmrs.ip.eth0=1.2.3.4/8 vmrs.ip.eth16=1.1.1.1/8 vmrs.ip.eth01=1.1.1.1/8 vmrs.ip.wlan0=dhcp \
+             vmrs.ip.eth3=1.1.1.1 vmrs.dns.eth1=bad",
+        );
+        assert_eq!(c.ip, Some(("10.0.0.2".parse().unwrap(), 24)));
+        assert_eq!(
+            c.nics,
+            vec![
+                Nic {
+                    index: 1,
+                    ip: Some(("10.77.0.9".parse().unwrap(), 16)),
+                    dhcp: false,
+                    dns: vec!["10.77.0.1".parse().unwrap()],
+                },
+                Nic {
+                    index: 2,
+                    ip: None,
+                    dhcp: true,
+                    dns: vec![],
+                },
+            ]
+        );
+        // eth0 by suffix, eth16, eth01, wlan0: no such interface; eth3 without a prefix; bad dns
+        assert_eq!(c.warnings.len(), 6, "{:?}", c.warnings);
     }
 
     #[test]

@@ -178,8 +178,51 @@ fn run(program: &str, args: &[&str]) -> bool {
     }
 }
 
-/// Configure host name, loopback and eth0; returns the address to announce.
+/// Configure host name, loopback, eth0 and the NICs after it; returns the address to
+/// announce (eth0's).
 fn configure(cfg: &mut cmdline::Config) -> String {
+    let ip = configure_eth0(cfg);
+    for nic in cfg.nics.clone() {
+        let dev = format!("eth{}", nic.index);
+        if !wait_for_interface(&dev) {
+            log(&format!("{dev} did not appear; not configured"));
+            continue;
+        }
+        if nic.dhcp {
+            match dhcp::obtain(&dev).and_then(|mut l| {
+                l.router = None; // the default route stays on eth0
+                dhcp::apply(&dev, &l).map(|()| l)
+            }) {
+                Ok(lease) if nic.dns.is_empty() => cfg
+                    .dns
+                    .extend(lease.dns.iter().copied().map(std::net::IpAddr::V4)),
+                Ok(_) => {}
+                Err(e) => log(&format!("dhcp on {dev}: {e}")),
+            }
+        } else if let Some((addr, prefix)) = nic.ip {
+            let cidr = format!("{addr}/{prefix}");
+            let _ = run("/bin/ip", &["addr", "add", &cidr, "dev", &dev])
+                && run("/bin/ip", &["link", "set", &dev, "up"]);
+        }
+        cfg.dns.extend(nic.dns.iter().copied());
+    }
+    ip
+}
+
+/// Wait up to 5 s for interface `dev`.
+fn wait_for_interface(dev: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let path = format!("/sys/class/net/{dev}");
+    while !std::path::Path::new(&path).exists() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+fn configure_eth0(cfg: &mut cmdline::Config) -> String {
     if let Some(h) = &cfg.hostname {
         if let Err(e) = sys::sethostname(h) {
             log(&format!("sethostname {h}: {e}"));
@@ -189,13 +232,9 @@ fn configure(cfg: &mut cmdline::Config) -> String {
     if cfg.ip.is_none() && !cfg.dhcp {
         return "127.0.0.1".into();
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !std::path::Path::new("/sys/class/net/eth0").exists() {
-        if Instant::now() > deadline {
-            log("eth0 did not appear; network not configured");
-            return "127.0.0.1".into();
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if !wait_for_interface("eth0") {
+        log("eth0 did not appear; network not configured");
+        return "127.0.0.1".into();
     }
     if cfg.dhcp {
         return match dhcp::obtain("eth0").and_then(|l| dhcp::apply("eth0", &l).map(|()| l)) {

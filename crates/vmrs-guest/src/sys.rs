@@ -335,3 +335,106 @@ pub fn add_entropy_and_reseed(bytes: &[u8]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// `struct ifreq`: the interface name, then the union (a `sockaddr` is all we use).
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    addr: libc::sockaddr,
+    _rest: [u8; 8],
+}
+
+impl IfReq {
+    fn new(ifname: &str, addr: libc::sockaddr) -> io::Result<Self> {
+        let mut name = [0u8; libc::IFNAMSIZ];
+        if ifname.is_empty() || ifname.len() >= name.len() || ifname.contains('\0') {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        name[..ifname.len()].copy_from_slice(ifname.as_bytes());
+        Ok(IfReq {
+            name,
+            addr,
+            _rest: [0; 8],
+        })
+    }
+}
+
+/// A `sockaddr_in` for `addr` (port 0), as the `sockaddr` the ioctls take.
+fn inet(addr: [u8; 4]) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr are both 16 bytes of plain data.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+fn inet_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: a fresh fd nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn ifreq_ioctl(sock: &OwnedFd, request: libc::c_ulong, req: &IfReq) -> io::Result<()> {
+    // SAFETY: `req` is a valid ifreq-sized buffer for the duration of the call.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), request as _, req as *const IfReq) }).map(drop)
+}
+
+/// Give interface `ifname` the MAC `mac` while it is up (virtio-net tells the device through
+/// its control queue, so the host side filters for the new address).
+pub fn set_mac(ifname: &str, mac: [u8; 6]) -> io::Result<()> {
+    let mut sa = libc::sockaddr {
+        sa_family: libc::ARPHRD_ETHER,
+        sa_data: [0; 14],
+    };
+    for (d, m) in sa.sa_data.iter_mut().zip(mac) {
+        *d = m as libc::c_char;
+    }
+    let sock = inet_socket()?;
+    ifreq_ioctl(&sock, libc::SIOCSIFHWADDR, &IfReq::new(ifname, sa)?)
+}
+
+/// Make `address/prefix_len` the (primary) IPv4 address of `ifname`, replacing the one it has
+/// (`SIOCSIFADDR` then `SIOCSIFNETMASK`, as `ifconfig` does; the kernel drops the old
+/// address's routes).
+pub fn set_ipv4(ifname: &str, address: [u8; 4], prefix_len: u8) -> io::Result<()> {
+    if prefix_len > 32 {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
+    let sock = inet_socket()?;
+    ifreq_ioctl(&sock, libc::SIOCSIFADDR, &IfReq::new(ifname, inet(address))?)?;
+    ifreq_ioctl(
+        &sock,
+        libc::SIOCSIFNETMASK,
+        &IfReq::new(ifname, inet(mask.to_be_bytes()))?,
+    )
+}
+
+/// A default route through `gateway` (an existing one is left as it is).
+pub fn add_default_route(gateway: [u8; 4]) -> io::Result<()> {
+    // SAFETY: rtentry is plain data; all-zero is its "nothing set" value.
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = inet([0; 4]);
+    rt.rt_genmask = inet([0; 4]);
+    rt.rt_gateway = inet(gateway);
+    rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+    let sock = inet_socket()?;
+    // SAFETY: `rt` is a valid rtentry for the duration of the call.
+    match check(unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCADDRT as _,
+            &rt as *const libc::rtentry,
+        )
+    }) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(e) => Err(e),
+    }
+}

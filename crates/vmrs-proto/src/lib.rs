@@ -54,6 +54,8 @@
 //!                                 ◄── s        Started{pid} | SpawnFailed | Error
 //! SetIdentity{clock,entropy,..}   ──►                                      (version 2, after a restore)
 //!                                 ◄──          IdentitySet                 (or Error)
+//! SetAddresses{nics}              ──►                                      (version 4, after a restore)
+//!                                 ◄──          AddressesSet                (or Error)
 //! ```
 //!
 //! `SetIdentity` is what makes one snapshot's clones differ: the host's wall clock (a restored
@@ -86,6 +88,9 @@
 //!   (chroot), its working directory and user resolved inside it — how one VM runs the
 //!   containers of a pod, each on its own root filesystem. The flag [`EXEC_ROOT`] says the
 //!   root follows the flags; an older guest refuses the request (trailing bytes).
+//! - 4: adds [`Message::SetAddresses`]: a restored clone on a TAP, bridge or switch network
+//!   takes a new MAC and IPv4 address per NIC ([`NicAddress`]) so clones of one snapshot are
+//!   not twins on their network. An older guest answers it with `Error` (unknown type).
 //!
 //! A hello always starts a new conversation: the guest forgets the streams of the previous one
 //! and kills its processes (a quick disconnect + reconnect is not always visible to the guest
@@ -107,13 +112,17 @@
 use std::fmt;
 
 /// Newest protocol version spoken by this crate (see the module docs for what each adds).
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Oldest protocol version this crate still speaks.
 pub const MIN_VERSION: u16 = 1;
 /// First version with [`Message::ExecTty`], [`Message::Resize`] and [`Message::SpawnFailed`].
 pub const VERSION_TTY: u16 = 2;
 /// First version with [`ExecRequest::root`] ([`EXEC_ROOT`]).
 pub const VERSION_ROOT: u16 = 3;
+/// First version with [`Message::SetAddresses`].
+pub const VERSION_ADDRESSES: u16 = 4;
+/// Most NICs one [`Message::SetAddresses`] names.
+pub const MAX_NICS: usize = 16;
 /// Name (prefix) of the virtio-serial port carrying the protocol.
 pub const PORT_NAME: &str = "vmrs.agent";
 /// Guest vsock port on which the agent also listens (AF_VSOCK, any CID), carrying the same
@@ -257,6 +266,23 @@ pub struct Identity {
     pub machine_id: Option<Vec<u8>>,
 }
 
+/// One NIC's new addressing ([`Message::SetAddresses`]): interface `eth<index>` takes `mac`,
+/// its IPv4 address (the one the guest init gave it) becomes `address`/`prefix_len`, and with
+/// a `gateway` the default route goes through it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NicAddress {
+    /// Interface `eth<index>`.
+    pub index: u8,
+    /// New MAC (unicast).
+    pub mac: [u8; 6],
+    /// New IPv4 address.
+    pub address: [u8; 4],
+    /// Its prefix length (0..=32).
+    pub prefix_len: u8,
+    /// Default route through this address, if any.
+    pub gateway: Option<[u8; 4]>,
+}
+
 /// Every message of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -290,6 +316,10 @@ pub enum Message {
     SetIdentity(Identity),
     /// Guest → host: the identity was applied.
     IdentitySet,
+    /// Host → guest: re-address these NICs (after a restore; version 4).
+    SetAddresses(Vec<NicAddress>),
+    /// Guest → host: every NIC of [`Message::SetAddresses`] has its new address.
+    AddressesSet,
     /// Host → guest: start a process on this stream.
     Exec(ExecRequest),
     /// Guest → host: the process started.
@@ -562,6 +592,8 @@ impl Message {
             Message::Shutdown => 0x03,
             Message::SetIdentity(_) => 0x40,
             Message::IdentitySet => 0xb0,
+            Message::SetAddresses(_) => 0x41,
+            Message::AddressesSet => 0xb1,
             Message::Exec(_) => 0x10,
             Message::Stdin { .. } => 0x11,
             Message::Signal { .. } => 0x12,
@@ -604,7 +636,27 @@ impl Message {
             | Message::ShutdownOk
             | Message::End
             | Message::CopyDone
-            | Message::IdentitySet => {}
+            | Message::IdentitySet
+            | Message::AddressesSet => {}
+            Message::SetAddresses(nics) => {
+                if nics.len() > MAX_NICS {
+                    return Err(ProtoError::TooLong("nics"));
+                }
+                w.u8(nics.len() as u8);
+                for n in nics {
+                    w.u8(n.index);
+                    w.0.extend_from_slice(&n.mac);
+                    w.0.extend_from_slice(&n.address);
+                    w.u8(n.prefix_len);
+                    match n.gateway {
+                        Some(g) => {
+                            w.u8(1);
+                            w.0.extend_from_slice(&g);
+                        }
+                        None => w.u8(0),
+                    }
+                }
+            }
             Message::SetIdentity(id) => {
                 w.u64(id.realtime_ns);
                 w.bytes(&id.entropy);
@@ -738,6 +790,43 @@ impl Message {
                 machine_id: r.opt(32, "machine id")?,
             }),
             0xb0 => Message::IdentitySet,
+            0x41 => {
+                let n = usize::from(r.u8()?);
+                if n > MAX_NICS {
+                    return Err(ProtoError::TooLong("nics"));
+                }
+                let mut nics = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let index = r.u8()?;
+                    let mac: [u8; 6] = r.take(6)?.try_into().map_err(|_| ProtoError::BadValue("mac"))?;
+                    let address: [u8; 4] = r
+                        .take(4)?
+                        .try_into()
+                        .map_err(|_| ProtoError::BadValue("address"))?;
+                    let prefix_len = r.u8()?;
+                    if prefix_len > 32 {
+                        return Err(ProtoError::BadValue("prefix length"));
+                    }
+                    let gateway = match r.u8()? {
+                        0 => None,
+                        1 => Some(
+                            r.take(4)?
+                                .try_into()
+                                .map_err(|_| ProtoError::BadValue("gateway"))?,
+                        ),
+                        _ => return Err(ProtoError::BadValue("gateway")),
+                    };
+                    nics.push(NicAddress {
+                        index,
+                        mac,
+                        address,
+                        prefix_len,
+                        gateway,
+                    });
+                }
+                Message::SetAddresses(nics)
+            }
+            0xb1 => Message::AddressesSet,
             0xe0 => Message::Error {
                 message: r.bytes(64 * 1024, "message")?,
             },
@@ -875,6 +964,24 @@ mod tests {
             }),
             Message::SetIdentity(Identity::default()),
             Message::IdentitySet,
+            Message::SetAddresses(vec![
+                NicAddress {
+                    index: 0,
+                    mac: [2, 1, 2, 3, 4, 5],
+                    address: [10, 88, 0, 7],
+                    prefix_len: 24,
+                    gateway: Some([10, 88, 0, 1]),
+                },
+                NicAddress {
+                    index: 3,
+                    mac: [6, 0, 0, 0, 0, 9],
+                    address: [192, 168, 9, 200],
+                    prefix_len: 32,
+                    gateway: None,
+                },
+            ]),
+            Message::SetAddresses(Vec::new()),
+            Message::AddressesSet,
             Message::Exec(ExecRequest {
                 argv: vec![b"sh".to_vec(), b"-c".to_vec(), b"echo hi".to_vec()],
                 env: vec![b"A=1".to_vec()],
@@ -1012,6 +1119,30 @@ mod tests {
             Message::decode(0x22, &[9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
             Err(ProtoError::BadValue("entry kind"))
         );
+        // addresses: too many NICs, a prefix past 32, a bad gateway flag, a cut-off NIC
+        assert_eq!(Message::decode(0x41, &[17]), Err(ProtoError::TooLong("nics")));
+        let nic = |prefix: u8, gw: u8| vec![1, 0, 2, 0, 0, 0, 0, 1, 10, 0, 0, 2, prefix, gw];
+        assert_eq!(
+            Message::decode(0x41, &nic(33, 0)),
+            Err(ProtoError::BadValue("prefix length"))
+        );
+        assert_eq!(
+            Message::decode(0x41, &nic(24, 2)),
+            Err(ProtoError::BadValue("gateway"))
+        );
+        assert_eq!(Message::decode(0x41, &nic(24, 1)), Err(ProtoError::Truncated));
+        assert!(Message::decode(0x41, &nic(24, 0)).is_ok());
+        let many = Message::SetAddresses(vec![
+            NicAddress {
+                index: 0,
+                mac: [2; 6],
+                address: [10, 0, 0, 2],
+                prefix_len: 8,
+                gateway: None,
+            };
+            MAX_NICS + 1
+        ]);
+        assert_eq!(many.encode(1), Err(ProtoError::TooLong("nics")));
     }
 
     #[test]

@@ -793,6 +793,28 @@ impl AgentClient {
         result
     }
 
+    /// Give the guest's NICs new MACs and IPv4 addresses (a restored clone on a TAP, bridge
+    /// or switch network); needs protocol version [`proto::VERSION_ADDRESSES`].
+    pub async fn set_addresses(&self, nics: Vec<proto::NicAddress>) -> Result<(), AgentError> {
+        if self.inner.version < proto::VERSION_ADDRESSES {
+            return Err(AgentError::Unsupported {
+                feature: "new network addresses",
+                version: self.inner.version,
+            });
+        }
+        let (id, mut rx) = self.open_stream()?;
+        let result = async {
+            self.send(id, &Message::SetAddresses(nics)).await?;
+            match self.recv(&mut rx).await? {
+                Message::AddressesSet => Ok(()),
+                other => Err(unexpected(&other)),
+            }
+        }
+        .await;
+        self.close_stream(id);
+        result
+    }
+
     /// Ask the guest to power off in an orderly way; returns once the guest acknowledged.
     pub async fn shutdown(&self) -> Result<(), AgentError> {
         let (id, mut rx) = self.open_stream()?;

@@ -54,6 +54,7 @@ mod builder;
 mod exec;
 mod lock;
 mod monitor;
+mod readdress;
 pub mod record;
 mod snapshot;
 #[cfg(test)]
@@ -382,6 +383,9 @@ struct Inner {
     /// One attach at a time per VM name; attaches of different VMs (each may wait up to the
     /// status probe for a frozen VMM) run side by side.
     attaching: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Addresses restores in flight have picked and not yet written into their VM's
+    /// configuration (see `snapshot::readdress`): clones started together never pick one twice.
+    claimed: std::sync::Mutex<std::collections::HashSet<(String, std::net::Ipv4Addr)>>,
 }
 
 /// How long a graceful stop waits before forcing.
@@ -428,6 +432,7 @@ impl VmManager {
                 entries: tokio::sync::Mutex::new(HashMap::new()),
                 agents: tokio::sync::Mutex::new(HashMap::new()),
                 attaching: std::sync::Mutex::new(HashMap::new()),
+                claimed: std::sync::Mutex::new(std::collections::HashSet::new()),
             }),
         };
         // Directories of removals whose remover died (their processes were killed first);

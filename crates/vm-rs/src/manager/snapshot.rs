@@ -132,7 +132,7 @@ impl VmManager {
             ));
         }
         let devices: DeviceSet = record::read_json(&devices_path)?;
-        check_snapshottable(snapshot, name, &config, &devices)?;
+        check_snapshottable(snapshot, name, driver.kind(), &config, &devices)?;
         let live = record::load_live(&dir)?;
         if live != record::LiveChanges::default() {
             return Err(refused(
@@ -353,6 +353,9 @@ impl VmManager {
         let dir = self.vm_dir(name);
         let vm_dir = VmDir::new(&dir);
         let (config, devices) = restored_machine(&meta, &snap_dir, name, &vm_dir)?;
+        // on tap, bridge and switch networks: a mac and an address of its own
+        let readdressed = self.readdress(snapshot, config, name, &dir)?;
+        let config = readdressed.config.clone();
         // checked as it would run, with the frozen disks in place of the overlays to come
         let mut as_checked = config.clone();
         for ((c, orig), sd) in as_checked
@@ -432,11 +435,21 @@ impl VmManager {
             .await
             .insert(name.to_string(), entry.clone());
         let settled = async {
-            if let Some(ip) = meta.ip {
+            let ip = readdressed.ip.map(std::net::IpAddr::V4).or(meta.ip);
+            if let Some(ip) = ip {
                 entry.transition(VmState::Ready { ip }).await?;
             }
-            if devices.agent.is_some() && meta.ip.is_some() {
+            if devices.agent.is_some() && ip.is_some() {
                 let agent = self.agent(name).await?;
+                if !readdressed.nics.is_empty() {
+                    agent
+                        .set_addresses(readdressed.nics.clone())
+                        .await
+                        .map_err(|source| ManagerError::Agent {
+                            name: name.to_string(),
+                            source,
+                        })?;
+                }
                 let identity = new_identity(name)?;
                 let hostname = identity
                     .hostname
@@ -491,6 +504,13 @@ impl VmManager {
         for n in &names {
             crate::config::validate_name(n)?;
         }
+        if count > 1 {
+            snap::validate_name(snapshot).map_err(|_| SnapshotError::NotFound {
+                name: snapshot.to_string(),
+            })?;
+            let meta = snap::load_meta(snapshot, &self.snapshot_dir(snapshot))?;
+            check_clonable(&meta, count)?;
+        }
         let results =
             futures::future::join_all(names.iter().map(|n| self.restore(snapshot, n, opts.clone()))).await;
         if results.iter().any(Result::is_err) {
@@ -517,6 +537,7 @@ impl VmManager {
 fn check_snapshottable(
     snapshot: &str,
     vm: &str,
+    backend: crate::config::BackendKind,
     config: &crate::VmConfig,
     devices: &DeviceSet,
 ) -> Result<(), ManagerError> {
@@ -540,17 +561,53 @@ fn check_snapshottable(
             ),
         ));
     }
-    if devices
+    // on tap, bridge and switch networks every restored vm gets a mac and an address of its
+    // own (see `readdress`): the guest agent applies them, and only QEMU starts a saved
+    // machine on a new TAP
+    let readdressed: Vec<usize> = devices
         .nics
         .iter()
-        .any(|n| !matches!(n.backend, NicBackend::User { .. }))
-    {
-        return Err(refused(
-            snapshot,
-            format!(
-                "vm {vm:?} is on a tap, bridge or switch network: every restored vm would need its own address there (not supported yet; user-mode networking is)"
-            ),
-        ));
+        .filter(|n| !matches!(n.backend, NicBackend::User { .. }))
+        .map(|n| n.index)
+        .collect();
+    if let Some(&i) = readdressed.first() {
+        if backend != crate::config::BackendKind::Qemu {
+            return Err(refused(
+                snapshot,
+                format!(
+                    "vm {vm:?} is on a tap, bridge or switch network (nic {i}): only QEMU restores such a vm with a new mac and address (user-mode networking snapshots on every backend)"
+                ),
+            ));
+        }
+        if devices.agent.is_none() {
+            return Err(refused(
+                snapshot,
+                format!(
+                    "vm {vm:?} is on a tap, bridge or switch network (nic {i}) and has no guest agent: a restored vm gets its new address through the agent"
+                ),
+            ));
+        }
+    }
+    for &i in &readdressed {
+        if let Some(a) = config.networks.get(i) {
+            let dhcp = match a {
+                crate::config::NetworkAttachment::Tap { address, .. }
+                | crate::config::NetworkAttachment::Bridge { address, .. }
+                | crate::config::NetworkAttachment::Switch { address, .. } => {
+                    matches!(address, crate::config::GuestAddress::Dhcp)
+                }
+                crate::config::NetworkAttachment::User { .. } => false,
+            };
+            if dhcp {
+                return Err(refused(
+                    snapshot,
+                    format!(
+                        "vm {vm:?} takes the address of nic {i} by dhcp on a {} network: a restored guest would keep the lease of the vm it was saved from (give it a fixed address, or let vm-rs derive one)",
+                        a.kind()
+                    ),
+                ));
+            }
+        }
     }
     match &devices.agent {
         Some(crate::devices::AgentChannel::Vsock {
@@ -578,6 +635,39 @@ fn check_snapshottable(
             snapshot,
             format!("vm {vm:?} shares its memory with a sidecar"),
         ));
+    }
+    Ok(())
+}
+
+/// What [`VmManager::clone_snapshot`] refuses for `count` (> 1) clones before it starts any:
+/// what every clone would take the same of on a shared network (a pinned MAC or address, a
+/// published host port).
+fn check_clonable(meta: &SnapshotMeta, count: usize) -> Result<(), ManagerError> {
+    for (i, a) in meta.config.networks.iter().enumerate() {
+        let shared = super::readdress::address_key(a).is_some();
+        let what = if !a.port_forwards().is_empty() {
+            Some("publishes host ports")
+        } else if shared && a.mac().is_some() {
+            Some("pins a mac")
+        } else if shared && super::readdress::pins_address(a) {
+            Some(match a {
+                crate::config::NetworkAttachment::Tap { .. } => {
+                    "is a tap network (one address after its host address)"
+                }
+                _ => "pins an address",
+            })
+        } else {
+            None
+        };
+        if let Some(what) = what {
+            return Err(refused(
+                &meta.name,
+                format!(
+                    "network {i} ({}) {what}: {count} clones would all take it (restore one at a time, or snapshot a vm without it)",
+                    a.kind()
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -802,36 +892,53 @@ mod tests {
 
     #[test]
     fn what_cannot_be_restored_is_refused_before_anything_pauses() {
-        use crate::config::NetworkAttachment;
+        use crate::config::{BackendKind, GuestAddress, NetworkAttachment};
+        const Q: BackendKind = BackendKind::Qemu;
         let cfg = crate::VmConfig::builder("v").kernel("/k").build_unchecked();
         let plain = DeviceSet::default();
-        assert!(check_snapshottable("s", "v", &cfg, &plain).is_ok());
-        let user = crate::net::plan(
-            "v",
-            Path::new("/h/vms/v"),
-            Path::new("/h"),
-            &[NetworkAttachment::user(Vec::new())],
-        )
-        .expect("plan");
-        let with_user = DeviceSet {
-            nics: user.iter().map(crate::devices::Nic::from).collect(),
-            ..DeviceSet::default()
+        assert!(check_snapshottable("s", "v", Q, &cfg, &plain).is_ok());
+        let devices_on = |nets: &[NetworkAttachment], agent: bool| {
+            let plan = crate::net::plan("v", Path::new("/h/vms/v"), Path::new("/h"), nets).expect("plan");
+            let mut cfg = cfg.clone();
+            cfg.networks = nets.to_vec();
+            let devices = DeviceSet {
+                nics: plan.iter().map(crate::devices::Nic::from).collect(),
+                agent: agent.then(|| AgentChannel::VirtioSerial {
+                    socket: "/v/agent.sock".into(),
+                    process_log: None,
+                }),
+                ..DeviceSet::default()
+            };
+            (cfg, devices)
         };
-        assert!(check_snapshottable("s", "v", &cfg, &with_user).is_ok());
-        let switch = crate::net::plan(
-            "v",
-            Path::new("/h/vms/v"),
-            Path::new("/h"),
-            &[NetworkAttachment::switch("lab")],
-        )
-        .expect("plan");
-        let on_switch = DeviceSet {
-            nics: switch.iter().map(crate::devices::Nic::from).collect(),
-            ..DeviceSet::default()
-        };
-        let e = check_snapshottable("s", "v", &cfg, &on_switch).expect_err("switch");
+        let (c, d) = devices_on(&[NetworkAttachment::user(Vec::new())], false);
+        assert!(check_snapshottable("s", "v", Q, &c, &d).is_ok());
+        assert!(check_snapshottable("s", "v", BackendKind::CloudHypervisor, &c, &d).is_ok());
+        // a switch network: QEMU with the agent re-addresses the clones
+        let switch = [
+            NetworkAttachment::user(Vec::new()),
+            NetworkAttachment::switch("lab"),
+        ];
+        let (c, d) = devices_on(&switch, true);
+        assert!(check_snapshottable("s", "v", Q, &c, &d).is_ok());
+        let e = check_snapshottable("s", "v", BackendKind::Firecracker, &c, &d).expect_err("fc");
         assert_eq!(e.kind(), crate::ErrorKind::Unsupported);
-        assert!(e.to_string().contains("switch network"), "{e}");
+        assert!(
+            e.to_string().contains("nic 1") && e.to_string().contains("only QEMU"),
+            "{e}"
+        );
+        let (c, d) = devices_on(&switch, false);
+        let e = check_snapshottable("s", "v", Q, &c, &d).expect_err("no agent");
+        assert!(e.to_string().contains("no guest agent"), "{e}");
+        let dhcp = [NetworkAttachment::Switch {
+            network: "lab".into(),
+            subnet: None,
+            address: GuestAddress::Dhcp,
+            mac: None,
+        }];
+        let (c, d) = devices_on(&dhcp, true);
+        let e = check_snapshottable("s", "v", Q, &c, &d).expect_err("dhcp");
+        assert!(e.to_string().contains("dhcp"), "{e}");
         let shared = DeviceSet {
             shared_dirs: vec![crate::devices::SharedFs {
                 tag: "t".into(),
@@ -841,13 +948,13 @@ mod tests {
             }],
             ..DeviceSet::default()
         };
-        let e = check_snapshottable("s", "v", &cfg, &shared).expect_err("shared dirs");
+        let e = check_snapshottable("s", "v", Q, &cfg, &shared).expect_err("shared dirs");
         assert!(e.to_string().contains("virtio-fs"), "{e}");
         let memfd = DeviceSet {
             memory: MemoryBackend::Memfd { shared: true },
             ..DeviceSet::default()
         };
-        assert!(check_snapshottable("s", "v", &cfg, &memfd).is_err());
+        assert!(check_snapshottable("s", "v", Q, &cfg, &memfd).is_err());
         let vsock = DeviceSet {
             agent: Some(crate::devices::AgentChannel::Vsock {
                 cid: 3,
@@ -858,7 +965,7 @@ mod tests {
             }),
             ..DeviceSet::default()
         };
-        let e = check_snapshottable("s", "v", &cfg, &vsock).expect_err("vsock agent");
+        let e = check_snapshottable("s", "v", Q, &cfg, &vsock).expect_err("vsock agent");
         assert!(e.to_string().contains("vsock"), "{e}");
     }
 
