@@ -6,7 +6,7 @@ mod support;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 use support::netns::TestNetns;
-use support::{net_guest, wait_until, TestHome, BOOT_TIMEOUT};
+use support::{net_guest, sh, wait_until, TestHome, BOOT_TIMEOUT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vm_rs::config::{GuestAddress, NetworkAttachment, PortForward, UserNat};
 use vm_rs::{VmConfig, VmManager};
@@ -420,21 +420,6 @@ async fn bridge_vm_in_netns_is_reachable_and_leaves_nothing_behind() {
     assert!(vmrs_links(&ns).is_empty(), "left after crash: {:?}", ns.links());
     assert!(!nft_has_vmrs_table(&ns));
     assert!(!mgr2.state("br2").await.expect("state").is_live());
-}
-
-/// Run `script` in `vm` through the agent; its trimmed stdout (the exit must be 0).
-async fn sh(mgr: &VmManager, vm: &str, script: &str) -> String {
-    let out = mgr
-        .exec(vm, vm_rs::agent::ExecCommand::new(["sh", "-c", script]))
-        .await
-        .unwrap_or_else(|e| panic!("exec in {vm}: {e:?}"));
-    assert!(
-        out.status.success(),
-        "{vm}: {script}: {:?} {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// A guest command that pings `ip` until it answers (5 tries).

@@ -10,8 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use support::TestHome;
-use vm_rs::agent::ExecCommand;
+use support::{sh, TestHome};
 use vm_rs::config::{DiskConfig, DiskFormat};
 use vm_rs::manager::{RestoreOptions, SnapshotOptions};
 use vm_rs::{ErrorKind, VmManager, VmState};
@@ -32,20 +31,6 @@ async fn config(name: &str) -> vm_rs::VmConfig {
         .memory_mib(256)
         .build()
         .expect("config")
-}
-
-async fn sh(mgr: &VmManager, vm: &str, script: &str) -> String {
-    let out = mgr
-        .exec(vm, ExecCommand::new(["sh", "-c", script]))
-        .await
-        .unwrap_or_else(|e| panic!("exec in {vm}: {e:?}"));
-    assert!(
-        out.status.success(),
-        "{vm}: {script}: {:?} {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// sha256 of every file in the snapshot directory.

@@ -762,35 +762,21 @@ impl AgentClient {
 
     /// Round-trip a ping; returns the time it took.
     pub async fn ping(&self) -> Result<Duration, AgentError> {
-        let (id, mut rx) = self.open_stream()?;
         let nonce = self.inner.nonce.fetch_add(1, Ordering::SeqCst);
         let start = Instant::now();
-        let result = async {
-            self.send(id, &Message::Ping { nonce }).await?;
-            match self.recv(&mut rx).await? {
-                Message::Pong { nonce: n } if n == nonce => Ok(start.elapsed()),
-                other => Err(unexpected(&other)),
-            }
+        match self.request(&Message::Ping { nonce }).await? {
+            Message::Pong { nonce: n } if n == nonce => Ok(start.elapsed()),
+            other => Err(unexpected(&other)),
         }
-        .await;
-        self.close_stream(id);
-        result
     }
 
     /// Give a guest restored from a snapshot a new identity (wall clock, kernel RNG reseed,
     /// host name, machine id; see [`vmrs_proto::Identity`]); returns once it is applied.
     pub async fn set_identity(&self, identity: vmrs_proto::Identity) -> Result<(), AgentError> {
-        let (id, mut rx) = self.open_stream()?;
-        let result = async {
-            self.send(id, &Message::SetIdentity(identity)).await?;
-            match self.recv(&mut rx).await? {
-                Message::IdentitySet => Ok(()),
-                other => Err(unexpected(&other)),
-            }
+        match self.request(&Message::SetIdentity(identity)).await? {
+            Message::IdentitySet => Ok(()),
+            other => Err(unexpected(&other)),
         }
-        .await;
-        self.close_stream(id);
-        result
     }
 
     /// Give the guest's NICs new MACs and IPv4 addresses (a restored clone on a TAP, bridge
@@ -802,28 +788,27 @@ impl AgentClient {
                 version: self.inner.version,
             });
         }
-        let (id, mut rx) = self.open_stream()?;
-        let result = async {
-            self.send(id, &Message::SetAddresses(nics)).await?;
-            match self.recv(&mut rx).await? {
-                Message::AddressesSet => Ok(()),
-                other => Err(unexpected(&other)),
-            }
+        match self.request(&Message::SetAddresses(nics)).await? {
+            Message::AddressesSet => Ok(()),
+            other => Err(unexpected(&other)),
         }
-        .await;
-        self.close_stream(id);
-        result
     }
 
     /// Ask the guest to power off in an orderly way; returns once the guest acknowledged.
     pub async fn shutdown(&self) -> Result<(), AgentError> {
+        match self.request(&Message::Shutdown).await? {
+            Message::ShutdownOk => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// One request on a stream of its own and the guest's one reply (the stream is closed
+    /// again whatever happened).
+    async fn request(&self, message: &Message) -> Result<Message, AgentError> {
         let (id, mut rx) = self.open_stream()?;
         let result = async {
-            self.send(id, &Message::Shutdown).await?;
-            match self.recv(&mut rx).await? {
-                Message::ShutdownOk => Ok(()),
-                other => Err(unexpected(&other)),
-            }
+            self.send(id, message).await?;
+            self.recv(&mut rx).await
         }
         .await;
         self.close_stream(id);

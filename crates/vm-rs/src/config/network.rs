@@ -485,6 +485,16 @@ impl NetworkAttachment {
         }
     }
 
+    /// How the guest's address is given.
+    pub fn address(&self) -> &GuestAddress {
+        match self {
+            NetworkAttachment::User { address, .. }
+            | NetworkAttachment::Tap { address, .. }
+            | NetworkAttachment::Bridge { address, .. }
+            | NetworkAttachment::Switch { address, .. } => address,
+        }
+    }
+
     /// The MAC given in the configuration, if any.
     pub fn mac(&self) -> Option<MacAddr> {
         match self {

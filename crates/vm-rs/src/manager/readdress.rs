@@ -74,9 +74,7 @@ pub(super) fn pins_address(a: &NetworkAttachment) -> bool {
     match a {
         NetworkAttachment::User { .. } => false,
         NetworkAttachment::Tap { .. } => true,
-        NetworkAttachment::Bridge { address, .. } | NetworkAttachment::Switch { address, .. } => {
-            !matches!(address, GuestAddress::Auto)
-        }
+        _ => !matches!(a.address(), GuestAddress::Auto),
     }
 }
 

@@ -590,15 +590,8 @@ fn check_snapshottable(
     }
     for &i in &readdressed {
         if let Some(a) = config.networks.get(i) {
-            let dhcp = match a {
-                crate::config::NetworkAttachment::Tap { address, .. }
-                | crate::config::NetworkAttachment::Bridge { address, .. }
-                | crate::config::NetworkAttachment::Switch { address, .. } => {
-                    matches!(address, crate::config::GuestAddress::Dhcp)
-                }
-                crate::config::NetworkAttachment::User { .. } => false,
-            };
-            if dhcp {
+            let dhcp = matches!(a.address(), crate::config::GuestAddress::Dhcp);
+            if dhcp && super::readdress::address_key(a).is_some() {
                 return Err(refused(
                     snapshot,
                     format!(

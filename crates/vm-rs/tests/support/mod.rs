@@ -100,6 +100,21 @@ impl Drop for TestHome {
     }
 }
 
+/// Run `script` with `sh -c` in `vm` through the agent; its trimmed stdout (the exit must be 0).
+pub async fn sh(mgr: &vm_rs::VmManager, vm: &str, script: &str) -> String {
+    let out = mgr
+        .exec(vm, vm_rs::agent::ExecCommand::new(["sh", "-c", script]))
+        .await
+        .unwrap_or_else(|e| panic!("exec in {vm}: {e:?}"));
+    assert!(
+        out.status.success(),
+        "{vm}: {script}: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// Poll `cond` every 20 ms until it holds or `timeout` passes.
 pub async fn wait_until<F: FnMut() -> bool>(timeout: Duration, mut cond: F) -> bool {
     let start = Instant::now();
